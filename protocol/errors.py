@@ -1,0 +1,75 @@
+"""The error tree every switch-agent error grows from.
+
+    SwitchAgentError
+     └── DecodeError                bytes from outside did not parse
+          ├── TruncatedError        fewer bytes than a length says
+          ├── BadMagicError         not the structure we were told it is
+          ├── ChecksumError         a CRC did not match
+          ├── ValueRangeError       a field holds a value it may not hold
+          ├── GenerationChangedError  the array's map changed mid-fetch
+          └── ChunkOverlapError     page-map chunks overlap or leave a gap
+     └── EncodeError                a caller asked us to build something invalid
+     └── DmSwitchMessageError       a set_region_mappings message the kernel rejects
+
+The agent's own errors (kernel calls, configuration) subclass SwitchAgentError
+in ``agent/``. ``protocol/`` raises nothing but these.
+"""
+
+from __future__ import annotations
+
+
+class SwitchAgentError(Exception):
+    """Root of every error switch-agent raises on purpose."""
+
+
+class DecodeError(SwitchAgentError):
+    """Input bytes did not decode: names the codec, the field, what was expected and what came."""
+
+    def __init__(self, codec: str, field: str, expected: object, got: object) -> None:
+        self.codec = codec
+        self.field = field
+        self.expected = expected
+        self.got = got
+        super().__init__(f"{codec}: {field}: expected {expected}, got {got}")
+
+
+class TruncatedError(DecodeError):
+    """Fewer bytes than the structure (or its own length field) needs."""
+
+
+class BadMagicError(DecodeError):
+    """A magic number, page code or format version is not the one expected."""
+
+
+class ChecksumError(DecodeError):
+    """A CRC32C did not match the bytes it covers."""
+
+
+class ValueRangeError(DecodeError):
+    """A field's value is outside what the format allows (e.g. a page-map entry >= member count)."""
+
+
+class GenerationChangedError(DecodeError):
+    """Chunks of one page-map fetch carried different map generations."""
+
+
+class ChunkOverlapError(DecodeError):
+    """A page-map chunk starts somewhere other than where the previous one ended."""
+
+
+class EncodeError(SwitchAgentError):
+    """A builder was asked for something the format cannot express."""
+
+
+class DmSwitchMessageError(SwitchAgentError):
+    """A set_region_mappings token the kernel would reject with -EINVAL.
+
+    ``applied`` counts the tokens applied before the bad one: the kernel
+    applies messages token by token, so a rejected message is partly applied.
+    """
+
+    def __init__(self, token: str, position: int, reason: str) -> None:
+        self.token = token
+        self.position = position
+        self.reason = reason
+        super().__init__(f"set_region_mappings token {position} {token!r}: {reason}")
