@@ -1,0 +1,378 @@
+"""Async reads of the sysfs attributes the agent needs, with the sysfs root injectable.
+
+What is read, and from where (paths relative to the root, normally ``/sys``):
+
+- a dm device ``dm-N``: ``block/dm-N/{dev,size}``, ``block/dm-N/dm/{name,uuid,suspended}``
+  (``drivers/md/dm-sysfs.c``), ``block/dm-N/slaves/*`` (dm opens every leg and
+  calls ``bd_link_disk_holder``);
+- an sd device ``sdX``: ``block/sdX/{dev,size}``, ``block/sdX/queue/{max_hw_sectors_kb,
+  max_sectors_kb,logical_block_size}``, ``block/sdX/device`` -> the scsi_device
+  directory named ``H:C:T:L`` with ``state``, ``vendor``, ``model``, ``rev``;
+- the iSCSI session an sd device hangs under: an ancestor directory of the
+  scsi_device named ``sessionN`` holding ``iscsi_session/sessionN/{targetname,tpgt}``
+  and ``connectionN:M/iscsi_connection/connectionN:M/{persistent_address,
+  persistent_port}`` (``drivers/scsi/scsi_transport_iscsi.c``);
+- ``dev/block/M:m`` -> the block device with that number.
+
+Sizes in ``size`` files are always 512-byte sectors, whatever the logical block
+size (``block/genhd.c``). Every read goes through aiofiles, so a sysfs read that
+blocks (it can, on a device being torn down) never stalls the event loop.
+
+Errors::
+
+    SwitchAgentError
+     └── SysfsError            a sysfs read failed: names the path and what was wrong
+          ├── SysfsMissingError   the attribute or device is not there (device gone?)
+          └── SysfsGarbledError   the attribute is there but does not parse
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import aiofiles
+import aiofiles.os
+
+from protocol.errors import SwitchAgentError
+
+LOG = logging.getLogger(__name__)
+
+SYSFS_ROOT = "/sys"
+SECTOR_BYTES = 512
+
+_realpath = aiofiles.os.wrap(os.path.realpath)
+_lexists = aiofiles.os.wrap(os.path.lexists)
+_HCTL = re.compile(r"^(\d+):(\d+):(\d+):(\d+)$")
+_SESSION = re.compile(r"^session\d+$")
+_CONNECTION = re.compile(r"^connection\d+:\d+$")
+
+
+class SysfsError(SwitchAgentError):
+    """A sysfs read failed: ``path`` is the file or directory, ``problem`` what was wrong."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class SysfsMissingError(SysfsError):
+    """The attribute (or the whole device) is not there: the device may have gone."""
+
+
+class SysfsGarbledError(SysfsError):
+    """The attribute exists but its content is not what the kernel writes there."""
+
+
+class DevNum(NamedTuple):
+    """A block device number; ``str()`` gives the ``major:minor`` form dm tables and sysfs use."""
+
+    major: int
+    minor: int
+
+    @classmethod
+    def parse(cls, text: str) -> DevNum:
+        """Parse ``"M:m"``; raises ValueError if it is not two decimal numbers."""
+        major, sep, minor = text.strip().partition(":")
+        if not sep or not major.isdigit() or not minor.isdigit():
+            raise ValueError(f"not a major:minor device number: {text!r}")
+        return cls(int(major), int(minor))
+
+    def __str__(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+
+class Hctl(NamedTuple):
+    """A SCSI address: host, channel, target, lun (the scsi_device's sysfs name)."""
+
+    host: int
+    channel: int
+    target: int
+    lun: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.channel}:{self.target}:{self.lun}"
+
+
+@dataclass(frozen=True)
+class DmDevice:
+    """What sysfs says about one device-mapper device ``dm-N``."""
+
+    kernel_name: str
+    """``dm-N``."""
+    name: str
+    """The dm name (``/dev/mapper/<name>``)."""
+    uuid: str
+    """The dm uuid, ``""`` if it has none (multipathd's maps: ``mpath-<wwid>``)."""
+    suspended: bool
+    size_sectors: int
+    dev: DevNum
+    slaves: tuple[str, ...]
+    """Kernel names of the devices its live table holds (``sdb``, ``dm-3``), sorted."""
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Request-queue limits of a block device."""
+
+    max_hw_sectors_kb: int
+    max_sectors_kb: int
+    logical_block_size: int
+
+    @property
+    def max_transfer_bytes(self) -> int:
+        """The largest single transfer: the smaller of the two limits, in bytes.
+
+        SG_IO on a block device fails with EIO past ``max_hw_sectors_kb``
+        (``block/scsi_ioctl.c``); ``max_sectors_kb`` is the (lower) soft limit.
+        """
+        return min(self.max_hw_sectors_kb, self.max_sectors_kb) * 1024
+
+
+@dataclass(frozen=True)
+class Portal:
+    """One iSCSI connection's target address."""
+
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class IscsiSession:
+    """The iSCSI session a SCSI device belongs to."""
+
+    session: str
+    """``sessionN``."""
+    target_name: str
+    tpgt: int | None
+    portals: tuple[Portal, ...]
+    """One per connection, in connection-name order (nearly always exactly one)."""
+
+    @property
+    def portal(self) -> Portal | None:
+        """The first connection's portal, or None when no connection is up."""
+        return self.portals[0] if self.portals else None
+
+
+@dataclass(frozen=True)
+class ScsiDisk:
+    """What sysfs says about one SCSI disk ``sdX``."""
+
+    kernel_name: str
+    dev: DevNum
+    size_sectors: int
+    queue: QueueLimits
+    hctl: Hctl
+    state: str
+    """The scsi_device state: ``running``, ``offline``, ``blocked``, ``transport-offline`` ..."""
+    vendor: str
+    model: str
+    iscsi: IscsiSession | None
+    """None when the disk is not under an iSCSI session."""
+
+
+def _check_name(name: str) -> str:
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"not a kernel device name: {name!r}")
+    return name
+
+
+class Sysfs:
+    """Reads sysfs under ``root`` (``/sys``; tests pass a tmp tree built to look like it)."""
+
+    def __init__(self, root: str | os.PathLike[str] = SYSFS_ROOT) -> None:
+        self.root = os.fspath(root)
+
+    def path(self, *parts: str) -> str:
+        """The absolute path of ``parts`` under the root (a first part that is absolute, e.g. a
+        resolved link, is taken as it is)."""
+        return os.path.join(self.root, *parts)
+
+    # -- primitives ------------------------------------------------------------
+
+    async def read_attr(self, *parts: str) -> str:
+        """One attribute's text, without the trailing newline."""
+        path = self.path(*parts)
+        LOG.debug("sysfs read %s", path)
+        try:
+            async with aiofiles.open(path, "r", encoding="utf-8", errors="strict") as f:
+                text = await f.read()
+        except FileNotFoundError as exc:
+            raise SysfsMissingError(path, "no such attribute") from exc
+        except UnicodeDecodeError as exc:
+            raise SysfsGarbledError(path, f"not UTF-8 text: {exc}") from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENODEV, errno.ENXIO):
+                raise SysfsMissingError(path, f"device gone ({os.strerror(exc.errno)})") from exc
+            raise SysfsError(path, f"read failed: {os.strerror(exc.errno or 0)}") from exc
+        return text.rstrip("\n")
+
+    async def read_int(self, *parts: str) -> int:
+        """One attribute holding a decimal integer."""
+        text = await self.read_attr(*parts)
+        try:
+            return int(text.strip(), 10)
+        except ValueError as exc:
+            raise SysfsGarbledError(self.path(*parts), f"expected a decimal integer, got {text!r}") from exc
+
+    async def read_devnum(self, *parts: str) -> DevNum:
+        """One ``dev`` attribute (``major:minor``)."""
+        text = await self.read_attr(*parts)
+        try:
+            return DevNum.parse(text)
+        except ValueError as exc:
+            raise SysfsGarbledError(self.path(*parts), f"expected major:minor, got {text!r}") from exc
+
+    async def list_dir(self, *parts: str) -> list[str]:
+        """A sysfs directory's entries, sorted."""
+        path = self.path(*parts)
+        LOG.debug("sysfs list %s", path)
+        try:
+            return sorted(await aiofiles.os.listdir(path))
+        except FileNotFoundError as exc:
+            raise SysfsMissingError(path, "no such directory") from exc
+        except NotADirectoryError as exc:
+            raise SysfsGarbledError(path, "not a directory") from exc
+        except OSError as exc:
+            raise SysfsError(path, f"listing failed: {os.strerror(exc.errno or 0)}") from exc
+
+    async def resolve(self, *parts: str) -> str:
+        """The real path behind a sysfs symlink (e.g. ``block/sdb/device``)."""
+        path = self.path(*parts)
+        LOG.debug("sysfs resolve %s", path)
+        if not await _lexists(path):
+            raise SysfsMissingError(path, "no such link")
+        return await _realpath(path)
+
+    # -- block devices ---------------------------------------------------------
+
+    async def block_name(self, dev: DevNum | tuple[int, int] | str) -> str:
+        """The kernel name (``sdb``, ``dm-3``, ``sdb1``) of the block device numbered ``dev``."""
+        num = DevNum.parse(dev) if isinstance(dev, str) else DevNum(*dev)
+        real = await self.resolve("dev", "block", str(num))
+        return os.path.basename(real)
+
+    async def block_devnum(self, name: str) -> DevNum:
+        """The ``major:minor`` of block device ``name``."""
+        return await self.read_devnum("block", _check_name(name), "dev")
+
+    async def size_sectors(self, name: str) -> int:
+        """Size of block device ``name`` in 512-byte sectors."""
+        return await self.read_int("block", _check_name(name), "size")
+
+    async def slaves(self, name: str) -> tuple[str, ...]:
+        """Kernel names of the devices block device ``name`` stacks on (empty for a plain disk)."""
+        return tuple(await self.list_dir("block", _check_name(name), "slaves"))
+
+    async def holders(self, name: str) -> tuple[str, ...]:
+        """Kernel names of the devices stacked on block device ``name`` (e.g. the multipath map)."""
+        return tuple(await self.list_dir("block", _check_name(name), "holders"))
+
+    async def queue_limits(self, name: str) -> QueueLimits:
+        """The request-queue limits of block device ``name``."""
+        name = _check_name(name)
+        return QueueLimits(
+            max_hw_sectors_kb=await self.read_int("block", name, "queue", "max_hw_sectors_kb"),
+            max_sectors_kb=await self.read_int("block", name, "queue", "max_sectors_kb"),
+            logical_block_size=await self.read_int("block", name, "queue", "logical_block_size"),
+        )
+
+    # -- device-mapper ---------------------------------------------------------
+
+    async def dm_kernel_names(self) -> list[str]:
+        """Every ``dm-N`` under ``block/``, in numeric order."""
+        names = [n for n in await self.list_dir("block") if re.fullmatch(r"dm-\d+", n)]
+        return sorted(names, key=lambda n: int(n[3:]))
+
+    async def dm_device(self, kernel_name: str) -> DmDevice:
+        """What sysfs says about ``dm-N``."""
+        name = _check_name(kernel_name)
+        suspended_path = self.path("block", name, "dm", "suspended")
+        suspended = await self.read_attr("block", name, "dm", "suspended")
+        if suspended not in ("0", "1"):
+            raise SysfsGarbledError(suspended_path, f"expected 0 or 1, got {suspended!r}")
+        return DmDevice(
+            kernel_name=name,
+            name=await self.read_attr("block", name, "dm", "name"),
+            uuid=await self.read_attr("block", name, "dm", "uuid"),
+            suspended=suspended == "1",
+            size_sectors=await self.size_sectors(name),
+            dev=await self.block_devnum(name),
+            slaves=await self.slaves(name),
+        )
+
+    async def dm_devices(self) -> list[DmDevice]:
+        """Every dm device; one that vanishes between listing and reading is left out."""
+        found = []
+        for name in await self.dm_kernel_names():
+            try:
+                found.append(await self.dm_device(name))
+            except SysfsMissingError as exc:
+                LOG.debug("dm device %s went away while listing: %s", name, exc)
+        return found
+
+    # -- SCSI disks ------------------------------------------------------------
+
+    async def scsi_device_dir(self, name: str) -> str:
+        """The real path of sd device ``name``'s scsi_device directory (named ``H:C:T:L``)."""
+        return await self.resolve("block", _check_name(name), "device")
+
+    async def hctl(self, name: str) -> Hctl:
+        """The SCSI address of sd device ``name``."""
+        device_dir = await self.scsi_device_dir(name)
+        m = _HCTL.match(os.path.basename(device_dir))
+        if not m:
+            raise SysfsGarbledError(device_dir, "scsi device directory is not named H:C:T:L")
+        return Hctl(*(int(g) for g in m.groups()))
+
+    async def iscsi_session(self, name: str) -> IscsiSession | None:
+        """The iSCSI session sd device ``name`` belongs to, or None if it is not iSCSI."""
+        device_dir = await self.scsi_device_dir(name)
+        root = await _realpath(self.root)
+        session_dir = None
+        probe = device_dir
+        while probe not in ("/", "") and probe != root:
+            if _SESSION.match(os.path.basename(probe)):
+                session_dir = probe
+                break
+            probe = os.path.dirname(probe)
+        if session_dir is None:
+            return None
+        session = os.path.basename(session_dir)
+        target_name = await self.read_attr(session_dir, "iscsi_session", session, "targetname")
+        try:
+            tpgt: int | None = await self.read_int(session_dir, "iscsi_session", session, "tpgt")
+        except SysfsMissingError:
+            tpgt = None
+        portals = []
+        for entry in await self.list_dir(session_dir):
+            if not _CONNECTION.match(entry):
+                continue
+            conn = (session_dir, entry, "iscsi_connection", entry)
+            address = await self.read_attr(*conn, "persistent_address")
+            port = await self.read_int(*conn, "persistent_port")
+            portals.append(Portal(address, port))
+        return IscsiSession(session=session, target_name=target_name, tpgt=tpgt, portals=tuple(portals))
+
+    async def scsi_disk(self, name: str) -> ScsiDisk:
+        """What sysfs says about sd device ``name``."""
+        name = _check_name(name)
+        return ScsiDisk(
+            kernel_name=name,
+            dev=await self.block_devnum(name),
+            size_sectors=await self.size_sectors(name),
+            queue=await self.queue_limits(name),
+            hctl=await self.hctl(name),
+            state=await self.read_attr("block", name, "device", "state"),
+            vendor=(await self.read_attr("block", name, "device", "vendor")).strip(),
+            model=(await self.read_attr("block", name, "device", "model")).strip(),
+            iscsi=await self.iscsi_session(name),
+        )
