@@ -1,0 +1,220 @@
+"""The `switch-agent` command: the daemon, and the questions an administrator asks it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import control
+from agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from protocol.errors import SwitchAgentError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+
+DESCRIPTION = """\
+switch-agent routes each page of a scale-out iSCSI volume straight to the
+array member that owns it. For every multipath LUN of a configured array it
+reads the array's page map (a vendor SCSI command, docs/protocol.md) and
+builds, beside multipathd's own map:
+
+  /dev/mapper/switch-<wwid>         the routed device: use this one
+    -> <name>-sw<N>                 dm-switch, one region per array page
+      -> <name>-leg<k>-<N>          dm-multipath per member: its own paths
+                                    first, the others' paths as fallback
+
+and keeps it right as the array moves pages. Devices it creates carry the
+dm uuid prefix SWAGENT- and it touches no others.
+"""
+
+EPILOG = """\
+examples:
+  switch-agent daemon                      run the agent (systemd does this)
+  switch-agent status                      every LUN, its members and paths
+  switch-agent status --json               the same for scripts
+  switch-agent refresh 36001405abcdef...   re-read one LUN's map now
+  switch-agent locate switch-3600... 10G   which member serves byte 10 GiB
+
+files:
+  /etc/switch-agent/switch-agent.toml      configuration (all keys optional)
+  /run/switch-agent/control.sock           control socket (root only)
+
+exit status: 0 success, 1 the daemon reported an error, 2 usage error,
+3 the daemon is not running.
+"""
+
+_SIZE = re.compile(r"^(\d+)([KMGTP]?)(i?B)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "4096" or "10G" (K, M, G, T, P are powers of 1024)."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4096, 64M, 10G)")
+    return int(match.group(1)) * 1024 ** "_KMGTP".index(match.group(2).upper() or "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switch-agent", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--socket", type=Path, default=None, help="control socket (default from the config)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    daemon = sub.add_parser("daemon", help="run the agent in the foreground (for systemd)",
+                            description="Watch udev for multipath LUNs of configured arrays and keep "
+                                        "each one routed. Logs go to stderr (journald). SIGTERM stops "
+                                        "the daemon and leaves routed devices in place.")
+    daemon.add_argument("--poll-interval", type=float, metavar="SECONDS",
+                        help="how often to poll each LUN's map generation (config: poll_interval_s)")
+    daemon.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        help="log verbosity (config: log_level)")
+
+    for name, text in (("status", "every LUN the agent knows, with members, paths and map"),):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    show = sub.add_parser("show", help="one LUN in detail", description="One LUN in detail.")
+    show.add_argument("lun", help="wwid, multipath map name, or routed device name")
+    show.add_argument("--json", action="store_true", help="print JSON for scripts")
+    refresh = sub.add_parser("refresh", help="re-read a LUN's map from the array and apply it now",
+                             description="Ask the daemon to re-discover the LUN's paths, re-fetch its page "
+                                         "map and apply it (only changed regions are sent). Waits for the "
+                                         "result.")
+    refresh.add_argument("lun", help="wwid, multipath map name, or routed device name")
+    refresh.add_argument("--json", action="store_true", help="print JSON for scripts")
+    locate = sub.add_parser("locate", help="which member and path serve a byte offset",
+                            description="Which array member owns the page holding OFFSET, and which "
+                                        "paths the routed device sends its I/O to.")
+    locate.add_argument("lun", help="wwid, multipath map name, or routed device name")
+    locate.add_argument("offset", type=parse_size, help="byte offset into the LUN (suffixes K M G T: x1024)")
+    locate.add_argument("--json", action="store_true", help="print JSON for scripts")
+    trigger = sub.add_parser("trigger", help="(for the udev rule) schedule a re-check and return at once",
+                             description="Schedule a re-check of a LUN (by wwid or dm uuid mpath-<wwid>) or "
+                                         "of the LUN behind a SCSI device (--scsi-device /devices/...) and "
+                                         "return without waiting. Silent and exit 0 when the daemon is down, "
+                                         "so udev never stalls on it.")
+    what = trigger.add_mutually_exclusive_group(required=True)
+    what.add_argument("lun", nargs="?", help="wwid or mpath-<wwid>")
+    what.add_argument("--scsi-device", metavar="DEVPATH", help="udev DEVPATH of a scsi_device")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, required=args.config is not None)
+    except ConfigError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    socket_path = args.socket or config.socket_path
+    if args.command == "daemon":
+        return run_daemon(args, config, socket_path)
+    if args.command == "trigger":
+        return run_trigger(args, socket_path)
+    request: dict[str, Any] = {"command": args.command}
+    if hasattr(args, "lun"):
+        request["lun"] = args.lun
+    if args.command == "locate":
+        request["offset"] = args.offset
+    try:
+        result = control.request(socket_path, request)
+    except control.DaemonNotRunningError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except control.ControlError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(args.command, result))
+    return EXIT_OK
+
+
+_UDEV_ARG = re.compile(r"^[A-Za-z0-9_.:/+-]{1,512}$")
+
+
+def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
+    """Fire and forget, with arguments checked: they come from udev, i.e. from device data."""
+    value = args.scsi_device or args.lun
+    if not _UDEV_ARG.match(value) or ".." in value:
+        print(f"switch-agent: refusing suspicious argument {value!r}", file=sys.stderr)
+        return EXIT_USAGE
+    request = {"command": "trigger", **({"scsi_device": "/sys" + value.removeprefix("/sys")}
+                                        if args.scsi_device else {"lun": value})}
+    try:
+        control.request(socket_path, request, timeout_s=2.0)
+    except control.DaemonNotRunningError:
+        return EXIT_OK
+    except control.ControlError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def run_daemon(args: argparse.Namespace, config, socket_path: Path) -> int:
+    from dataclasses import replace
+
+    from agent.daemon import Daemon, install_signal_handlers
+    from agent.system import RealSystem, open_udev_events
+
+    overrides: dict[str, Any] = {"socket_path": socket_path}
+    if args.poll_interval is not None:
+        if args.poll_interval <= 0:
+            print("switch-agent: --poll-interval must be > 0", file=sys.stderr)
+            return EXIT_USAGE
+        overrides["poll_interval_s"] = args.poll_interval
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    config = replace(config, **overrides)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        system = RealSystem(config)
+        daemon = Daemon(config, system, open_udev_events())
+        install_signal_handlers(daemon)
+        await daemon.run()
+
+    try:
+        asyncio.run(serve())
+    except SwitchAgentError as exc:
+        logging.getLogger("switch-agent").error("%s", exc)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def render(command: str, result: Any) -> str:
+    """Human-readable output, in the spirit of `multipath -ll`."""
+    if command == "locate":
+        where = result["member"] if result["member"] is not None else "no member (unallocated page)"
+        return (f"{result['wwid']} offset {result['offset']}: page {result['page']} -> {where}"
+                f" via {result['leg'] or '-'} ({', '.join(result['paths']) or 'no own path'})")
+    records = result if isinstance(result, list) else [result]
+    if not records:
+        return "no array LUNs found"
+    return "\n".join(_render_lun(r) for r in records)
+
+
+def _render_lun(r: dict[str, Any]) -> str:
+    lines = [f"{r['wwid']} {r['state']} {r['device'] or '(not routed)'}"]
+    if r.get("generation") is not None:
+        lines.append(f"  map generation {r['generation']}, {r['pages']} pages of "
+                     f"{r['page_size_bytes'] // (1024 * 1024)} MiB, age {r['map_age_s']} s"
+                     + (f", {r['unallocated_pages']} unallocated" if r.get("unallocated_pages") else ""))
+    for m in r.get("members", []):
+        paths = " ".join(f"{p['device']}({p['state']})" for p in m["paths"]) or "no paths"
+        lines.append(f"  member {m['name']} (id {m['member_id']}): {m['pages']} pages, {paths}")
+    if r.get("last_error"):
+        lines.append(f"  last error: {r['last_error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The daemon's configuration: /etc/switch-agent/switch-agent.toml, with documented defaults.
+
+Every key is optional; packaging/switch-agent.toml lists them all with
+their defaults. Unknown keys and wrong types are errors, not warnings: a
+typo in a storage daemon's config should stop it at start, loudly.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import SwitchAgentError
+
+DEFAULT_CONFIG_PATH = Path("/etc/switch-agent/switch-agent.toml")
+DEFAULT_SOCKET_PATH = Path("/run/switch-agent/control.sock")
+
+UUID_PREFIX = "SWAGENT-"
+"""Every dm device the agent creates carries this uuid prefix; it touches no other."""
+
+
+class ConfigError(SwitchAgentError):
+    """The configuration file or a flag is invalid: names the key and what was wrong."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{source}: {key}: {problem}")
+
+
+@dataclass(frozen=True)
+class ArrayMatch:
+    """Which LUNs are ours: INQUIRY vendor and product, compared after stripping blanks."""
+
+    vendor: str
+    product: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of the daemon and the CLI."""
+
+    arrays: tuple[ArrayMatch, ...] = (ArrayMatch("SWAGENT", "PAGEMAP ARRAY"),)
+    socket_path: Path = DEFAULT_SOCKET_PATH
+    device_name: str = "switch-{wwid}"
+    """Name of the routed device under /dev/mapper; {wwid} and {mpath} are filled in."""
+    poll_interval_s: float = 15.0
+    """How often each LUN's map generation is polled (a 64-byte GET PAGE MAP)."""
+    debounce_s: float = 0.5
+    """Unit attentions arrive once per path: wait this long for the rest before acting."""
+    max_parallel_luns: int = 8
+    """LUNs set up at the same time; the rest wait their turn."""
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+    fetch_restarts: int = 5
+    """How often a fetch starts over when the map changes under it before it gives up."""
+    scsi_timeout_s: float = 30.0
+    max_message_bytes: int = 65536
+    path_selector: str = "round-robin 0"
+    """dm-multipath path selector (with its argument count) inside each member's leg."""
+    leg_features: str = "0"
+    """dm-multipath feature arguments of each leg, e.g. "1 queue_if_no_path"."""
+    log_level: str = "info"
+
+
+_SCALARS = {f.name: f.type for f in fields(Config) if f.name != "arrays"}
+_NAME_OK = re.compile(r"^[A-Za-z0-9_.{}+-]+$")
+
+
+def load_config(path: Path | None = None, *, required: bool = False) -> Config:
+    """Read the TOML file (a missing default file means all defaults)."""
+    path = path or DEFAULT_CONFIG_PATH
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(str(path), "file", "does not exist") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError(str(path), "file", exc.strerror or str(exc)) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "syntax", str(exc)) from exc
+    return config_from_mapping(data, source=str(path))
+
+
+def config_from_mapping(data: dict[str, Any], *, source: str = "config") -> Config:
+    """Build a Config from parsed TOML, checking every key and type."""
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name == "arrays":
+            values["arrays"] = _parse_arrays(value, source)
+        elif name in _SCALARS:
+            values[name] = _coerce(source, key, value, _SCALARS[name])
+        else:
+            raise ConfigError(source, key, "unknown key")
+    config = replace(Config(), **values)
+    _check(config, source)
+    return config
+
+
+def _parse_arrays(value: Any, source: str) -> tuple[ArrayMatch, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(source, "arrays", "must be a non-empty list of {vendor, product} tables")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"vendor", "product"} or not all(
+                isinstance(v, str) and v.strip() for v in item.values()):
+            raise ConfigError(source, f"arrays[{i}]", "must have exactly a non-empty vendor and product string")
+        out.append(ArrayMatch(item["vendor"].strip(), item["product"].strip()))
+    return tuple(out)
+
+
+def _coerce(source: str, key: str, value: Any, kind: Any) -> Any:
+    kind = {"float": float, "int": int, "str": str, "Path": Path}.get(kind, kind) if isinstance(kind, str) else kind
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    if kind in (int, str) and type(value) is kind:
+        return value
+    raise ConfigError(source, key, f"must be {getattr(kind, '__name__', kind)}, got {type(value).__name__} {value!r}")
+
+
+def _check(config: Config, source: str) -> None:
+    positive = ("poll_interval_s", "debounce_s", "retry_initial_s", "retry_max_s", "scsi_timeout_s")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(source, name, "must be > 0")
+    if config.max_parallel_luns < 1:
+        raise ConfigError(source, "max_parallel_luns", "must be >= 1")
+    if config.fetch_restarts < 0:
+        raise ConfigError(source, "fetch_restarts", "must be >= 0")
+    if not 256 <= config.max_message_bytes <= 1 << 20:
+        raise ConfigError(source, "max_message_bytes", "must be 256..1048576")
+    if not _NAME_OK.match(config.device_name) or not ("{wwid}" in config.device_name or "{mpath}" in config.device_name):
+        raise ConfigError(source, "device_name",
+                          "must use only letters, digits and _.+- and contain {wwid} or {mpath}")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(source, "log_level", "must be debug, info, warning or error")
+    selector = config.path_selector.split()
+    if len(selector) < 2 or not _counted(selector[1:]):
+        raise ConfigError(source, "path_selector", 'must be a selector name and its counted arguments, e.g. "round-robin 0"')
+    if not _counted(config.leg_features.split()):
+        raise ConfigError(source, "leg_features", 'must be a counted dm feature list, e.g. "0" or "1 queue_if_no_path"')
+
+
+def _counted(args: list[str]) -> bool:
+    """dm argument lists carry their own count first: "0", "1 queue_if_no_path"."""
+    return (bool(args) and args[0].isdigit() and int(args[0]) == len(args) - 1
+            and all(re.fullmatch(r"[A-Za-z0-9_-]+", w) for w in args))

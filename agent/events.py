@@ -1,0 +1,55 @@
+"""Which udev events matter to the agent, and what each asks for. Pure: properties in, a Trigger out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+MPATH_UUID_PREFIX = "mpath-"  # multipath-tools libmultipath/devmapper.h UUID_PREFIX
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Something to do about one LUN (wwid) or one SCSI device (scsi_sys_path)."""
+
+    kind: str
+    """"mpath-ready": (re)build routing; "mpath-gone": the map went away;
+    "unit-attention": a path reported a change; re-check its LUN's map."""
+    wwid: str | None = None
+    scsi_sys_path: str | None = None
+    detail: str = ""
+
+
+def classify(action: str, subsystem: str, devtype: str | None, sys_path: str,
+             properties: Mapping[str, str]) -> Trigger | None:
+    """Map one udev event to a Trigger, or None when it is none of our business."""
+    if subsystem == "scsi" and devtype == "scsi_device" and action == "change":
+        ua = properties.get("SDEV_UA")
+        return Trigger("unit-attention", scsi_sys_path=sys_path, detail=ua) if ua else None
+    if subsystem != "block" or devtype != "disk":
+        return None
+    uuid = properties.get("DM_UUID", "")
+    if not uuid.startswith(MPATH_UUID_PREFIX):
+        return None
+    wwid = uuid[len(MPATH_UUID_PREFIX):]
+    if not wwid or not _safe(wwid):
+        return None
+    if action == "remove":
+        return Trigger("mpath-gone", wwid=wwid)
+    if action not in ("add", "change"):
+        return None
+    # 11-dm-mpath.rules: a map with no valid paths, or a path event on an
+    # unchanged map, is not a reason to rebuild (libdevmapper.h asks foreign
+    # rules to honour DM_UDEV_DISABLE_OTHER_RULES_FLAG).
+    if properties.get("MPATH_DEVICE_READY") == "0" or properties.get("DM_UDEV_DISABLE_OTHER_RULES_FLAG") == "1":
+        return None
+    if properties.get("DM_ACTION", "").startswith("PATH_"):
+        return Trigger("path-event", wwid=wwid, detail=properties["DM_ACTION"])
+    if properties.get("MPATH_UNCHANGED") == "1":
+        return None
+    return Trigger("mpath-ready", wwid=wwid)
+
+
+def _safe(wwid: str) -> bool:
+    """A wwid we will put into dm names and uuids: no separators, no control characters."""
+    return len(wwid) <= 96 and all(c.isalnum() or c in "._:-" for c in wwid)

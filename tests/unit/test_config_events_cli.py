@@ -1,0 +1,194 @@
+"""Configuration, udev event classification, the control socket and the CLI's argument handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agent import cli, control
+from agent.config import Config, ConfigError, config_from_mapping, load_config
+from agent.events import Trigger, classify
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# -- config -------------------------------------------------------------------
+
+def test_example_config_is_exactly_the_defaults():
+    assert load_config(REPO / "packaging" / "switch-agent.toml", required=True) == Config()
+
+
+def test_missing_default_file_means_defaults(tmp_path):
+    assert load_config(tmp_path / "absent.toml") == Config()
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "absent.toml", required=True)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"poll_intervall_s": 5}, "poll_intervall_s"),
+    ({"poll_interval_s": "5"}, "poll_interval_s"),
+    ({"poll_interval_s": 0}, "poll_interval_s"),
+    ({"max_parallel_luns": 1.5}, "max_parallel_luns"),
+    ({"device_name": "routed"}, "device_name"),
+    ({"device_name": "x;{wwid}"}, "device_name"),
+    ({"arrays": []}, "arrays"),
+    ({"arrays": [{"vendor": "A"}]}, "arrays[0]"),
+    ({"leg_features": "1"}, "leg_features"),
+    ({"path_selector": "round-robin"}, "path_selector"),
+    ({"log_level": "loud"}, "log_level"),
+])
+def test_bad_config_names_the_key(data, key):
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(data)
+    assert info.value.key == key
+
+
+def test_bad_toml_syntax_is_a_config_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("poll_interval_s = = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "syntax"
+
+
+def test_dashes_and_ints_accepted():
+    c = config_from_mapping({"poll-interval-s": 3, "leg_features": "1 queue_if_no_path"})
+    assert c.poll_interval_s == 3.0 and c.leg_features == "1 queue_if_no_path"
+
+
+# -- events -------------------------------------------------------------------
+
+MPATH = {"DM_UUID": "mpath-36001405aa", "DM_NAME": "36001405aa", "MPATH_DEVICE_READY": "1"}
+
+
+def test_mpath_map_add_is_a_build_trigger():
+    assert classify("add", "block", "disk", "/devices/virtual/block/dm-0", MPATH) == \
+        Trigger("mpath-ready", wwid="36001405aa")
+
+
+@pytest.mark.parametrize("extra", [{"MPATH_DEVICE_READY": "0"}, {"DM_UDEV_DISABLE_OTHER_RULES_FLAG": "1"},
+                                   {"MPATH_UNCHANGED": "1"}, {"DM_UUID": "LVM-abc"},
+                                   {"DM_UUID": "SWAGENT-top-36001405aa"}, {"DM_UUID": "mpath-a b"},
+                                   {"DM_UUID": "mpath-"}])
+def test_not_ready_or_not_multipath_is_ignored(extra):
+    assert classify("change", "block", "disk", "/x", {**MPATH, **extra}) is None
+
+
+def test_path_events_and_removal():
+    assert classify("change", "block", "disk", "/x", {**MPATH, "DM_ACTION": "PATH_FAILED"}).kind == "path-event"
+    assert classify("remove", "block", "disk", "/x", MPATH) == Trigger("mpath-gone", wwid="36001405aa")
+
+
+def test_unit_attention_on_scsi_device():
+    t = classify("change", "scsi", "scsi_device", "/devices/h/2:0:0:0", {"SDEV_UA": "INQUIRY_DATA_HAS_CHANGED"})
+    assert t == Trigger("unit-attention", scsi_sys_path="/devices/h/2:0:0:0", detail="INQUIRY_DATA_HAS_CHANGED")
+    assert classify("change", "scsi", "scsi_device", "/x", {}) is None
+    assert classify("add", "block", "partition", "/x", MPATH) is None
+
+
+# -- control socket -----------------------------------------------------------
+
+def with_server(tmp_path, handler, client, *, allowed_uid=None):
+    """Serve `handler` on a socket in tmp_path and run the blocking `client(path)` in a thread."""
+    path = tmp_path / "run" / "control.sock"
+
+    async def main():
+        uid = os.getuid() if allowed_uid is None else allowed_uid
+        server = await control.serve(path, handler, allowed_uid=uid)
+        async with server:
+            return await asyncio.to_thread(client, path)
+
+    return asyncio.run(main())
+
+
+def test_control_round_trip_and_errors(tmp_path):
+    async def handler(request):
+        if request["command"] == "boom":
+            raise control.ControlError("no such LUN", "LunNotFoundError")
+        return {"echo": request}
+
+    def client(path):
+        assert control.request(path, {"command": "status"}) == {"echo": {"command": "status"}}
+        with pytest.raises(control.ControlError) as info:
+            control.request(path, {"command": "boom"})
+        assert "no such LUN" in str(info.value)
+        return path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777
+
+    assert with_server(tmp_path, handler, client) == (0o600, 0o700)
+
+
+def test_control_refuses_other_uids(tmp_path):
+    async def handler(request):
+        raise AssertionError("must not be called")
+
+    def client(path):
+        with pytest.raises(control.ControlError) as info:
+            control.request(path, {"command": "status"})
+        return info.value.kind
+
+    assert with_server(tmp_path, handler, client, allowed_uid=os.getuid() + 1) == "PermissionError"
+
+
+def test_control_rejects_garbage(tmp_path):
+    import socket as so
+
+    async def handler(request):
+        return "ok"
+
+    def client(path):
+        with so.socket(so.AF_UNIX, so.SOCK_STREAM) as s:
+            s.connect(str(path))
+            s.sendall(b"[1,2]\n")
+            return json.loads(s.makefile().readline())
+
+    answer = with_server(tmp_path, handler, client)
+    assert answer["ok"] is False and "command" in answer["error"]
+
+
+def test_no_daemon_is_its_own_error(tmp_path):
+    with pytest.raises(control.DaemonNotRunningError):
+        control.request(tmp_path / "none.sock", {"command": "status"})
+
+
+# -- CLI ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("64M", 64 << 20), ("10G", 10 << 30), ("1TiB", 1 << 40)])
+def test_parse_size(text, value):
+    assert cli.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["-1", "1.5G", "10X", "", "0x10"])
+def test_parse_size_rejects(text):
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_size(text)
+
+
+def test_cli_without_daemon_exits_3(tmp_path, capsys):
+    assert cli.main(["--socket", str(tmp_path / "none.sock"), "status"]) == cli.EXIT_NO_DAEMON
+    assert "not running" in capsys.readouterr().err
+
+
+def test_trigger_is_silent_without_daemon_and_refuses_odd_arguments(tmp_path, capsys):
+    sock = str(tmp_path / "none.sock")
+    assert cli.main(["--socket", sock, "trigger", "mpath-36001405aa"]) == cli.EXIT_OK
+    assert cli.main(["--socket", sock, "trigger", "mpath-$(reboot)"]) == cli.EXIT_USAGE
+    assert cli.main(["--socket", sock, "trigger", "--scsi-device", "/devices/../../etc"]) == cli.EXIT_USAGE
+
+
+def test_bad_config_file_is_a_usage_error(tmp_path, capsys):
+    bad = tmp_path / "c.toml"
+    bad.write_text("nonsense = 1\n")
+    assert cli.main(["--config", str(bad), "status"]) == cli.EXIT_USAGE
+    assert "nonsense: unknown key" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help():
+    parser = cli.build_parser()
+    text = parser.format_help()
+    for name in ("daemon", "status", "show", "refresh", "locate", "trigger"):
+        assert name in text
