@@ -1,0 +1,89 @@
+"""Reading an array LUN over one SCSI path: identity, member, and the page map.
+
+The path is anything shaped like agent.kernel.sgio.ScsiDevice: the real one
+in the daemon, an emulator-backed fake in the host tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from protocol import pagemap, scsi
+from protocol.errors import GenerationChangedError
+from protocol.pagemap import MemberIdentity, PageMap, PageMapHeader
+
+LOG = logging.getLogger(__name__)
+
+INQUIRY_LENGTH = 96
+VPD_LENGTH = 255
+
+
+class ScsiResultLike(Protocol):
+    data_in: bytes
+
+
+class ScsiPath(Protocol):
+    """What the map source needs of a path (agent.kernel.sgio.ScsiDevice's shape)."""
+
+    name: str
+
+    async def max_transfer_bytes(self) -> int:
+        """The largest data-in one command may ask for."""
+        ...
+
+    async def execute(self, cdb: bytes, *, data_in_length: int = 0,
+                      data_out: bytes | None = None) -> ScsiResultLike:
+        """Run one command; raise a SwitchAgentError on any non-GOOD outcome."""
+        ...
+
+
+async def _data_in(path: ScsiPath, cdb: bytes, length: int) -> bytes:
+    return (await path.execute(cdb, data_in_length=length)).data_in
+
+
+async def read_inquiry(path: ScsiPath) -> scsi.StandardInquiry:
+    """Standard INQUIRY: vendor and product tell whether the LUN is an array we serve."""
+    data = await _data_in(path, scsi.build_inquiry_cdb(allocation_length=INQUIRY_LENGTH), INQUIRY_LENGTH)
+    return scsi.decode_standard_inquiry(data)
+
+
+async def read_member_identity(path: ScsiPath) -> MemberIdentity:
+    """VPD page 0xC0: which member this path lands on."""
+    cdb = scsi.build_inquiry_cdb(evpd=True, page_code=pagemap.MEMBER_IDENTITY_VPD,
+                                 allocation_length=VPD_LENGTH)
+    data = await _data_in(path, cdb, VPD_LENGTH)
+    return pagemap.decode_member_identity_vpd(data)
+
+
+async def poll_map_header(path: ScsiPath) -> PageMapHeader:
+    """The 64-byte GET PAGE MAP: generation and geometry, cheaply."""
+    size = pagemap.HEADER_FIXED_BYTES
+    data = await _data_in(path, pagemap.build_get_page_map_cdb(0, size), size)
+    return pagemap.decode_page_map_header(data)
+
+
+async def fetch_page_map(path: ScsiPath, *, restarts: int) -> PageMap:
+    """The whole map in chunks of the path's maximum transfer, all of one generation.
+
+    Starts over when the array changes the map mid-fetch, at most `restarts`
+    times; then the last GenerationChangedError goes to the caller.
+    """
+    allocation = min(await path.max_transfer_bytes(), pagemap.MAX_ALLOCATION_LENGTH)
+    for attempt in range(restarts + 1):
+        assembler = pagemap.PageMapAssembler()
+        try:
+            while not assembler.complete:
+                cdb = pagemap.build_get_page_map_cdb(assembler.next_page, allocation)
+                data = await _data_in(path, cdb, allocation)
+                assembler.add(pagemap.decode_page_map_response(data))
+        except GenerationChangedError as exc:
+            if attempt == restarts:
+                raise
+            LOG.info("%s: page map changed during the fetch (%s); starting over", path.name, exc)
+            continue
+        result = assembler.result()
+        LOG.debug("%s: fetched page map generation %d, %d pages", path.name, result.generation,
+                  result.total_pages)
+        return result
+    raise AssertionError("unreachable")

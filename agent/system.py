@@ -1,0 +1,69 @@
+"""The real kernel, shaped as the orchestrator's System: sysfs, SG_IO and device-mapper together."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from agent.config import UUID_PREFIX, Config
+from agent.events import MPATH_UUID_PREFIX
+from agent.kernel.dm import DeviceMapper
+from agent.kernel.sgio import ScsiDevice
+from agent.kernel.sysfs import Sysfs, SysfsError
+from agent.kernel.udev import UdevMonitor
+from agent.orchestrator import MpathMap
+
+LOG = logging.getLogger(__name__)
+
+
+class RealSystem:
+    """What the daemon runs on: one dm control fd, one open sd node per path, sysfs."""
+
+    def __init__(self, config: Config, *, sysfs_root: str = "/sys", dev_root: str = "/dev") -> None:
+        self.config = config
+        self.sysfs = Sysfs(sysfs_root)
+        self.dev_root = dev_root
+        self.dm = DeviceMapper(UUID_PREFIX)
+        self._paths: dict[str, ScsiDevice] = {}
+
+    async def find_mpath_maps(self) -> list[MpathMap]:
+        """Every multipathd map now, with its path devices; forgets paths that went away."""
+        maps = []
+        for dm in await self.sysfs.dm_devices():
+            if not dm.uuid.startswith(MPATH_UUID_PREFIX):
+                continue
+            slaves = []
+            for slave in dm.slaves:
+                try:
+                    slaves.append((slave, str(await self.sysfs.block_devnum(slave))))
+                except SysfsError as exc:  # a path going away while we look
+                    LOG.debug("%s: path %s vanished: %s", dm.name, slave, exc)
+            maps.append(MpathMap(dm.uuid[len(MPATH_UUID_PREFIX):], dm.name, dm.kernel_name, dm.size_sectors,
+                                 tuple(slaves)))
+        present = {s for m in maps for s, _ in m.slaves}
+        for name in set(self._paths) - present:
+            self._paths.pop(name).close()
+        return maps
+
+    def open_path(self, device: str) -> ScsiDevice:
+        """The sd node of a path, opened once and kept for SG_IO."""
+        scsi = self._paths.get(device)
+        if scsi is None:
+            scsi = ScsiDevice(os.path.join(self.dev_root, device), sysfs=self.sysfs,
+                              timeout_ms=int(self.config.scsi_timeout_s * 1000))
+            self._paths[device] = scsi
+        return scsi
+
+    async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
+        """The sd names under a scsi_device (a unit attention names the scsi_device only)."""
+        try:
+            return await self.sysfs.list_dir(os.path.join(scsi_sys_path, "block"))
+        except SysfsError:
+            return []
+
+
+def open_udev_events() -> UdevMonitor:
+    """The udev monitor the daemon follows (block/disk and scsi/scsi_device events)."""
+    monitor = UdevMonitor()
+    monitor.start()
+    return monitor

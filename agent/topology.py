@@ -1,0 +1,37 @@
+"""What the host sees of one array LUN: its multipath map, its paths, and each path's member."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """One SCSI path (an sd device) of a LUN and the array member it lands on."""
+
+    device: str
+    """Kernel name, e.g. "sdb"."""
+    dev: str
+    """major:minor, as dm tables name it."""
+    member_id: int | None
+    """From VPD page 0xC0; None when the path did not answer."""
+    member_name: str | None = None
+    usable: bool = True
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One LUN as discovered: multipathd's map and every path under it."""
+
+    wwid: str
+    mpath_name: str
+    """dm name of multipathd's map (DM_UUID mpath-<wwid>)."""
+    mpath_device: str
+    """Kernel name of that map, e.g. "dm-0"."""
+    size_sectors: int
+    paths: tuple[PathInfo, ...]
+
+    def paths_of_member(self, member_id: int) -> tuple[PathInfo, ...]:
+        """The paths that land on one member."""
+        return tuple(p for p in self.paths if p.member_id == member_id)

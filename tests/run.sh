@@ -1,0 +1,23 @@
+#!/bin/sh
+# The project's whole test run, as the README gives it and CI runs it:
+#   1. set up this machine (Debian packages, the venv) -- idempotent;
+#   2. host unit tests (pure logic, fakes for the kernel);
+#   3. guest tests: each boots a stock Debian kernel under QEMU and runs the
+#      real LIO target, open-iscsi, multipathd, udev and dm-switch.
+# Usage: sh tests/run.sh [--host-only]
+set -eu
+cd "$(dirname "$0")/.."
+
+sh tests/vm/setup.sh
+PY=.venv/bin/python
+
+echo "== host unit tests"
+"$PY" -m pytest -q tests/unit
+
+if [ "${1:-}" = "--host-only" ]; then
+    echo "== guest tests skipped (--host-only)"
+    exit 0
+fi
+
+echo "== guest tests (real kernel under QEMU)"
+"$PY" -m pytest -q -m guest tests/vm
