@@ -71,7 +71,9 @@ class Sense:
     """Decoded sense data, whatever the format it came in.
 
     ``sense_key_specific`` is the raw 3-byte field, present only when SKSV is
-    set; ``referrals`` only in descriptor format (descriptor type 0x0B).
+    set; ``referrals`` only in descriptor format (descriptor type 0x0B), where
+    ``not_all_referrals`` is its NOT_ALL_R bit: the device knows more segments
+    than it listed.
     """
 
     key: SenseKey
@@ -83,6 +85,7 @@ class Sense:
     deferred: bool = False
     descriptor_format: bool = False
     referrals: tuple[UserDataSegmentReferral, ...] | None = None
+    not_all_referrals: bool = False
 
     @classmethod
     def of(cls, key: SenseKey, code: AdditionalSense, *, information: int | None = None,
@@ -163,7 +166,8 @@ def _encode_descriptor(sense: Sense, key: int, sks: bytes | None) -> bytes:
         referrals = encode_referral_descriptors(sense.referrals, _CODEC)
         if len(referrals) + 2 > 0xFF:
             raise EncodeError(f"{_CODEC}: referral descriptor too long ({len(referrals)} bytes)")
-        body += bytes([_DESC_REFERRAL, len(referrals) + 2, 0, 0]) + referrals
+        flags = 0x01 if sense.not_all_referrals else 0  # NOT_ALL_R, byte 2 bit 0
+        body += bytes([_DESC_REFERRAL, len(referrals) + 2, flags, 0]) + referrals
     if len(body) > 0xFF:
         raise EncodeError(f"{_CODEC}: {len(body)} bytes of descriptors exceed 255")
     code = _DESC_DEFERRED if sense.deferred else _DESC_CURRENT
@@ -207,6 +211,7 @@ def _decode_descriptor(raw: bytes, *, deferred: bool) -> Sense:
     key, asc, ascq = SenseKey(raw[1] & 0x0F), raw[2], raw[3]
     end = min(len(raw), 8 + raw[7]) if len(raw) >= 8 else len(raw)
     information = csi = sks = referrals = None
+    not_all_referrals = False
     offset = 8
     # A descriptor the buffer cuts off is dropped, as sg3_utils' sg_scsi_sense_desc_find does.
     while offset + 2 <= end:
@@ -232,8 +237,9 @@ def _decode_descriptor(raw: bytes, *, deferred: bool) -> Sense:
         elif desc_type == _DESC_REFERRAL:
             if length < 2:
                 raise ValueRangeError(_CODEC, field, ">= 2", length)
+            not_all_referrals = bool(desc[0] & 0x01)
             referrals = decode_referral_descriptors(desc[2:], f"{_CODEC} referral descriptor")
         offset += 2 + length
     return Sense(key, asc, ascq, information=information, command_specific_information=csi,
                  sense_key_specific=sks, deferred=deferred, descriptor_format=True,
-                 referrals=referrals)
+                 referrals=referrals, not_all_referrals=not_all_referrals)
