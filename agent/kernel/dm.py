@@ -37,6 +37,7 @@ Errors::
      └── DmError                 anything this module raises on purpose
           ├── DmIoctlError       the kernel refused an ioctl: command, device, errno
           ├── NotOwnedError      a mutating call on a device whose uuid lacks our prefix
+          ├── DmUnavailableError /dev/mapper/control cannot be opened (no dm in the kernel?)
           └── DmArgumentError    a caller asked for something the ABI cannot carry
                                  (also a ValueError)
 """
@@ -201,6 +202,15 @@ class NotOwnedError(DmError):
             f"{command} {name}: refused, uuid {uuid!r} does not start with {prefix!r} "
             "(not a switch-agent device)"
         )
+
+
+class DmUnavailableError(DmError):
+    """The control node cannot be opened: no device-mapper in this kernel, or not root."""
+
+    def __init__(self, path: str, errno: int) -> None:
+        self.path = path
+        self.errno = errno
+        super().__init__(f"{path}: {os.strerror(errno)} (is dm-mod loaded, and are we root?)")
 
 
 class DmArgumentError(DmError, ValueError):
@@ -633,7 +643,12 @@ class DeviceMapper:
         self.owned_uuid_prefix = owned_uuid_prefix
         self._ioctl_fn: IoctlFn = ioctl or _fcntl_ioctl
         self._own_fd = fd is None
-        self._fd = os.open(control_path, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
+        if fd is None:
+            try:
+                fd = os.open(control_path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise DmUnavailableError(control_path, exc.errno or 0) from exc
+        self._fd = fd
         self.udev = udev if udev is not None else UdevSync()
         self._closed = threading.Event()
 

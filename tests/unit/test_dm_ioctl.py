@@ -738,3 +738,9 @@ def test_udev_sync_cancel_destroys(running_udev):
     cookie = running_udev.begin(0)
     running_udev.cancel(cookie)
     assert sem_of(cookie.value) == -1
+
+
+def test_missing_control_node_is_a_typed_error(tmp_path):
+    with pytest.raises(dm.DmUnavailableError) as ei:
+        dm.DeviceMapper(PREFIX, control_path=str(tmp_path / "control"))
+    assert ei.value.errno == errno.ENOENT and isinstance(ei.value, dm.DmError)
