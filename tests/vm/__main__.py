@@ -1,0 +1,5 @@
+import sys
+
+from tests.vm.run import main
+
+sys.exit(main())

@@ -1,0 +1,370 @@
+"""Host side of the real-kernel VM rig.
+
+    python -m tests.vm.run [--members N] [--layout striped|random|seed]
+        [--size BYTES] [--page-size BYTES] [--no-login] [--timeout S]
+        [--memory 2G] [--results DIR] -- COMMAND [ARGS...]
+
+Boots the newest /boot/vmlinuz-* (Debian's linux-image-amd64, not the host's
+running kernel) with virtme-ng under TCG, runs tests/vm/guest_init.py in the
+guest (kernel modules, udevd, iscsid, multipathd, the emulated array via
+`python -m tests.array`, the multipath map), then COMMAND from the repository
+root, and exits with COMMAND's exit status.  If the rig itself fails (missing
+tools, boot, modules, daemons, array, map wait) it exits 125 and prints the
+tails of the guest's logs.  Every boot holds /tmp/switch-agent-vm.lock, so
+concurrent rigs on one machine take turns.
+
+Installs nothing: `sh tests/vm/setup.sh` does.  Environment:
+  SWITCH_AGENT_VM_KVM=1      try KVM instead of TCG (KVM fails on the
+                             project's machines: "failed to set MSR 0x10a")
+  SWITCH_AGENT_VM_KERNEL=P   boot this vmlinuz instead of the newest one
+  SWITCH_AGENT_VM_LOCK=P     lock file (default /tmp/switch-agent-vm.lock)
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_INIT = Path(__file__).resolve().with_name("guest_init.py")
+LOCK = os.environ.get("SWITCH_AGENT_VM_LOCK", "/tmp/switch-agent-vm.lock")
+RIG_FAILURE = 125
+LOG_TAILS = ["rig.log", "dmesg.log", "array.log", "emulator.log", "multipathd.log",
+             "iscsid.log", "rig-commands.log", "teardown.log"]
+
+_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'1073741824', '1G', '15M', '15MiB' -> bytes (binary multiples)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    n = int(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.vm.run",
+        description="Boot the real-kernel VM rig and run COMMAND inside it.",
+        epilog="Exit status: COMMAND's, or 125 when the rig itself failed.")
+    p.add_argument("--members", type=int, default=2, help="array members = portals = paths (default 2)")
+    p.add_argument("--layout", default="striped", choices=["striped", "random", "seed"],
+                   help="page layout of the emulated volume (default striped)")
+    p.add_argument("--size", type=parse_size, default=64 * 15 << 20,
+                   help="volume size in bytes, K/M/G/T suffixes allowed (default 960M = 64 pages)")
+    p.add_argument("--page-size", type=parse_size, default=15 << 20,
+                   help="page size in bytes (default 15M)")
+    p.add_argument("--no-login", action="store_true",
+                   help="bring the array up but do not log in (no multipath map is waited for)")
+    p.add_argument("--timeout", type=float, default=900,
+                   help="COMMAND's time limit in seconds; it is killed with status 124 (default 900)")
+    p.add_argument("--map-timeout", type=float, default=60,
+                   help="seconds to wait for the multipath map after login (default 60)")
+    p.add_argument("--array-timeout", type=float, default=90,
+                   help="time limit of each `python -m tests.array` call (default 90)")
+    p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
+    p.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="results directory shared read-write with the guest "
+                        "(default: a new /tmp/switch-agent-vm-*); kept afterwards")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND [ARGS...] run in the guest from the repository root")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if "--" in argv:
+        i = argv.index("--")
+        opts, command = argv[:i], argv[i + 1:]
+    else:
+        opts, command = argv, []
+    p = parser()
+    args = p.parse_args(opts)
+    if args.command:
+        p.error(f"put COMMAND after '--' (got {args.command!r} before it)")
+    if not command:
+        p.error("no COMMAND: use  python -m tests.vm.run [options] -- COMMAND [ARGS...]")
+    if args.members < 1 or args.members > 250:
+        p.error("--members must be 1..250")
+    args.command = command
+    return args
+
+
+# --- prerequisites ---------------------------------------------------------------
+
+def venv_bin() -> Path:
+    """The virtualenv whose python runs in the guest (and whose bin/ holds vng)."""
+    if sys.prefix != sys.base_prefix:
+        return Path(sys.prefix) / "bin"
+    return REPO / ".venv" / "bin"
+
+
+def version_key(path: Path):
+    ver = path.name.removeprefix("vmlinuz-")
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", ver)]
+
+
+def find_kernel() -> Path | None:
+    env = os.environ.get("SWITCH_AGENT_VM_KERNEL")
+    if env:
+        return Path(env)
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"), key=version_key)
+    return kernels[-1] if kernels else None
+
+
+def check_prerequisites() -> tuple[dict, list[str]]:
+    found: dict = {}
+    missing: list[str] = []
+    vbin = venv_bin()
+    path = f"{vbin}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    found["PATH"] = path
+    if not (vbin / "python").exists():
+        missing.append(f"virtualenv python {vbin / 'python'}")
+    vng = shutil.which("vng", path=path)
+    if vng:
+        found["vng"] = vng
+    else:
+        missing.append("vng (virtme-ng; pip install -e '.[vm]' into the venv)")
+    qemu = shutil.which("qemu-system-x86_64", path=path)
+    if qemu:
+        found["qemu"] = qemu
+    else:
+        missing.append("qemu-system-x86_64 (Debian package qemu-system-x86)")
+    kernel = find_kernel()
+    if kernel is None or not kernel.is_file():
+        missing.append(f"a guest kernel /boot/vmlinuz-* (Debian package linux-image-amd64)"
+                       + (f": {kernel} does not exist" if kernel else ""))
+    else:
+        found["kernel"] = kernel
+        ver = kernel.name.removeprefix("vmlinuz-")
+        if not Path("/lib/modules", ver, "kernel").is_dir():
+            missing.append(f"/lib/modules/{ver} (the modules of {kernel})")
+    return found, missing
+
+
+# --- the VM lock -------------------------------------------------------------------
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def _lock_holders(path: str) -> list[int]:
+    try:
+        ino = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    holders = []
+    for line in lines:
+        f = line.split()
+        if "->" in f or len(f) < 6 or f[1] != "FLOCK":
+            continue
+        if f[5].rsplit(":", 1)[-1] == str(ino):
+            holders.append(int(f[4]))
+    return holders
+
+
+def take_vm_lock(say) -> object | None:
+    """flock(LOCK), unless an ancestor (e.g. `flock LOCK python -m tests.vm.run`) holds it."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        pass
+    holders = _lock_holders(LOCK)
+    if set(holders) & _ancestors():
+        say(f"{LOCK} is held by our caller (pid {holders}): booting under that lock")
+        os.close(fd)
+        return None
+    say(f"waiting for {LOCK} (another VM is running, pid {holders or '?'})")
+    t = time.monotonic()
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    say(f"got {LOCK} after {time.monotonic() - t:.0f} s")
+    return fd
+
+
+# --- running -------------------------------------------------------------------------
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+
+    def say(msg: str) -> None:
+        print(f"vm-run: {msg}", flush=True)
+
+    found, missing = check_prerequisites()
+    if missing:
+        say("cannot boot the VM rig; missing:")
+        for m in missing:
+            say(f"  - {m}")
+        say("install them with:  sh tests/vm/setup.sh   (as root)")
+        return RIG_FAILURE
+
+    results = args.results or Path(tempfile.mkdtemp(prefix="switch-agent-vm-"))
+    results = results.resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    for stale in ["status.json", *LOG_TAILS, "command.log"]:
+        (results / stale).unlink(missing_ok=True)
+    config = {
+        "repo": str(REPO),
+        "venv_bin": str(venv_bin()),
+        "members": args.members,
+        "layout": args.layout,
+        "size": args.size,
+        "page_size": args.page_size,
+        "no_login": args.no_login,
+        "timeout": args.timeout,
+        "map_timeout": args.map_timeout,
+        "array_timeout": args.array_timeout,
+        "command": args.command,
+    }
+    (results / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    kvm = os.environ.get("SWITCH_AGENT_VM_KVM") == "1"
+    # -I -S: the guest init needs only the standard library, and skipping
+    # site-packages saves seconds of 9p look-ups under TCG.
+    guest = shlex.join([str(venv_bin() / "python"), "-I", "-S", str(GUEST_INIT), str(results)])
+    # --force-9p: virtme-ng would first try virtiofsd, which Debian 12 lacks
+    # (qemu's old C one fails), and spend ~3 s per share before falling back.
+    vng = [found["vng"], "--run", str(found["kernel"]), "--name", "switch-agent-vm", "--force-9p",
+           "--memory", args.memory, "--cpus", str(args.cpus),
+           "--rwdir", str(results), "--cwd", str(REPO), "--exec", guest]
+    if not kvm:
+        vng.insert(3, "--disable-kvm")
+    say(f"kernel {found['kernel']}, {'KVM' if kvm else 'TCG (SWITCH_AGENT_VM_KVM=1 tries KVM)'}, "
+        f"{args.memory}, {args.cpus} CPUs, {args.members} members, layout {args.layout}")
+    say(f"results: {results}")
+    say(f"command: {shlex.join(args.command)}")
+
+    hard_limit = args.timeout + 2 * args.array_timeout + args.map_timeout + 300
+    env = dict(os.environ, PATH=found["PATH"])
+    lock = take_vm_lock(say)
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
+    killed = False
+    try:
+        proc = subprocess.Popen(vng, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        fd = proc.stdout.fileno()
+        buf = b""
+        while True:
+            left = t0 + hard_limit - time.monotonic()
+            if left <= 0:
+                killed = True
+                break
+            r, _, _ = select.select([fd], [], [], min(left, 5.0))
+            if not r:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            buf = (buf + chunk)[-8192:]
+            now = time.monotonic() - t0
+            if "boot" not in marks and b"vm-rig: [" in buf and b"guest up:" in buf:
+                marks["boot"] = now
+            if "ready" not in marks and b"] ready; running:" in buf:
+                marks["ready"] = now
+            if b"\n" in buf:
+                buf = buf.rsplit(b"\n", 1)[1]
+        if killed:
+            say(f"the VM ran longer than {hard_limit:.0f} s: killing it")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        vng_rc = proc.wait()
+    except KeyboardInterrupt:
+        say("interrupted: killing the VM")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, NameError):
+            pass
+        return 130
+    finally:
+        if lock is not None:
+            os.close(lock)
+    total = time.monotonic() - t0
+
+    status = None
+    try:
+        status = json.loads((results / "status.json").read_text())
+    except (OSError, ValueError):
+        pass
+
+    timings = (status or {}).get("timings", {})
+    parts = [f"total {total:.1f} s"]
+    if "boot" in marks:
+        parts.append(f"boot {marks['boot']:.1f} s (host launch -> guest init)")
+    for key, label in [("modules_udev", "modules+udev"), ("services", "services"),
+                       ("array_up", "array up"), ("array_login", "login"),
+                       ("map_ready", "map ready"), ("ready", "ready"),
+                       ("command_done", "command done"), ("teardown_done", "teardown done")]:
+        if key in timings:
+            parts.append(f"{label} +{timings[key]:.1f} s")
+    if "ready" in marks:
+        parts.append(f"boot-to-ready {marks['ready']:.1f} s")
+    say("timings: " + ", ".join(parts))
+    (results / "timings.json").write_text(json.dumps(
+        {"host": {k: round(v, 2) for k, v in marks.items()} | {"total": round(total, 2)},
+         "guest": timings}, indent=2) + "\n")
+
+    failure = None
+    if killed:
+        failure = f"the VM was killed after {hard_limit:.0f} s"
+    elif status is None:
+        failure = (f"the guest wrote no status.json (vng exit status {vng_rc}): the VM did not "
+                   "boot, or the guest init crashed")
+    elif not status.get("rig_ok"):
+        failure = status.get("error", "unknown rig error")
+    if failure:
+        say(f"RIG FAILURE: {failure}")
+        for name in LOG_TAILS:
+            t = tail(results / name)
+            if t:
+                print(f"----- tail of {results / name} -----\n{t}", flush=True)
+        say(f"logs in {results}")
+        return RIG_FAILURE
+    if status.get("teardown_problems"):
+        say("teardown problems: " + "; ".join(status["teardown_problems"]))
+    rc = status["command_rc"]
+    say(f"command exit status {rc}; logs in {results}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
