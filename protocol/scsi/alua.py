@@ -77,7 +77,7 @@ class ReportTargetPortGroupsData:
 
 
 def encode_report_target_port_groups(data: ReportTargetPortGroupsData) -> bytes:
-    """Array side: length-only format, or extended if ``implicit_transition_time_seconds`` is set."""
+    """Array side: RTPG data; extended format iff ``implicit_transition_time_seconds`` is set."""
     body = bytearray()
     if data.implicit_transition_time_seconds is not None:
         check_uint(_CODEC, "IMPLICIT TRANSITION TIME", data.implicit_transition_time_seconds, 8)

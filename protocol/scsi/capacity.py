@@ -93,7 +93,7 @@ class ReadCapacity16Data:
 
     @property
     def physical_block_length_bytes(self) -> int:
-        """Physical block size: logical block length << LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT."""
+        """Physical block size: block length << LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT."""
         return self.block_length_bytes << self.logical_blocks_per_physical_block_exponent
 
 

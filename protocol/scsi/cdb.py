@@ -266,7 +266,7 @@ def build_write_16_cdb(lba: int, transfer_length_blocks: int, *, fua: bool = Fal
 
 def build_read_write_cdb(*, is_write: bool, lba: int, transfer_length_blocks: int,
                          fua: bool = False) -> bytes:
-    """READ/WRITE(10) when LBA and length fit, else (16), as sd.c's sd_setup_rw_cmnd chooses."""
+    """READ/WRITE(10) when the LBA fits 32 bits and the length 16 bits, else READ/WRITE(16)."""
     if lba <= 0xFFFFFFFF and transfer_length_blocks <= 0xFFFF:
         opcode = Opcode.WRITE_10 if is_write else Opcode.READ_10
     else:
