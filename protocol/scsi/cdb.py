@@ -28,6 +28,10 @@ __all__ = [
     "build_write_16_cdb", "build_read_write_cdb", "parse_read_write_cdb",
     "SynchronizeCache10Cdb", "build_synchronize_cache_10_cdb",
     "parse_synchronize_cache_10_cdb",
+    "SynchronizeCache16Cdb", "build_synchronize_cache_16_cdb",
+    "parse_synchronize_cache_16_cdb",
+    "RequestSenseCdb", "build_request_sense_cdb", "parse_request_sense_cdb",
+    "StartStopUnitCdb", "build_start_stop_unit_cdb", "parse_start_stop_unit_cdb",
     "ModeSenseCdb", "build_mode_sense_6_cdb", "build_mode_sense_10_cdb",
     "parse_mode_sense_6_cdb", "parse_mode_sense_10_cdb",
     "ReportTargetPortGroupsCdb", "build_report_target_port_groups_cdb",
@@ -323,6 +327,98 @@ def parse_synchronize_cache_10_cdb(cdb: Buffer) -> SynchronizeCache10Cdb:
     raw = _cdb("SYNCHRONIZE CACHE(10) CDB", cdb, Opcode.SYNCHRONIZE_CACHE_10, 10)
     _, flags, lba, _, block_count, _ = _SYNC10.unpack(raw)
     return SynchronizeCache10Cdb(lba, block_count, bool(flags & 0x02))
+
+
+# -- SYNCHRONIZE CACHE (16) (SBC-3 5.23) ---------------------------------------
+
+_SYNC16 = struct.Struct(">BBQIBB")  # opcode, IMMED (bit 1), LBA, number of blocks, group, control
+
+
+@dataclass(frozen=True)
+class SynchronizeCache16Cdb:
+    """SYNCHRONIZE CACHE(16); ``block_count`` 0 means through the last LBA."""
+
+    lba: int = 0
+    block_count: int = 0
+    immediate: bool = False
+
+
+def build_synchronize_cache_16_cdb(lba: int = 0, block_count: int = 0, *,
+                                   immediate: bool = False) -> bytes:
+    """16-byte SYNCHRONIZE CACHE(16): 64-bit LBA, 32-bit block count."""
+    codec = "SYNCHRONIZE CACHE(16) CDB"
+    check_uint(codec, "LOGICAL BLOCK ADDRESS", lba, 64)
+    check_uint(codec, "NUMBER OF LOGICAL BLOCKS", block_count, 32)
+    return _SYNC16.pack(Opcode.SYNCHRONIZE_CACHE_16, 0x02 if immediate else 0, lba,
+                        block_count, 0, 0)
+
+
+def parse_synchronize_cache_16_cdb(cdb: Buffer) -> SynchronizeCache16Cdb:
+    """Parse SYNCHRONIZE CACHE(16)."""
+    raw = _cdb("SYNCHRONIZE CACHE(16) CDB", cdb, Opcode.SYNCHRONIZE_CACHE_16, 16)
+    _, flags, lba, block_count, _, _ = _SYNC16.unpack(raw)
+    return SynchronizeCache16Cdb(lba, block_count, bool(flags & 0x02))
+
+
+# -- REQUEST SENSE (SPC-4 6.39) ----------------------------------------------------
+
+_REQUEST_SENSE = struct.Struct(">BBxxBB")  # opcode, DESC (bit 0), -, allocation length, control
+
+
+@dataclass(frozen=True)
+class RequestSenseCdb:
+    """REQUEST SENSE: ``descriptor_format`` is the DESC bit (which sense format to return)."""
+
+    descriptor_format: bool
+    allocation_length_bytes: int
+
+
+def build_request_sense_cdb(*, descriptor_format: bool = False,
+                            allocation_length_bytes: int = 252) -> bytes:
+    """6-byte REQUEST SENSE; 252 is the allocation length SPC-4 recommends."""
+    check_uint("REQUEST SENSE CDB", "ALLOCATION LENGTH", allocation_length_bytes, 8)
+    return _REQUEST_SENSE.pack(Opcode.REQUEST_SENSE, 0x01 if descriptor_format else 0,
+                               allocation_length_bytes, 0)
+
+
+def parse_request_sense_cdb(cdb: Buffer) -> RequestSenseCdb:
+    """Parse REQUEST SENSE."""
+    raw = _cdb("REQUEST SENSE CDB", cdb, Opcode.REQUEST_SENSE, 6)
+    _, flags, allocation_length, _ = _REQUEST_SENSE.unpack(raw)
+    return RequestSenseCdb(bool(flags & 0x01), allocation_length)
+
+
+# -- START STOP UNIT (SBC-3 5.25) --------------------------------------------------
+
+# opcode, IMMED (bit 0), -, POWER CONDITION MODIFIER (3-0), POWER CONDITION (7-4)|LOEJ|START,
+# control
+_START_STOP = struct.Struct(">BBxBBB")
+
+
+@dataclass(frozen=True)
+class StartStopUnitCdb:
+    """START STOP UNIT: ``start``/``load_eject`` bits and the POWER CONDITION field."""
+
+    start: bool
+    load_eject: bool = False
+    immediate: bool = False
+    power_condition: int = 0
+
+
+def build_start_stop_unit_cdb(*, start: bool = True, load_eject: bool = False,
+                              immediate: bool = False, power_condition: int = 0) -> bytes:
+    """6-byte START STOP UNIT."""
+    check_uint("START STOP UNIT CDB", "POWER CONDITION", power_condition, 4)
+    byte4 = (power_condition << 4) | (0x02 if load_eject else 0) | (0x01 if start else 0)
+    return _START_STOP.pack(Opcode.START_STOP_UNIT, 0x01 if immediate else 0, 0, byte4, 0)
+
+
+def parse_start_stop_unit_cdb(cdb: Buffer) -> StartStopUnitCdb:
+    """Parse START STOP UNIT."""
+    raw = _cdb("START STOP UNIT CDB", cdb, Opcode.START_STOP_UNIT, 6)
+    _, flags, _, byte4, _ = _START_STOP.unpack(raw)
+    return StartStopUnitCdb(bool(byte4 & 0x01), bool(byte4 & 0x02), bool(flags & 0x01),
+                            byte4 >> 4)
 
 
 # -- MODE SENSE (6)/(10) (SPC-4 6.11, 6.12) ------------------------------------

@@ -19,7 +19,10 @@ from protocol.scsi import (
     ReportReferralsCdb,
     ReportTargetPortGroupsCdb,
     SenseKey,
+    RequestSenseCdb,
+    StartStopUnitCdb,
     SynchronizeCache10Cdb,
+    SynchronizeCache16Cdb,
     additional_sense_text,
     build_inquiry_cdb,
     build_mode_sense_6_cdb,
@@ -31,7 +34,10 @@ from protocol.scsi import (
     build_read_write_cdb,
     build_report_referrals_cdb,
     build_report_target_port_groups_cdb,
+    build_request_sense_cdb,
+    build_start_stop_unit_cdb,
     build_synchronize_cache_10_cdb,
+    build_synchronize_cache_16_cdb,
     build_test_unit_ready_cdb,
     build_write_10_cdb,
     build_write_16_cdb,
@@ -44,7 +50,10 @@ from protocol.scsi import (
     parse_read_write_cdb,
     parse_report_referrals_cdb,
     parse_report_target_port_groups_cdb,
+    parse_request_sense_cdb,
+    parse_start_stop_unit_cdb,
     parse_synchronize_cache_10_cdb,
+    parse_synchronize_cache_16_cdb,
     parse_test_unit_ready_cdb,
 )
 
@@ -196,6 +205,30 @@ def test_sync_cache_and_rtpg_round_trip(lba: int, count: int, immed: bool, alloc
     assert parse_synchronize_cache_10_cdb(cdb) == SynchronizeCache10Cdb(lba, count, immed)
     rtpg = build_report_target_port_groups_cdb(alloc, extended_header=ext)
     assert parse_report_target_port_groups_cdb(rtpg) == ReportTargetPortGroupsCdb(alloc, ext)
+
+
+@settings(max_examples=30)
+@given(lba=u64, count=u32, immed=st.booleans(), desc=st.booleans(), alloc=u8,
+       start=st.booleans(), loej=st.booleans(), power=st.integers(0, 15))
+def test_sync16_request_sense_start_stop_round_trip(lba: int, count: int, immed: bool,
+                                                    desc: bool, alloc: int, start: bool,
+                                                    loej: bool, power: int) -> None:
+    cdb = build_synchronize_cache_16_cdb(lba, count, immediate=immed)
+    assert cdb[0] == 0x91 and len(cdb) == 16
+    assert parse_synchronize_cache_16_cdb(cdb) == SynchronizeCache16Cdb(lba, count, immed)
+    rs = build_request_sense_cdb(descriptor_format=desc, allocation_length_bytes=alloc)
+    assert parse_request_sense_cdb(rs) == RequestSenseCdb(desc, alloc)
+    ssu = build_start_stop_unit_cdb(start=start, load_eject=loej, immediate=immed,
+                                    power_condition=power)
+    assert parse_start_stop_unit_cdb(ssu) == StartStopUnitCdb(start, loej, immed, power)
+
+
+def test_request_sense_and_start_stop_bytes() -> None:
+    # sg_requests --desc: 03 01 00 00 fc 00; sg_start --start: 1b 00 00 00 01 00.
+    assert build_request_sense_cdb(descriptor_format=True) == bytes.fromhex("03010000fc00")
+    assert build_start_stop_unit_cdb() == bytes.fromhex("1b0000000100")
+    assert parse_start_stop_unit_cdb(bytes.fromhex("1b0000000200")) == StartStopUnitCdb(
+        start=False, load_eject=True)
 
 
 # -- rejections --------------------------------------------------------------------------
