@@ -1,0 +1,1148 @@
+"""dm-switch codec: table lines, the ``set_region_mappings`` message, and an oracle decoder.
+
+Pure functions on strings and numpy arrays: nothing here touches a device.
+Kernel rules are quoted from ``drivers/md/dm-switch.c`` (target 1.1.0),
+``drivers/md/dm-mpath.c``, ``drivers/md/dm-linear.c`` and
+``drivers/md/dm-table.c``; see docs in shared/reference section 1.
+
+Three parts:
+
+* table-line builders (:func:`switch_table`, :func:`multipath_table`,
+  :func:`linear_table`) and a parser for the switch status table line
+  (:func:`parse_switch_table`);
+* the map encoder :func:`encode_region_mappings`, which turns a region -> path
+  map into as few ``set_region_mappings`` bytes as it reasonably can;
+* :func:`apply_region_mappings`, written from ``process_set_region_mappings``
+  alone (it shares no helper with the encoder) so tests can use it as the
+  oracle for what the kernel would do with a message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.errors import DecodeError, DmSwitchMessageError, EncodeError, TruncatedError, ValueRangeError
+
+__all__ = [
+    "MESSAGE_NAME",
+    "MAX_MESSAGE_TOKENS",
+    "MAX_SWITCH_PATHS",
+    "Device",
+    "PriorityGroup",
+    "SwitchTableParams",
+    "switch_table",
+    "multipath_table",
+    "linear_table",
+    "parse_switch_table",
+    "round_robin",
+    "encode_region_mappings",
+    "apply_region_mappings",
+    "split_message_args",
+    "region_table_entry_bits",
+]
+
+#: The message verb; dm-switch.c switch_message compares it with strcasecmp.
+MESSAGE_NAME = "set_region_mappings"
+
+#: argv entries (verb included) we allow in one message. dm_split_args
+#: (dm-table.c) grows argv with kmalloc_array, doubling; 64k pointers is a
+#: 512 KiB allocation, well below KMALLOC_MAX_SIZE (4 MiB on x86_64).
+MAX_MESSAGE_TOKENS = 65536
+
+#: switch_ctr's bound on <num_paths>: (KMALLOC_MAX_SIZE - sizeof(struct
+#: switch_ctx)) / sizeof(struct switch_path) = (4 MiB - 40) / 16 on x86_64.
+MAX_SWITCH_PATHS = (4 * 1024 * 1024 - 40) // 16
+
+_UINT_MAX = 2**32 - 1
+_ULONG_MAX = 2**64 - 1
+_SECTOR_MAX = 2**64 - 1
+# MKDEV: 12-bit major, 20-bit minor (MINORBITS); dm_devt_from_path rejects
+# numbers that do not survive MKDEV with -EOVERFLOW (dm-table.c).
+_MAJOR_MAX = 2**12 - 1
+_MINOR_MAX = 2**20 - 1
+
+Device = str | tuple[int, int]
+
+# --------------------------------------------------------------------------
+# Table lines
+# --------------------------------------------------------------------------
+
+_DEV_RE = re.compile(r"([0-9]+):([0-9]+)")
+_TOKEN_RE = re.compile(r"[^\s\\]+")
+
+
+def _check_int(value: object, what: str, lo: int, hi: int) -> int:
+    """Return ``value`` as an int in [lo, hi] or raise EncodeError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise EncodeError(f"{what} must be an integer, got {value!r}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise EncodeError(f"{what} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _device(dev: object) -> str:
+    """Normalise a device to the ``major:minor`` text the kernel resolves without a path lookup."""
+    if isinstance(dev, tuple):
+        if len(dev) != 2:
+            raise EncodeError(f"device tuple must be (major, minor), got {dev!r}")
+        major = _check_int(dev[0], "device major", 0, _MAJOR_MAX)
+        minor = _check_int(dev[1], "device minor", 0, _MINOR_MAX)
+        return f"{major}:{minor}"
+    if isinstance(dev, str):
+        m = _DEV_RE.fullmatch(dev)
+        if m is None:
+            raise EncodeError(f"device must be 'major:minor' (decimal), got {dev!r}")
+        major, minor = int(m.group(1)), int(m.group(2))
+        if major > _MAJOR_MAX or minor > _MINOR_MAX:
+            raise EncodeError(f"device {dev!r} does not fit MKDEV (major <= {_MAJOR_MAX}, minor <= {_MINOR_MAX})")
+        return f"{major}:{minor}"
+    raise EncodeError(f"device must be 'major:minor' or (major, minor), got {dev!r}")
+
+
+def _word(value: object, what: str) -> str:
+    """A single table argument: non-empty, no whitespace or backslash (dm_split_args would split or unescape it)."""
+    if isinstance(value, bool):
+        raise EncodeError(f"{what} must be a word, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        value = str(int(value))
+    if not isinstance(value, str) or _TOKEN_RE.fullmatch(value) is None:
+        raise EncodeError(f"{what} must be a non-empty word without spaces, got {value!r}")
+    return value
+
+
+def switch_table(
+    length_sectors: int,
+    region_size_sectors: int,
+    devices: Sequence[Device],
+    *,
+    offsets: Sequence[int] | None = None,
+) -> str:
+    """Build a dm-switch table line: ``0 <len> switch <n> <region_size> 0 <dev> <offset> ...``.
+
+    Rules from switch_ctr (dm-switch.c): 1 <= num_paths <= MAX_SWITCH_PATHS,
+    1 <= region_size <= UINT_MAX, no optional arguments, one device and
+    decimal start offset per path; alloc_region_table needs
+    ceil(len / region_size) < ULONG_MAX.
+    """
+    length = _check_int(length_sectors, "length_sectors", 1, _SECTOR_MAX)
+    region = _check_int(region_size_sectors, "region_size_sectors", 1, _UINT_MAX)
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+        raise EncodeError(f"devices must be a sequence of devices, got {devices!r}")
+    if not devices:
+        raise EncodeError("a switch table needs at least one path")
+    if len(devices) > MAX_SWITCH_PATHS:
+        raise EncodeError(f"at most {MAX_SWITCH_PATHS} paths, got {len(devices)}")
+    devs = [_device(d) for d in devices]
+    if offsets is None:
+        offs = [0] * len(devs)
+    else:
+        if len(offsets) != len(devs):
+            raise EncodeError(f"{len(offsets)} offsets for {len(devs)} devices")
+        offs = [_check_int(o, "device offset", 0, _SECTOR_MAX) for o in offsets]
+    if -(-length // region) >= _ULONG_MAX:
+        raise EncodeError("region table too large (nr_regions >= ULONG_MAX)")
+    paths = " ".join(f"{d} {o}" for d, o in zip(devs, offs))
+    return f"0 {length} switch {len(devs)} {region} 0 {paths}"
+
+
+@dataclass(frozen=True)
+class PriorityGroup:
+    """One dm-multipath priority group; ``None`` fields take the table-wide defaults."""
+
+    paths: Sequence[Device]
+    selector: str | None = None
+    selector_args: Sequence[str] | None = None
+    path_args: Sequence[str] | None = None
+
+
+# parse_features (dm-mpath.c): feature word -> (number of values, validator)
+_MPATH_FEATURES: dict[str, tuple[int, object]] = {
+    "queue_if_no_path": (0, None),
+    "retain_attached_hw_handler": (0, None),
+    "pg_init_retries": (1, (1, 50)),
+    "pg_init_delay_msecs": (1, (0, 60000)),
+    "queue_mode": (1, ("bio", "rq", "mq")),
+}
+
+
+def _mpath_features(features: Sequence[str], queue_if_no_path: bool) -> list[str]:
+    words = [_word(f, "multipath feature") for f in features]
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        name = words[i].lower()
+        if name not in _MPATH_FEATURES:
+            raise EncodeError(f"unknown multipath feature {words[i]!r}")
+        nvals, rule = _MPATH_FEATURES[name]
+        if i + nvals >= len(words) + (1 if nvals == 0 else 0) and nvals:
+            raise EncodeError(f"multipath feature {words[i]!r} needs a value")
+        out.append(words[i])
+        if nvals:
+            val = words[i + 1]
+            if isinstance(rule, tuple) and isinstance(rule[0], int):
+                lo, hi = rule  # type: ignore[misc]
+                if not val.isdigit() or not lo <= int(val) <= hi:
+                    raise EncodeError(f"multipath feature {words[i]} must be in [{lo}, {hi}], got {val!r}")
+            elif val.lower() not in rule:  # type: ignore[operator]
+                raise EncodeError(f"multipath feature {words[i]} must be one of {rule}, got {val!r}")
+            out.append(val)
+        i += 1 + nvals
+    if queue_if_no_path and not any(w.lower() == "queue_if_no_path" for w in out):
+        out.append("queue_if_no_path")
+    # dm_read_arg_group with {0, 8, "invalid number of feature args"}
+    if len(out) > 8:
+        raise EncodeError(f"at most 8 multipath feature words, got {len(out)}")
+    return out
+
+
+def multipath_table(
+    length_sectors: int,
+    priority_groups: Sequence[Sequence[Device] | PriorityGroup],
+    selector: str = "round-robin",
+    *,
+    features: Sequence[str] = (),
+    queue_if_no_path: bool = False,
+    hw_handler: str | None = None,
+    hw_handler_args: Sequence[str] = (),
+    initial_group: int = 1,
+    selector_args: Sequence[str] = (),
+    path_args: Sequence[str] = ("1",),
+) -> str:
+    """Build a dm-multipath table line.
+
+    Grammar from multipath_ctr (dm-mpath.c)::
+
+        <#features> [<feature>]* <#hw_handler args> [<hw_handler> [<arg>]*]
+        <#priority groups> <initial group>
+        [<selector> <#selector args> [<arg>]* <#paths> <#per-path args> [<dev> [<arg>]*]+]+
+
+    Counts are bounded to 8 feature words and 1024 for everything else, a
+    group has 1..1024 paths, and every path of a group carries the same
+    number of selector arguments (``path_args``; round-robin takes one, the
+    repeat count). ``queue_if_no_path=True`` adds that feature.
+    """
+    length = _check_int(length_sectors, "length_sectors", 1, _SECTOR_MAX)
+    sel_default = _word(selector, "path selector")
+    feats = _mpath_features(features, queue_if_no_path)
+    parts = ["0", str(length), "multipath", str(len(feats)), *feats]
+
+    if hw_handler is None:
+        if hw_handler_args:
+            raise EncodeError("hw_handler_args given without hw_handler")
+        parts.append("0")
+    else:
+        hw = [_word(hw_handler, "hw_handler")] + [_word(a, "hw_handler arg") for a in hw_handler_args]
+        if len(hw) > 1024:
+            raise EncodeError("at most 1024 hardware handler args")
+        parts += [str(len(hw)), *hw]
+
+    if isinstance(priority_groups, (str, bytes)) or not isinstance(priority_groups, Sequence):
+        raise EncodeError(f"priority_groups must be a sequence of groups, got {priority_groups!r}")
+    if not priority_groups:
+        raise EncodeError("a multipath table needs at least one priority group (no paths)")
+    if len(priority_groups) > 1024:
+        raise EncodeError("at most 1024 priority groups")
+    first = _check_int(initial_group, "initial_group", 1, len(priority_groups))
+    parts += [str(len(priority_groups)), str(first)]
+
+    for n, group in enumerate(priority_groups, 1):
+        if not isinstance(group, PriorityGroup):
+            if isinstance(group, (str, bytes)) or not isinstance(group, Sequence):
+                raise EncodeError(f"priority group {n} must be a sequence of devices, got {group!r}")
+            group = PriorityGroup(paths=group)
+        sel = sel_default if group.selector is None else _word(group.selector, "path selector")
+        sargs = [_word(a, "selector arg") for a in (selector_args if group.selector_args is None else group.selector_args)]
+        pargs = [_word(a, "path arg") for a in (path_args if group.path_args is None else group.path_args)]
+        if len(sargs) > 1024 or len(pargs) > 1024:
+            raise EncodeError("at most 1024 selector args and 1024 per-path args")
+        if isinstance(group.paths, (str, bytes)) or not isinstance(group.paths, Sequence):
+            raise EncodeError(f"priority group {n} paths must be a sequence, got {group.paths!r}")
+        if not group.paths:
+            raise EncodeError(f"priority group {n} has no paths")
+        if len(group.paths) > 1024:
+            raise EncodeError(f"priority group {n}: at most 1024 paths")
+        parts += [sel, str(len(sargs)), *sargs, str(len(group.paths)), str(len(pargs))]
+        for dev in group.paths:
+            parts += [_device(dev), *pargs]
+    return " ".join(parts)
+
+
+def linear_table(length_sectors: int, device: Device, offset: int = 0) -> str:
+    """Build a dm-linear table line ``0 <len> linear <dev> <offset>`` (linear_ctr: offset is a decimal sector_t)."""
+    length = _check_int(length_sectors, "length_sectors", 1, _SECTOR_MAX)
+    off = _check_int(offset, "offset", 0, _SECTOR_MAX)
+    return f"0 {length} linear {_device(device)} {off}"
+
+
+@dataclass(frozen=True)
+class SwitchTableParams:
+    """What switch_status reports for STATUSTYPE_TABLE; ``length_sectors`` only if the line had a target prefix."""
+
+    nr_paths: int
+    region_size: int
+    devices: tuple[str, ...]
+    offsets: tuple[int, ...]
+    length_sectors: int | None = None
+
+    @property
+    def nr_regions(self) -> int | None:
+        """ceil(length / region_size) as alloc_region_table computes it, if the length is known."""
+        if self.length_sectors is None:
+            return None
+        return -(-self.length_sectors // self.region_size)
+
+
+def parse_switch_table(line: str) -> SwitchTableParams:
+    """Parse a switch STATUSTYPE_TABLE string: ``"%u %u 0"`` then ``" %s %llu"`` per path (switch_status).
+
+    Accepts the bare parameters (what DM_TABLE_STATUS returns after the
+    target spec) or a whole ``<start> <len> switch ...`` line as dmsetup
+    prints it. Raises DecodeError subclasses on anything else.
+    """
+    codec = "dm-switch status"
+    words = line.split()
+    length = None
+    if len(words) >= 3 and words[2] == "switch":
+        if not (words[0].isdigit() and words[1].isdigit()):
+            raise ValueRangeError(codec, "start/length", "decimal sector numbers", " ".join(words[:2]))
+        length = int(words[1])
+        words = words[3:]
+    if len(words) < 3:
+        raise TruncatedError(codec, "header", "<num_paths> <region_size> 0", line)
+    for name, w in zip(("num_paths", "region_size", "num_optional_args"), words[:3]):
+        if not w.isdigit():
+            raise ValueRangeError(codec, name, "a decimal number", w)
+    nr_paths, region_size, nopt = (int(w) for w in words[:3])
+    if nopt != 0:
+        raise ValueRangeError(codec, "num_optional_args", 0, nopt)
+    if not 1 <= nr_paths <= MAX_SWITCH_PATHS:
+        raise ValueRangeError(codec, "num_paths", f"1..{MAX_SWITCH_PATHS}", nr_paths)
+    if not 1 <= region_size <= _UINT_MAX:
+        raise ValueRangeError(codec, "region_size", f"1..{_UINT_MAX}", region_size)
+    rest = words[3:]
+    if len(rest) < 2 * nr_paths:
+        raise TruncatedError(codec, "paths", f"{nr_paths} '<dev> <offset>' pairs", f"{len(rest)} words")
+    if len(rest) > 2 * nr_paths:
+        raise ValueRangeError(codec, "paths", f"{nr_paths} '<dev> <offset>' pairs", f"{len(rest)} words")
+    devices, offsets = [], []
+    for k in range(nr_paths):
+        dev, off = rest[2 * k], rest[2 * k + 1]
+        if _DEV_RE.fullmatch(dev) is None:
+            raise ValueRangeError(codec, f"path {k} device", "major:minor", dev)
+        if not off.isdigit():
+            raise ValueRangeError(codec, f"path {k} offset", "a decimal sector", off)
+        devices.append(dev)
+        offsets.append(int(off))
+    return SwitchTableParams(nr_paths, region_size, tuple(devices), tuple(offsets), length)
+
+
+# --------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------
+
+_PREFIX = MESSAGE_NAME + " "
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+# Token kinds in a plan.
+_LIT, _EXP, _REP = 0, 1, 2  # ":v", "idx:v", "R<d>,<m>"
+
+
+def round_robin(nr_regions: int, nr_paths: int) -> np.ndarray:
+    """The table a fresh switch table load starts with: region i -> i % nr_paths (initialise_region_table)."""
+    n = _check_int(nr_regions, "nr_regions", 0, 2**62)
+    p = _check_int(nr_paths, "nr_paths", 1, MAX_SWITCH_PATHS)
+    dtype = np.uint8 if p <= 256 else np.uint32
+    return (np.arange(n, dtype=np.int64) % p).astype(dtype)
+
+
+def _hexlen(x: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+    """Number of hex digits of each (non-negative) element."""
+    x = np.asarray(x)
+    if x.size == 0:
+        return np.ones(x.shape, dtype=dtype)
+    top = int(x.max())
+    if top < 1 << 24:
+        # float32 holds these exactly; its exponent field is floor(log2 x).
+        e = (x.astype(np.float32).view(np.int32) >> 23) - 127
+        return np.maximum((e >> 2) + 1, 1).astype(dtype, copy=False)
+    n = np.ones(x.shape, dtype=dtype)
+    lim = 16
+    while lim <= top:
+        n += x >= lim
+        lim <<= 4
+    return n
+
+
+def _hexlen1(v: int) -> int:
+    return max(1, (int(v).bit_length() + 3) // 4)
+
+
+def _as_map(values: object, what: str) -> np.ndarray:
+    """A 1-D integer array view of ``values`` (sequence or ndarray), or EncodeError."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "O" or (arr.size == 0 and arr.dtype.kind == "f"):
+        try:
+            arr = np.asarray(values, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"{what} must hold integers: {exc}") from None
+    if arr.dtype.kind not in "iu":
+        raise EncodeError(f"{what} must be an integer array, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise EncodeError(f"{what} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _compact(arr: np.ndarray, top: int) -> np.ndarray:
+    """Cast to the smallest signed dtype holding [-1, top]: int8 compares are what the encoder does most."""
+    dt = np.int8 if top < 2**7 else np.int16 if top < 2**15 else np.int32
+    return arr.astype(dt, copy=False)
+
+
+def _ix(n: int) -> type:
+    """Index dtype: int32 halves memory traffic on every full-map pass."""
+    return np.int32 if n < 2**31 - 2**20 else np.int64
+
+
+class _Plan:
+    """Tokens in stream order: kind, first region, value (path, or distance for R), count (R only)."""
+
+    def __init__(self, pos: np.ndarray, kind: np.ndarray, val: np.ndarray, cnt: np.ndarray) -> None:
+        self.pos = pos.astype(np.int64, copy=False)
+        self.kind = kind.astype(np.int8, copy=False)
+        self.val = val.astype(np.int64, copy=False)
+        self.cnt = cnt.astype(np.int64, copy=False)
+        self.cost = _token_lengths(self.pos, self.kind, self.val, self.cnt)
+        self.total = int(self.cost.sum())
+
+
+def _token_lengths(pos, kind, val, cnt) -> np.ndarray:
+    """Bytes of each token including its separating space."""
+    rep = kind == _REP
+    a = np.where(kind == _EXP, _hexlen(pos), np.where(rep, _hexlen(val), 0))
+    b = np.where(rep, _hexlen(cnt), _hexlen(val))
+    return rep + a + 1 + b + 1
+
+
+def encode_region_mappings(
+    regions: Sequence[int] | np.ndarray,
+    *,
+    previous: Sequence[int] | np.ndarray | None = None,
+    max_message_bytes: int = 65536,
+) -> list[str]:
+    """Encode a region -> path map as ``set_region_mappings`` messages, applied in order.
+
+    ``regions[i]`` is the path for region i; a negative entry means "don't
+    care" and the encoder may leave or write any path there. ``previous`` is
+    what the kernel table holds now (e.g. :func:`round_robin` after a table
+    load, or the last map uploaded); only regions that differ are then sent,
+    and R tokens may copy from any region before the one being written,
+    because the kernel table there is known. ``previous=None`` means the
+    table holds garbage: every allocated region is written and R tokens only
+    copy from regions this encoding has already written.
+
+    Each message is at most ``max_message_bytes`` bytes (the whole string),
+    holds at most MAX_MESSAGE_TOKENS argv entries, and starts with an
+    explicit ``idx:path``, because process_set_region_mappings starts
+    ``region_index`` at 0 and ``:`` increments before use (dm-switch.c).
+    """
+    r = _as_map(regions, "regions")
+    limit = _check_int(max_message_bytes, "max_message_bytes", 1, 2**62)
+    n = len(r)
+    if n == 0:
+        if previous is not None and len(_as_map(previous, "previous")) != 0:
+            raise EncodeError("previous and regions differ in length")
+        return []
+    top = int(r.max())
+    if top >= MAX_SWITCH_PATHS:
+        raise EncodeError(f"path {top} is beyond any dm-switch table ({MAX_SWITCH_PATHS} paths)")
+    prev = None
+    if previous is not None:
+        prev = _as_map(previous, "previous")
+        if len(prev) != n:
+            raise EncodeError(f"previous has {len(prev)} regions, regions has {n}")
+        if int(prev.min()) < 0:
+            raise EncodeError("previous must hold a path for every region (no negatives)")
+        ptop = int(prev.max())
+        if ptop >= MAX_SWITCH_PATHS:
+            raise EncodeError(f"previous path {ptop} is beyond any dm-switch table")
+        top = max(top, ptop)
+        prev = _compact(prev, top)
+    if int(r.min()) < -1:
+        r = np.maximum(r, -1)  # every negative means the same: don't care
+    r = _compact(r, top)
+
+    target = _target(r, prev)
+    if target is None:
+        return []
+    t, need, base = target
+    plan = _lz_plan(t, need) if _worth_matching(t, need) else None
+    # Each run start of the written range costs the runs plan at least 3 bytes.
+    if plan is None or plan.total > 3 * _count_runs(t, need):
+        runs = _RunsLayout(t, need)
+        if plan is None or runs.total < plan.total:
+            plan = runs.build()
+    if base:
+        plan.pos = plan.pos + base
+    return _messages(plan, t, base, limit)
+
+
+def _count_runs(t: np.ndarray, need: np.ndarray | None) -> int:
+    """Runs of equal paths in the range a plan writes (first to last needed region)."""
+    if need is not None:
+        w = np.flatnonzero(need)
+        t = t[w[0] : w[-1] + 1]
+    return 1 + int(np.count_nonzero(t[1:] != t[:-1]))
+
+
+def _worth_matching(t: np.ndarray, need: np.ndarray | None) -> bool:
+    """Whether to run the match search: it sorts the whole map, which a few changed pages do not repay."""
+    if need is None or len(t) <= 65536:
+        return True
+    return int(np.count_nonzero(need)) * 32 >= len(t)
+
+
+def _target(r: np.ndarray, prev: np.ndarray | None):
+    """Choose what to write: (t, need, base).
+
+    ``t`` is the map with don't-care regions filled; ``need`` marks regions
+    that must be written (None: all of ``t``); ``base`` is the region number
+    of ``t[0]`` (with no previous table, t covers first..last allocated).
+    Returns None when nothing needs sending.
+    """
+    n = len(r)
+    holes = bool(int(r.min()) < 0)
+    if prev is None:
+        if not holes:
+            return r, None, 0
+        alloc = np.flatnonzero(r >= 0)
+        if len(alloc) == 0:
+            return None
+        lo, hi = int(alloc[0]), int(alloc[-1])
+        return _fill(r[lo : hi + 1]), None, lo
+    if not holes:
+        need = r != prev
+        if not need.any():
+            return None
+        return r, need, 0
+    alloc = r >= 0
+    t = np.where(alloc, r, prev).astype(r.dtype, copy=False)
+    need = alloc & (r != prev)
+    if not need.any():
+        return None
+    # Holes between two changed regions sit inside a span that is written
+    # anyway: fill them to continue the surrounding pattern, not with the old
+    # value, which would break runs. They must then be written, since the
+    # kernel still holds the old value there.
+    idx = np.arange(n)
+    left = np.maximum.accumulate(np.where(alloc, idx, -1))
+    right = np.minimum.accumulate(np.where(alloc, idx, n)[::-1])[::-1]
+    inner = ~alloc & (left >= 0) & (right < n)
+    inner &= need[np.clip(left, 0, n - 1)] & need[np.clip(right, 0, n - 1)]
+    if inner.any():
+        filled = _fill(np.where(inner | alloc, r, -1).astype(r.dtype))
+        t = np.where(inner, filled, t).astype(r.dtype, copy=False)
+        need |= inner
+    return t, need, 0
+
+
+def _period(r: np.ndarray) -> int:
+    """The shift p in 1..64 with most r[i] == r[i-p] among allocated pairs, from a sample; 1 unless clearly better."""
+    n = len(r)
+    step = max(1, n // 65536)
+    best_p, best = 1, -1.0
+    for p in range(1, min(64, n - 1) + 1):
+        a, b = r[p::step], r[: n - p : step]
+        ok = (a >= 0) & (b >= 0)
+        cnt = int(ok.sum())
+        if cnt == 0:
+            continue
+        score = int(((a == b) & ok).sum()) / cnt
+        if score > best + 0.02:
+            best_p, best = p, score
+    return best_p
+
+
+def _fill(r: np.ndarray) -> np.ndarray:
+    """Fill don't-care (negative) regions so they extend the neighbouring run or cycle.
+
+    Each hole takes the value ``p`` regions back, p being the map's dominant
+    period (1 for run-structured maps, the member count for striped ones);
+    holes with no such value take the nearest value before them, and leading
+    holes the first value.
+    """
+    if int(r.min()) >= 0:
+        return r
+    n = len(r)
+    p = _period(r)
+    out = r.copy()
+    if p > 1:
+        m = -(-n // p) * p
+        grid = np.full(m, -1, dtype=r.dtype)
+        grid[:n] = r
+        grid = grid.reshape(-1, p)
+        rows = np.arange(grid.shape[0])[:, None]
+        src = np.maximum.accumulate(np.where(grid >= 0, rows, -1), axis=0)
+        cols = np.broadcast_to(np.arange(p), grid.shape)
+        filled = np.where(src >= 0, grid[np.maximum(src, 0), cols], -1).reshape(-1)[:n]
+        out = filled.astype(r.dtype, copy=False)
+    if int(out.min()) < 0:
+        idx = np.arange(n)
+        src = np.maximum.accumulate(np.where(out >= 0, idx, -1))
+        first = int(np.flatnonzero(out >= 0)[0])
+        out = out[np.where(src >= 0, src, first)]
+    return out
+
+
+class _RunsLayout:
+    """The cheap plan: a literal at each run start and ``R1,<m>`` for the rest of a run where shorter.
+
+    With a ``need`` mask, changed regions are grouped into spans; a gap
+    between two changed regions is written as literals when that is shorter
+    than opening a new span with an explicit index. ``total`` is known
+    without building the token arrays, which only the winner needs.
+    """
+
+    def __init__(self, t: np.ndarray, need: np.ndarray | None) -> None:
+        n = len(t)
+        ix = _ix(n)
+        if need is None:
+            starts = np.zeros(1, dtype=ix)
+            ends = np.full(1, n, dtype=ix)
+            brk = np.empty(n, dtype=bool)
+            brk[0] = True
+            np.not_equal(t[1:], t[:-1], out=brk[1:])
+            heads = np.flatnonzero(brk).astype(ix)
+            nxt = np.empty_like(heads)
+            nxt[:-1] = heads[1:]
+            nxt[-1:] = n
+            run_end = nxt
+        else:
+            d = np.flatnonzero(need).astype(ix)
+            gap_lit = _lit_cost_sum(t, d[:-1] + 1, d[1:])
+            # `k:v` costs hexlen(k) more than `:v`: bridge only when literals are cheaper.
+            cut = np.flatnonzero(gap_lit >= _hexlen(d[1:]))
+            starts = np.concatenate(([d[0]], d[1:][cut])).astype(ix)
+            ends = np.concatenate((d[:-1][cut] + 1, [d[-1] + 1])).astype(ix)
+            brk = np.zeros(n, dtype=bool)
+            np.not_equal(t[1:], t[:-1], out=brk[1:])
+            brk[starts] = True
+            inspan = np.zeros(n + 1, dtype=np.int8)
+            inspan[starts] += 1
+            inspan[ends] -= 1
+            inspan = np.cumsum(inspan[:-1], dtype=np.int8).astype(bool)
+            heads = np.flatnonzero(brk & inspan).astype(ix)
+            span_end = ends[np.searchsorted(starts, heads, side="right") - 1]
+            nxt = np.empty_like(heads)
+            nxt[:-1] = heads[1:]
+            nxt[-1:] = n
+            run_end = np.minimum(nxt, span_end)
+        self.heads = heads
+        self.body = run_end - heads - 1
+        self.vals = t[heads].astype(np.int64)
+        self.is_start = np.zeros(len(heads), dtype=bool)
+        self.is_start[np.searchsorted(heads, starts)] = True
+        lit = 2 + _hexlen(self.vals)
+        rcost = 4 + _hexlen(self.body)
+        self.use_r = rcost < self.body * lit
+        head_cost = lit + np.where(self.is_start, _hexlen(heads), 0)
+        self.total = int(head_cost.sum() + np.where(self.use_r, rcost, self.body * lit).sum())
+
+    def build(self) -> _Plan:
+        heads, body, vals, use_r = self.heads, self.body, self.vals, self.use_r
+        lit_body = np.where(use_r, 0, body).astype(np.int64)
+        nb = int(lit_body.sum())
+        total = len(heads) + int(use_r.sum()) + nb
+        pos = np.empty(total, dtype=np.int64)
+        kind = np.empty(total, dtype=np.int8)
+        val = np.empty(total, dtype=np.int64)
+        cnt = np.ones(total, dtype=np.int64)
+        # Each run takes 1 + (1 if R else lit_body) consecutive token slots.
+        width = 1 + np.where(use_r, 1, lit_body)
+        first = np.cumsum(width) - width
+        pos[first] = heads
+        kind[first] = np.where(self.is_start, _EXP, _LIT)
+        val[first] = vals
+        rs = first[use_r] + 1
+        pos[rs] = heads[use_r] + 1
+        kind[rs] = _REP
+        val[rs] = 1
+        cnt[rs] = body[use_r]
+        if nb:
+            owner = np.repeat(np.arange(len(heads)), lit_body)
+            k = np.arange(nb) - np.repeat(np.cumsum(lit_body) - lit_body, lit_body)
+            slot = first[owner] + 1 + k
+            pos[slot] = heads[owner] + 1 + k
+            kind[slot] = _LIT
+            val[slot] = vals[owner]
+        return _Plan(pos, kind, val, cnt)
+
+
+def _lit_cost_sum(t: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bytes of ``:v`` literals for t[a:b], for arrays of bounds."""
+    if int(t.max()) < 16:
+        return 3 * (b - a)
+    c = np.zeros(len(t) + 1, dtype=np.int64)
+    np.cumsum(2 + _hexlen(t), out=c[1:])
+    return c[b] - c[a]
+
+
+def _run_remaining(t: np.ndarray, ix: type) -> np.ndarray:
+    """For each i, how many regions from i on equal their predecessor (0 at run starts): R1 match lengths."""
+    n = len(t)
+    idx = np.arange(n, dtype=ix)
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    np.not_equal(t[1:], t[:-1], out=brk[1:])
+    after = np.empty(n, dtype=ix)  # first run start strictly after i
+    after[-1] = n
+    after[:-1] = np.where(brk[1:], idx[1:], n)
+    after = np.minimum.accumulate(after[::-1])[::-1]
+    rem = after - idx
+    rem[brk] = 0
+    return rem
+
+
+_CTZ_TABLES: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _equal_symbols_table(b: int, k: int) -> np.ndarray:
+    """For x = key1 ^ key2 of two packed K-grams, how many leading symbols agree (the lowest set bit // b)."""
+    tbl = _CTZ_TABLES.get((b, k))
+    if tbl is None:
+        x = np.arange(1 << 16, dtype=np.int64)
+        low = x & -x
+        ctz = np.log2(np.maximum(low, 1)).astype(np.int64)
+        tbl = np.where(x == 0, k, np.minimum(ctz // b, k)).astype(np.int32)
+        _CTZ_TABLES[(b, k)] = tbl
+    return tbl
+
+
+def _kgram_matches(t: np.ndarray, ix: type, max_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each i, the nearest earlier occurrence of the K-gram at i and how far the match runs.
+
+    Returns (distance, length) arrays (0 where none). K symbols of b bits
+    pack into a 16-bit key, so numpy's stable radix argsort groups equal
+    K-grams with positions ascending: the predecessor in that order is the
+    nearest earlier occurrence. One pass extends every match by up to K
+    more symbols via a XOR / trailing-zeros table; the few still matching
+    after that are extended only at the last position of each run of equal
+    distances, since L[i] = L[i+1] + 1 when both copy from the same distance.
+    """
+    n = len(t)
+    b = max(1, int(t.max()).bit_length())
+    k = min(8, 16 // b)
+    if k < 2 or n < 2 * k + 2:
+        return None
+    tu = t.astype(np.uint16)
+    key = tu.copy()  # K-gram at i; symbols past the end read as 0
+    for j in range(1, k):
+        key[: n - j] |= tu[j:] << np.uint16(b * j)
+    nv = n - k + 1  # positions with a whole K-gram
+    order = np.argsort(key[:nv], kind="stable").astype(ix)
+    # Sorted order is grouped by key; a group's first entry has no earlier occurrence.
+    counts = np.bincount(key[:nv], minlength=1 << 16)
+    firsts = (np.cumsum(counts) - counts)[counts > 0]
+    step = np.diff(order)
+    step[firsts[1:] - 1] = 0
+    dist = np.zeros(n, dtype=ix)
+    dist[order[1:]] = step
+
+    tbl = _equal_symbols_table(b, k)
+    idx = np.arange(n, dtype=ix)
+    # First pass over everyone: the K-gram after the matched one, vs its source.
+    m = n - k
+    add = np.zeros(n, dtype=ix)
+    add[:m] = tbl[key[k:] ^ key[idx[:m] + k - dist[:m]]]
+    length = k + add
+    length[dist == 0] = 0
+    np.minimum(length, n - idx, out=length)  # padding past the end may compare equal
+
+    live = np.flatnonzero((add == k) & (dist > 0)).astype(ix)
+    if len(live):
+        dl = dist[live]
+        # Among the still-matching positions, i and i+1 share a match when they copy from one distance.
+        same = (live[1:] == live[:-1] + 1) & (dl[1:] == dl[:-1])
+        is_end = np.ones(len(live), dtype=bool)
+        is_end[:-1] = ~same
+        ends = np.flatnonzero(is_end)
+        ep = live[ends]
+        de = dl[ends]
+        ln = length[ep].copy()
+        act = np.arange(len(ends))
+        p = ep + ln
+        # Bounded passes, so a pathological map costs bounded time (a longer match is cut short).
+        for _ in range(max(1, max_len // k)):
+            ok = p < n
+            act, p = act[ok], p[ok]
+            got = tbl[key[p] ^ key[p - de[act]]]
+            ln[act] += got
+            more = got == k
+            act, p = act[more], p[more] + k
+            if len(act) == 0:
+                break
+        np.minimum(ln, n - ep, out=ln)
+        # Each live position takes its group end's length plus the distance to it.
+        seg_end = np.full(len(live), len(live), dtype=np.int64)
+        seg_end[ends] = ends
+        seg_end = np.minimum.accumulate(seg_end[::-1])[::-1]
+        ln_all = np.zeros(len(live), dtype=ix)
+        ln_all[ends] = ln
+        length[live] = ln_all[seg_end] + live[seg_end] - live
+    return dist, length
+
+
+def _lz_plan(t: np.ndarray, need: np.ndarray | None) -> _Plan | None:
+    """Greedy LZ77-style parse: literals, ``R<d>,<m>`` copies from d regions back, and skips.
+
+    Candidate matches per region are the run continuation (d=1) and the
+    nearest earlier K-gram occurrence; each region keeps the one that saves
+    more bytes over literals. The parse takes a match when it saves bytes,
+    unless the next region has a better one (lazy matching, as deflate
+    does). Where regions need not be written (``need``), it jumps ahead
+    with a new explicit index when that is cheaper than bridging the gap.
+    Only the parse's landing points are walked in Python.
+    """
+    n = len(t)
+    ix = _ix(n)
+    if need is None:
+        start, stop = 0, n
+    else:
+        w = np.flatnonzero(need)
+        start, stop = int(w[0]), int(w[-1]) + 1
+    idx = np.arange(n, dtype=ix)
+    room = stop - idx
+    small = int(t.max()) < 16
+    none = ix(-(2**30))
+
+    def savings(dist, length):
+        length = np.minimum(length, room)
+        lits = 3 * length if small else _lit_cost_sum(t, idx, np.minimum(idx + length, n)).astype(ix)
+        dcost = 1 if dist is None else _hexlen(dist, ix)  # None: d=1, the run continuation
+        s = lits - (3 + dcost + _hexlen(length, ix))
+        s[length <= 0] = none
+        return s, length
+
+    bd = np.ones(n, dtype=ix)
+    bs, bl = savings(None, _run_remaining(t, ix))
+    km = _kgram_matches(t, ix, 4096)
+    if km is not None:
+        ks, kl = savings(*km)
+        better = ks > bs
+        np.copyto(bs, ks, where=better)
+        np.copyto(bl, kl, where=better)
+        np.copyto(bd, km[0], where=better)
+
+    take = bs > 0
+    take[:-1] &= bs[1:] <= bs[:-1]  # lazy: the next region starts a better match
+    act = take.view(np.int8).copy()  # 0 literal, 1 match, 2 skip
+    eff = bl
+    nn = idx
+    if need is not None:
+        nn = np.minimum.accumulate(np.where(need, idx, n)[::-1])[::-1]
+        gap = nn - idx
+        special = ~need & ~(take & (bl > gap))
+        gap_lits = _lit_cost_sum(t, idx, np.minimum(nn, n))
+        fits = bl >= gap
+        mcost = 3 + _hexlen(bd) + _hexlen(gap)
+        bridge = np.where(fits, np.minimum(mcost, gap_lits), gap_lits)
+        skip = special & (bridge >= _hexlen(np.minimum(nn, n - 1)))
+        mbridge = special & ~skip & fits & (mcost < gap_lits)
+        act[special] = 0
+        act[mbridge] = 1
+        act[skip] = 2
+        eff = np.where(mbridge, gap, bl)
+
+    # ne[i]: the first event (match or skip) at or after i; jump[i]: where
+    # the parse lands after it. The walk only follows landing points.
+    lo = start + 1
+    ne = np.minimum.accumulate(np.where(act[lo:stop] != 0, idx[lo:stop], stop)[::-1])[::-1]
+    cont = np.empty(n + 1, dtype=ix)
+    np.add(idx, eff, out=cont[:n])
+    if need is not None:
+        np.copyto(cont[:n], nn + 1, where=act == 2)
+    cont[stop] = stop  # ne == stop: no event left, the walk ends
+    jump = memoryview(cont[ne].astype(np.int64))
+    lands = []
+    p = lo
+    while p < stop:
+        lands.append(p)
+        p = jump[p - lo]
+    te = ne[np.array(lands, dtype=np.int64) - lo] if lands else np.zeros(0, dtype=ix)
+    te = te[te < stop]
+    is_m = act[te] == 1
+    ms = te[is_m]
+    ml = eff[ms]
+    ss = te[~is_m]
+    sk = nn[ss]
+
+    # Every region of [start, stop) is a match start, inside a match, in a
+    # skipped gap, an explicit token, or a literal. Intervals are disjoint,
+    # so no index list below repeats.
+    delta = np.zeros(n + 1, dtype=np.int8)
+    delta[ms] += 1
+    delta[ms + ml] -= 1
+    delta[ss] += 1
+    delta[sk] -= 1
+    covered = np.cumsum(delta[start:stop], dtype=np.int8).astype(bool)
+    kind_at = np.full(stop - start, -1, dtype=np.int8)
+    kind_at[~covered] = _LIT
+    kind_at[ms - start] = _REP
+    kind_at[0] = _EXP
+    kind_at[sk - start] = _EXP
+    pos = np.flatnonzero(kind_at >= 0) + start
+    kind = kind_at[pos - start]
+    rep = kind == _REP
+    val = np.where(rep, bd[pos], t[pos])
+    cnt = np.where(rep, eff[pos], 1)
+    return _Plan(pos, kind, val, cnt)
+
+
+def _messages(plan: _Plan, t: np.ndarray, base: int, limit: int) -> list[str]:
+    """Cut a plan into messages under ``limit`` bytes, each opened by an explicit ``idx:v``."""
+    pos, kind, val, cnt, cost = plan.pos.copy(), plan.kind, plan.val, plan.cnt.copy(), plan.cost
+    tv = t.astype(np.int64)
+    # The worst opening token this plan can need must fit, or no message can.
+    worst = _hexlen1(int(pos.max())) + 1 + _hexlen1(int(tv.max()))
+    room0 = limit - len(_PREFIX)
+    if worst > room0:
+        raise EncodeError(f"max_message_bytes={limit} cannot hold even one token (needs {len(_PREFIX) + worst})")
+    csum = np.zeros(len(pos) + 1, dtype=np.int64)
+    np.cumsum(cost, out=csum[1:])
+    ntok = len(pos)
+    out_pos: list[np.ndarray] = []
+    out_kind: list[np.ndarray] = []
+    out_val: list[np.ndarray] = []
+    out_cnt: list[np.ndarray] = []
+    counts: list[int] = []
+    s = 0
+    while s < ntok:
+        p = int(pos[s])
+        hv = int(tv[p - base])
+        head_len = _hexlen1(p) + 1 + _hexlen1(hv)
+        budget = room0 - head_len  # bytes left for " tok" pieces (each cost counts its space)
+        hp, hk, hvv, hc = [p], [_EXP], [hv], [1]
+        if kind[s] == _REP and cnt[s] > 1:
+            rc = 1 + _hexlen1(int(val[s])) + 1 + _hexlen1(int(cnt[s]) - 1) + 1
+            if rc > budget:
+                # Only the opening token fits: the rest of the copy opens the next message.
+                pos[s] += 1
+                cnt[s] -= 1
+                out_pos.append(np.array(hp))
+                out_kind.append(np.array(hk, dtype=np.int8))
+                out_val.append(np.array(hvv))
+                out_cnt.append(np.array(hc))
+                counts.append(1)
+                continue
+            hp.append(p + 1)
+            hk.append(_REP)
+            hvv.append(int(val[s]))
+            hc.append(int(cnt[s]) - 1)
+            budget -= rc
+        e = int(np.searchsorted(csum, csum[s + 1] + budget, side="right")) - 1
+        e = max(s + 1, min(e, s + 1 + (MAX_MESSAGE_TOKENS - 1 - len(hp)), ntok))
+        out_pos += [np.array(hp), pos[s + 1 : e]]
+        out_kind += [np.array(hk, dtype=np.int8), kind[s + 1 : e]]
+        out_val += [np.array(hvv), val[s + 1 : e]]
+        out_cnt += [np.array(hc), cnt[s + 1 : e]]
+        counts.append(len(hp) + e - s - 1)
+        s = e
+    fp = np.concatenate(out_pos).astype(np.int64)
+    fk = np.concatenate(out_kind).astype(np.int8)
+    fv = np.concatenate(out_val).astype(np.int64)
+    fc = np.concatenate(out_cnt).astype(np.int64)
+    buf, offs = _render(fp, fk, fv, fc)
+    text = buf.decode("ascii")
+    msgs = []
+    t0 = 0
+    for c in counts:
+        a, b = offs[t0], offs[t0 + c] - 1  # drop the last token's trailing space
+        msgs.append(_PREFIX + text[a:b])
+        t0 += c
+    return msgs
+
+
+def _put_hex(buf: np.ndarray, at: np.ndarray, x: np.ndarray, nd: np.ndarray) -> None:
+    """Write x in hex, most significant digit first, nd digits starting at buf[at]."""
+    top = int(nd.max()) if len(nd) else 0
+    for k in range(top):
+        sel = np.flatnonzero(nd > k)
+        buf[at[sel] + nd[sel] - 1 - k] = _HEX[(x[sel] >> (4 * k)) & 15]
+
+
+def _render(pos, kind, val, cnt) -> tuple[bytes, list[int]]:
+    """All tokens as one ASCII buffer, each followed by a space; returns it and token start offsets."""
+    rep = kind == _REP
+    exp = kind == _EXP
+    a = np.where(exp, pos, val)
+    b = np.where(rep, cnt, val)
+    la = np.where(exp | rep, _hexlen(a), 0)
+    lb = _hexlen(b)
+    length = rep + la + 1 + lb + 1
+    offs = np.zeros(len(pos) + 1, dtype=np.int64)
+    np.cumsum(length, out=offs[1:])
+    buf = np.empty(int(offs[-1]), dtype=np.uint8)
+    start = offs[:-1]
+    buf[start[rep]] = ord("R")
+    at = start + rep
+    _put_hex(buf, at, a, la)
+    sep = at + la
+    buf[sep] = np.where(rep, ord(","), ord(":"))
+    _put_hex(buf, sep + 1, b, lb)
+    buf[offs[1:] - 1] = ord(" ")
+    return buf.tobytes(), offs.tolist()
+
+
+# --------------------------------------------------------------------------
+# Oracle decoder: process_set_region_mappings, token by token
+# --------------------------------------------------------------------------
+
+_U64 = 2**64 - 1
+_KSPACE = b" \t\n\v\f\r\xa0"  # kernel isspace (lib/ctype.c marks 0xa0 as space too)
+_HEXVAL = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+_FAST_LIT = re.compile(rb"([0-9a-fA-F]*):([0-9a-fA-F]+)")
+_FAST_REP = re.compile(rb"[Rr]([0-9a-fA-F]+),([0-9a-fA-F]+)")
+
+
+def region_table_entry_bits(nr_paths: int) -> int:
+    """Bits per region table entry: grows from 1 while (1 << bits) < nr_paths (alloc_region_table)."""
+    bits = 1
+    while bits < 64 and (1 << bits) < nr_paths:
+        bits += 1
+    return bits
+
+
+def split_message_args(message: str | bytes) -> list[bytes]:
+    """Split a message into argv the way dm_split_args (dm-table.c) does: whitespace, backslash escapes, NUL ends it."""
+    data = message.encode() if isinstance(message, str) else bytes(message)
+    data = data.split(b"\0", 1)[0]
+    if b"\\" not in data and b"\xa0" not in data:
+        return data.split()  # bytes.split splits on exactly the ASCII isspace set
+    argv: list[bytes] = []
+    i, n = 0, len(data)
+    while True:
+        while i < n and data[i] in _KSPACE:
+            i += 1
+        if i >= n:
+            return argv
+        tok = bytearray()
+        while i < n:
+            c = data[i]
+            if c == 0x5C and i + 1 < n:  # everything but NUL can be quoted
+                tok.append(data[i + 1])
+                i += 2
+                continue
+            if c in _KSPACE:
+                break
+            tok.append(c)
+            i += 1
+        argv.append(bytes(tok))
+        if i < n:
+            i += 1
+
+
+def _parse_hex(s: bytes, i: int) -> tuple[int, int]:
+    """parse_hex: consume hex digits from s[i:], no overflow check (wraps at 64 bits); returns (value, next index)."""
+    r = 0
+    n = len(s)
+    while i < n and s[i] in _HEXVAL:
+        r = ((r << 4) | _HEXVAL[s[i]]) & _U64
+        i += 1
+    return r, i
+
+
+def _reject(argv: list[bytes], i: int, reason: str) -> DmSwitchMessageError:
+    err = DmSwitchMessageError(argv[i].decode("latin-1"), i, reason)
+    err.applied = max(0, i - 1)  # type: ignore[attr-defined]
+    return err
+
+
+def apply_region_mappings(table: np.ndarray, message: str | bytes, nr_paths: int) -> None:
+    """Apply one message to ``table`` exactly as the kernel would, mutating it.
+
+    ``table[i]`` is region i's path; len(table) is nr_regions. Follows
+    switch_message and process_set_region_mappings (dm-switch.c): argv[0]
+    must equal ``set_region_mappings`` ignoring case; tokens apply one by
+    one, so on a bad token the ones before it stay applied and
+    DmSwitchMessageError names the token (``position`` is its argv index,
+    ``applied`` how many tokens were applied). R copies read entries
+    masked to the table's entry width, as switch_region_table_read does.
+    """
+    nr_regions = len(table)
+    if nr_regions < 1:
+        raise ValueError("a dm-switch table has at least one region")
+    if nr_paths < 1:
+        raise ValueError("nr_paths must be at least 1")
+    mask = (1 << region_table_entry_bits(nr_paths)) - 1
+    argv = split_message_args(message)
+    if not argv:
+        raise DmSwitchMessageError("", 0, "empty message")
+    if argv[0].lower() != MESSAGE_NAME.encode():
+        raise _reject(argv, 0, "Unrecognised message received.")
+    region_index = 0
+    for i in range(1, len(argv)):
+        s = argv[i]
+        if s[:1] in (b"R", b"r"):
+            m = _FAST_REP.fullmatch(s)
+            if m is not None:
+                cycle_length = int(m.group(1), 16) & _U64
+                num_write = int(m.group(2), 16) & _U64
+            else:
+                j = 1
+                if j < len(s) and s[j] == 0x2C:
+                    raise _reject(argv, i, "invalid set_region_mappings argument")
+                cycle_length, j = _parse_hex(s, j)
+                if j >= len(s) or s[j] != 0x2C:
+                    raise _reject(argv, i, "invalid set_region_mappings argument")
+                j += 1
+                if j >= len(s):
+                    raise _reject(argv, i, "invalid set_region_mappings argument")
+                num_write, j = _parse_hex(s, j)
+                if j < len(s):
+                    raise _reject(argv, i, "invalid set_region_mappings argument")
+            if cycle_length == 0 or cycle_length - 1 > region_index:
+                raise _reject(argv, i, f"invalid set_region_mappings cycle length: {cycle_length - 1} > {region_index}")
+            if region_index + num_write > _U64 or region_index + num_write >= nr_regions:
+                raise _reject(
+                    argv, i, f"invalid set_region_mappings region number: {region_index} + {num_write} >= {nr_regions}"
+                )
+            if num_write:
+                lo = region_index + 1
+                src = table[lo - cycle_length : lo - cycle_length + min(num_write, cycle_length)]
+                if src.size and (int(src.max()) > mask or int(src.min()) < 0):
+                    src = src.astype(np.int64) & mask
+                if num_write <= cycle_length:
+                    table[lo : lo + num_write] = src
+                else:
+                    # Each copy reads a region written cycle_length steps
+                    # earlier, so the output repeats the first cycle.
+                    table[lo : lo + num_write] = np.resize(src, num_write)
+                region_index += num_write
+            continue
+
+        m = _FAST_LIT.fullmatch(s)
+        if m is not None:
+            region_index = region_index + 1 if not m.group(1) else int(m.group(1), 16) & _U64
+            path_nr = int(m.group(2), 16) & _U64
+        else:
+            if s[:1] == b":":
+                region_index += 1
+                j = 0
+            else:
+                region_index, j = _parse_hex(s, 0)
+                if j >= len(s) or s[j] != 0x3A:
+                    raise _reject(argv, i, "invalid set_region_mappings argument")
+            j += 1
+            if j >= len(s):
+                raise _reject(argv, i, "invalid set_region_mappings argument")
+            path_nr, j = _parse_hex(s, j)
+            if j < len(s):
+                raise _reject(argv, i, "invalid set_region_mappings argument")
+        if region_index >= nr_regions:
+            raise _reject(argv, i, f"invalid set_region_mappings region number: {region_index} >= {nr_regions}")
+        if path_nr >= nr_paths:
+            raise _reject(argv, i, f"invalid set_region_mappings device: {path_nr} >= {nr_paths}")
+        table[region_index] = path_nr
