@@ -10,7 +10,7 @@ import logging
 from typing import Protocol
 
 from protocol import pagemap, scsi
-from protocol.errors import GenerationChangedError
+from protocol.errors import GenerationChangedError, SwitchAgentError
 from protocol.pagemap import MemberIdentity, PageMap, PageMapHeader
 
 LOG = logging.getLogger(__name__)
@@ -38,20 +38,38 @@ class ScsiPath(Protocol):
         ...
 
 
+UNIT_ATTENTION_RETRIES = 8
+
+
 async def _data_in(path: ScsiPath, cdb: bytes, length: int) -> bytes:
+    """Run a data-in command, repeating it past unit attentions.
+
+    A unit attention is the array telling this I_T nexus that something
+    changed; the command itself was not run. SG_IO hands it to us rather than
+    retrying (scsi_error.c), and several may be queued, one per change. The
+    udev event it raised is what tells the daemon to look again.
+    """
+    for _ in range(UNIT_ATTENTION_RETRIES):
+        try:
+            return (await path.execute(cdb, data_in_length=length)).data_in
+        except SwitchAgentError as exc:
+            sense = getattr(exc, "sense", None)
+            if sense is None or sense.key != scsi.SenseKey.UNIT_ATTENTION:
+                raise
+            LOG.debug("%s: unit attention (%s); repeating the command", path.name, sense)
     return (await path.execute(cdb, data_in_length=length)).data_in
 
 
 async def read_inquiry(path: ScsiPath) -> scsi.StandardInquiry:
     """Standard INQUIRY: vendor and product tell whether the LUN is an array we serve."""
-    data = await _data_in(path, scsi.build_inquiry_cdb(allocation_length=INQUIRY_LENGTH), INQUIRY_LENGTH)
+    data = await _data_in(path, scsi.build_inquiry_cdb(allocation_length_bytes=INQUIRY_LENGTH), INQUIRY_LENGTH)
     return scsi.decode_standard_inquiry(data)
 
 
 async def read_member_identity(path: ScsiPath) -> MemberIdentity:
     """VPD page 0xC0: which member this path lands on."""
     cdb = scsi.build_inquiry_cdb(evpd=True, page_code=pagemap.MEMBER_IDENTITY_VPD,
-                                 allocation_length=VPD_LENGTH)
+                                 allocation_length_bytes=VPD_LENGTH)
     data = await _data_in(path, cdb, VPD_LENGTH)
     return pagemap.decode_member_identity_vpd(data)
 

@@ -1,0 +1,228 @@
+"""`switch-agent daemon`: udev events, polling and the control socket, feeding one Orchestrator.
+
+Nothing here decides how a LUN is routed; it decides *when*: at start for
+every multipath map already there, on udev events (debounced: each path
+raises its own unit attention), every poll interval when the array's map
+generation moved, on `switch-agent refresh`, and again with backoff after a
+failure. SIGTERM stops the daemon and leaves every routed device in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from agent import control, mapsource
+from agent.config import Config
+from agent.events import Trigger, classify
+from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator, System
+from protocol.errors import SwitchAgentError
+
+LOG = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class LunScheduler:
+    """Runs reconciles: debounced, one at a time per LUN, retried with backoff after failure."""
+
+    def __init__(self, orchestrator: Orchestrator, config: Config, *, sleep: Sleep = asyncio.sleep) -> None:
+        self.orchestrator = orchestrator
+        self.config = config
+        self.sleep = sleep
+        self._pending: dict[str, asyncio.Task[None]] = {}
+
+    def trigger(self, wwid: str, reason: str, *, delay_s: float | None = None) -> None:
+        """Reconcile `wwid` soon; triggers that arrive while one is pending fold into it."""
+        if wwid in self._pending:
+            LOG.debug("%s: %s folded into the pending run", wwid, reason)
+            return
+        LOG.debug("%s: scheduled (%s)", wwid, reason)
+        delay = self.config.debounce_s if delay_s is None else delay_s
+        self._pending[wwid] = asyncio.create_task(self._run(wwid, delay), name=f"reconcile {wwid}")
+
+    async def run_now(self, wwid: str) -> Any:
+        """Reconcile immediately (for `refresh`), returning the LUN's state; errors go to the caller."""
+        pending = self._pending.pop(wwid, None)
+        if pending:
+            pending.cancel()
+        return await self.orchestrator.reconcile(wwid)
+
+    async def _run(self, wwid: str, delay: float) -> None:
+        await self.sleep(delay)
+        self._pending.pop(wwid, None)
+        try:
+            await self.orchestrator.reconcile(wwid)
+        except (NotOurArrayError, LunNotFoundError) as exc:
+            LOG.debug("%s: ignored: %s", wwid, exc)
+        except SwitchAgentError:
+            lun = self.orchestrator.luns.get(wwid)
+            failures = lun.failures if lun else 1
+            backoff = min(self.config.retry_initial_s * 2 ** (failures - 1), self.config.retry_max_s)
+            LOG.info("%s: retrying in %.1f s", wwid, backoff)
+            self.trigger(wwid, "retry", delay_s=backoff)
+        except Exception:  # a bug must not kill the daemon's other LUNs
+            LOG.exception("%s: unexpected error while reconciling", wwid)
+
+    async def close(self) -> None:
+        """Cancel everything pending and wait for it to stop."""
+        tasks = list(self._pending.values())
+        self._pending.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Daemon:
+    """The long-running agent."""
+
+    def __init__(self, config: Config, system: System, events: AsyncIterator[Any] | None, *,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        self.config = config
+        self.system = system
+        self.events = events
+        self.orchestrator = Orchestrator(config, system)
+        self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep)
+        self.sleep = sleep
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the daemon to finish (SIGTERM)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until stop(): control socket, initial scan, events, polling."""
+        server = await control.serve(self.config.socket_path, self.handle_request)
+        tasks = [asyncio.create_task(self._poll_forever(), name="poll")]
+        if self.events is not None:
+            tasks.append(asyncio.create_task(self._follow_events(), name="udev"))
+        try:
+            for mpath in await self.system.find_mpath_maps():
+                self.scheduler.trigger(mpath.wwid, "present at start", delay_s=0)
+            notify_systemd("READY=1\nSTATUS=watching multipath maps")
+            LOG.info("switch-agent ready; control socket %s", self.config.socket_path)
+            await self._stop.wait()
+        finally:
+            notify_systemd("STOPPING=1")
+            LOG.info("switch-agent stopping; routed devices stay as they are")
+            server.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.scheduler.close()
+            await server.wait_closed()
+            self.config.socket_path.unlink(missing_ok=True)
+
+    async def _follow_events(self) -> None:
+        assert self.events is not None
+        async for event in self.events:
+            trigger = classify(event.action, event.subsystem, event.devtype, event.sys_path, event.properties)
+            if trigger is not None:
+                await self._on_trigger(trigger)
+
+    async def _on_trigger(self, trigger: Trigger) -> None:
+        LOG.debug("udev: %s", trigger)
+        if trigger.kind in ("mpath-ready", "path-event") and trigger.wwid:
+            self.scheduler.trigger(trigger.wwid, trigger.kind)
+        elif trigger.kind == "mpath-gone" and trigger.wwid in self.orchestrator.luns:
+            LOG.warning("%s: multipath map removed; the routed device stays until removed by hand",
+                        trigger.wwid)
+            self.orchestrator.luns[trigger.wwid].state = "no-multipath"
+        elif trigger.kind == "unit-attention" and trigger.scsi_sys_path:
+            devices = set(await self.system.block_devices_of_scsi(trigger.scsi_sys_path))
+            for lun in list(self.orchestrator.luns.values()):
+                if lun.topology and devices & {p.device for p in lun.topology.paths}:
+                    self.scheduler.trigger(lun.wwid, f"unit attention {trigger.detail}")
+
+    async def _poll_forever(self) -> None:
+        """Every interval, a 64-byte GET PAGE MAP per routed LUN; reconcile the ones that moved."""
+        while True:
+            await self.sleep(self.config.poll_interval_s)
+            for lun in list(self.orchestrator.luns.values()):
+                if lun.stack is None or lun.topology is None:
+                    continue
+                if await self._generation_moved(lun):
+                    self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
+
+    async def _generation_moved(self, lun) -> bool:
+        for path in lun.topology.paths:
+            if not path.usable:
+                continue
+            try:
+                header = await mapsource.poll_map_header(self.system.open_path(path.device))
+            except SwitchAgentError as exc:
+                LOG.debug("%s: poll over %s failed: %s", lun.wwid, path.device, exc)
+                continue
+            return header.generation != lun.stack.page_map.generation
+        return True  # no path answered: let reconcile find out and report why
+
+    async def handle_request(self, request: dict[str, Any]) -> Any:
+        """One control-socket request."""
+        command = request["command"]
+        orch = self.orchestrator
+        if command == "status":
+            return [orch.status(lun) for lun in sorted(orch.luns.values(), key=lambda lun: lun.wwid)]
+        if command == "show":
+            return orch.status(orch.find(_text(request, "lun")))
+        if command == "locate":
+            offset = request.get("offset")
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                raise ValueError("offset must be an integer number of bytes")
+            return orch.locate(orch.find(_text(request, "lun")), offset)
+        if command == "trigger":
+            # From the udev rule: schedule and return at once; udev must not wait on us.
+            if isinstance(request.get("scsi_device"), str):
+                await self._on_trigger(Trigger("unit-attention", scsi_sys_path=request["scsi_device"],
+                                               detail="udev rule"))
+            else:
+                self.scheduler.trigger(_text(request, "lun").removeprefix("mpath-"), "udev rule")
+            return {"scheduled": True}
+        if command == "refresh":
+            ref = _text(request, "lun")
+            try:
+                wwid = orch.find(ref).wwid
+            except LunNotFoundError:
+                wwid = await self._wwid_from_system(ref)
+            lun = await self.scheduler.run_now(wwid)
+            return orch.status(lun)
+        raise ValueError(f"unknown command {command!r}")
+
+    async def _wwid_from_system(self, ref: str) -> str:
+        """A LUN the daemon has not routed yet, named by wwid or multipath name."""
+        ref = ref.removeprefix("/dev/mapper/")
+        for mpath in await self.system.find_mpath_maps():
+            if ref in (mpath.wwid, mpath.name, mpath.device):
+                return mpath.wwid
+        raise LunNotFoundError(f"{ref}: no multipath map by that wwid or name")
+
+
+def _text(request: dict[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string")
+    return value
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd gave one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as exc:
+            LOG.warning("could not notify systemd: %s", exc)
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGTERM and SIGINT stop the daemon cleanly."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)

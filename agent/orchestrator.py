@@ -1,0 +1,355 @@
+"""The one place that decides: from a multipath LUN to a routed dm-switch device, and keeping it right.
+
+Read top-down: ``reconcile`` is the whole per-LUN pipeline —
+discover paths and members, fetch the map, plan the stack, then either
+send only the changed regions to the live switch or build a new switch
+beside the old one and swap the top device over to it.
+
+The kernel is a collaborator (``System``): agent.system.RealSystem in the
+daemon, fakes in tests/unit. Blocking dm calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from agent import mapsource
+from agent.config import Config
+from agent.stack import DeviceSpec, PlanError, StackPlan, plan_stack, top_name_for, top_uuid_for
+from agent.topology import PathInfo, Topology
+from protocol import dmswitch
+from protocol.errors import DecodeError, SwitchAgentError
+from protocol.pagemap import UNALLOCATED, PageMap
+
+LOG = logging.getLogger(__name__)
+
+
+class LunNotFoundError(SwitchAgentError):
+    """No array LUN matches what the user named."""
+
+
+class NotOurArrayError(SwitchAgentError):
+    """The LUN's INQUIRY vendor/product matches no configured array."""
+
+
+@dataclass(frozen=True)
+class MpathMap:
+    """multipathd's map of one LUN, as sysfs shows it."""
+
+    wwid: str
+    name: str
+    device: str
+    size_sectors: int
+    slaves: tuple[tuple[str, str], ...]
+    """(kernel name, major:minor) of each path device."""
+
+
+class System(Protocol):
+    """The kernel as the orchestrator needs it."""
+
+    dm: Any
+
+    async def find_mpath_maps(self) -> list[MpathMap]:
+        """Every multipathd map (DM_UUID mpath-*) present now."""
+        ...
+
+    def open_path(self, device: str) -> mapsource.ScsiPath:
+        """A SCSI path to send commands through."""
+        ...
+
+    async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
+        """The sd names under a scsi_device."""
+        ...
+
+
+@dataclass
+class RoutedStack:
+    """What the kernel holds for a routed LUN, kept because dm-switch cannot report its map."""
+
+    plan: StackPlan
+    kernel_map: np.ndarray
+    """Path number of every region as the live switch holds it; -1 where we do not know."""
+    page_map: PageMap
+    fetched_at: float
+
+
+@dataclass
+class LunState:
+    """Everything the daemon knows about one LUN; what `status` shows."""
+
+    wwid: str
+    state: str = "discovering"
+    topology: Topology | None = None
+    stack: RoutedStack | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    failures: int = 0
+    epoch: int = 0
+    messages_sent: int = 0
+    message_bytes_sent: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    @property
+    def routed(self) -> bool:
+        return self.stack is not None
+
+
+class Orchestrator:
+    """Keeps every array LUN routed."""
+
+    def __init__(self, config: Config, system: System, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.system = system
+        self.clock = clock
+        self.luns: dict[str, LunState] = {}
+        self._parallel = asyncio.Semaphore(config.max_parallel_luns)
+
+    # -- the pipeline ---------------------------------------------------------
+
+    async def reconcile(self, wwid: str) -> LunState:
+        """Bring one LUN's routing in line with the array's map; keep the old routing on any error."""
+        lun = self.luns.setdefault(wwid, LunState(wwid))
+        async with lun.lock, self._parallel:
+            try:
+                mpath = await self._find_mpath(wwid)
+                topology = await self._discover(mpath)
+                lun.topology = topology
+                page_map = await self._fetch_map(topology)
+                plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch)
+                if lun.stack and plan.same_shape_as(lun.stack.plan):
+                    await self._update_live_switch(lun, lun.stack.plan, page_map)
+                else:
+                    # A new epoch names a new switch and legs, built beside the live ones.
+                    lun.epoch += 1
+                    await self._build_and_swap(lun, plan_stack(self.config, topology, page_map,
+                                                               epoch=lun.epoch), page_map)
+            except NotOurArrayError:
+                self.luns.pop(wwid, None)
+                raise
+            except SwitchAgentError as exc:
+                lun.failures += 1
+                lun.last_error, lun.last_error_at = str(exc), self.clock()
+                lun.state = "routed" if lun.stack else "error"
+                LOG.warning("%s: %s (routing %s)", wwid, exc,
+                            "kept as it was" if lun.stack else "not set up")
+                raise
+            lun.failures = 0
+            lun.state = "routed"
+            return lun
+
+    async def _find_mpath(self, wwid: str) -> MpathMap:
+        for mpath in await self.system.find_mpath_maps():
+            if mpath.wwid == wwid:
+                return mpath
+        raise LunNotFoundError(f"{wwid}: no multipath map for this LUN")
+
+    async def _discover(self, mpath: MpathMap) -> Topology:
+        """Ask every path which member it lands on; the first answer also says whose array it is."""
+        paths: list[PathInfo] = []
+        checked_vendor = False
+        for device, dev in mpath.slaves:
+            try:
+                scsi_path = self.system.open_path(device)
+                if not checked_vendor:
+                    inquiry = await mapsource.read_inquiry(scsi_path)
+                    if not self._is_our_array(inquiry.vendor, inquiry.product):
+                        raise NotOurArrayError(f"{mpath.wwid}: {inquiry.vendor!r} {inquiry.product!r} "
+                                               "matches no configured array")
+                    checked_vendor = True
+                identity = await mapsource.read_member_identity(scsi_path)
+            except NotOurArrayError:
+                raise
+            except SwitchAgentError as exc:
+                LOG.warning("%s: path %s unusable: %s", mpath.wwid, device, exc)
+                paths.append(PathInfo(device, dev, None, usable=False, error=str(exc)))
+                continue
+            paths.append(PathInfo(device, dev, identity.member_id, identity.name))
+        return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, tuple(paths))
+
+    def _is_our_array(self, vendor: str, product: str) -> bool:
+        return any(vendor.strip() == a.vendor and product.strip() == a.product for a in self.config.arrays)
+
+    async def _fetch_map(self, topology: Topology) -> PageMap:
+        """Fetch through the first usable path; fall back to the next on error."""
+        last: SwitchAgentError | None = None
+        for path in topology.paths:
+            if not path.usable:
+                continue
+            try:
+                return await mapsource.fetch_page_map(self.system.open_path(path.device),
+                                                      restarts=self.config.fetch_restarts)
+            except SwitchAgentError as exc:
+                LOG.warning("%s: page map fetch over %s failed: %s", topology.wwid, path.device, exc)
+                last = exc
+                # A map that failed to decode is the array's answer, not the path's: don't retry it elsewhere.
+                if not _is_transport_error(exc):
+                    raise
+        raise last or PlanError(topology.wwid, "no usable path to fetch the page map")
+
+    async def _update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
+        """Same legs, same geometry: send only the regions whose owner changed."""
+        assert lun.stack is not None
+        messages = dmswitch.encode_region_mappings(page_map.owners, previous=_known(lun.stack.kernel_map,
+                                                                                     len(plan.legs)),
+                                                   max_message_bytes=self.config.max_message_bytes)
+        try:
+            await self._send(lun, plan.switch_name, messages)
+        except SwitchAgentError:
+            # Messages are not atomic: after a rejected one we no longer know what the kernel
+            # holds, so send the whole map.
+            lun.stack.kernel_map[:] = -1
+            LOG.warning("%s: diff upload failed; sending the whole map", lun.wwid)
+            await self._send(lun, plan.switch_name, dmswitch.encode_region_mappings(
+                page_map.owners, max_message_bytes=self.config.max_message_bytes))
+        lun.stack = RoutedStack(plan, _after_upload(page_map.owners), page_map, self.clock())
+        LOG.info("%s: map generation %d applied (%d messages)", lun.wwid, page_map.generation, len(messages))
+
+    async def _build_and_swap(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
+        """Build and fully program a new switch, then point the top device at it."""
+        created: list[str] = []
+        try:
+            leg_devs = [await self._create(spec, created) for spec in plan.legs]
+            switch_dev = await self._create(plan.switch_spec(leg_devs), created)
+            messages = dmswitch.encode_region_mappings(
+                page_map.owners, previous=dmswitch.round_robin(plan.region_count, len(plan.legs)),
+                max_message_bytes=self.config.max_message_bytes)
+            await self._send(lun, plan.switch_name, messages)
+            await self._point_top_at(plan, switch_dev)
+        except SwitchAgentError:
+            await self._remove_all(reversed(created))
+            raise
+        old = lun.stack
+        lun.stack = RoutedStack(plan, _after_upload(page_map.owners), page_map, self.clock())
+        LOG.info("%s: routed as /dev/mapper/%s (epoch %d, %d members, %d regions of %d sectors, %d messages)",
+                 lun.wwid, plan.top_name, plan.epoch, len(plan.legs), plan.region_count,
+                 plan.region_size_sectors, len(messages))
+        if old is not None:
+            await self._remove_all([old.plan.switch_name, *(leg.name for leg in old.plan.legs)])
+
+    async def _create(self, spec: DeviceSpec, created: list[str]) -> str:
+        dm = self.system.dm
+        await asyncio.to_thread(dm.device_create, spec.name, spec.uuid)
+        created.append(spec.name)
+        await asyncio.to_thread(dm.table_load, spec.name, list(spec.targets))
+        await asyncio.to_thread(dm.device_resume, spec.name, udev_flags=spec.udev_flags)
+        info = await asyncio.to_thread(dm.device_info, spec.name)
+        return f"{info.major}:{info.minor}"
+
+    async def _point_top_at(self, plan: StackPlan, switch_dev: str) -> None:
+        dm = self.system.dm
+        targets = list(plan.top_targets(switch_dev))
+        existing = {d.name for d in await asyncio.to_thread(dm.list_devices)}
+        if plan.top_name not in existing:
+            await asyncio.to_thread(dm.device_create, plan.top_name, plan.top_uuid)
+            try:
+                await asyncio.to_thread(dm.table_load, plan.top_name, targets)
+                await asyncio.to_thread(dm.device_resume, plan.top_name)
+            except SwitchAgentError:
+                await self._remove_all([plan.top_name])
+                raise
+            return
+        # Loading only fills the inactive slot; resume swaps it in under suspend, so
+        # in-flight I/O drains to the old switch and new I/O meets the new one.
+        await asyncio.to_thread(dm.table_load, plan.top_name, targets)
+        await asyncio.to_thread(dm.device_suspend, plan.top_name)
+        await asyncio.to_thread(dm.device_resume, plan.top_name)
+
+    async def _send(self, lun: LunState, switch_name: str, messages: list[str]) -> None:
+        dm = self.system.dm
+        for message in messages:
+            await asyncio.to_thread(dm.target_message, switch_name, 0, message)
+            lun.messages_sent += 1
+            lun.message_bytes_sent += len(message)
+
+    async def _remove_all(self, names) -> None:
+        """Best effort: try every device, log every failure."""
+        for name in names:
+            try:
+                await asyncio.to_thread(self.system.dm.device_remove, name)
+            except SwitchAgentError as exc:
+                LOG.warning("could not remove %s: %s", name, exc)
+
+    # -- questions from the CLI ------------------------------------------------
+
+    def find(self, ref: str) -> LunState:
+        """A LUN by wwid, multipath map name, routed device name, or /dev path."""
+        ref = ref.removeprefix("/dev/mapper/").removeprefix("/dev/")
+        for lun in self.luns.values():
+            names = {lun.wwid}
+            if lun.topology:
+                names |= {lun.topology.mpath_name, lun.topology.mpath_device,
+                          top_name_for(self.config, lun.topology)}
+            if ref in names:
+                return lun
+        raise LunNotFoundError(f"{ref}: no such array LUN (try `switch-agent status`)")
+
+    def status(self, lun: LunState) -> dict[str, Any]:
+        """The status record of one LUN (what `status --json` prints)."""
+        now = self.clock()
+        record: dict[str, Any] = {"wwid": lun.wwid, "state": lun.state, "device": None, "members": [],
+                                  "generation": None, "map_age_s": None, "last_error": lun.last_error,
+                                  "epoch": lun.epoch if lun.stack else None,
+                                  "messages_sent": lun.messages_sent,
+                                  "message_bytes_sent": lun.message_bytes_sent}
+        if lun.topology:
+            record["multipath"] = lun.topology.mpath_name
+        if lun.stack:
+            stack = lun.stack
+            record.update(device=f"/dev/mapper/{stack.plan.top_name}", generation=stack.page_map.generation,
+                          map_age_s=round(now - stack.fetched_at, 1),
+                          page_size_bytes=stack.page_map.page_size_sectors * 512,
+                          pages=stack.page_map.total_pages,
+                          unallocated_pages=int((stack.page_map.owners == UNALLOCATED).sum()))
+            pages = stack.page_map.pages_per_member()
+            for k, member in enumerate(stack.page_map.members):
+                paths = lun.topology.paths_of_member(member.member_id) if lun.topology else ()
+                record["members"].append({
+                    "member_id": member.member_id, "name": member.name, "pages": pages[member.member_id],
+                    "leg": stack.plan.legs[k].name,
+                    "paths": [{"device": p.device, "dev": p.dev, "state": "active" if p.usable else "failed"}
+                              for p in paths]})
+        return record
+
+    def locate(self, lun: LunState, byte_offset: int) -> dict[str, Any]:
+        """Which member owns the page at a byte offset, and which paths the switch sends it to."""
+        if not lun.stack or not lun.topology:
+            raise LunNotFoundError(f"{lun.wwid}: not routed yet")
+        stack = lun.stack
+        page_bytes = stack.page_map.page_size_sectors * 512
+        if not 0 <= byte_offset < lun.topology.size_sectors * 512:
+            raise ValueError(f"offset {byte_offset} is outside the LUN (0..{lun.topology.size_sectors * 512 - 1})")
+        page = byte_offset // page_bytes
+        owner = stack.page_map.owner_of_page(page)
+        path_index = int(stack.kernel_map[page])
+        leg = stack.plan.legs[path_index] if path_index >= 0 else None
+        preferred = stack.plan.leg_paths[path_index][0] if path_index >= 0 else ()
+        by_dev = {p.dev: p.device for p in lun.topology.paths}
+        return {"wwid": lun.wwid, "offset": byte_offset, "page": page,
+                "member_id": owner.member_id if owner else None,
+                "member": owner.name if owner else None,
+                "leg": leg.name if leg else None,
+                "paths": [by_dev.get(d, d) for d in preferred]}
+
+
+def _is_transport_error(exc: SwitchAgentError) -> bool:
+    return not isinstance(exc, DecodeError)
+
+
+def _known(kernel_map: np.ndarray, nr_paths: int) -> np.ndarray:
+    """`previous` for the encoder: a region we do not know is marked with an impossible path so it is sent."""
+    return np.where(kernel_map < 0, nr_paths, kernel_map)
+
+
+def _after_upload(owners: np.ndarray) -> np.ndarray:
+    """What the switch holds after an upload of `owners`: known where allocated.
+
+    Unallocated pages may have been filled with any path by the encoder, so
+    they stay unknown (-1) and are sent again once they get an owner.
+    """
+    return owners.astype(np.int16, copy=True)

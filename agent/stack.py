@@ -1,0 +1,145 @@
+"""What the device stack of one LUN should be: names, uuids and table lines. Pure, no I/O.
+
+    /dev/mapper/<device_name>        top: linear over the current switch (what users open)
+      └── <device_name>-sw<epoch>    dm-switch, one region per array page
+            ├── <device_name>-leg<k>-<epoch>   dm-multipath: member k's paths first,
+            ...                                 every other path as a fallback group
+
+The top device never changes identity. A rebuild (resize, new member, new
+paths) builds and fully programs a new switch and legs under a new epoch,
+then re-points the top device to it under suspend, so the routed device
+never serves I/O through a switch whose map is incomplete: a switch table
+load resets its region map to round-robin (drivers/md/dm-switch.c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.config import UUID_PREFIX, Config
+from agent.topology import Topology
+from protocol import dmswitch
+from protocol.errors import SwitchAgentError
+from protocol.pagemap import PageMap
+
+# libdm udev flags (libdm/libdevmapper.h): keep legs and switch away from
+# blkid/LVM and other rules, so only the top device shows the volume's data.
+DM_UDEV_DISABLE_DISK_RULES_FLAG = 0x4
+DM_UDEV_DISABLE_OTHER_RULES_FLAG = 0x8
+HIDDEN_UDEV_FLAGS = DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG
+
+Target = tuple[int, int, str, str]
+"""(start sector, length in sectors, target type, parameters): one dm table line."""
+
+
+class PlanError(SwitchAgentError):
+    """The LUN as found cannot be routed (no paths, geometry the map does not cover...)."""
+
+    def __init__(self, wwid: str, problem: str) -> None:
+        self.wwid = wwid
+        self.problem = problem
+        super().__init__(f"{wwid}: {problem}")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One dm device to create: its name, uuid, table and udev flags."""
+
+    name: str
+    uuid: str
+    targets: tuple[Target, ...]
+    udev_flags: int = 0
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """The legs and switch of one epoch, and the top device's identity."""
+
+    wwid: str
+    epoch: int
+    size_sectors: int
+    region_size_sectors: int
+    region_count: int
+    legs: tuple[DeviceSpec, ...]
+    leg_paths: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
+    """Per leg: (preferred path devs, fallback path devs) as major:minor."""
+    switch_name: str
+    switch_uuid: str
+    top_name: str
+    top_uuid: str
+
+    def same_shape_as(self, other: StackPlan) -> bool:
+        """True when the kernel stack of `other` can carry this plan's map as it is."""
+        return (self.size_sectors, self.region_size_sectors, self.leg_paths) == (
+            other.size_sectors, other.region_size_sectors, other.leg_paths)
+
+    def switch_spec(self, leg_devs: list[str]) -> DeviceSpec:
+        """The switch over the legs once their major:minor are known."""
+        line = dmswitch.switch_table(self.size_sectors, self.region_size_sectors, leg_devs)
+        return DeviceSpec(self.switch_name, self.switch_uuid, (_split(line),), HIDDEN_UDEV_FLAGS)
+
+    def top_targets(self, switch_dev: str) -> tuple[Target, ...]:
+        """The top device's table: all of it, linear over the switch."""
+        return (_split(dmswitch.linear_table(self.size_sectors, switch_dev, 0)),)
+
+
+def top_name_for(config: Config, topology: Topology) -> str:
+    """The routed device's stable name from the configured template."""
+    return config.device_name.format(wwid=topology.wwid, mpath=topology.mpath_name)
+
+
+def top_uuid_for(wwid: str) -> str:
+    """The routed device's uuid: our prefix, so we only ever touch our own."""
+    return f"{UUID_PREFIX}top-{wwid}"
+
+
+def is_owned_uuid(uuid: str) -> bool:
+    """True for any device this agent created."""
+    return uuid.startswith(UUID_PREFIX)
+
+
+def wwid_of_uuid(uuid: str) -> str | None:
+    """The LUN a device of ours belongs to: top-<wwid>, sw-<epoch>-<wwid>, leg-<k>-<epoch>-<wwid>."""
+    if not is_owned_uuid(uuid):
+        return None
+    rest = uuid[len(UUID_PREFIX):]
+    kind, _, tail = rest.partition("-")
+    if kind == "top":
+        return tail or None
+    # sw-<epoch>-<wwid>, leg-<k>-<epoch>-<wwid>
+    parts = tail.split("-", 2 if kind == "leg" else 1)
+    return parts[-1] if len(parts) == (3 if kind == "leg" else 2) else None
+
+
+def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: int) -> StackPlan:
+    """Turn what discovery found and the array's map into the stack to build."""
+    wwid = topology.wwid
+    usable = [p for p in topology.paths if p.usable]
+    if not usable:
+        raise PlanError(wwid, "no usable path")
+    page = page_map.page_size_sectors
+    region_count = -(-topology.size_sectors // page)
+    if page_map.total_pages != region_count:
+        raise PlanError(wwid, f"the array's map has {page_map.total_pages} pages of {page} sectors, "
+                              f"the LUN's {topology.size_sectors} sectors need {region_count}")
+    top = top_name_for(config, topology)
+    # The config holds dm's counted argument lists ("round-robin 0", "1 queue_if_no_path").
+    selector, _count, *selector_args = config.path_selector.split()
+    features = config.leg_features.split()[1:]
+    legs, leg_paths = [], []
+    for k, member in enumerate(page_map.members):
+        own = tuple(p.dev for p in usable if p.member_id == member.member_id)
+        other = tuple(p.dev for p in usable if p.member_id != member.member_id)
+        groups = [g for g in (own, other) if g]
+        line = dmswitch.multipath_table(topology.size_sectors, groups, selector, selector_args=selector_args,
+                                        features=features)
+        legs.append(DeviceSpec(f"{top}-leg{k}-{epoch}", f"{UUID_PREFIX}leg-{k}-{epoch}-{wwid}",
+                               (_split(line),), HIDDEN_UDEV_FLAGS))
+        leg_paths.append((own, other))
+    return StackPlan(wwid, epoch, topology.size_sectors, page, region_count, tuple(legs), tuple(leg_paths),
+                     f"{top}-sw{epoch}", f"{UUID_PREFIX}sw-{epoch}-{wwid}", top, top_uuid_for(wwid))
+
+
+def _split(line: str) -> Target:
+    start, length, kind, params = line.split(" ", 3)
+    return int(start), int(length), kind, params

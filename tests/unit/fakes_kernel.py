@@ -1,0 +1,280 @@
+"""Fake kernel layers for the pipeline's host tests: they behave like the real ones.
+
+- FakeArrayPath speaks SCSI to the emulator's own LogicalUnit (tests/array/lu.py),
+  so the agent reads real GET PAGE MAP bytes through protocol/pagemap.py.
+- FakeDeviceMapper keeps tables per device, resets a switch to round-robin on
+  every table swap, and applies set_region_mappings with protocol.dmswitch's
+  kernel-faithful decoder — so a test can follow a sector down the stack and
+  see which member's path it reaches.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+
+from agent.config import UUID_PREFIX
+from agent.kernel.dm import DmCommand, DmIoctlError, NotOwnedError
+from agent.kernel.sgio import ScsiCommandError
+from agent.orchestrator import MpathMap
+from protocol import dmswitch, scsi
+from protocol.errors import DmSwitchMessageError
+from tests.array.lu import LogicalUnit, LuIdentity
+from tests.array.store import SparseStore
+from tests.array.volume import ArrayVolume
+
+MiB = 1024 * 1024
+
+
+class FakeArrayPath:
+    """One sd path to one member of the emulated array, shaped like agent.kernel.sgio.ScsiDevice."""
+
+    def __init__(self, lu: LogicalUnit, member_number: int, name: str, *, max_transfer: int = 256 * 1024):
+        self.lu = lu
+        self.member_number = member_number
+        self.name = name
+        self.max_transfer = max_transfer
+        self.broken = False
+        self.commands = 0
+
+    async def max_transfer_bytes(self) -> int:
+        return self.max_transfer
+
+    async def execute(self, cdb: bytes, *, data_in_length: int = 0, data_out: bytes | None = None):
+        self.commands += 1
+        if self.broken:
+            raise ScsiCommandError(self.name, cdb[0], 0, 0x01, 0, None, cdb=cdb)  # DID_NO_CONNECT
+        if data_in_length > self.max_transfer:
+            raise ValueError(f"{self.name}: transfer of {data_in_length} bytes exceeds the device's limit")
+        result = self.lu.handle(self.member_number, cdb, data_out or b"")
+        if result.status != scsi.ScsiStatus.GOOD:
+            raise ScsiCommandError(self.name, cdb[0], result.status, 0, 0,
+                                   scsi.decode_sense(result.sense) if result.sense else None, cdb=cdb)
+        return SimpleNamespace(data_in=bytes(result.data_in)[:data_in_length])
+
+
+@dataclass
+class FakeDmDevice:
+    name: str
+    uuid: str
+    minor: int
+    live: list | None = None
+    inactive: list | None = None
+    suspended: bool = True
+    udev_flags: int = 0
+    regions: np.ndarray | None = None
+    """A live switch's region table: path number per region."""
+
+    @property
+    def dev(self) -> str:
+        return f"253:{self.minor}"
+
+
+@dataclass
+class FakeDeviceMapper:
+    """device-mapper as the agent sees it through agent.kernel.dm.DeviceMapper."""
+
+    devices: dict[str, FakeDmDevice] = field(default_factory=dict)
+    log: list[tuple[str, str]] = field(default_factory=list)
+    fail: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(operation, device name prefix) -> errno to fail with, once."""
+    _next_minor: int = 10
+
+    def _check_fail(self, op: str, name: str) -> None:
+        for (fop, prefix), code in list(self.fail.items()):
+            if fop == op and name.startswith(prefix):
+                del self.fail[(fop, prefix)]
+                raise DmIoctlError(DmCommand.TABLE_LOAD if op == "load" else DmCommand.DEV_CREATE, name, code,
+                                   f"injected {errno.errorcode[code]}")
+
+    def _owned(self, name: str, command: DmCommand) -> FakeDmDevice:
+        device = self.devices.get(name)
+        if device is None:
+            raise DmIoctlError(command, name, errno.ENXIO, "No such device or address")
+        if not device.uuid.startswith(UUID_PREFIX):
+            raise NotOwnedError(command, name, device.uuid, UUID_PREFIX)
+        return device
+
+    def add_foreign(self, name: str, uuid: str, dev_minor: int) -> None:
+        """A device someone else made (e.g. multipathd's map)."""
+        self.devices[name] = FakeDmDevice(name, uuid, dev_minor, suspended=False)
+
+    def device_create(self, name: str, uuid: str):
+        self.log.append(("create", name))
+        self._check_fail("create", name)
+        if not uuid.startswith(UUID_PREFIX):
+            raise NotOwnedError(DmCommand.DEV_CREATE, name, uuid, UUID_PREFIX)
+        if name in self.devices or any(d.uuid == uuid for d in self.devices.values()):
+            raise DmIoctlError(DmCommand.DEV_CREATE, name, errno.EBUSY, "Device or resource busy")
+        self.devices[name] = FakeDmDevice(name, uuid, self._next_minor)
+        self._next_minor += 1
+        return self.device_info(name)
+
+    def table_load(self, name: str, targets):
+        self.log.append(("load", name))
+        self._check_fail("load", name)
+        device = self._owned(name, DmCommand.TABLE_LOAD)
+        for _start, _length, kind, params in targets:
+            for dev in _devices_in(kind, params):
+                if dev.startswith("253:") and not any(d.dev == dev for d in self.devices.values()):
+                    raise DmIoctlError(DmCommand.TABLE_LOAD, name, errno.ENXIO, f"no device {dev}")
+            if kind == "switch":
+                dmswitch.parse_switch_table(f"{_start} {_length} switch {params}")
+        device.inactive = [tuple(t) for t in targets]
+        return self.device_info(name)
+
+    def device_suspend(self, name: str, **_):
+        self.log.append(("suspend", name))
+        self._owned(name, DmCommand.DEV_SUSPEND).suspended = True
+
+    def device_resume(self, name: str, *, udev_flags: int = 0, **_):
+        self.log.append(("resume", name))
+        device = self._owned(name, DmCommand.DEV_SUSPEND)
+        if device.inactive is not None:
+            device.live, device.inactive = device.inactive, None
+            _start, length, kind, params = device.live[0]
+            if kind == "switch":
+                # drivers/md/dm-switch.c: every constructor starts round-robin.
+                nr_paths, region = int(params.split()[0]), int(params.split()[1])
+                device.regions = dmswitch.round_robin(-(-length // region), nr_paths).astype(np.int64)
+            else:
+                device.regions = None
+        device.suspended = False
+        device.udev_flags = udev_flags
+
+    def device_remove(self, name: str, **_):
+        self.log.append(("remove", name))
+        device = self._owned(name, DmCommand.DEV_REMOVE)
+        for other in self.devices.values():
+            if other.live and any(device.dev in _devices_in(t[2], t[3]) for t in other.live):
+                raise DmIoctlError(DmCommand.DEV_REMOVE, name, errno.EBUSY, f"held by {other.name}")
+        del self.devices[name]
+
+    def device_info(self, name: str):
+        device = self.devices.get(name)
+        if device is None:
+            raise DmIoctlError(DmCommand.DEV_STATUS, name, errno.ENXIO, "No such device or address")
+        return SimpleNamespace(name=name, uuid=device.uuid, major=253, minor=device.minor,
+                               suspended=device.suspended)
+
+    def list_devices(self):
+        return [SimpleNamespace(name=d.name, uuid=d.uuid, major=253, minor=d.minor) for d in self.devices.values()]
+
+    def target_message(self, name: str, sector: int, message: str):
+        self.log.append(("message", name))
+        device = self._owned(name, DmCommand.TARGET_MSG)
+        if device.regions is None:
+            raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, "target does not take messages")
+        nr_paths = int(device.live[0][3].split()[0])
+        try:
+            dmswitch.apply_region_mappings(device.regions, message, nr_paths)
+        except DmSwitchMessageError as exc:
+            raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, str(exc)) from exc
+
+    # -- following I/O down the stack ------------------------------------------------
+
+    def by_dev(self, dev: str) -> FakeDmDevice:
+        return next(d for d in self.devices.values() if d.dev == dev)
+
+    def route_region(self, top: str, region: int) -> tuple[str, ...]:
+        """The preferred paths (major:minor) that a region of the top device reaches."""
+        top_dev = self.devices[top]
+        (_s, _l, kind, params) = top_dev.live[0]
+        assert kind == "linear"
+        switch = self.by_dev(params.split()[0])
+        assert switch.live[0][2] == "switch" and not switch.suspended
+        legs = dmswitch.parse_switch_table(f"0 {switch.live[0][1]} switch {switch.live[0][3]}").devices
+        leg = self.by_dev(legs[int(switch.regions[region])])
+        return _first_group_paths(leg.live[0][3])
+
+
+def _devices_in(kind: str, params: str) -> list[str]:
+    words = params.split()
+    if kind == "linear":
+        return [words[0]]
+    if kind == "switch":
+        return words[3::2]
+    if kind == "multipath":
+        return [w for w in words if ":" in w]
+    return []
+
+
+def _first_group_paths(params: str) -> tuple[str, ...]:
+    """Paths of a multipath table's first priority group (the kernel's initial group is 1)."""
+    words = params.split()
+    i = 1 + int(words[0])          # features
+    i += 1 + int(words[i])         # hw handler
+    i += 2                         # nr groups, initial group
+    i += 1                         # selector name
+    i += 1 + int(words[i])         # selector args
+    nr_paths, per_path = int(words[i]), int(words[i + 1])
+    i += 2
+    return tuple(words[i + k * (1 + per_path)] for k in range(nr_paths))
+
+
+class FakeSystem:
+    """An emulated array LUN behind multipathd's map, with paths_per_member paths to each member."""
+
+    def __init__(self, *, size_bytes: int = 3 * 1024 * MiB, page_size_bytes: int = 16 * MiB, members: int = 3,
+                 layout: str = "striped", paths_per_member: int = 2, tmp_path=None, seed: int = 0):
+        self.volume = ArrayVolume(size_bytes=size_bytes, page_size_bytes=page_size_bytes, members=members,
+                                  layout=layout, seed=seed)
+        self.store = SparseStore(tmp_path, size_bytes)
+        self.lu = LogicalUnit(self.volume, self.store, LuIdentity.for_volume("vol0"))
+        self.dm = FakeDeviceMapper()
+        self.paths: dict[str, FakeArrayPath] = {}
+        self.devs: dict[str, str] = {}
+        for k in range(members):
+            for j in range(paths_per_member):
+                self.add_path(k)
+        self.wwid = self.lu.identity.wwid
+        self.mpath_present = True
+        self.mpath_size_bytes = size_bytes
+        """What multipathd's map shows; follows the array only when a test says multipathd resized."""
+        self.dm.add_foreign(self.wwid, f"mpath-{self.wwid}", 0)
+
+    def add_path(self, member_number: int) -> str:
+        index = len(self.paths)
+        name = "sd" + "abcdefghijklmnopqrstuvwxyz"[index + 1]
+        self.paths[name] = FakeArrayPath(self.lu, member_number, name)
+        self.devs[name] = f"8:{16 * (index + 1)}"
+        return name
+
+    def resize(self, size_bytes: int) -> None:
+        """The array grows or shrinks the volume and multipathd follows."""
+        self.volume.resize(size_bytes)
+        self.store.resize(size_bytes)
+        self.mpath_size_bytes = size_bytes
+
+    def member_of_dev(self, dev: str) -> int:
+        name = next(n for n, d in self.devs.items() if d == dev)
+        return self.paths[name].member_number
+
+    async def find_mpath_maps(self) -> list[MpathMap]:
+        if not self.mpath_present:
+            return []
+        return [MpathMap(self.wwid, self.wwid, "dm-0", self.mpath_size_bytes // 512,
+                         tuple((n, self.devs[n]) for n in self.paths))]
+
+    def open_path(self, device: str) -> FakeArrayPath:
+        return self.paths[device]
+
+    async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
+        return [scsi_sys_path.rsplit("/", 1)[-1]]
+
+    # -- what the tests assert --------------------------------------------------------
+
+    def misrouted_pages(self, top: str) -> int:
+        """Pages whose I/O would reach a path of another member than the page's owner."""
+        bad = 0
+        owners = self.volume.owners
+        for page in range(self.volume.total_pages):
+            if owners[page] < 0:
+                continue
+            owner_number = self.volume.members[owners[page]].number
+            reached = {self.member_of_dev(d) for d in self.dm.route_region(top, page)}
+            bad += reached != {owner_number}
+        return bad

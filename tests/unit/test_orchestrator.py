@@ -1,0 +1,232 @@
+"""The per-LUN pipeline over fake kernel layers: the emulated array's LU and a dm that applies messages."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import numpy as np
+import pytest
+
+from agent.config import Config
+from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator
+from agent.stack import HIDDEN_UDEV_FLAGS
+from protocol.errors import SwitchAgentError
+from tests.unit.fakes_kernel import MiB, FakeSystem
+
+CONFIG = Config(max_message_bytes=4096)
+
+
+def make(tmp_path, config: Config = CONFIG, **kw) -> tuple[FakeSystem, Orchestrator]:
+    system = FakeSystem(tmp_path=tmp_path / "store", **kw)
+    return system, Orchestrator(config, system)
+
+
+def reconcile(orch: Orchestrator, wwid: str):
+    return asyncio.run(orch.reconcile(wwid))
+
+
+def top_name(system: FakeSystem) -> str:
+    return f"switch-{system.wwid}"
+
+
+def small_chunks(system: FakeSystem) -> None:
+    """Paths that move 512 bytes per command, so a fetch of 3072 pages takes several chunks."""
+    assert system.volume.total_pages >= 3072
+    for path in system.paths.values():
+        path.max_transfer = 512
+
+
+@pytest.mark.parametrize("layout", ["striped", "random", "seed"])
+def test_routes_every_page_to_its_owner(tmp_path, layout):
+    system, orch = make(tmp_path, layout=layout)
+    lun = reconcile(orch, system.wwid)
+    assert lun.state == "routed"
+    assert system.misrouted_pages(top_name(system)) == 0
+    # Three members: three legs, one switch, and the top device; nothing else of ours.
+    ours = sorted(n for n, d in system.dm.devices.items() if d.uuid.startswith("SWAGENT-"))
+    assert len(ours) == 5 and top_name(system) in ours
+
+
+def test_top_device_appears_only_after_the_whole_map_is_in(tmp_path):
+    system, orch = make(tmp_path, layout="random")
+    reconcile(orch, system.wwid)
+    log = system.dm.log
+    top_created = log.index(("create", top_name(system)))
+    last_message = max(i for i, (op, _) in enumerate(log) if op == "message")
+    assert last_message < top_created
+
+
+def test_legs_and_switch_are_hidden_from_other_udev_rules(tmp_path):
+    system, orch = make(tmp_path)
+    reconcile(orch, system.wwid)
+    for name, device in system.dm.devices.items():
+        if device.uuid.startswith("SWAGENT-leg") or device.uuid.startswith("SWAGENT-sw"):
+            assert device.udev_flags == HIDDEN_UDEV_FLAGS, name
+        if device.uuid.startswith("SWAGENT-top"):
+            assert device.udev_flags == 0
+
+
+def test_each_leg_prefers_its_members_paths_and_falls_back_to_the_rest(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=2)
+    lun = reconcile(orch, system.wwid)
+    for k, (own, other) in enumerate(lun.stack.plan.leg_paths):
+        number = system.volume.members[k].number
+        assert {system.member_of_dev(d) for d in own} == {number} and len(own) == 2
+        assert number not in {system.member_of_dev(d) for d in other} and len(other) == 4
+
+
+def test_page_moves_send_only_the_difference(tmp_path):
+    system, orch = make(tmp_path, size_bytes=16 * 1024 * MiB, page_size_bytes=4 * MiB, layout="random")
+    lun = reconcile(orch, system.wwid)
+    first_bytes = lun.message_bytes_sent
+    system.volume.move_pages(0.02)
+    before = set(system.dm.devices)
+    lun = reconcile(orch, system.wwid)
+    assert system.misrouted_pages(top_name(system)) == 0
+    assert set(system.dm.devices) == before  # no rebuild
+    assert 0 < lun.message_bytes_sent - first_bytes < first_bytes / 5
+
+
+def test_unchanged_map_sends_nothing(tmp_path):
+    system, orch = make(tmp_path, layout="random")
+    lun = reconcile(orch, system.wwid)
+    sent = lun.messages_sent
+    assert reconcile(orch, system.wwid).messages_sent == sent
+
+
+@pytest.mark.parametrize("kind", ["bad-crc", "truncated", "entry-out-of-range", "generation-churn"])
+def test_corrupt_map_on_first_build_leaves_nothing_behind(tmp_path, kind):
+    system, orch = make(tmp_path, config=Config(fetch_restarts=2), page_size_bytes=MiB)
+    small_chunks(system)
+    system.volume.corrupt_next_map(kind, count=100)
+    with pytest.raises(SwitchAgentError):
+        reconcile(orch, system.wwid)
+    assert [n for n, d in system.dm.devices.items() if d.uuid.startswith("SWAGENT-")] == []
+    lun = orch.luns[system.wwid]
+    assert lun.state == "error" and lun.last_error
+
+
+@pytest.mark.parametrize("kind", ["bad-crc", "truncated", "entry-out-of-range", "generation-churn"])
+def test_corrupt_map_later_keeps_the_previous_routing(tmp_path, kind):
+    system, orch = make(tmp_path, layout="random", config=Config(fetch_restarts=2), page_size_bytes=MiB)
+    small_chunks(system)
+    reconcile(orch, system.wwid)
+    tables = {n: (d.live, None if d.regions is None else d.regions.copy()) for n, d in system.dm.devices.items()}
+    system.volume.move_pages(0.1)
+    system.volume.corrupt_next_map(kind, count=100)
+    with pytest.raises(SwitchAgentError):
+        reconcile(orch, system.wwid)
+    for name, (live, regions) in tables.items():
+        assert system.dm.devices[name].live == live
+        if regions is not None:
+            assert np.array_equal(system.dm.devices[name].regions, regions)
+    lun = orch.luns[system.wwid]
+    assert lun.state == "routed" and lun.last_error
+    # Once the array answers properly again, routing catches up.
+    system.volume.corruption = None
+    reconcile(orch, system.wwid)
+    assert system.misrouted_pages(top_name(system)) == 0 and orch.luns[system.wwid].failures == 0
+
+
+def test_generation_churn_once_is_absorbed_by_a_restart(tmp_path):
+    system, orch = make(tmp_path, layout="random", page_size_bytes=MiB)
+    small_chunks(system)
+    system.volume.corrupt_next_map("generation-churn", count=1)
+    reconcile(orch, system.wwid)
+    assert system.misrouted_pages(top_name(system)) == 0
+
+
+def test_resize_builds_a_new_stack_and_swaps_the_top_device(tmp_path):
+    system, orch = make(tmp_path, size_bytes=2 * 1024 * MiB)
+    lun = reconcile(orch, system.wwid)
+    old_switch = lun.stack.plan.switch_name
+    system.resize(3 * 1024 * MiB)
+    lun = reconcile(orch, system.wwid)
+    assert lun.stack.plan.switch_name != old_switch and old_switch not in system.dm.devices
+    top = system.dm.devices[top_name(system)]
+    assert top.live[0][1] == 3 * 1024 * MiB // 512
+    assert system.misrouted_pages(top_name(system)) == 0
+    assert len([d for d in system.dm.devices.values() if d.uuid.startswith("SWAGENT-")]) == 5
+
+
+def test_a_failed_build_removes_what_it_made_and_keeps_the_old_stack(tmp_path):
+    system, orch = make(tmp_path, size_bytes=2 * 1024 * MiB)
+    reconcile(orch, system.wwid)
+    before = {n: d.live for n, d in system.dm.devices.items()}
+    system.resize(3 * 1024 * MiB)
+    system.dm.fail[("load", f"{top_name(system)}-sw")] = errno.ENOMEM
+    with pytest.raises(SwitchAgentError):
+        reconcile(orch, system.wwid)
+    assert {n: d.live for n, d in system.dm.devices.items()} == before
+
+
+def test_the_array_map_must_cover_the_lun(tmp_path):
+    system, orch = make(tmp_path)
+    system.volume.resize(2 * 1024 * MiB)  # the array shrank; multipath still shows 3 GiB
+    with pytest.raises(SwitchAgentError, match="need"):
+        reconcile(orch, system.wwid)
+
+
+def test_other_vendors_luns_are_left_alone(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "s")
+    orch = Orchestrator(Config(arrays=(type(CONFIG.arrays[0])("OTHER", "ARRAY"),)), system)
+    with pytest.raises(NotOurArrayError):
+        reconcile(orch, system.wwid)
+    assert system.wwid not in orch.luns
+    assert not [d for d in system.dm.devices.values() if d.uuid.startswith("SWAGENT-")]
+
+
+def test_unknown_lun(tmp_path):
+    system, orch = make(tmp_path)
+    with pytest.raises(LunNotFoundError):
+        reconcile(orch, "36001405deadbeef")
+
+
+def test_a_dead_path_is_reported_and_its_member_uses_the_others(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=1)
+    system.paths["sdc"].broken = True  # member 1's only path
+    lun = reconcile(orch, system.wwid)
+    status = orch.status(lun)
+    member1 = next(m for m in status["members"] if m["member_id"] == lun.stack.page_map.members[1].member_id)
+    assert member1["paths"] == []  # no path answered as member 1
+    assert any(p.device == "sdc" and not p.usable for p in lun.topology.paths)
+    own, other = lun.stack.plan.leg_paths[1]
+    assert own == () and len(other) == 2
+
+
+def test_status_and_locate_agree_with_the_array(tmp_path):
+    system, orch = make(tmp_path, layout="random")
+    lun = reconcile(orch, system.wwid)
+    status = orch.status(lun)
+    assert status["state"] == "routed" and status["device"] == f"/dev/mapper/{top_name(system)}"
+    assert sum(m["pages"] for m in status["members"]) == system.volume.total_pages
+    rng = np.random.default_rng(3)
+    for offset in rng.integers(0, system.volume.size_bytes, size=100):
+        where = orch.locate(lun, int(offset))
+        owner = system.volume.owner_of_offset(int(offset))
+        assert where["member"] == owner.name
+        assert {system.member_of_dev(system.devs[p]) for p in where["paths"]} == {owner.number}
+    assert orch.find(top_name(system)) is lun and orch.find(system.wwid) is lun
+    with pytest.raises(ValueError):
+        orch.locate(lun, system.volume.size_bytes)
+
+
+def test_rejected_diff_message_falls_back_to_a_full_upload(tmp_path):
+    system, orch = make(tmp_path, layout="random")
+    lun = reconcile(orch, system.wwid)
+    system.volume.move_pages(0.05)
+    switch = system.dm.devices[lun.stack.plan.switch_name]
+    real = system.dm.target_message
+    calls = []
+
+    def flaky(name, sector, message):
+        calls.append(message)
+        if len(calls) == 1:
+            real(name, sector, message.split(" ")[0] + " " + message.split(" ")[1] + " zz:zz")
+        return real(name, sector, message)
+
+    system.dm.target_message = flaky
+    reconcile(orch, system.wwid)
+    assert switch.regions is not None
+    assert system.misrouted_pages(top_name(system)) == 0
