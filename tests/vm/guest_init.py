@@ -41,6 +41,9 @@ MODULES = [
     "dm-round-robin", "dm-queue-length", "iscsi_tcp", "sg", "uio",
 ]
 
+# The emulator's run directory (its control socket and emulator.log); guest-only.
+EMU_RUN_DIR = Path("/run/switch-agent-emu")
+
 INITIATOR_IQN = "iqn.2026-11.org.example.switch-agent:vm-initiator"
 
 # Tuned for tests: fail a dead path in seconds, not minutes.
@@ -138,6 +141,7 @@ class Rig:
             "SWITCH_AGENT_SIZE": str(self.cfg["size"]),
             "SWITCH_AGENT_PAGE_SIZE": str(self.cfg["page_size"]),
             "SWITCH_AGENT_ARRAY": self.array_state,
+            "SWEMU_RUN_DIR": str(EMU_RUN_DIR),
         }
         for k, v in self.mpath.items():
             env[k] = v
@@ -234,6 +238,7 @@ class Rig:
         (etc / "initiatorname.iscsi").write_text(f"InitiatorName={INITIATOR_IQN}\n")
         (etc / "iscsid.conf").write_text(ISCSID_CONF)
         Path("/run/lock/iscsi").mkdir(parents=True, exist_ok=True)
+        Path("/etc/target").mkdir(exist_ok=True)  # rtslib-fb refuses to start without its dbroot
         self.daemon("iscsid", ["iscsid", "-f", "-n"])
         # iscsid listens on an abstract unix socket; poll for it.
         def listening():
@@ -413,10 +418,17 @@ class Rig:
             step("multipath -F", flush)
 
         if self.array_present and self.array_state not in ("absent", "not started"):
-            step("python -m tests.array down",
-                 lambda: self.run([self.python, "-m", "tests.array", "down"],
-                                  timeout=self.cfg["array_timeout"], log="array.log",
-                                  what="python -m tests.array down"))
+            def down():
+                try:
+                    self.run([self.python, "-m", "tests.array", "down"],
+                             timeout=self.cfg["array_timeout"], log="array.log",
+                             what="python -m tests.array down")
+                except RigError as e:
+                    # e.g. the server died: delete what it left in LIO anyway.
+                    self.run([self.python, "-m", "tests.array", "down", "--force"],
+                             timeout=self.cfg["array_timeout"], log="array.log", check=False)
+                    raise e
+            step("python -m tests.array down", down)
 
         def sessions_left():
             if not (self.procs.get("iscsid") and self.procs["iscsid"].poll() is None):
@@ -440,6 +452,12 @@ class Rig:
             (self.results / "dmesg.log").write_bytes(out)
         except Exception as e:  # noqa: BLE001
             self.say(f"could not save dmesg: {e}")
+        emu_log = EMU_RUN_DIR / "emulator.log"
+        if emu_log.is_file():
+            try:
+                shutil.copyfile(emu_log, self.results / "emulator.log")
+            except OSError as e:
+                self.say(f"could not copy {emu_log}: {e}")
 
 
 def pids_named(comm: str) -> list[int]:
