@@ -262,8 +262,13 @@ class FakeSystem:
     def open_path(self, device: str) -> FakeArrayPath:
         return self.paths[device]
 
+    def hctl_of(self, device: str) -> str:
+        """The scsi_device name of a path: one iSCSI session (host) per path."""
+        return f"{list(self.paths).index(device) + 2}:0:0:0"
+
     async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
-        return [scsi_sys_path.rsplit("/", 1)[-1]]
+        hctl = scsi_sys_path.rstrip("/").rsplit("/", 1)[-1]
+        return [name for name in self.paths if self.hctl_of(name) == hctl]
 
     # -- what the tests assert --------------------------------------------------------
 

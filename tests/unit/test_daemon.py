@@ -1,0 +1,198 @@
+"""The daemon over fake kernel layers: start-up scan, udev triggers, polling, the control socket, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+import pytest
+
+from agent import control
+from agent.config import Config
+from agent.daemon import Daemon, LunScheduler
+from agent.kernel.udev import UdevMonitor
+from agent.orchestrator import Orchestrator
+from tests.unit.fakes_kernel import FakeSystem
+from tests.unit.fakes_udev import FakeUdevSource, dm_disk_event, scsi_ua_event
+
+
+async def until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
+    """Poll a condition with a deadline (the daemon works in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.01)
+
+
+def config(tmp_path, **kw) -> Config:
+    return Config(socket_path=tmp_path / "run" / "control.sock", debounce_s=0.01, poll_interval_s=3600,
+                  retry_initial_s=0.01, retry_max_s=0.05, **kw)
+
+
+async def ask(cfg: Config, request: dict):
+    return await asyncio.to_thread(control.request, cfg.socket_path, request)
+
+
+def routed(system: FakeSystem, daemon: Daemon) -> bool:
+    lun = daemon.orchestrator.luns.get(system.wwid)
+    return bool(lun and lun.state == "routed")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_routes_at_start_and_answers_on_the_socket(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store", layout="random")
+    cfg = config(tmp_path)
+
+    async def main():
+        daemon = Daemon(cfg, system, None)
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: routed(system, daemon))
+        status = await ask(cfg, {"command": "status"})
+        assert [s["state"] for s in status] == ["routed"]
+        assert status[0]["device"] == f"/dev/mapper/switch-{system.wwid}"
+        where = await ask(cfg, {"command": "locate", "lun": system.wwid, "offset": 5 * 16 * 1024 * 1024})
+        assert where["page"] == 5 and where["member"] == system.volume.owner_of_offset(5 * 16 << 20).name
+        with pytest.raises(control.ControlError, match="no such array LUN"):
+            await ask(cfg, {"command": "show", "lun": "nope"})
+        with pytest.raises(control.ControlError, match="offset"):
+            await ask(cfg, {"command": "locate", "lun": system.wwid, "offset": "ten"})
+        daemon.stop()
+        await task
+        assert not cfg.socket_path.exists()
+        # Stopping leaves the routed device in place.
+        assert f"switch-{system.wwid}" in system.dm.devices
+
+    run(main())
+
+
+def test_unit_attention_event_brings_page_moves_in(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store", layout="random")
+    cfg = config(tmp_path)
+    top = f"switch-{system.wwid}"
+
+    async def main():
+        source = FakeUdevSource()
+        monitor = UdevMonitor(source)
+        monitor.start()
+        daemon = Daemon(cfg, system, monitor)
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: routed(system, daemon))
+        system.volume.move_pages(0.2)
+        assert system.misrouted_pages(top) > 0
+        for name in system.paths:  # one unit attention per path, folded into one run
+            source.emit(scsi_ua_event(system.hctl_of(name), "INQUIRY_DATA_HAS_CHANGED"))
+        await until(lambda: system.misrouted_pages(top) == 0)
+        daemon.stop()
+        await task
+
+    run(main())
+
+
+def test_polling_notices_a_new_generation(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store", layout="random")
+    cfg = config(tmp_path)
+    cfg = Config(**{**cfg.__dict__, "poll_interval_s": 0.02})
+    top = f"switch-{system.wwid}"
+
+    async def main():
+        daemon = Daemon(cfg, system, None)
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: routed(system, daemon))
+        system.volume.move_pages(0.2)
+        await until(lambda: system.misrouted_pages(top) == 0)
+        daemon.stop()
+        await task
+
+    run(main())
+
+
+def test_a_multipath_map_appearing_later_is_routed(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store")
+    system.mpath_present = False
+    cfg = config(tmp_path)
+
+    async def main():
+        source = FakeUdevSource()
+        monitor = UdevMonitor(source)
+        monitor.start()
+        daemon = Daemon(cfg, system, monitor)
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: cfg.socket_path.exists())
+        assert await ask(cfg, {"command": "status"}) == []
+        system.mpath_present = True
+        source.emit(dm_disk_event("add", "dm-0", dm_name=system.wwid, dm_uuid=f"mpath-{system.wwid}",
+                                  extra={"MPATH_DEVICE_READY": "1"}))
+        await until(lambda: routed(system, daemon))
+        daemon.stop()
+        await task
+
+    run(main())
+
+
+def test_failures_are_retried_with_backoff_until_the_array_answers(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store")
+    system.volume.corrupt_next_map("bad-crc", count=3)
+    cfg = config(tmp_path)
+
+    async def main():
+        daemon = Daemon(cfg, system, None)
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: routed(system, daemon))
+        assert daemon.orchestrator.luns[system.wwid].last_error  # it did fail first
+        daemon.stop()
+        await task
+
+    run(main())
+
+
+def test_refresh_of_an_unrouted_lun_reports_the_error(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store")
+    system.volume.corrupt_next_map("truncated", count=1000)
+    cfg = config(tmp_path, fetch_restarts=0)
+    cfg = Config(**{**cfg.__dict__, "retry_initial_s": 60, "retry_max_s": 60})
+
+    async def main():
+        daemon = Daemon(cfg, system, None)
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: cfg.socket_path.exists())
+        with pytest.raises(control.ControlError, match="GET PAGE MAP"):
+            await ask(cfg, {"command": "refresh", "lun": system.wwid})
+        status = await ask(cfg, {"command": "status"})
+        assert status[0]["state"] == "error" and "GET PAGE MAP" in status[0]["last_error"]
+        assert not [d for d in system.dm.devices.values() if d.uuid.startswith("SWAGENT-")]
+        daemon.stop()
+        await task
+
+    run(main())
+
+
+def test_scheduler_folds_triggers_while_one_is_pending(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store")
+    cfg = config(tmp_path)
+    calls = []
+
+    class Counting(Orchestrator):
+        async def reconcile(self, wwid):
+            calls.append(wwid)
+            return await super().reconcile(wwid)
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def sleep(_s):
+            await gate.wait()
+
+        scheduler = LunScheduler(Counting(cfg, system), cfg, sleep=sleep)
+        for _ in range(6):
+            scheduler.trigger(system.wwid, "unit attention")
+        gate.set()
+        await until(lambda: calls and not scheduler._pending)
+        await scheduler.close()
+
+    run(main())
+    assert calls == [system.wwid]
