@@ -175,6 +175,107 @@ def test_bad_get_page_map_comes_back_as_typed_check_condition() -> None:
     assert str(err).endswith("GET PAGE MAP (0xc8): CHECK CONDITION, ILLEGAL REQUEST: INVALID FIELD IN CDB (24/00)")
 
 
+# --- SG_IO, sysfs and udev on scsi_debug (no array needed) ---------------------
+
+
+def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), check=check, timeout=60, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True)
+
+
+def _scsi_debug_disks() -> list[str]:
+    found = []
+    for block in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{block}/device/model") as f:
+                if f.read().strip() == "scsi_debug":
+                    found.append(block)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def scsi_debug_disk():
+    """One scsi_debug disk (16 MiB), removed afterwards with whatever multipathd built on it."""
+    if _scsi_debug_disks():
+        pytest.skip("scsi_debug already loaded by someone else")
+    _sh("modprobe", "scsi_debug", "dev_size_mb=16", "num_tgts=1", "max_luns=1")
+    try:
+        deadline = time.monotonic() + 30
+        while not _scsi_debug_disks():
+            assert time.monotonic() < deadline, "scsi_debug loaded but no disk appeared"
+            time.sleep(0.2)
+        _sh("udevadm", "settle", "-t", "30", check=False)
+        yield _scsi_debug_disks()[0]
+    finally:
+        for disk in _scsi_debug_disks():
+            for holder in os.listdir(f"/sys/block/{disk}/holders") if os.path.isdir(f"/sys/block/{disk}/holders") else []:
+                with open(f"/sys/block/{holder}/dm/name") as f:
+                    _sh("multipath", "-f", f.read().strip(), check=False)
+        _sh("udevadm", "settle", "-t", "30", check=False)
+        r = _sh("rmmod", "scsi_debug", check=False)
+        if r.returncode:
+            print(f"rmmod scsi_debug failed (left loaded): {r.stderr.strip()}")
+
+
+def test_sgio_on_scsi_debug(scsi_debug_disk: str) -> None:
+    """The real SG_IO ABI: data-in, resid trim, VPD, capacity, and an unknown opcode's sense."""
+    async def main():
+        sysfs = Sysfs()
+        async with ScsiDevice(f"/dev/{scsi_debug_disk}", sysfs=sysfs) as dev:
+            res = await dev.execute(build_inquiry_cdb(allocation_length_bytes=255), data_in_length=255)
+            std = decode_standard_inquiry(res.data_in)
+            assert (std.vendor.strip(), std.product.strip()) == ("Linux", "scsi_debug")
+            assert len(res.data_in) == 255 - res.resid and res.duration_ms >= 0
+            vpd = decode_device_identification_vpd((await dev.execute(
+                build_inquiry_cdb(evpd=True, page_code=0x83, allocation_length_bytes=512),
+                data_in_length=512)).data_in)
+            assert vpd.logical_unit_naa() is not None
+            cap = decode_read_capacity_16((await dev.execute(build_read_capacity_16_cdb(32),
+                                                             data_in_length=32)).data_in)
+            disk = await sysfs.scsi_disk(dev.name)
+            assert cap.block_count * cap.block_length_bytes == disk.size_sectors * 512 == 16 << 20
+            assert disk.iscsi is None and disk.vendor == "Linux"
+            assert await dev.max_transfer_bytes() == disk.queue.max_transfer_bytes
+            with pytest.raises(ScsiCommandError) as err:
+                await dev.execute(build_get_page_map_cdb(0, 4096), data_in_length=4096)
+            print(f"{dev.name}: {std}, naa {vpd.logical_unit_naa()}, {cap.block_count} blocks; "
+                  f"GET PAGE MAP -> {err.value}")
+            assert err.value.sense is not None and err.value.sense.key == SenseKey.ILLEGAL_REQUEST
+            assert (err.value.sense.asc, err.value.sense.ascq) == (0x20, 0x00)
+            assert str(err.value).startswith(f"{dev.name}: GET PAGE MAP (0xc8): CHECK CONDITION, ILLEGAL REQUEST")
+
+    run(main())
+
+
+def test_udev_sees_a_capacity_unit_attention_on_scsi_debug(scsi_debug_disk: str) -> None:
+    """scsi_debug raises CAPACITY DATA HAS CHANGED when virtual_gb changes; the next command reports it."""
+    async def main():
+        sysfs = Sysfs()
+        hctl = str(await sysfs.hctl(scsi_debug_disk))
+        async with UdevMonitor() as monitor:
+            with open("/sys/bus/pseudo/drivers/scsi_debug/virtual_gb", "w") as f:
+                f.write("1\n")
+            try:
+                await execute(f"/dev/{scsi_debug_disk}", build_test_unit_ready_cdb())
+                tur = "GOOD (another command took the UA first)"
+            except ScsiCommandError as exc:
+                assert exc.sense is not None and exc.sense.key == SenseKey.UNIT_ATTENTION, exc
+                assert exc.sense.additional_sense == AdditionalSense.CAPACITY_DATA_HAS_CHANGED, exc
+                tur = str(exc)
+            seen = await _wait_for(
+                monitor,
+                lambda e: (e.subsystem, e.devtype, e.action, e.sys_name) == ("scsi", "scsi_device", "change", hctl)
+                and e.get("SDEV_UA") == "CAPACITY_DATA_HAS_CHANGED",
+                f"SDEV_UA=CAPACITY_DATA_HAS_CHANGED on {hctl}")
+            print("TUR:", tur, "| udev:", [(e.action, e.subsystem, e.sys_name, e.get("SDEV_UA")) for e in seen],
+                  dict(seen[-1].properties))
+            assert seen[-1].device_node is None
+
+    run(main())
+
+
 # --- sysfs ------------------------------------------------------------------------
 
 
