@@ -442,7 +442,8 @@ def encode_region_mappings(
     and R tokens may copy from any region before the one being written,
     because the kernel table there is known. ``previous=None`` means the
     table holds garbage: every allocated region is written and R tokens only
-    copy from regions this encoding has already written.
+    copy from regions this encoding has already written. A negative entry
+    in ``previous`` marks one region as unknown in the same way.
 
     Each message is at most ``max_message_bytes`` bytes (the whole string),
     holds at most MAX_MESSAGE_TOKENS argv entries, and starts with an
@@ -464,12 +465,12 @@ def encode_region_mappings(
         prev = _as_map(previous, "previous")
         if len(prev) != n:
             raise EncodeError(f"previous has {len(prev)} regions, regions has {n}")
-        if int(prev.min()) < 0:
-            raise EncodeError("previous must hold a path for every region (no negatives)")
         ptop = int(prev.max())
         if ptop >= MAX_SWITCH_PATHS:
             raise EncodeError(f"previous path {ptop} is beyond any dm-switch table")
         top = max(top, ptop)
+        if int(prev.min()) < -1:
+            prev = np.maximum(prev, -1)  # every negative means the same: unknown
         prev = _compact(prev, top)
     if int(r.min()) < -1:
         r = np.maximum(r, -1)  # every negative means the same: don't care
@@ -478,8 +479,8 @@ def encode_region_mappings(
     target = _target(r, prev)
     if target is None:
         return []
-    t, need, base = target
-    plan = _lz_plan(t, need) if _worth_matching(t, need) else None
+    t, need, base, unknown = target
+    plan = _lz_plan(t, need, unknown) if _worth_matching(t, need) else None
     # Each run start of the written range costs the runs plan at least 3 bytes.
     if plan is None or plan.total > 3 * _count_runs(t, need):
         runs = _RunsLayout(t, need)
@@ -506,33 +507,36 @@ def _worth_matching(t: np.ndarray, need: np.ndarray | None) -> bool:
 
 
 def _target(r: np.ndarray, prev: np.ndarray | None):
-    """Choose what to write: (t, need, base).
+    """Choose what to write: (t, need, base, unknown).
 
     ``t`` is the map with don't-care regions filled; ``need`` marks regions
     that must be written (None: all of ``t``); ``base`` is the region number
-    of ``t[0]`` (with no previous table, t covers first..last allocated).
+    of ``t[0]`` (with no previous table, t covers first..last allocated);
+    ``unknown`` marks regions whose kernel content is unknown and that need
+    not be written, which R copies must not read (None: there are none).
     Returns None when nothing needs sending.
     """
     n = len(r)
     holes = bool(int(r.min()) < 0)
     if prev is None:
         if not holes:
-            return r, None, 0
+            return r, None, 0, None
         alloc = np.flatnonzero(r >= 0)
         if len(alloc) == 0:
             return None
         lo, hi = int(alloc[0]), int(alloc[-1])
-        return _fill(r[lo : hi + 1]), None, lo
+        return _fill(r[lo : hi + 1]), None, lo, None
+    blind = bool(int(prev.min()) < 0)
     if not holes:
-        need = r != prev
+        need = r != prev  # an unknown (-1) previous never equals a path
         if not need.any():
             return None
-        return r, need, 0
+        return r, need, 0, None
     alloc = r >= 0
-    t = np.where(alloc, r, prev).astype(r.dtype, copy=False)
     need = alloc & (r != prev)
     if not need.any():
         return None
+    t = np.where(alloc, r, prev).astype(r.dtype, copy=False)
     # Holes between two changed regions sit inside a span that is written
     # anyway: fill them to continue the surrounding pattern, not with the old
     # value, which would break runs. They must then be written, since the
@@ -542,11 +546,18 @@ def _target(r: np.ndarray, prev: np.ndarray | None):
     right = np.minimum.accumulate(np.where(alloc, idx, n)[::-1])[::-1]
     inner = ~alloc & (left >= 0) & (right < n)
     inner &= need[np.clip(left, 0, n - 1)] & need[np.clip(right, 0, n - 1)]
-    if inner.any():
-        filled = _fill(np.where(inner | alloc, r, -1).astype(r.dtype))
-        t = np.where(inner, filled, t).astype(r.dtype, copy=False)
+    unknown = (~alloc & (prev < 0)) if blind else None
+    fill_at = inner if unknown is None else inner | unknown
+    if fill_at.any():
+        # Unknown holes get a pattern value too: a gap bridged through one
+        # must write a real path.
+        t = np.where(fill_at, _fill(r), t).astype(r.dtype, copy=False)
         need |= inner
-    return t, need, 0
+    if unknown is not None:
+        unknown &= ~need
+        if not unknown.any():
+            unknown = None
+    return t, need, 0, unknown
 
 
 def _period(r: np.ndarray) -> int:
@@ -795,7 +806,7 @@ def _kgram_matches(t: np.ndarray, ix: type, max_len: int) -> tuple[np.ndarray, n
     return dist, length
 
 
-def _lz_plan(t: np.ndarray, need: np.ndarray | None) -> _Plan | None:
+def _lz_plan(t: np.ndarray, need: np.ndarray | None, unknown: np.ndarray | None = None) -> _Plan | None:
     """Greedy LZ77-style parse: literals, ``R<d>,<m>`` copies from d regions back, and skips.
 
     Candidate matches per region are the run continuation (d=1) and the
@@ -804,6 +815,8 @@ def _lz_plan(t: np.ndarray, need: np.ndarray | None) -> _Plan | None:
     unless the next region has a better one (lazy matching, as deflate
     does). Where regions need not be written (``need``), it jumps ahead
     with a new explicit index when that is cheaper than bridging the gap.
+    A match is cut where its source reaches an ``unknown`` region (the
+    parse may or may not write it; reading it is only safe if it did).
     Only the parse's landing points are walked in Python.
     """
     n = len(t)
@@ -813,13 +826,28 @@ def _lz_plan(t: np.ndarray, need: np.ndarray | None) -> _Plan | None:
     else:
         w = np.flatnonzero(need)
         start, stop = int(w[0]), int(w[-1]) + 1
+        if 2 * len(w) >= stop - start:
+            # Mostly changed: skips cannot pay off; writing the few
+            # unchanged regions costs less than deciding about each of them.
+            need = None
     idx = np.arange(n, dtype=ix)
     room = stop - idx
     small = int(t.max()) < 16
     none = ix(-(2**30))
 
+    if unknown is not None:
+        # nu[j]: first unknown region at or after j.
+        nu = np.minimum.accumulate(np.where(unknown, idx, n)[::-1])[::-1]
+
     def savings(dist, length):
         length = np.minimum(length, room)
+        if unknown is not None:
+            src = idx - (1 if dist is None else dist)
+            np.maximum(src, 0, out=src)
+            stain = nu[src]
+            # A copy reads [src, i) from the table, then its own output.
+            cut = stain < idx
+            length = np.where(cut, np.minimum(length, stain - src), length)
         lits = 3 * length if small else _lit_cost_sum(t, idx, np.minimum(idx + length, n)).astype(ix)
         dcost = 1 if dist is None else _hexlen(dist, ix)  # None: d=1, the run continuation
         s = lits - (3 + dcost + _hexlen(length, ix))
