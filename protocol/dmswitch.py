@@ -487,7 +487,7 @@ def encode_region_mappings(
         if plan is None or runs.total < plan.total:
             plan = runs.build()
     if base:
-        plan.pos = plan.pos + base
+        plan = _Plan(plan.pos + base, plan.kind, plan.val, plan.cnt)  # explicit tokens' lengths change
     return _messages(plan, t, base, limit)
 
 
