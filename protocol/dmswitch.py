@@ -806,6 +806,32 @@ def _kgram_matches(t: np.ndarray, ix: type, max_len: int) -> tuple[np.ndarray, n
     return dist, length
 
 
+def _dominant_distances(dist: np.ndarray, length: np.ndarray, top: int = 2) -> list[int]:
+    """Copy distances > 1 that carry a large share of all matched length, from a fixed sample."""
+    n = len(dist)
+    pick = np.random.default_rng(0x5EED).integers(0, n, size=min(n, 1 << 17))
+    d, ln = dist[pick], length[pick]
+    keep = d > 1
+    if not keep.any():
+        return []
+    d, w = d[keep], np.minimum(ln[keep], 4096).astype(np.int64)
+    vals, inv = np.unique(d, return_inverse=True)
+    weight = np.bincount(inv, weights=w)
+    best = np.argsort(-weight)[:top]
+    total = float(w.sum())
+    return [int(vals[i]) for i in best if weight[i] >= 0.05 * total]
+
+
+def _copy_remaining(t: np.ndarray, p: int, ix: type) -> np.ndarray:
+    """For each i, how many regions from i on equal the one p before: lengths of ``R<p>,<m>`` copies."""
+    n = len(t)
+    idx = np.arange(n, dtype=ix)
+    differs = np.ones(n, dtype=bool)
+    np.not_equal(t[p:], t[:-p], out=differs[p:])
+    nxt = np.minimum.accumulate(np.where(differs, idx, n)[::-1])[::-1]
+    return nxt - idx
+
+
 def _lz_plan(t: np.ndarray, need: np.ndarray | None, unknown: np.ndarray | None = None) -> _Plan | None:
     """Greedy LZ77-style parse: literals, ``R<d>,<m>`` copies from d regions back, and skips.
 
@@ -840,6 +866,7 @@ def _lz_plan(t: np.ndarray, need: np.ndarray | None, unknown: np.ndarray | None 
         nu = np.minimum.accumulate(np.where(unknown, idx, n)[::-1])[::-1]
 
     def savings(dist, length):
+        """Bytes a copy saves over literals; dist is an array, a fixed distance, or None (1)."""
         length = np.minimum(length, room)
         if unknown is not None:
             src = idx - (1 if dist is None else dist)
@@ -849,20 +876,28 @@ def _lz_plan(t: np.ndarray, need: np.ndarray | None, unknown: np.ndarray | None 
             cut = stain < idx
             length = np.where(cut, np.minimum(length, stain - src), length)
         lits = 3 * length if small else _lit_cost_sum(t, idx, np.minimum(idx + length, n)).astype(ix)
-        dcost = 1 if dist is None else _hexlen(dist, ix)  # None: d=1, the run continuation
+        dcost = 1 if dist is None else _hexlen1(dist) if isinstance(dist, int) else _hexlen(dist, ix)
         s = lits - (3 + dcost + _hexlen(length, ix))
         s[length <= 0] = none
         return s, length
 
     bd = np.ones(n, dtype=ix)
     bs, bl = savings(None, _run_remaining(t, ix))
-    km = _kgram_matches(t, ix, 4096)
+    km = _kgram_matches(t, ix, 256)  # longer copies come from runs and periods
     if km is not None:
         ks, kl = savings(*km)
         better = ks > bs
         np.copyto(bs, ks, where=better)
         np.copyto(bl, kl, where=better)
         np.copyto(bd, km[0], where=better)
+        # The nearest K-gram inside a stripe is the run itself, so striped
+        # layouts' long copies (one period back) need their own candidates.
+        for period in _dominant_distances(*km):
+            ps, pl = savings(period, _copy_remaining(t, period, ix))
+            better = ps > bs
+            np.copyto(bs, ps, where=better)
+            np.copyto(bl, pl, where=better)
+            bd[better] = period
 
     take = bs > 0
     take[:-1] &= bs[1:] <= bs[:-1]  # lazy: the next region starts a better match

@@ -320,6 +320,14 @@ def test_striped_is_a_few_tokens():
     assert np.array_equal(table, maps.striped(3000, 3))
 
 
+def test_wide_stripes_copy_one_period_back():
+    # Stripes 64 pages wide over 3 members repeat every 192 regions.
+    r = maps.striped(100_000, 3, 64)
+    msgs = ds.encode_region_mappings(r)
+    assert sum(len(m) for m in msgs) < 80
+    assert np.array_equal(apply_all(np.zeros(len(r), dtype=np.int64), msgs, 3), r)
+
+
 def test_many_paths_use_wider_hex():
     r = np.random.default_rng(3).integers(0, 300, 500)
     msgs = ds.encode_region_mappings(r)
