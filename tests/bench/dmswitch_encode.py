@@ -76,12 +76,14 @@ def scenarios():
     stripe5 = maps.move_pages(maps.striped(n, 3), 0.05, 3, np.random.default_rng(5))
     moved = maps.move_pages(seed, 0.0, 3, np.random.default_rng(6), count=1000)
     holes = maps.with_holes(seed, 0.2, np.random.default_rng(7), mean_hole=32.0)
+    wide = maps.move_pages(maps.striped(n, 3, 64), 0.05, 3, np.random.default_rng(8))
     return [
         ("seed map, unknown table", seed, None, garbage, 3, "<= 0.35x, <= 0.5 s"),
         ("seed map, after table load (round-robin)", seed, rr, rr, 3, ""),
         ("seed map, 20% don't-care, unknown table", holes, None, garbage, 3, ""),
         ("striped/3, 5% moved, unknown table", stripe5, None, garbage, 3, "<= 0.09x"),
         ("striped/3, 5% moved, round-robin table", stripe5, rr, rr, 3, "<= 0.05x"),
+        ("stripes 64 pages wide/3, 5% moved, unknown", wide, None, garbage, 3, ""),
         ("seed map, 1000 pages moved, previous map", moved, seed, seed, 3, "<= 12 KiB, <= 50 ms"),
     ]
 
