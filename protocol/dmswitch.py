@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.errors import DecodeError, DmSwitchMessageError, EncodeError, TruncatedError, ValueRangeError
+from protocol.errors import DmSwitchMessageError, EncodeError, TruncatedError, ValueRangeError
 
 __all__ = [
     "MESSAGE_NAME",
@@ -160,38 +160,43 @@ class PriorityGroup:
     path_args: Sequence[str] | None = None
 
 
-# parse_features (dm-mpath.c): feature word -> (number of values, validator)
-_MPATH_FEATURES: dict[str, tuple[int, object]] = {
-    "queue_if_no_path": (0, None),
-    "retain_attached_hw_handler": (0, None),
-    "pg_init_retries": (1, (1, 50)),
-    "pg_init_delay_msecs": (1, (0, 60000)),
-    "queue_mode": (1, ("bio", "rq", "mq")),
-}
+# parse_features (dm-mpath.c): words without a value, with a number, with a keyword.
+_MPATH_FLAGS = {"queue_if_no_path", "retain_attached_hw_handler"}
+_MPATH_RANGES = {"pg_init_retries": (1, 50), "pg_init_delay_msecs": (0, 60000)}
+_MPATH_CHOICES = {"queue_mode": ("bio", "rq", "mq")}
+
+
+def _words(values: object, what: str) -> list[str]:
+    """A sequence of table arguments; a bare string is refused rather than split into characters."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise EncodeError(f"{what} must be a sequence of words, got {values!r}")
+    return [_word(v, what) for v in values]
 
 
 def _mpath_features(features: Sequence[str], queue_if_no_path: bool) -> list[str]:
-    words = [_word(f, "multipath feature") for f in features]
+    """Validate feature words against parse_features (dm-mpath.c) and add queue_if_no_path if asked."""
+    words = _words(features, "multipath feature")
     out: list[str] = []
     i = 0
     while i < len(words):
         name = words[i].lower()
-        if name not in _MPATH_FEATURES:
-            raise EncodeError(f"unknown multipath feature {words[i]!r}")
-        nvals, rule = _MPATH_FEATURES[name]
-        if i + nvals >= len(words) + (1 if nvals == 0 else 0) and nvals:
-            raise EncodeError(f"multipath feature {words[i]!r} needs a value")
         out.append(words[i])
-        if nvals:
-            val = words[i + 1]
-            if isinstance(rule, tuple) and isinstance(rule[0], int):
-                lo, hi = rule  # type: ignore[misc]
-                if not val.isdigit() or not lo <= int(val) <= hi:
-                    raise EncodeError(f"multipath feature {words[i]} must be in [{lo}, {hi}], got {val!r}")
-            elif val.lower() not in rule:  # type: ignore[operator]
-                raise EncodeError(f"multipath feature {words[i]} must be one of {rule}, got {val!r}")
-            out.append(val)
-        i += 1 + nvals
+        i += 1
+        if name in _MPATH_FLAGS:
+            continue
+        if name not in _MPATH_RANGES and name not in _MPATH_CHOICES:
+            raise EncodeError(f"unknown multipath feature {words[i - 1]!r}")
+        if i >= len(words):
+            raise EncodeError(f"multipath feature {words[i - 1]!r} needs a value")
+        val = words[i]
+        if name in _MPATH_RANGES:
+            lo, hi = _MPATH_RANGES[name]
+            if not val.isdigit() or not lo <= int(val) <= hi:
+                raise EncodeError(f"multipath feature {name} must be in [{lo}, {hi}], got {val!r}")
+        elif val.lower() not in _MPATH_CHOICES[name]:
+            raise EncodeError(f"multipath feature {name} must be one of {_MPATH_CHOICES[name]}, got {val!r}")
+        out.append(val)
+        i += 1
     if queue_if_no_path and not any(w.lower() == "queue_if_no_path" for w in out):
         out.append("queue_if_no_path")
     # dm_read_arg_group with {0, 8, "invalid number of feature args"}
@@ -236,7 +241,7 @@ def multipath_table(
             raise EncodeError("hw_handler_args given without hw_handler")
         parts.append("0")
     else:
-        hw = [_word(hw_handler, "hw_handler")] + [_word(a, "hw_handler arg") for a in hw_handler_args]
+        hw = [_word(hw_handler, "hw_handler")] + _words(hw_handler_args, "hw_handler arg")
         if len(hw) > 1024:
             raise EncodeError("at most 1024 hardware handler args")
         parts += [str(len(hw)), *hw]
@@ -256,8 +261,8 @@ def multipath_table(
                 raise EncodeError(f"priority group {n} must be a sequence of devices, got {group!r}")
             group = PriorityGroup(paths=group)
         sel = sel_default if group.selector is None else _word(group.selector, "path selector")
-        sargs = [_word(a, "selector arg") for a in (selector_args if group.selector_args is None else group.selector_args)]
-        pargs = [_word(a, "path arg") for a in (path_args if group.path_args is None else group.path_args)]
+        sargs = _words(selector_args if group.selector_args is None else group.selector_args, "selector arg")
+        pargs = _words(path_args if group.path_args is None else group.path_args, "path arg")
         if len(sargs) > 1024 or len(pargs) > 1024:
             raise EncodeError("at most 1024 selector args and 1024 per-path args")
         if isinstance(group.paths, (str, bytes)) or not isinstance(group.paths, Sequence):
@@ -443,7 +448,9 @@ def encode_region_mappings(
     because the kernel table there is known. ``previous=None`` means the
     table holds garbage: every allocated region is written and R tokens only
     copy from regions this encoding has already written. A negative entry
-    in ``previous`` marks one region as unknown in the same way.
+    in ``previous`` marks one region as unknown in the same way; so does a
+    path higher than any allocated region's (e.g. an "impossible path"
+    marker), which is never safe to write back.
 
     Each message is at most ``max_message_bytes`` bytes (the whole string),
     holds at most MAX_MESSAGE_TOKENS argv entries, and starts with an
@@ -468,8 +475,14 @@ def encode_region_mappings(
         ptop = int(prev.max())
         if ptop >= MAX_SWITCH_PATHS:
             raise EncodeError(f"previous path {ptop} is beyond any dm-switch table")
-        top = max(top, ptop)
-        if int(prev.min()) < -1:
+        if top < 0:
+            return []  # nothing allocated
+        if ptop > top:
+            # A path no allocated region uses may be a caller's "impossible
+            # path" marker for unknown: writing it back (bridging a gap)
+            # would be rejected. Treating it as unknown is always safe.
+            prev = np.where((prev > top) | (prev < 0), -1, prev)
+        elif int(prev.min()) < -1:
             prev = np.maximum(prev, -1)  # every negative means the same: unknown
         prev = _compact(prev, top)
     if int(r.min()) < -1:
@@ -968,8 +981,9 @@ def _messages(plan: _Plan, t: np.ndarray, base: int, limit: int) -> list[str]:
     """Cut a plan into messages under ``limit`` bytes, each opened by an explicit ``idx:v``."""
     pos, kind, val, cnt, cost = plan.pos.copy(), plan.kind, plan.val, plan.cnt.copy(), plan.cost
     tv = t.astype(np.int64)
-    # The worst opening token this plan can need must fit, or no message can.
-    worst = _hexlen1(int(pos.max())) + 1 + _hexlen1(int(tv.max()))
+    # The worst opening token this plan can need must fit, or no message can;
+    # a copy split across messages opens one at any region it covers.
+    worst = _hexlen1(int((pos + cnt - 1).max())) + 1 + _hexlen1(int(tv.max()))
     room0 = limit - len(_PREFIX)
     if worst > room0:
         raise EncodeError(f"max_message_bytes={limit} cannot hold even one token (needs {len(_PREFIX) + worst})")

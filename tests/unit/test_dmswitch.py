@@ -265,6 +265,20 @@ def test_partly_unknown_table(case, limit, blind, seed):
     assert np.array_equal(table[alloc], regions[alloc])
 
 
+def test_impossible_path_in_previous_means_unknown():
+    # agent/orchestrator.py marks regions it does not know with path nr_paths.
+    # Holes there must never be written back as that path (the kernel would
+    # reject the message); indices need 5 hex digits for gap bridging to occur.
+    rng = np.random.default_rng(3)
+    kernel = maps.seed_map(rng, pages=100_000)
+    owners = maps.with_holes(maps.move_pages(kernel, 0.05, 3, rng), 0.3, rng, 3).astype(np.int64)
+    previous = np.where(owners < 0, 3, kernel)
+    messages = ds.encode_region_mappings(owners, previous=previous)
+    table = apply_all(kernel.astype(np.int64), messages, 3)
+    assert np.array_equal(table[owners >= 0], owners[owners >= 0])
+    assert messages == ds.encode_region_mappings(owners, previous=np.where(owners < 0, -1, kernel))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-1, 3), min_size=1, max_size=40), st.integers(0, 2**32 - 1))
 def test_small_lists_shrinkable(regions, seed):
@@ -481,6 +495,8 @@ def test_multipath_priority_group_overrides():
         {"selector": ""},
         {"path_args": ("1 2",)},
         {"hw_handler_args": ["x"]},
+        {"selector_args": "ab"},
+        {"features": "queue_if_no_path"},
         {"length_sectors": 0},
     ],
 )
