@@ -53,6 +53,8 @@ class LioArray:
     def __init__(self, *, iqn: str = DEFAULT_IQN, volume: str = "vol0", serial: str) -> None:
         import rtslib_fb  # only in the guest: the host has no configfs
 
+        # rtslib's RTSRoot insists on its dbroot directory existing, though we save nothing.
+        Path("/etc/target").mkdir(exist_ok=True)
         self._rts = rtslib_fb
         self.iqn = iqn
         self.volume = volume
