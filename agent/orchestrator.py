@@ -195,8 +195,8 @@ class Orchestrator:
     async def _update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
         """Same legs, same geometry: send only the regions whose owner changed."""
         assert lun.stack is not None
-        messages = dmswitch.encode_region_mappings(page_map.owners, previous=_known(lun.stack.kernel_map,
-                                                                                     len(plan.legs)),
+        # A -1 in `previous` is a region whose kernel value we do not know: it is sent if allocated.
+        messages = dmswitch.encode_region_mappings(page_map.owners, previous=lun.stack.kernel_map,
                                                    max_message_bytes=self.config.max_message_bytes)
         try:
             await self._send(lun, plan.switch_name, messages)
@@ -339,11 +339,6 @@ class Orchestrator:
 
 def _is_transport_error(exc: SwitchAgentError) -> bool:
     return not isinstance(exc, DecodeError)
-
-
-def _known(kernel_map: np.ndarray, nr_paths: int) -> np.ndarray:
-    """`previous` for the encoder: a region we do not know is marked with an impossible path so it is sent."""
-    return np.where(kernel_map < 0, nr_paths, kernel_map)
 
 
 def _after_upload(owners: np.ndarray) -> np.ndarray:

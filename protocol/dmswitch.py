@@ -1132,9 +1132,7 @@ def _parse_hex(s: bytes, i: int) -> tuple[int, int]:
 
 
 def _reject(argv: list[bytes], i: int, reason: str) -> DmSwitchMessageError:
-    err = DmSwitchMessageError(argv[i].decode("latin-1"), i, reason)
-    err.applied = max(0, i - 1)  # type: ignore[attr-defined]
-    return err
+    return DmSwitchMessageError(argv[i].decode("latin-1"), i, reason, applied=max(0, i - 1))
 
 
 def apply_region_mappings(table: np.ndarray, message: str | bytes, nr_paths: int) -> None:

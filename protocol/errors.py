@@ -68,8 +68,9 @@ class DmSwitchMessageError(SwitchAgentError):
     applies messages token by token, so a rejected message is partly applied.
     """
 
-    def __init__(self, token: str, position: int, reason: str) -> None:
+    def __init__(self, token: str, position: int, reason: str, applied: int | None = None) -> None:
         self.token = token
         self.position = position
         self.reason = reason
+        self.applied = applied
         super().__init__(f"set_region_mappings token {position} {token!r}: {reason}")

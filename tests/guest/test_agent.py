@@ -1,0 +1,256 @@
+"""The agent end to end on the real kernel: daemon before login, routed LUN, 0 forwarded I/O.
+
+Runs inside the VM rig with the array up but not logged in:
+
+    python -m tests.vm.run --members 3 --no-login -- \
+        python -m pytest -q -s -p no:cacheprovider tests/guest/test_agent.py
+
+The tests run in file order and share one daemon and one LUN.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import control as agent_control
+from tests.array import control as array_control
+
+pytestmark = pytest.mark.guest
+
+MIB = 1 << 20
+ROUTE_DEADLINE_S = 10.0
+RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
+
+
+def array(op: str, **args):
+    """The emulator's control socket, in-process (100 subprocesses cost minutes under TCG)."""
+    return array_control.request(array_control.run_dir(), op, **args)
+
+
+def array_info() -> dict:
+    """`python -m tests.array info --json`: the server's view plus paths and the multipath map."""
+    out = subprocess.run([sys.executable, "-m", "tests.array", "info", "--json"], check=True,
+                         capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def agent_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(CONFIG), *args],
+                          capture_output=True, text=True, timeout=300, check=check)
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+CONFIG = Path("/tmp/switch-agent-test/switch-agent.toml")
+SOCKET = Path("/tmp/switch-agent-test/run/control.sock")
+
+
+def status() -> list[dict]:
+    try:
+        return agent_control.request(SOCKET, {"command": "status"}, timeout_s=30)
+    except agent_control.ControlError:
+        return []
+
+
+def our_uuids() -> dict[str, str]:
+    """name -> uuid of every dm device with our uuid prefix (dmsetup: an independent reader)."""
+    out = subprocess.run(["dmsetup", "info", "-c", "--noheadings", "-o", "name,uuid", "--separator", " "],
+                         capture_output=True, text=True, check=True).stdout
+    pairs = (line.split() for line in out.splitlines())
+    return {p[0]: p[1] for p in pairs if len(p) == 2 and p[1].startswith("SWAGENT-")}
+
+
+def our_devices() -> dict[str, str]:
+    """name -> table of every dm device with our uuid prefix."""
+    return {n: subprocess.run(["dmsetup", "table", n], capture_output=True, text=True, check=True).stdout
+            for n in our_uuids()}
+
+
+def remove_our_devices() -> None:
+    """Top first, then switches, then legs: each is held by the one above."""
+    order = {"top": 0, "sw": 1, "leg": 2}
+    for name, uuid in sorted(our_uuids().items(), key=lambda kv: order[kv[1].split("-")[1]]):
+        subprocess.run(["dmsetup", "remove", "--retry", name], check=False)
+
+
+def install_udev_rule() -> None:
+    """Our udev rule, its RUN commands made harmless: the guest has no /usr/bin/switch-agent."""
+    rule = (Path(__file__).resolve().parents[2] / "packaging" / "90-switch-agent.rules").read_text()
+    Path("/etc/udev/rules.d/90-switch-agent.rules").write_text(rule.replace("/usr/bin/switch-agent", "/bin/true"))
+    subprocess.run(["udevadm", "control", "--reload"], check=True)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    if os.geteuid() != 0 or not Path("/dev/mapper/control").exists():
+        pytest.skip("needs root and device-mapper (runs in the VM rig)")
+    if not array_control.server_running(array_control.run_dir()):
+        pytest.skip("no emulated array is up (runs in the VM rig)")
+    install_udev_rule()
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text(f'socket_path = "{SOCKET}"\npoll_interval_s = 600.0\ndebounce_s = 0.3\n'
+                      'retry_initial_s = 0.5\nretry_max_s = 2.0\nlog_level = "debug"\n')
+    log = open(RESULTS / "switch-agent.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(CONFIG), "daemon"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    wait_for(lambda: SOCKET.exists() or proc.poll() is not None, 60, "the control socket")
+    assert proc.poll() is None, (RESULTS / "switch-agent.log").read_text()
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    log.close()
+    assert our_devices(), "the routed device outlives the daemon"
+    remove_our_devices()  # so the rig can flush multipath and log out
+
+
+@pytest.fixture(scope="module")
+def routed(daemon) -> dict:
+    """Log in to every member with the daemon already running; the LUN must be routed soon after."""
+    assert status() == [], "nothing is logged in yet, so the daemon knows no LUN"
+    subprocess.run([sys.executable, "-m", "tests.array", "login"], check=True, timeout=300)
+    logged_in = time.monotonic()
+    record = wait_for(lambda: next((s for s in status() if s["state"] == "routed"), None), 60,
+                      "the LUN to be routed")
+    elapsed = time.monotonic() - logged_in
+    print(f"\nrouted {elapsed:.1f} s after the last login (deadline {ROUTE_DEADLINE_S} s)")
+    (RESULTS / "agent-route-time.txt").write_text(f"{elapsed:.2f}\n")
+    assert elapsed <= ROUTE_DEADLINE_S
+    return record
+
+
+def test_the_lun_is_routed_with_every_member(routed):
+    info = array_info()
+    assert routed["wwid"] == info["wwid"]
+    assert len(routed["members"]) == len(info["members"])
+    assert all(m["paths"] and all(p["state"] == "active" for p in m["paths"]) for m in routed["members"])
+    assert sum(m["pages"] for m in routed["members"]) == routed["pages"]
+    assert Path(routed["device"]).exists()
+    assert Path(f"/dev/switch-agent/{Path(routed['device']).name}").resolve() == Path(routed["device"]).resolve()
+    uuids = our_uuids()
+    assert sorted(u.split("-")[1] for u in uuids.values()) == ["leg"] * len(info["members"]) + ["sw", "top"]
+    # Legs and switch are hidden from other udev rules (libdm's DM_UDEV_DISABLE_OTHER_RULES_FLAG).
+    for name, uuid in uuids.items():
+        props = subprocess.run(["udevadm", "info", "--query=property", f"/dev/mapper/{name}"],
+                               capture_output=True, text=True).stdout
+        hidden = "DM_UDEV_DISABLE_OTHER_RULES_FLAG=1" in props
+        assert hidden == (not uuid.startswith("SWAGENT-top-")), (name, props)
+
+
+def random_io(device: str, page_bytes: int, pages: int, *, total_bytes: int = 64 * MIB, seed: int = 1) -> None:
+    """Write `total_bytes` in 1 MiB pieces at random page starts with O_DIRECT, read back, compare."""
+    rng = random.Random(seed)
+    count = total_bytes // MIB
+    starts = rng.sample(range(pages), count) if pages >= count else [rng.randrange(pages) for _ in range(count)]
+    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf, back = mmap.mmap(-1, MIB), mmap.mmap(-1, MIB)
+        written = {}
+        for page in starts:
+            data = rng.randbytes(MIB)
+            buf[:] = data
+            assert os.pwritev(fd, [buf], page * page_bytes) == MIB
+            written[page] = data
+        for page, data in written.items():
+            assert os.preadv(fd, [back], page * page_bytes) == MIB
+            assert back[:] == data, f"page {page} read back different data"
+    finally:
+        os.close(fd)
+
+
+def forwarded_share(stats: dict) -> tuple[int, int]:
+    """(direct bytes, forwarded bytes) over every member."""
+    members = stats["members"].values()
+    return sum(m["direct_bytes"] for m in members), sum(m["forwarded_bytes"] for m in members)
+
+
+def test_io_through_the_routed_device_is_never_forwarded(routed):
+    info = array_info()
+    page_bytes, pages = info["page_size_bytes"], info["total_pages"]
+    array("stats", reset=True)
+    random_io(info["multipath_map"], page_bytes, pages, seed=2)
+    base_direct, base_forwarded = forwarded_share(array("stats", reset=True))
+    random_io(routed["device"], page_bytes, pages, seed=3)
+    direct, forwarded = forwarded_share(array("stats", reset=True))
+    base_share = base_forwarded / (base_direct + base_forwarded)
+    print(f"\n| workload (64 MiB written + read, O_DIRECT) | direct bytes | forwarded bytes | forwarded |\n"
+          f"|---|---|---|---|\n"
+          f"| multipathd's map, no agent | {base_direct} | {base_forwarded} | {base_share:.1%} |\n"
+          f"| switch-agent routed device | {direct} | {forwarded} | {forwarded / (direct + forwarded):.1%} |")
+    (RESULTS / "agent-io.json").write_text(json.dumps(
+        {"baseline": [base_direct, base_forwarded], "routed": [direct, forwarded]}))
+    assert direct >= 2 * 64 * MIB
+    assert forwarded == 0
+    members = len(info["members"])
+    assert abs(base_share - (members - 1) / members) < 0.2
+
+
+def test_locate_agrees_with_the_array(routed):
+    info = array("info")
+    rng = random.Random(4)
+    for _ in range(100):
+        offset = rng.randrange(info["size_bytes"])
+        where = agent_control.request(SOCKET, {"command": "locate", "lun": routed["wwid"], "offset": offset})
+        owner = array("owner", offset=offset)
+        assert where["member"] == owner["name"], (offset, where, owner)
+
+
+def test_locate_cli(routed):
+    out = agent_cli("locate", routed["wwid"], "0", "--json")
+    assert json.loads(out.stdout)["page"] == 0
+
+
+def test_refresh_applies_page_moves(routed):
+    info = array("info")
+    array("move", fraction=0.3)
+    result = agent_cli("refresh", routed["wwid"], "--json")
+    record = json.loads(result.stdout)
+    assert record["state"] == "routed" and record["generation"] == array("info")["generation"]
+    array("stats", reset=True)
+    random_io(routed["device"], info["page_size_bytes"], info["total_pages"], seed=5)
+    direct, forwarded = forwarded_share(array("stats", reset=True))
+    assert direct > 0 and forwarded == 0
+
+
+@pytest.mark.parametrize("kind", ["bad-crc", "truncated", "entry-out-of-range", "generation-churn"])
+def test_a_corrupt_map_leaves_routing_as_it_was(routed, kind):
+    before = our_devices()
+    array("move", fraction=0.1)
+    # Let the daemon's own reaction to the move's unit attentions finish first.
+    generation = array("info")["generation"]
+    wait_for(lambda: status()[0]["generation"] == generation, 30, "the daemon to apply the move")
+    array("corrupt-next-map", kind=kind, count=1)
+    result = agent_cli("refresh", routed["wwid"], check=False)
+    record = status()[0]
+    if kind == "generation-churn":
+        # One changed generation is absorbed by starting the fetch over.
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 1 and "GET PAGE MAP" in result.stderr, result.stderr
+        assert record["last_error"] and "GET PAGE MAP" in record["last_error"]
+    assert record["state"] == "routed"
+    assert our_devices() == before  # same devices, same tables: nothing half-built, nothing torn down
+    assert agent_cli("refresh", routed["wwid"]).returncode == 0
+
+
+def test_status_cli_reads_like_multipath(routed):
+    out = agent_cli("status").stdout
+    assert routed["wwid"] in out and "routed" in out and "member" in out
