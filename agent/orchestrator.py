@@ -21,7 +21,7 @@ import numpy as np
 
 from agent import mapsource
 from agent.config import Config
-from agent.stack import DeviceSpec, PlanError, StackPlan, plan_stack, top_name_for, top_uuid_for
+from agent.stack import DeviceSpec, PlanError, StackPlan, plan_stack, top_name_for
 from agent.topology import PathInfo, Topology
 from protocol import dmswitch
 from protocol.errors import DecodeError, SwitchAgentError

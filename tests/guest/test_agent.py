@@ -11,92 +11,22 @@ The tests run in file order and share one daemon and one LUN.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from agent import control as agent_control
 from tests.array import control as array_control
+from tests.guest.agentlib import (MIB, RESULTS, SOCKET, AgentDaemon, agent_cli, array, array_info,
+                                  forwarded_share, install_udev_rule, login_and_wait_routed, our_devices,
+                                  our_uuids, random_io, remove_our_devices, status, wait_for)
 
 pytestmark = pytest.mark.guest
 
-MIB = 1 << 20
 ROUTE_DEADLINE_S = 10.0
-RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
-
-
-def array(op: str, **args):
-    """The emulator's control socket, in-process (100 subprocesses cost minutes under TCG)."""
-    return array_control.request(array_control.run_dir(), op, **args)
-
-
-def array_info() -> dict:
-    """`python -m tests.array info --json`: the server's view plus paths and the multipath map."""
-    out = subprocess.run([sys.executable, "-m", "tests.array", "info", "--json"], check=True,
-                         capture_output=True, text=True, timeout=120)
-    return json.loads(out.stdout)
-
-
-def agent_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(CONFIG), *args],
-                          capture_output=True, text=True, timeout=300, check=check)
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-
-
-CONFIG = Path("/tmp/switch-agent-test/switch-agent.toml")
-SOCKET = Path("/tmp/switch-agent-test/run/control.sock")
-
-
-def status() -> list[dict]:
-    try:
-        return agent_control.request(SOCKET, {"command": "status"}, timeout_s=30)
-    except agent_control.ControlError:
-        return []
-
-
-def our_uuids() -> dict[str, str]:
-    """name -> uuid of every dm device with our uuid prefix (dmsetup: an independent reader)."""
-    out = subprocess.run(["dmsetup", "info", "-c", "--noheadings", "-o", "name,uuid", "--separator", " "],
-                         capture_output=True, text=True, check=True).stdout
-    pairs = (line.split() for line in out.splitlines())
-    return {p[0]: p[1] for p in pairs if len(p) == 2 and p[1].startswith("SWAGENT-")}
-
-
-def our_devices() -> dict[str, str]:
-    """name -> table of every dm device with our uuid prefix."""
-    return {n: subprocess.run(["dmsetup", "table", n], capture_output=True, text=True, check=True).stdout
-            for n in our_uuids()}
-
-
-def remove_our_devices() -> None:
-    """Top first, then switches, then legs: each is held by the one above."""
-    order = {"top": 0, "sw": 1, "leg": 2}
-    for name, uuid in sorted(our_uuids().items(), key=lambda kv: order[kv[1].split("-")[1]]):
-        subprocess.run(["dmsetup", "remove", "--retry", name], check=False)
-
-
-def install_udev_rule() -> None:
-    """Our udev rule, its RUN commands made harmless: the guest has no /usr/bin/switch-agent."""
-    rule = (Path(__file__).resolve().parents[2] / "packaging" / "90-switch-agent.rules").read_text()
-    Path("/etc/udev/rules.d/90-switch-agent.rules").write_text(rule.replace("/usr/bin/switch-agent", "/bin/true"))
-    subprocess.run(["udevadm", "control", "--reload"], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +36,9 @@ def daemon():
     if not array_control.server_running(array_control.run_dir()):
         pytest.skip("no emulated array is up (runs in the VM rig)")
     install_udev_rule()
-    CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    CONFIG.write_text(f'socket_path = "{SOCKET}"\npoll_interval_s = 600.0\ndebounce_s = 0.3\n'
-                      'retry_initial_s = 0.5\nretry_max_s = 2.0\nlog_level = "debug"\n')
-    log = open(RESULTS / "switch-agent.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(CONFIG), "daemon"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    wait_for(lambda: SOCKET.exists() or proc.poll() is not None, 60, "the control socket")
-    assert proc.poll() is None, (RESULTS / "switch-agent.log").read_text()
-    yield proc
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-    log.close()
+    agent = AgentDaemon()
+    yield agent
+    assert agent.stop() == 0
     assert our_devices(), "the routed device outlives the daemon"
     remove_our_devices()  # so the rig can flush multipath and log out
 
@@ -126,11 +47,7 @@ def daemon():
 def routed(daemon) -> dict:
     """Log in to every member with the daemon already running; the LUN must be routed soon after."""
     assert status() == [], "nothing is logged in yet, so the daemon knows no LUN"
-    subprocess.run([sys.executable, "-m", "tests.array", "login"], check=True, timeout=300)
-    logged_in = time.monotonic()
-    record = wait_for(lambda: next((s for s in status() if s["state"] == "routed"), None), 60,
-                      "the LUN to be routed")
-    elapsed = time.monotonic() - logged_in
+    record, elapsed = login_and_wait_routed()
     print(f"\nrouted {elapsed:.1f} s after the last login (deadline {ROUTE_DEADLINE_S} s)")
     (RESULTS / "agent-route-time.txt").write_text(f"{elapsed:.2f}\n")
     assert elapsed <= ROUTE_DEADLINE_S
@@ -153,33 +70,6 @@ def test_the_lun_is_routed_with_every_member(routed):
                                capture_output=True, text=True).stdout
         hidden = "DM_UDEV_DISABLE_OTHER_RULES_FLAG=1" in props
         assert hidden == (not uuid.startswith("SWAGENT-top-")), (name, props)
-
-
-def random_io(device: str, page_bytes: int, pages: int, *, total_bytes: int = 64 * MIB, seed: int = 1) -> None:
-    """Write `total_bytes` in 1 MiB pieces at random page starts with O_DIRECT, read back, compare."""
-    rng = random.Random(seed)
-    count = total_bytes // MIB
-    starts = rng.sample(range(pages), count) if pages >= count else [rng.randrange(pages) for _ in range(count)]
-    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
-    try:
-        buf, back = mmap.mmap(-1, MIB), mmap.mmap(-1, MIB)
-        written = {}
-        for page in starts:
-            data = rng.randbytes(MIB)
-            buf[:] = data
-            assert os.pwritev(fd, [buf], page * page_bytes) == MIB
-            written[page] = data
-        for page, data in written.items():
-            assert os.preadv(fd, [back], page * page_bytes) == MIB
-            assert back[:] == data, f"page {page} read back different data"
-    finally:
-        os.close(fd)
-
-
-def forwarded_share(stats: dict) -> tuple[int, int]:
-    """(direct bytes, forwarded bytes) over every member."""
-    members = stats["members"].values()
-    return sum(m["direct_bytes"] for m in members), sum(m["forwarded_bytes"] for m in members)
 
 
 def test_io_through_the_routed_device_is_never_forwarded(routed):
