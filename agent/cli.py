@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -173,8 +174,10 @@ def run_daemon(args: argparse.Namespace, config, socket_path: Path) -> int:
     if args.log_level:
         overrides["log_level"] = args.log_level
     config = replace(config, **overrides)
+    # journald stamps each line itself; anywhere else a time is worth having.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=stamp + "%(levelname)s %(name)s: %(message)s")
 
     async def serve() -> None:
         system = RealSystem(config)
