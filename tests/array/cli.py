@@ -20,7 +20,10 @@ from typing import Any
 
 from tests.array import control, initiator
 from tests.array.errors import ControlError, EmulatorError, InitiatorError
-from tests.array.layouts import LAYOUTS
+
+# As tests/array/layouts.py names them; not imported from there, so the CLI
+# does not pay numpy's import (seconds per call under TCG).
+LAYOUTS = ("striped", "random", "seed")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 180.0  # LIO set-up under TCG takes tens of seconds
@@ -213,11 +216,12 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
 
 
 def cmd_owner(args: argparse.Namespace) -> int:
-    result = control.request(control.run_dir(), "owner", offset=args.offset)
-    text = (f"page {result['page']}: unallocated" if result.get("member", 0) is None else
-            f"page {result['page']}: {result['name']} (id {result['member_id']}, index {result['index']}, "
-            f"portal {result['portal']})")
-    _emit(args, result, text)
+    results = [control.request(control.run_dir(), "owner", offset=offset) for offset in args.offset]
+    lines = [(f"page {r['page']}: unallocated" if r.get("number") is None else
+              f"page {r['page']}: {r['name']} (id {r['member_id']}, index {r['index']}, portal {r['portal']})")
+             for r in results]
+    # One offset: one object (the common case); several: a list in the same order.
+    _emit(args, results[0] if len(results) == 1 else results, "\n".join(lines))
     return 0
 
 
@@ -296,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     corrupt.add_argument("kind", choices=("bad-crc", "truncated", "entry-out-of-range", "generation-churn"))
     corrupt.add_argument("--count", type=int, default=1, help="how many responses (default 1)")
     add("owner", cmd_owner, "which member owns the page holding a byte offset").add_argument(
-        "offset", type=_parse_size)
+        "offset", type=_parse_size, nargs="+")
     geometry(add("_serve", cmd_serve, "internal: the server process that up starts", json_flag=False))
     return parser
 

@@ -35,8 +35,6 @@ MAX_TRANSFER_BLOCKS = 2048
 # project's own, not any vendor's registered OUI.
 NAA_COMPANY_ID = 0x025341
 
-START_STOP_UNIT = 0x1B
-SYNCHRONIZE_CACHE_16 = 0x91
 # Commands that neither report nor clear a unit attention (SAM-5 5.14).
 _UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
 _DATA_OUT = frozenset({Opcode.WRITE_10, Opcode.WRITE_16})
@@ -107,7 +105,7 @@ class LogicalUnit:
             Opcode.INQUIRY: self._inquiry,
             Opcode.MODE_SENSE_6: self._mode_sense,
             Opcode.MODE_SENSE_10: self._mode_sense,
-            START_STOP_UNIT: self._start_stop_unit,
+            Opcode.START_STOP_UNIT: self._start_stop_unit,
             Opcode.READ_CAPACITY_10: self._read_capacity_10,
             Opcode.SERVICE_ACTION_IN_16: self._service_action_in_16,
             Opcode.READ_10: self._read_write,
@@ -115,7 +113,7 @@ class LogicalUnit:
             Opcode.READ_16: self._read_write,
             Opcode.WRITE_16: self._read_write,
             Opcode.SYNCHRONIZE_CACHE_10: self._synchronize_cache,
-            SYNCHRONIZE_CACHE_16: self._synchronize_cache,
+            Opcode.SYNCHRONIZE_CACHE_16: self._synchronize_cache,
             pagemap.GET_PAGE_MAP_OPCODE: self._get_page_map,
         }
 
@@ -152,20 +150,18 @@ class LogicalUnit:
 
     def _start_stop_unit(self, member: int, cdb: bytes, data_out: bytes | memoryview) -> bytes:
         # Always spinning: accept START/STOP as a no-op, like LIO's sbc_emulate_startstop.
+        scsi.parse_start_stop_unit_cdb(cdb)
         return b""
 
     def _request_sense(self, member: int, cdb: bytes, data_out: bytes | memoryview) -> bytes:
-        # TODO(protocol/scsi): no REQUEST SENSE CDB parser yet; bytes 1 (DESC) and 4 (alloc) read inline.
-        if len(cdb) < 6:
-            raise _illegal()
-        allocation = cdb[4]
+        request = scsi.parse_request_sense_cdb(cdb)
         pending = self.volume.take_unit_attention(member)
         if pending is not None:
-            sense = scsi.Sense(SenseKey.UNIT_ATTENTION, *pending, descriptor_format=bool(cdb[1] & 1))
+            sense = scsi.Sense(SenseKey.UNIT_ATTENTION, *pending, descriptor_format=request.descriptor_format)
         else:
             sense = scsi.Sense.of(SenseKey.NO_SENSE, Asc.NO_ADDITIONAL_SENSE_INFORMATION,
-                                  descriptor_format=bool(cdb[1] & 1))
-        return scsi.encode_sense(sense)[:allocation]
+                                  descriptor_format=request.descriptor_format)
+        return scsi.encode_sense(sense)[: request.allocation_length_bytes]
 
     # -- INQUIRY ---------------------------------------------------------------------
 
@@ -194,6 +190,10 @@ class LogicalUnit:
         )))
         pages[0xB0] = lambda: scsi.encode_block_limits_vpd(scsi.BlockLimitsVpd(
             maximum_transfer_length_blocks=MAX_TRANSFER_BLOCKS))
+        # Block device characteristics (SBC-3 6.5.2): MEDIUM ROTATION RATE 1 =
+        # non-rotating, the rest 0. TODO(protocol/scsi): no 0xB1 encoder yet; the
+        # 60-byte payload is built here on the generic VPD header encoder.
+        pages[0xB1] = lambda: scsi.encode_vpd_page(0xB1, (1).to_bytes(2, "big").ljust(60, b"\0"))
         pages[pagemap.MEMBER_IDENTITY_VPD] = lambda: pagemap.encode_member_identity_vpd(
             pagemap.MemberIdentity(state.member_id, self.volume.generation, state.name))
         return pages
@@ -239,7 +239,9 @@ class LogicalUnit:
             long_lba = ten and request.long_lba_accepted and blocks > 0xFFFFFFFF
             count = blocks if long_lba else min(blocks, 0xFFFFFFFF)
             descriptors = (scsi.BlockDescriptor(count, BLOCK_BYTES),)
-        params = scsi.ModeParameters(pages=pages, block_descriptors=descriptors, long_lba=long_lba)
+        # DPOFUA: FUA writes are honoured (fdatasync), DPO is a hint we may ignore.
+        params = scsi.ModeParameters(pages=pages, block_descriptors=descriptors, long_lba=long_lba,
+                                     device_specific_parameter=scsi.DPOFUA)
         data = scsi.encode_mode_sense_10(params) if ten else scsi.encode_mode_sense_6(params)
         return data[: request.allocation_length_bytes]
 
@@ -247,6 +249,10 @@ class LogicalUnit:
 
     def _read_write(self, member: int, cdb: bytes, data_out: bytes | memoryview) -> bytes:
         request = scsi.parse_read_write_cdb(cdb)
+        # RDPROTECT/WRPROTECT (byte 1 bits 7-5) must be 0 without protection
+        # information (SBC-3 5.11). TODO(protocol/scsi): ReadWriteCdb does not carry the field yet.
+        if cdb[1] & 0xE0:
+            raise _illegal()
         self._check_lba_range(request.lba, request.transfer_length_blocks)
         offset = request.lba * BLOCK_BYTES
         length = request.transfer_length_blocks * BLOCK_BYTES
@@ -265,13 +271,9 @@ class LogicalUnit:
     def _synchronize_cache(self, member: int, cdb: bytes, data_out: bytes | memoryview) -> bytes:
         if cdb[0] == Opcode.SYNCHRONIZE_CACHE_10:
             request = scsi.parse_synchronize_cache_10_cdb(cdb)
-            lba, count = request.lba, request.block_count
         else:
-            # TODO(protocol/scsi): no SYNCHRONIZE CACHE(16) parser yet; LBA bytes 2-9, count 10-13.
-            if len(cdb) < 16:
-                raise _illegal()
-            lba, count = int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big")
-        self._check_lba_range(lba, count)
+            request = scsi.parse_synchronize_cache_16_cdb(cdb)
+        self._check_lba_range(request.lba, request.block_count)
         self.store.flush()
         return b""
 

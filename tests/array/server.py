@@ -15,6 +15,7 @@ import os
 import selectors
 import shutil
 import socket
+import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -345,6 +346,8 @@ def run(config: ServerConfig) -> int:
     """The server process's main: set up, serve, and leave no half-built target behind on failure."""
     logging.basicConfig(level=os.environ.get("SWEMU_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    log.info("starting: pid %d, %s", os.getpid(), config)
     server = ArrayServer(config)
     try:
         server.start()
@@ -362,6 +365,7 @@ def run(config: ServerConfig) -> int:
         finally:
             server.close()
         return 1
+    log.info("ready after %.1f s", time.monotonic() - started)
     (config.run_dir / "server.pid").write_text(f"{os.getpid()}\n")
     try:
         server.serve_forever()

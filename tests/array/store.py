@@ -61,11 +61,12 @@ class SparseStore:
         self._check(offset, length)
         parts = []
         for index, seg_offset, chunk in self._pieces(offset, length):
-            fd = self._fd(index, create=False)
-            data = os.pread(fd, chunk, seg_offset) if fd is not None else b""
+            # Opening (creating) an empty segment costs no space and spares a
+            # stat per read of a never-written segment.
+            data = os.pread(self._fd(index), chunk, seg_offset)
             # Past a segment file's end (never written there) is a hole too.
-            parts.append(data.ljust(chunk, b"\0"))
-        return b"".join(parts)
+            parts.append(data if len(data) == chunk else data.ljust(chunk, b"\0"))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `offset`."""
@@ -73,8 +74,7 @@ class SparseStore:
         self._check(offset, len(view))
         done = 0
         for index, seg_offset, chunk in self._pieces(offset, len(view)):
-            fd = self._fd(index, create=True)
-            assert fd is not None
+            fd = self._fd(index)
             piece = view[done : done + chunk]
             while piece:
                 written = os.pwrite(fd, piece, seg_offset)
@@ -115,12 +115,10 @@ class SparseStore:
     def _existing_segments(self) -> list[int]:
         return [int(p.stem.split("-")[1]) for p in self.directory.glob("segment-*.bin")]
 
-    def _fd(self, index: int, *, create: bool) -> int | None:
+    def _fd(self, index: int) -> int:
         fd = self._fds.get(index)
         if fd is None:
             path = self._segment_path(index)
-            if not create and not path.exists():
-                return None
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as exc:

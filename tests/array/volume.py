@@ -120,6 +120,8 @@ class ArrayVolume:
 
     def member(self, number: int) -> ArrayMember:
         """The member with stable number `number` (live or retired)."""
+        # Hot path (every command): a linear scan of a handful of members is
+        # cheaper than keeping an index in step with add/remove.
         for member in self.members:
             if member.number == number:
                 return member
@@ -163,7 +165,7 @@ class ArrayVolume:
         page = self.page_size_bytes
         first, last = offset // page, (offset + length - 1) // page
         if first == last:
-            owner = int(self.owners[first])
+            owner = self.owners.item(first)
             self._add(counters, owner in (index, UNALLOCATED), 1, length)
             return
         pages = np.arange(first, last + 1, dtype=np.int64)

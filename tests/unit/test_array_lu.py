@@ -53,7 +53,7 @@ def test_inquiry_truncated_to_allocation_length(lu) -> None:
 
 def test_supported_vpd_pages(lu) -> None:
     data = ok(lu.handle(0, scsi.build_inquiry_cdb(evpd=True, page_code=0, allocation_length_bytes=255)))
-    assert scsi.decode_supported_vpd_pages(data).page_codes == (0x00, 0x80, 0x83, 0xB0, 0xC0)
+    assert scsi.decode_supported_vpd_pages(data).page_codes == (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xC0)
 
 
 def test_serial_and_naa_shared_ports_distinct(lu) -> None:
@@ -120,6 +120,7 @@ def test_mode_sense(lu, ten) -> None:
     assert {p.page_code for p in params.pages} == {0x08, 0x0A}
     assert params.block_descriptors[0].block_length_bytes == 512
     assert scsi.decode_caching_mode_page(params.page(0x08)).write_cache_enabled
+    assert params.device_specific_parameter == scsi.DPOFUA
     assert not scsi.decode_control_mode_page(params.page(0x0A)).descriptor_sense
     only_caching = decode(ok(lu.handle(0, build(0x08, disable_block_descriptors=True))))
     assert [p.page_code for p in only_caching.pages] == [0x08] and not only_caching.block_descriptors
@@ -129,15 +130,15 @@ def test_mode_sense(lu, ten) -> None:
 
 def test_test_unit_ready_start_stop_and_sync(lu) -> None:
     assert ok(lu.handle(0, scsi.build_test_unit_ready_cdb())) == b""
-    assert ok(lu.handle(0, bytes([0x1B, 0, 0, 0, 1, 0]))) == b""
+    assert ok(lu.handle(0, scsi.build_start_stop_unit_cdb())) == b""
     assert ok(lu.handle(0, scsi.build_synchronize_cache_10_cdb())) == b""
-    assert ok(lu.handle(0, bytes([0x91]) + bytes(15))) == b""
+    assert ok(lu.handle(0, scsi.build_synchronize_cache_16_cdb())) == b""
     past = scsi.build_synchronize_cache_10_cdb(lba=lu.volume.total_blocks, block_count=1)
     assert sense_of(lu.handle(0, past))[1:] == (0x21, 0)
 
 
 def test_request_sense_without_pending_condition(lu) -> None:
-    sense = scsi.decode_sense(ok(lu.handle(0, bytes([0x03, 0, 0, 0, 252, 0]))))
+    sense = scsi.decode_sense(ok(lu.handle(0, scsi.build_request_sense_cdb())))
     assert sense.key == SenseKey.NO_SENSE
 
 
@@ -156,6 +157,21 @@ def test_write_then_read_on_any_member(lu) -> None:
     assert ok(lu.handle(2, scsi.build_read_16_cdb(100, 8))) == data
     ok(lu.handle(2, scsi.build_write_16_cdb(lu.volume.total_blocks - 1, 1), b"z" * 512))
     assert ok(lu.handle(0, scsi.build_read_10_cdb(lu.volume.total_blocks - 1, 1))) == b"z" * 512
+
+
+def test_protection_fields_are_refused(lu) -> None:
+    for build in (scsi.build_read_10_cdb, scsi.build_read_16_cdb):
+        cdb = bytearray(build(0, 1))
+        cdb[1] |= 0x20  # RDPROTECT 001b
+        assert sense_of(lu.handle(0, bytes(cdb)))[1:] == (0x24, 0)
+    cdb = bytearray(scsi.build_write_10_cdb(0, 1))
+    cdb[1] |= 0x60
+    assert sense_of(lu.handle(0, bytes(cdb), bytes(512)))[1:] == (0x24, 0)
+
+
+def test_block_device_characteristics(lu) -> None:
+    data = ok(lu.handle(0, scsi.build_inquiry_cdb(evpd=True, page_code=0xB1, allocation_length_bytes=255)))
+    assert data[1] == 0xB1 and int.from_bytes(data[2:4], "big") == 60 and data[4:6] == b"\0\x01"
 
 
 def test_lba_out_of_range(lu) -> None:
@@ -206,7 +222,7 @@ def test_unit_attention_once_per_member_and_inquiry_exempt(lu) -> None:
 
 def test_request_sense_reports_and_clears_unit_attention(lu) -> None:
     lu.volume.resize(32 * MIB)
-    sense = scsi.decode_sense(ok(lu.handle(0, bytes([0x03, 0, 0, 0, 252, 0]))))
+    sense = scsi.decode_sense(ok(lu.handle(0, scsi.build_request_sense_cdb())))
     assert (sense.key, sense.asc, sense.ascq) == (SenseKey.UNIT_ATTENTION, 0x2A, 0x09)
     ok(lu.handle(0, scsi.build_test_unit_ready_cdb()))
 
