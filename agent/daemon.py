@@ -101,6 +101,8 @@ class Daemon:
         if self.events is not None:
             tasks.append(asyncio.create_task(self._follow_events(), name="udev"))
         try:
+            for wwid in await self.orchestrator.adopt():
+                self.scheduler.trigger(wwid, "adopted at start", delay_s=0)
             for mpath in await self.system.find_mpath_maps():
                 self.scheduler.trigger(mpath.wwid, "present at start", delay_s=0)
             notify_systemd("READY=1\nSTATUS=watching multipath maps")

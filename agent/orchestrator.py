@@ -21,7 +21,7 @@ import numpy as np
 
 from agent import mapsource
 from agent.config import Config
-from agent.stack import DeviceSpec, PlanError, StackPlan, plan_stack, top_name_for
+from agent.stack import DeviceSpec, PlanError, StackPlan, parse_owned_uuid, plan_stack, top_name_for
 from agent.topology import PathInfo, Topology
 from protocol import dmswitch
 from protocol.errors import DecodeError, SwitchAgentError
@@ -93,6 +93,8 @@ class LunState:
     epoch: int = 0
     messages_sent: int = 0
     message_bytes_sent: int = 0
+    leftovers: dict[str, str] = field(default_factory=dict)
+    """Switches and legs an earlier daemon left (restart, kill -9): removed after the next build."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
@@ -111,6 +113,24 @@ class Orchestrator:
         self._parallel = asyncio.Semaphore(config.max_parallel_luns)
 
     # -- the pipeline ---------------------------------------------------------
+
+    async def adopt(self) -> list[str]:
+        """Take over the devices an earlier daemon left; returns the LUNs (wwids) they belong to.
+
+        The kernel cannot report a switch's map and the daemon may have died
+        mid-upload, so nothing of the old stack is trusted: the next reconcile
+        builds a fresh epoch, swaps the top device over, and removes the rest.
+        """
+        for device in await asyncio.to_thread(self.system.dm.list_devices):
+            owned = parse_owned_uuid(device.uuid)
+            if owned is None:
+                continue
+            lun = self.luns.setdefault(owned.wwid, LunState(owned.wwid, state="adopting"))
+            if owned.kind != "top":
+                lun.leftovers[device.name] = owned.kind
+                lun.epoch = max(lun.epoch, owned.epoch or 0)
+            LOG.info("%s: adopting %s", owned.wwid, device.name)
+        return sorted(self.luns)
 
     async def reconcile(self, wwid: str) -> LunState:
         """Bring one LUN's routing in line with the array's map; keep the old routing on any error."""
@@ -229,8 +249,14 @@ class Orchestrator:
         LOG.info("%s: routed as /dev/mapper/%s (epoch %d, %d members, %d regions of %d sectors, %d messages)",
                  lun.wwid, plan.top_name, plan.epoch, len(plan.legs), plan.region_count,
                  plan.region_size_sectors, len(messages))
+        stale = dict(lun.leftovers)  # name -> "sw" or "leg"
         if old is not None:
-            await self._remove_all([old.plan.switch_name, *(leg.name for leg in old.plan.legs)])
+            stale |= {old.plan.switch_name: "sw", **{leg.name: "leg" for leg in old.plan.legs}}
+        for name in (plan.switch_name, *(leg.name for leg in plan.legs)):
+            stale.pop(name, None)
+        # Switches hold legs: remove them first.
+        await self._remove_all(sorted(stale, key=lambda name: stale[name] == "leg"))
+        lun.leftovers.clear()
 
     async def _create(self, spec: DeviceSpec, created: list[str]) -> str:
         dm = self.system.dm

@@ -98,17 +98,31 @@ def is_owned_uuid(uuid: str) -> bool:
     return uuid.startswith(UUID_PREFIX)
 
 
-def wwid_of_uuid(uuid: str) -> str | None:
-    """The LUN a device of ours belongs to: top-<wwid>, sw-<epoch>-<wwid>, leg-<k>-<epoch>-<wwid>."""
+@dataclass(frozen=True)
+class OwnedUuid:
+    """What one of our uuids says: top-<wwid>, sw-<epoch>-<wwid> or leg-<k>-<epoch>-<wwid>."""
+
+    kind: str
+    wwid: str
+    epoch: int | None = None
+
+
+def parse_owned_uuid(uuid: str) -> OwnedUuid | None:
+    """Decode one of our device uuids; None for anybody else's (or a garbled one)."""
     if not is_owned_uuid(uuid):
         return None
-    rest = uuid[len(UUID_PREFIX):]
-    kind, _, tail = rest.partition("-")
-    if kind == "top":
-        return tail or None
-    # sw-<epoch>-<wwid>, leg-<k>-<epoch>-<wwid>
-    parts = tail.split("-", 2 if kind == "leg" else 1)
-    return parts[-1] if len(parts) == (3 if kind == "leg" else 2) else None
+    kind, _, rest = uuid[len(UUID_PREFIX):].partition("-")
+    dashes_before_wwid = {"top": 0, "sw": 1, "leg": 2}
+    if kind not in dashes_before_wwid:
+        return None
+    parts = rest.split("-", dashes_before_wwid[kind])
+    if kind == "top" and rest:
+        return OwnedUuid("top", rest)
+    if kind == "sw" and len(parts) == 2 and parts[0].isdigit() and parts[1]:
+        return OwnedUuid("sw", parts[1], int(parts[0]))
+    if kind == "leg" and len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and parts[2]:
+        return OwnedUuid("leg", parts[2], int(parts[1]))
+    return None
 
 
 def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: int) -> StackPlan:

@@ -799,7 +799,7 @@ class DeviceMapper:
     # -- mutations (owned devices only) ----------------------------------------
 
     def device_create(self, name: str, uuid: str, *, read_only: bool = False) -> DeviceInfo:
-        """``DM_DEV_CREATE``: a new device with no table, suspended; ``uuid`` must be ours.
+        """``DM_DEV_CREATE``: a new device with no table (I/O fails until a resume); ``uuid`` must be ours.
 
         No udev cookie: the kernel's dev_create sends no uevent with one (the
         disk's "add" uevent has no DM_COOKIE, and the dm rules only create

@@ -230,3 +230,31 @@ def test_rejected_diff_message_falls_back_to_a_full_upload(tmp_path):
     reconcile(orch, system.wwid)
     assert switch.regions is not None
     assert system.misrouted_pages(top_name(system)) == 0
+
+
+@pytest.mark.parametrize("crash", ["after-legs", "mid-upload", "before-swap", "routed"])
+def test_a_restarted_daemon_adopts_what_the_last_one_left(tmp_path, crash):
+    """kill -9 at any point, then a new daemon: one correct stack, no leaked devices."""
+    system, orch = make(tmp_path, layout="random")
+    reconcile(orch, system.wwid)
+    wwid, top = system.wwid, top_name(system)
+    dm = system.dm
+    system.volume.move_pages(0.3)
+    if crash != "routed":
+        # What a dying daemon might have left of its next epoch.
+        dm.device_create(f"{top}-leg0-2", f"SWAGENT-leg-0-2-{wwid}")
+        if crash in ("mid-upload", "before-swap"):
+            leg = dm.devices[f"{top}-leg0-2"]
+            dm.table_load(leg.name, [(0, 10, "multipath", "0 0 1 1 round-robin 0 1 1 8:16 1")])
+            dm.device_resume(leg.name)
+            dm.device_create(f"{top}-sw2", f"SWAGENT-sw-2-{wwid}")
+            dm.table_load(f"{top}-sw2", [(0, 10, "switch", f"1 1 0 {leg.dev} 0")])
+            dm.device_resume(f"{top}-sw2")
+        if crash == "before-swap":
+            dm.table_load(top, [(0, 10, "linear", f"{dm.devices[f'{top}-sw2'].dev} 0")])
+    fresh = Orchestrator(CONFIG, system)
+    assert asyncio.run(fresh.adopt()) == [wwid]
+    lun = reconcile(fresh, wwid)
+    assert lun.epoch >= 2 and system.misrouted_pages(top) == 0
+    ours = sorted(n for n, d in dm.devices.items() if d.uuid.startswith("SWAGENT-"))
+    assert ours == sorted([top, lun.stack.plan.switch_name, *(leg.name for leg in lun.stack.plan.legs)])
