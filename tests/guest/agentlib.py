@@ -141,6 +141,9 @@ def random_io(device: str, page_bytes: int, pages: int, *, total_bytes: int = 64
             assert back[:] == data, f"page {page} read back different data"
     finally:
         os.close(fd)
+    # Closing a device opened for writing makes udev probe it (blkid): let that finish
+    # before anyone reads the array's counters.
+    subprocess.run(["udevadm", "settle", "--timeout=60"], check=False)
 
 
 def forwarded_share(stats: dict) -> tuple[int, int]:
