@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Callable
 
@@ -26,9 +27,28 @@ async def until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> No
         await asyncio.sleep(0.01)
 
 
-def config(tmp_path, **kw) -> Config:
-    return Config(socket_path=tmp_path / "run" / "control.sock", debounce_s=0.01, poll_interval_s=3600,
-                  retry_initial_s=0.01, retry_max_s=0.05, **kw)
+def config(tmp_path, **overrides) -> Config:
+    defaults = dict(socket_path=tmp_path / "run" / "control.sock", debounce_s=0.01, poll_interval_s=3600,
+                    retry_initial_s=0.01, retry_max_s=0.05)
+    return Config(**{**defaults, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config, system: FakeSystem, *, udev: bool = False):
+    """A daemon serving on cfg.socket_path (with a fake udev source to emit on, if asked); stopped after."""
+    source = FakeUdevSource() if udev else None
+    monitor = None
+    if source is not None:
+        monitor = UdevMonitor(source)
+        monitor.start()
+    daemon = Daemon(cfg, system, monitor)
+    task = asyncio.create_task(daemon.run())
+    await until(lambda: cfg.socket_path.exists() or task.done())
+    try:
+        yield daemon, source
+    finally:
+        daemon.stop()
+        await task
 
 
 async def ask(cfg: Config, request: dict):
@@ -49,9 +69,14 @@ def test_routes_at_start_and_answers_on_the_socket(tmp_path):
     cfg = config(tmp_path)
 
     async def main():
-        daemon = Daemon(cfg, system, None)
-        task = asyncio.create_task(daemon.run())
-        await until(lambda: routed(system, daemon))
+        async with running(cfg, system) as (daemon, _):
+            await until(lambda: routed(system, daemon))
+            await check_answers(daemon)
+        assert not cfg.socket_path.exists()
+        # Stopping leaves the routed device in place.
+        assert f"switch-{system.wwid}" in system.dm.devices
+
+    async def check_answers(daemon):
         status = await ask(cfg, {"command": "status"})
         assert [s["state"] for s in status] == ["routed"]
         assert status[0]["device"] == f"/dev/mapper/switch-{system.wwid}"
@@ -61,11 +86,6 @@ def test_routes_at_start_and_answers_on_the_socket(tmp_path):
             await ask(cfg, {"command": "show", "lun": "nope"})
         with pytest.raises(control.ControlError, match="offset"):
             await ask(cfg, {"command": "locate", "lun": system.wwid, "offset": "ten"})
-        daemon.stop()
-        await task
-        assert not cfg.socket_path.exists()
-        # Stopping leaves the routed device in place.
-        assert f"switch-{system.wwid}" in system.dm.devices
 
     run(main())
 
@@ -76,37 +96,27 @@ def test_unit_attention_event_brings_page_moves_in(tmp_path):
     top = f"switch-{system.wwid}"
 
     async def main():
-        source = FakeUdevSource()
-        monitor = UdevMonitor(source)
-        monitor.start()
-        daemon = Daemon(cfg, system, monitor)
-        task = asyncio.create_task(daemon.run())
-        await until(lambda: routed(system, daemon))
-        system.volume.move_pages(0.2)
-        assert system.misrouted_pages(top) > 0
-        for name in system.paths:  # one unit attention per path, folded into one run
-            source.emit(scsi_ua_event(system.hctl_of(name), "INQUIRY_DATA_HAS_CHANGED"))
-        await until(lambda: system.misrouted_pages(top) == 0)
-        daemon.stop()
-        await task
+        async with running(cfg, system, udev=True) as (daemon, source):
+            await until(lambda: routed(system, daemon))
+            system.volume.move_pages(0.2)
+            assert system.misrouted_pages(top) > 0
+            for name in system.paths:  # one unit attention per path, folded into one run
+                source.emit(scsi_ua_event(system.hctl_of(name), "INQUIRY_DATA_HAS_CHANGED"))
+            await until(lambda: system.misrouted_pages(top) == 0)
 
     run(main())
 
 
 def test_polling_notices_a_new_generation(tmp_path):
     system = FakeSystem(tmp_path=tmp_path / "store", layout="random")
-    cfg = config(tmp_path)
-    cfg = Config(**{**cfg.__dict__, "poll_interval_s": 0.02})
+    cfg = config(tmp_path, poll_interval_s=0.02)
     top = f"switch-{system.wwid}"
 
     async def main():
-        daemon = Daemon(cfg, system, None)
-        task = asyncio.create_task(daemon.run())
-        await until(lambda: routed(system, daemon))
-        system.volume.move_pages(0.2)
-        await until(lambda: system.misrouted_pages(top) == 0)
-        daemon.stop()
-        await task
+        async with running(cfg, system) as (daemon, _):
+            await until(lambda: routed(system, daemon))
+            system.volume.move_pages(0.2)
+            await until(lambda: system.misrouted_pages(top) == 0)
 
     run(main())
 
@@ -117,19 +127,12 @@ def test_a_multipath_map_appearing_later_is_routed(tmp_path):
     cfg = config(tmp_path)
 
     async def main():
-        source = FakeUdevSource()
-        monitor = UdevMonitor(source)
-        monitor.start()
-        daemon = Daemon(cfg, system, monitor)
-        task = asyncio.create_task(daemon.run())
-        await until(lambda: cfg.socket_path.exists())
-        assert await ask(cfg, {"command": "status"}) == []
-        system.mpath_present = True
-        source.emit(dm_disk_event("add", "dm-0", dm_name=system.wwid, dm_uuid=f"mpath-{system.wwid}",
-                                  extra={"MPATH_DEVICE_READY": "1"}))
-        await until(lambda: routed(system, daemon))
-        daemon.stop()
-        await task
+        async with running(cfg, system, udev=True) as (daemon, source):
+            assert await ask(cfg, {"command": "status"}) == []
+            system.mpath_present = True
+            source.emit(dm_disk_event("add", "dm-0", dm_name=system.wwid, dm_uuid=f"mpath-{system.wwid}",
+                                      extra={"MPATH_DEVICE_READY": "1"}))
+            await until(lambda: routed(system, daemon))
 
     run(main())
 
@@ -140,12 +143,9 @@ def test_failures_are_retried_with_backoff_until_the_array_answers(tmp_path):
     cfg = config(tmp_path)
 
     async def main():
-        daemon = Daemon(cfg, system, None)
-        task = asyncio.create_task(daemon.run())
-        await until(lambda: routed(system, daemon))
-        assert daemon.orchestrator.luns[system.wwid].last_error  # it did fail first
-        daemon.stop()
-        await task
+        async with running(cfg, system) as (daemon, _):
+            await until(lambda: routed(system, daemon))
+            assert daemon.orchestrator.luns[system.wwid].last_error  # it did fail first
 
     run(main())
 
@@ -153,20 +153,15 @@ def test_failures_are_retried_with_backoff_until_the_array_answers(tmp_path):
 def test_refresh_of_an_unrouted_lun_reports_the_error(tmp_path):
     system = FakeSystem(tmp_path=tmp_path / "store")
     system.volume.corrupt_next_map("truncated", count=1000)
-    cfg = config(tmp_path, fetch_restarts=0)
-    cfg = Config(**{**cfg.__dict__, "retry_initial_s": 60, "retry_max_s": 60})
+    cfg = config(tmp_path, fetch_restarts=0, retry_initial_s=60, retry_max_s=60)
 
     async def main():
-        daemon = Daemon(cfg, system, None)
-        task = asyncio.create_task(daemon.run())
-        await until(lambda: cfg.socket_path.exists())
-        with pytest.raises(control.ControlError, match="GET PAGE MAP"):
-            await ask(cfg, {"command": "refresh", "lun": system.wwid})
-        status = await ask(cfg, {"command": "status"})
-        assert status[0]["state"] == "error" and "GET PAGE MAP" in status[0]["last_error"]
-        assert not [d for d in system.dm.devices.values() if d.uuid.startswith("SWAGENT-")]
-        daemon.stop()
-        await task
+        async with running(cfg, system):
+            with pytest.raises(control.ControlError, match="GET PAGE MAP"):
+                await ask(cfg, {"command": "refresh", "lun": system.wwid})
+            status = await ask(cfg, {"command": "status"})
+            assert status[0]["state"] == "error" and "GET PAGE MAP" in status[0]["last_error"]
+            assert not [d for d in system.dm.devices.values() if d.uuid.startswith("SWAGENT-")]
 
     run(main())
 
