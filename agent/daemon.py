@@ -135,6 +135,12 @@ class Daemon:
                         trigger.wwid)
             self.orchestrator.luns[trigger.wwid].state = "no-multipath"
         elif trigger.kind == "unit-attention" and trigger.scsi_sys_path:
+            if trigger.detail == "CAPACITY_DATA_HAS_CHANGED":
+                # The kernel leaves the path's size as it was (scsi_error.c); userspace rescans.
+                try:
+                    await self.system.rescan_scsi(trigger.scsi_sys_path)
+                except SwitchAgentError as exc:
+                    LOG.warning("rescan of %s failed: %s", trigger.scsi_sys_path, exc)
             devices = set(await self.system.block_devices_of_scsi(trigger.scsi_sys_path))
             for lun in list(self.orchestrator.luns.values()):
                 if lun.topology and devices & {p.device for p in lun.topology.paths}:

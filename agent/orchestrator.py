@@ -67,6 +67,10 @@ class System(Protocol):
         """The sd names under a scsi_device."""
         ...
 
+    async def rescan_scsi(self, scsi_sys_path: str) -> None:
+        """Re-read a path's capacity."""
+        ...
+
 
 @dataclass
 class RoutedStack:

@@ -32,13 +32,17 @@ class RealSystem:
         for dm in await self.sysfs.dm_devices():
             if not dm.uuid.startswith(MPATH_UUID_PREFIX):
                 continue
-            slaves = []
+            slaves, sizes = [], []
             for slave in dm.slaves:
                 try:
                     slaves.append((slave, str(await self.sysfs.block_devnum(slave))))
+                    sizes.append(await self.sysfs.size_sectors(slave))
                 except SysfsError as exc:  # a path going away while we look
                     LOG.debug("%s: path %s vanished: %s", dm.name, slave, exc)
-            maps.append(MpathMap(dm.uuid[len(MPATH_UUID_PREFIX):], dm.name, dm.kernel_name, dm.size_sectors,
+            # The legs sit on the paths, not on multipathd's map: their size is what counts, and
+            # after a rescan it follows the array even when multipathd's map has not been resized.
+            size = min(sizes) if sizes else dm.size_sectors
+            maps.append(MpathMap(dm.uuid[len(MPATH_UUID_PREFIX):], dm.name, dm.kernel_name, size,
                                  tuple(slaves)))
         present = {s for m in maps for s, _ in m.slaves}
         for name in set(self._paths) - present:
@@ -53,6 +57,10 @@ class RealSystem:
                               timeout_ms=int(self.config.scsi_timeout_s * 1000))
             self._paths[device] = scsi
         return scsi
+
+    async def rescan_scsi(self, scsi_sys_path: str) -> None:
+        """Make the kernel re-read a path's capacity (it does not on CAPACITY DATA HAS CHANGED)."""
+        await self.sysfs.write_attr("1", scsi_sys_path, "rescan")
 
     async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
         """The sd names under a scsi_device (a unit attention names the scsi_device only)."""

@@ -215,6 +215,18 @@ class Sysfs:
             raise SysfsError(path, f"read failed: {os.strerror(exc.errno or 0)}") from exc
         return text.rstrip("\n")
 
+    async def write_attr(self, value: str, *parts: str) -> None:
+        """Write one attribute (e.g. ``"1"`` to a scsi_device's ``rescan``)."""
+        path = self.path(*parts)
+        LOG.debug("sysfs write %s <- %r", path, value)
+        try:
+            async with aiofiles.open(path, "w", encoding="ascii") as f:
+                await f.write(value)
+        except FileNotFoundError as exc:
+            raise SysfsMissingError(path, "no such attribute") from exc
+        except OSError as exc:
+            raise SysfsError(path, f"write failed: {os.strerror(exc.errno or 0)}") from exc
+
     async def read_int(self, *parts: str) -> int:
         """One attribute holding a decimal integer."""
         text = await self.read_attr(*parts)

@@ -232,8 +232,9 @@ class FakeSystem:
                 self.add_path(k)
         self.wwid = self.lu.identity.wwid
         self.mpath_present = True
+        self.rescans: list[str] = []
         self.mpath_size_bytes = size_bytes
-        """What multipathd's map shows; follows the array only when a test says multipathd resized."""
+        """What the paths' sizes say; follows the array after a rescan (or resize())."""
         self.dm.add_foreign(self.wwid, f"mpath-{self.wwid}", 0)
 
     def add_path(self, member_number: int) -> str:
@@ -244,10 +245,14 @@ class FakeSystem:
         return name
 
     def resize(self, size_bytes: int) -> None:
-        """The array grows or shrinks the volume and multipathd follows."""
+        """The array grows or shrinks the volume and the paths' sizes follow (as after a rescan)."""
         self.volume.resize(size_bytes)
         self.store.resize(size_bytes)
         self.mpath_size_bytes = size_bytes
+
+    async def rescan_scsi(self, scsi_sys_path: str) -> None:
+        self.rescans.append(scsi_sys_path)
+        self.mpath_size_bytes = self.volume.size_bytes
 
     def member_of_dev(self, dev: str) -> int:
         name = next(n for n, d in self.devs.items() if d == dev)

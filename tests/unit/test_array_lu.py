@@ -9,7 +9,7 @@ import pytest
 
 from protocol import pagemap, scsi
 from protocol.errors import ChecksumError, DecodeError, TruncatedError, ValueRangeError
-from protocol.scsi import Opcode, ScsiStatus, SenseKey
+from protocol.scsi import ScsiStatus, SenseKey
 from tests.array.lu import PRODUCT, VENDOR, LogicalUnit, LuIdentity, ScsiResult
 from tests.array.store import SparseStore
 from tests.array.volume import ArrayVolume

@@ -191,3 +191,23 @@ def test_scheduler_folds_triggers_while_one_is_pending(tmp_path):
 
     run(main())
     assert calls == [system.wwid]
+
+
+def test_capacity_unit_attention_rescans_and_grows_the_routed_device(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store", size_bytes=2 << 30, layout="random")
+    cfg = config(tmp_path)
+    top = f"switch-{system.wwid}"
+
+    async def main():
+        async with running(cfg, system, udev=True) as (daemon, source):
+            await until(lambda: routed(system, daemon))
+            system.volume.resize(3 << 30)  # the array grows; the paths do not know yet
+            system.store.resize(3 << 30)
+            for name in system.paths:
+                source.emit(scsi_ua_event(system.hctl_of(name), "CAPACITY_DATA_HAS_CHANGED"))
+            await until(lambda: system.dm.devices[top].live[0][1] == (3 << 30) // 512)
+            await until(lambda: daemon.orchestrator.luns[system.wwid].state == "routed")
+            assert system.misrouted_pages(top) == 0
+            assert len(system.rescans) == len(system.paths)
+
+    run(main())

@@ -193,8 +193,11 @@ class FakeDmKernel:
     def cmd_04(self, call, buf):  # DEV_REMOVE
         d = self.find(call)
         if d.open_count:
+            if call.flags & dm.DM_DEFERRED_REMOVE:
+                return None  # removed on last close; the flag stays set
             raise OSError(errno.EBUSY, "open")
         del self.devices[d.name]
+        self.out_flags &= ~dm.DM_DEFERRED_REMOVE
         self.out_flags |= dm.DM_UEVENT_GENERATED_FLAG
         return None
 
@@ -609,7 +612,7 @@ def test_resume_and_remove_carry_the_cookie_and_wait(dmc, kernel, udev):
     assert udev.log[0] == ("begin", dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden)
     assert udev.log[1][:2] == ("complete", want)
     assert udev.log[1][2] & dm.DM_UEVENT_GENERATED_FLAG
-    dmc.device_remove("leg0")
+    assert dmc.device_remove("leg0") is True
     assert kernel.calls[-1].nr == 0x04
     assert kernel.calls[-1].event_nr == (dm.DM_UDEV_PRIMARY_SOURCE_FLAG << 16) | 0x1234
     assert udev.log[-1][0] == "complete" and "leg0" not in kernel.devices
@@ -621,6 +624,8 @@ def test_failed_remove_cancels_the_cookie(dmc, kernel, udev):
         dmc.device_remove("sw0")
     assert ei.value.errno == errno.EBUSY and ei.value.name == "sw0"
     assert [x[0] for x in udev.log] == ["begin", "cancel"]
+    assert dmc.device_remove("sw0", deferred=True) is False
+    assert kernel.calls[-1].flags & dm.DM_DEFERRED_REMOVE and "sw0" in kernel.devices
 
 
 def test_no_udev_sync_sends_a_flags_only_cookie(kernel):
