@@ -14,6 +14,7 @@ import json
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,39 @@ def test_generation_churn_during_a_fetch_is_absorbed(routed):
     array("corrupt-next-map", kind="generation-churn", count=2)
     record = refresh(routed["wwid"])
     assert record["state"] == "routed" and record["generation"] == array("info")["generation"]
+
+
+def test_page_moves_are_picked_up_without_being_asked(routed):
+    """Unit attentions (or multipathd's path checker meeting them) bring the move in by themselves."""
+    array("move", fraction=0.2)
+    moved = time.monotonic()
+    generation = array("info")["generation"]
+    wait_for(lambda: status()[0]["generation"] == generation, 30, "the daemon to notice the move")
+    print(f"\nmove applied {time.monotonic() - moved:.1f} s after the array's change")
+
+
+def test_growing_the_volume_grows_the_routed_device(routed):
+    info = array("info")
+    old_size = info["size_bytes"]
+    new_size = old_size + 16 * info["page_size_bytes"]
+    device = routed["device"]
+    array("resize", size=new_size)
+    wait_for(lambda: _size_bytes(device) == new_size and status()[0]["state"] == "routed", 60,
+             "the routed device to grow")
+    array("stats", reset=True)
+    pages = new_size // info["page_size_bytes"]
+    random_io(device, info["page_size_bytes"], pages, total_bytes=16 * MIB, seed=6)
+    direct, forwarded = forwarded_share(array("stats", reset=True))
+    assert direct > 0 and forwarded == 0
+    assert len(our_uuids()) == len(info["members"]) + 2  # the old epoch's switch and legs are gone
+
+
+def _size_bytes(device: str) -> int:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def test_status_cli_reads_like_multipath(routed):
