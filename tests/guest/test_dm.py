@@ -247,10 +247,15 @@ def test_switch_over_hidden_linear_legs(dmc, loops):
     with pytest.raises(dm.DmIoctlError) as ei:
         dmc.device_remove(name("leg0"))
     assert ei.value.errno == errno.EBUSY
-    dmc.device_remove(sw)
-    for i in range(2):
-        dmc.device_remove(name(f"leg{i}"))
-        assert not Path(f"/dev/mapper/{name(f'leg{i}')}").exists()
+    assert dmc.device_remove(name("leg0"), deferred=True) is False
+    assert dmc.device_info(name("leg0")).deferred_remove
+    assert dmc.device_remove(sw) is True
+    deadline = time.monotonic() + 10  # the kernel removes leg0 from a workqueue on last close
+    while any(e.name == name("leg0") for e in dmc.list_devices()):
+        assert time.monotonic() < deadline, "deferred removal of leg0 did not happen"
+        time.sleep(0.1)
+    assert dmc.device_remove(name("leg1")) is True
+    assert not Path(f"/dev/mapper/{name('leg1')}").exists()
     assert our_cookie_semaphores() == []
 
 
