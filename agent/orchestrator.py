@@ -273,7 +273,9 @@ class Orchestrator:
         await asyncio.to_thread(dm.device_create, spec.name, spec.uuid)
         created.append(spec.name)
         await asyncio.to_thread(dm.table_load, spec.name, list(spec.targets))
-        await asyncio.to_thread(dm.device_resume, spec.name, udev_flags=spec.udev_flags)
+        # Legs and switch are used by major:minor and hidden from other rules: nothing
+        # waits on their /dev/mapper nodes, so neither do we.
+        await asyncio.to_thread(dm.device_resume, spec.name, udev_flags=spec.udev_flags, wait_for_udev=False)
         info = await asyncio.to_thread(dm.device_info, spec.name)
         return f"{info.major}:{info.minor}"
 

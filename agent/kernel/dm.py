@@ -735,15 +735,18 @@ class DeviceMapper:
         return info.uuid, info.name
 
     def _with_cookie(self, command: DmCommand, owned: tuple[str, str], udev_flags: int,
-                     flags: int) -> _Header:
-        cookie = self.udev.begin(DM_UDEV_PRIMARY_SOURCE_FLAG | udev_flags)
+                     flags: int, wait_for_udev: bool = True) -> _Header:
+        # A flags-only cookie (base 0) still carries the flags to the rules; 95-dm-notify's
+        # udevcomplete accepts it, and there is no semaphore to wait on.
+        sync = self.udev if wait_for_udev else NoUdevSync()
+        cookie = sync.begin(DM_UDEV_PRIMARY_SOURCE_FLAG | udev_flags)
         try:
             hdr, _ = self._ioctl(command, uuid=owned[0], flags=flags, event_nr=cookie.value,
                                  label=owned[1])
         except BaseException:
-            self.udev.cancel(cookie)
+            sync.cancel(cookie)
             raise
-        self.udev.complete(cookie, hdr.flags)
+        sync.complete(cookie, hdr.flags)
         return hdr
 
     # -- global commands -------------------------------------------------------
@@ -850,7 +853,7 @@ class DeviceMapper:
 
     def device_resume(self, name: str | None = None, *, uuid: str | None = None,
                       udev_flags: int = 0, noflush: bool = False,
-                      skip_lockfs: bool = False) -> DeviceInfo:
+                      skip_lockfs: bool = False, wait_for_udev: bool = True) -> DeviceInfo:
         """``DM_DEV_SUSPEND`` without DM_SUSPEND_FLAG: swap in the inactive table and resume.
 
         Sends a udev cookie with DM_UDEV_PRIMARY_SOURCE_FLAG plus ``udev_flags``
@@ -858,10 +861,11 @@ class DeviceMapper:
         for hidden legs) and returns after udev has handled the change event.
         With an inactive table the device is suspended first (``noflush`` and
         ``skip_lockfs`` apply). A dm-switch region table starts over here.
+        ``wait_for_udev=False`` returns at once (for devices nobody opens by path).
         """
         owned = self._owned(DmCommand.DEV_SUSPEND, name, uuid)
         flags = (DM_NOFLUSH_FLAG if noflush else 0) | (DM_SKIP_LOCKFS_FLAG if skip_lockfs else 0)
-        return _info(self._with_cookie(DmCommand.DEV_SUSPEND, owned, udev_flags, flags))
+        return _info(self._with_cookie(DmCommand.DEV_SUSPEND, owned, udev_flags, flags, wait_for_udev))
 
     def device_remove(self, name: str | None = None, *, uuid: str | None = None,
                       udev_flags: int = 0, deferred: bool = False) -> bool:

@@ -65,7 +65,9 @@ def test_the_lun_is_routed_with_every_member(routed):
     assert Path(f"/dev/switch-agent/{Path(routed['device']).name}").resolve() == Path(routed["device"]).resolve()
     uuids = our_uuids()
     assert sorted(u.split("-")[1] for u in uuids.values()) == ["leg"] * len(info["members"]) + ["sw", "top"]
-    # Legs and switch are hidden from other udev rules (libdm's DM_UDEV_DISABLE_OTHER_RULES_FLAG).
+    # Legs and switch are hidden from other udev rules (libdm's DM_UDEV_DISABLE_OTHER_RULES_FLAG);
+    # the agent does not wait for udev on them, so let udev finish first.
+    subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)
     for name, uuid in uuids.items():
         props = subprocess.run(["udevadm", "info", "--query=property", f"/dev/mapper/{name}"],
                                capture_output=True, text=True).stdout

@@ -130,7 +130,7 @@ class FakeDeviceMapper:
         self.log.append(("suspend", name))
         self._owned(name, DmCommand.DEV_SUSPEND).suspended = True
 
-    def device_resume(self, name: str, *, udev_flags: int = 0, **_):
+    def device_resume(self, name: str, *, udev_flags: int = 0, wait_for_udev: bool = True, **_):
         self.log.append(("resume", name))
         device = self._owned(name, DmCommand.DEV_SUSPEND)
         if device.inactive is not None:

@@ -635,6 +635,14 @@ def test_no_udev_sync_sends_a_flags_only_cookie(kernel):
     assert kernel.calls[-1].event_nr == 0x48 << 16
 
 
+def test_resume_without_waiting_sends_the_flags_and_never_touches_the_semaphores(dmc, kernel, udev):
+    kernel.add("leg0", PREFIX + "leg0", inactive=[(0, 8, "zero", "")])
+    hidden = dm.DM_UDEV_DISABLE_DISK_RULES_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    dmc.device_resume("leg0", udev_flags=hidden, wait_for_udev=False)
+    assert kernel.calls[-1].event_nr == (dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden) << 16  # base 0
+    assert udev.log == []
+
+
 # --- messages -----------------------------------------------------------------
 
 
