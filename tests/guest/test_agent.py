@@ -11,6 +11,7 @@ The tests run in file order and share one daemon and one LUN.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -161,11 +162,22 @@ def test_generation_churn_during_a_fetch_is_absorbed(routed):
 
 
 def test_page_moves_are_picked_up_without_being_asked(routed):
-    """Unit attentions (or multipathd's path checker meeting them) bring the move in by themselves."""
+    """Under I/O, the paths' unit attentions bring a move in with no refresh and no poll."""
+    info = array("info")
     array("move", fraction=0.2)
     moved = time.monotonic()
     generation = array("info")["generation"]
-    wait_for(lambda: status()[0]["generation"] == generation, 30, "the daemon to notice the move")
+    fd = os.open(routed["device"], os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        page = 0
+        while status()[0]["generation"] != generation:
+            assert time.monotonic() - moved < 30, "the daemon did not notice the move"
+            # Reads on every page reach every member, and so every path's unit attention.
+            os.preadv(fd, [buf], page * info["page_size_bytes"])
+            page = (page + 1) % info["total_pages"]
+    finally:
+        os.close(fd)
     print(f"\nmove applied {time.monotonic() - moved:.1f} s after the array's change")
 
 
@@ -175,8 +187,11 @@ def test_growing_the_volume_grows_the_routed_device(routed):
     new_size = old_size + 16 * info["page_size_bytes"]
     device = routed["device"]
     array("resize", size=new_size)
+    # The capacity unit attention reaches a path with its next command: send one.
+    random_io(device, info["page_size_bytes"], info["total_pages"], total_bytes=MIB, seed=7)
     wait_for(lambda: _size_bytes(device) == new_size and status()[0]["state"] == "routed", 60,
              "the routed device to grow")
+    subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)  # udev's probes of the resized disks
     array("stats", reset=True)
     pages = new_size // info["page_size_bytes"]
     random_io(device, info["page_size_bytes"], pages, total_bytes=16 * MIB, seed=6)
