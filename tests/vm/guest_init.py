@@ -23,6 +23,7 @@ Nothing leaves the guest except through <results dir>.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -200,6 +201,41 @@ class Rig:
             raise RigError(f"{name} exited with status {p.returncode} (see {name}.log)")
 
     # --- stages ---------------------------------------------------------------
+    def cached_view(self) -> None:
+        """Mount the host's extra read-only share with cache=loose and bind it
+        over the repository, the venv and Python's prefix (see run.py
+        python_paths).  Optional: without it everything works, only slower."""
+        tag = self.cfg.get("cached_tag")
+        if not tag:
+            return
+        self.stage = "cached view"
+        tags = []
+        for t in Path("/sys/bus/virtio/drivers/9pnet_virtio").glob("virtio*/mount_tag"):
+            with contextlib.suppress(OSError):
+                tags.append(t.read_text().strip("\0\n "))
+        if tag not in tags:
+            self.say(f"no 9p share {tag!r} (tags {tags}): Python runs from the uncached root")
+            return
+        results = str(self.results)
+        inside = [p for p in self.cfg["cached_paths"] if results == p or results.startswith(p + "/")]
+        if inside:
+            # A bind over it would hide the results share mounted inside it.
+            self.say(f"results dir inside {inside[0]}: not using the cached view")
+            return
+        top = Path("/run/swagent-ro")
+        top.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run(["mount", "-t", "9p", "-o",
+                      "ro,trans=virtio,version=9p2000.L,cache=loose,access=any,msize=524288",
+                      tag, str(top)], timeout=30, what="mount the cached share")
+            for path in self.cfg["cached_paths"]:
+                self.run(["mount", "--bind", f"{top}{path}", path], timeout=10)
+        except RigError as e:
+            self.say(f"cached view not (fully) available ({e}): Python runs from the uncached root")
+            return
+        self.say("cached read-only view of " + ", ".join(self.cfg["cached_paths"]))
+        self.mark("cached_view")
+
     def kernel(self) -> None:
         self.stage = "modules"
         self.run(["modprobe", "-a", *MODULES], timeout=60, log="rig-commands.log",
@@ -514,6 +550,7 @@ def main() -> int:
     status: dict = {"rig_ok": False, "command_rc": None, "guest_uptime_at_start": uptime}
     rc = None
     try:
+        rig.cached_view()
         rig.kernel()
         rig.network()
         rig.iscsid()
