@@ -152,3 +152,16 @@ def forwarded_share(stats: dict) -> tuple[int, int]:
     return sum(m["direct_bytes"] for m in members), sum(m["forwarded_bytes"] for m in members)
 
 
+def quiesce() -> None:
+    """Let the array's pending unit attentions and udev's reactions to them finish.
+
+    A unit attention makes the kernel rescan the path and udev probe the
+    disks, multipathd's map among them, whose reads the array forwards: do
+    that before counters are reset, not in the middle of a measurement.
+    """
+    for member in array_info()["members"]:
+        for path in member["paths"]:
+            for _ in range(3):  # one unit attention per change may be queued
+                subprocess.run(["sg_turs", path], capture_output=True, check=False)
+    subprocess.run(["udevadm", "settle", "--timeout=60"], check=False)
+

@@ -15,7 +15,7 @@ import sys
 
 from tests.array import control as array_control
 from tests.guest.agentlib import (MIB, AgentDaemon, agent_cli, array, array_info, install_udev_rule,
-                                  login_and_wait_routed, random_io, remove_our_devices)
+                                  login_and_wait_routed, quiesce, random_io, remove_our_devices)
 
 
 def member_rows(label: str, stats: dict) -> list[str]:
@@ -40,9 +40,12 @@ def main() -> int:
         print(agent_cli("status").stdout)
         info = array_info()
         page, pages = info["page_size_bytes"], info["total_pages"]
+        quiesce()
         array("stats", reset=True)
         random_io(info["multipath_map"], page, pages, seed=1)
         without = array("stats", reset=True)
+        quiesce()
+        array("stats", reset=True)
         random_io(record["device"], page, pages, seed=2)
         with_agent = array("stats", reset=True)
         print("== 64 MiB written and read back at random page-aligned offsets (O_DIRECT)\n")

@@ -23,7 +23,7 @@ import pytest
 from agent import control as agent_control
 from tests.array import control as array_control
 from tests.guest.agentlib import (MIB, RESULTS, SOCKET, AgentDaemon, agent_cli, array, array_info,
-                                  forwarded_share, install_udev_rule, login_and_wait_routed, our_devices,
+                                  forwarded_share, install_udev_rule, quiesce, login_and_wait_routed, our_devices,
                                   our_uuids, random_io, remove_our_devices, status, wait_for)
 
 pytestmark = pytest.mark.guest
@@ -79,6 +79,7 @@ def test_the_lun_is_routed_with_every_member(routed):
 def test_io_through_the_routed_device_is_never_forwarded(routed):
     info = array_info()
     page_bytes, pages = info["page_size_bytes"], info["total_pages"]
+    quiesce()
     array("stats", reset=True)
     random_io(info["multipath_map"], page_bytes, pages, seed=2)
     base_direct, base_forwarded = forwarded_share(array("stats", reset=True))
@@ -118,6 +119,7 @@ def test_refresh_applies_page_moves(routed):
     result = agent_cli("refresh", routed["wwid"], "--json")
     record = json.loads(result.stdout)
     assert record["state"] == "routed" and record["generation"] == array("info")["generation"]
+    quiesce()
     array("stats", reset=True)
     random_io(routed["device"], info["page_size_bytes"], info["total_pages"], seed=5)
     direct, forwarded = forwarded_share(array("stats", reset=True))
@@ -156,7 +158,7 @@ def test_a_corrupt_map_leaves_routing_as_it_was(routed, kind):
 
 def test_generation_churn_during_a_fetch_is_absorbed(routed):
     array("move", fraction=0.1)
-    array("corrupt-next-map", kind="generation-churn", count=2)
+    array("corrupt-next-map", kind="generation-churn", count=1)
     record = refresh(routed["wwid"])
     assert record["state"] == "routed" and record["generation"] == array("info")["generation"]
 
@@ -166,12 +168,11 @@ def test_page_moves_are_picked_up_without_being_asked(routed):
     info = array("info")
     array("move", fraction=0.2)
     moved = time.monotonic()
-    generation = array("info")["generation"]
     fd = os.open(routed["device"], os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, 4096)
     try:
         page = 0
-        while status()[0]["generation"] != generation:
+        while status()[0]["generation"] != array("info")["generation"]:
             assert time.monotonic() - moved < 30, "the daemon did not notice the move"
             # Reads on every page reach every member, and so every path's unit attention.
             os.preadv(fd, [buf], page * info["page_size_bytes"])
@@ -191,7 +192,7 @@ def test_growing_the_volume_grows_the_routed_device(routed):
     random_io(device, info["page_size_bytes"], info["total_pages"], total_bytes=MIB, seed=7)
     wait_for(lambda: _size_bytes(device) == new_size and status()[0]["state"] == "routed", 60,
              "the routed device to grow")
-    subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)  # udev's probes of the resized disks
+    quiesce()  # udev's probes of the resized disks
     array("stats", reset=True)
     pages = new_size // info["page_size_bytes"]
     random_io(device, info["page_size_bytes"], pages, total_bytes=16 * MIB, seed=6)
