@@ -35,6 +35,7 @@ class LunScheduler:
         self.config = config
         self.sleep = sleep
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._healing: dict[str, asyncio.Task[None]] = {}
 
     def trigger(self, wwid: str, reason: str, *, delay_s: float | None = None) -> None:
         """Reconcile `wwid` soon; triggers that arrive while one is pending fold into it."""
@@ -68,10 +69,29 @@ class LunScheduler:
         except Exception:  # a bug must not kill the daemon's other LUNs
             LOG.exception("%s: unexpected error while reconciling", wwid)
 
+    def heal(self, wwid: str, *, delay_s: float = 0.0, attempt: int = 0) -> None:
+        """Probe and reinstate the LUN's failed leg paths soon; again with backoff while any stay failed."""
+        if wwid not in self._healing:
+            self._healing[wwid] = asyncio.create_task(self._heal(wwid, delay_s, attempt), name=f"heal {wwid}")
+
+    async def _heal(self, wwid: str, delay: float, attempt: int) -> None:
+        await self.sleep(delay)
+        self._healing.pop(wwid, None)
+        try:
+            still_failed = await self.orchestrator.heal_paths(wwid)
+        except Exception:  # a bug must not kill the daemon's other LUNs
+            LOG.exception("%s: unexpected error while healing paths", wwid)
+            return
+        if still_failed:
+            backoff = min(self.config.retry_initial_s * 2 ** attempt, self.config.retry_max_s)
+            LOG.info("%s: %d leg path(s) still failed; probing again in %.1f s", wwid, still_failed, backoff)
+            self.heal(wwid, delay_s=backoff, attempt=attempt + 1)
+
     async def close(self) -> None:
         """Cancel everything pending and wait for it to stop."""
-        tasks = list(self._pending.values())
+        tasks = [*self._pending.values(), *self._healing.values()]
         self._pending.clear()
+        self._healing.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -130,6 +150,11 @@ class Daemon:
         LOG.debug("udev: %s", trigger)
         if trigger.kind in ("mpath-ready", "path-event") and trigger.wwid:
             self.scheduler.trigger(trigger.wwid, trigger.kind)
+            if trigger.kind == "path-event":
+                self.scheduler.heal(trigger.wwid, delay_s=self.config.debounce_s)
+        elif trigger.kind == "leg-path-event" and trigger.wwid:
+            # A path just failed under I/O: give it a moment before the first probe.
+            self.scheduler.heal(trigger.wwid, delay_s=self.config.retry_initial_s)
         elif trigger.kind == "mpath-gone" and trigger.wwid in self.orchestrator.luns:
             LOG.warning("%s: multipath map removed; the routed device stays until removed by hand",
                         trigger.wwid)
@@ -155,6 +180,7 @@ class Daemon:
                     continue
                 if await self._generation_moved(lun):
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
+                self.scheduler.heal(lun.wwid)
 
     async def _generation_moved(self, lun) -> bool:
         for path in lun.topology.paths:

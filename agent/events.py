@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from agent.config import UUID_PREFIX
+from agent.stack import parse_owned_uuid
+
 MPATH_UUID_PREFIX = "mpath-"  # multipath-tools libmultipath/devmapper.h UUID_PREFIX
+LEG_UUID_PREFIX = UUID_PREFIX + "leg-"
 
 
 @dataclass(frozen=True)
@@ -14,7 +18,9 @@ class Trigger:
 
     kind: str
     """"mpath-ready": (re)build routing; "mpath-gone": the map went away;
-    "unit-attention": a path reported a change; re-check its LUN's map."""
+    "path-event": multipathd's map failed or reinstated a path;
+    "leg-path-event": one of our legs did; "unit-attention": a path
+    reported a change; re-check its LUN's map."""
     wwid: str | None = None
     scsi_sys_path: str | None = None
     detail: str = ""
@@ -29,6 +35,10 @@ def classify(action: str, subsystem: str, devtype: str | None, sys_path: str,
     if subsystem != "block" or devtype != "disk":
         return None
     uuid = properties.get("DM_UUID", "")
+    if uuid.startswith(LEG_UUID_PREFIX) and properties.get("DM_ACTION", "").startswith("PATH_"):
+        # dm-mpath failed (or reinstated) a path inside one of our legs (dm-uevent.c).
+        owned = parse_owned_uuid(uuid)
+        return Trigger("leg-path-event", wwid=owned.wwid, detail=properties["DM_ACTION"]) if owned else None
     if not uuid.startswith(MPATH_UUID_PREFIX):
         return None
     wwid = uuid[len(MPATH_UUID_PREFIX):]

@@ -60,6 +60,16 @@ async def _data_in(path: ScsiPath, cdb: bytes, length: int) -> bytes:
     return (await path.execute(cdb, data_in_length=length)).data_in
 
 
+async def path_answers(path: ScsiPath) -> bool:
+    """TEST UNIT READY, past unit attentions: True when the path is back in service."""
+    try:
+        await _data_in(path, scsi.build_test_unit_ready_cdb(), 0)
+    except (SwitchAgentError, OSError, ValueError) as exc:
+        LOG.debug("%s: TEST UNIT READY failed: %s", path.name, exc)
+        return False
+    return True
+
+
 async def read_inquiry(path: ScsiPath) -> scsi.StandardInquiry:
     """Standard INQUIRY: vendor and product tell whether the LUN is an array we serve."""
     data = await _data_in(path, scsi.build_inquiry_cdb(allocation_length_bytes=INQUIRY_LENGTH), INQUIRY_LENGTH)

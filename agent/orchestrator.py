@@ -25,6 +25,7 @@ from agent.stack import DeviceSpec, PlanError, StackPlan, parse_owned_uuid, plan
 from agent.topology import PathInfo, Topology
 from protocol import dmswitch
 from protocol.errors import DecodeError, SwitchAgentError
+from protocol.mpath_status import parse_multipath_status
 from protocol.pagemap import UNALLOCATED, PageMap
 
 LOG = logging.getLogger(__name__)
@@ -312,6 +313,44 @@ class Orchestrator:
                 await asyncio.to_thread(self.system.dm.device_remove, name)
             except SwitchAgentError as exc:
                 LOG.warning("could not remove %s: %s", name, exc)
+
+    async def heal_paths(self, wwid: str) -> int:
+        """Reinstate legs' failed paths that answer TEST UNIT READY again; returns how many stay failed.
+
+        dm-multipath fails a path on an I/O error and never brings it back by
+        itself (multipathd does that for its own maps only). Until a path is
+        reinstated its member's I/O goes to the fallback group, i.e. is
+        forwarded by the array.
+        """
+        lun = self.luns.get(wwid)
+        if lun is None or lun.stack is None or lun.topology is None:
+            return 0
+        by_dev = {p.dev: p.device for p in lun.topology.paths}
+        still_failed = 0
+        dm = self.system.dm
+        async with lun.lock:
+            for leg in lun.stack.plan.legs:
+                try:
+                    targets = await asyncio.to_thread(dm.table_status, leg.name)
+                    states = parse_multipath_status(targets[0].params)
+                except SwitchAgentError as exc:
+                    LOG.warning("%s: cannot read the status of %s: %s", wwid, leg.name, exc)
+                    continue
+                for state in states:
+                    if state.active:
+                        continue
+                    device = by_dev.get(state.dev)
+                    if device is None or not await mapsource.path_answers(self.system.open_path(device)):
+                        still_failed += 1
+                        continue
+                    try:
+                        await asyncio.to_thread(dm.target_message, leg.name, 0, f"reinstate_path {state.dev}")
+                    except SwitchAgentError as exc:
+                        LOG.warning("%s: reinstating %s in %s failed: %s", wwid, state.dev, leg.name, exc)
+                        still_failed += 1
+                        continue
+                    LOG.info("%s: path %s (%s) reinstated in %s", wwid, device, state.dev, leg.name)
+        return still_failed
 
     # -- questions from the CLI ------------------------------------------------
 

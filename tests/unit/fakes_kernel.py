@@ -67,6 +67,8 @@ class FakeDmDevice:
     udev_flags: int = 0
     regions: np.ndarray | None = None
     """A live switch's region table: path number per region."""
+    failed: set[str] = field(default_factory=set)
+    """A live multipath table's failed paths (major:minor)."""
 
     @property
     def dev(self) -> str:
@@ -163,9 +165,29 @@ class FakeDeviceMapper:
     def list_devices(self):
         return [SimpleNamespace(name=d.name, uuid=d.uuid, major=253, minor=d.minor) for d in self.devices.values()]
 
+    def table_status(self, name: str):
+        """STATUSTYPE_INFO of a multipath leg, as dm-mpath.c prints it (round-robin: no per-path args)."""
+        device = self.devices[name]
+        start, length, kind, params = device.live[0]
+        assert kind == "multipath"
+        groups = _mpath_groups(params)
+        words = ["2", "0", "0", "0", str(len(groups)), "1"]
+        for g, paths in enumerate(groups):
+            words += ["A" if g == 0 else "E", "0", str(len(paths)), "0"]
+            for dev in paths:
+                words += [dev, "F" if dev in device.failed else "A", "1" if dev in device.failed else "0"]
+        return [SimpleNamespace(start_sector=start, length_sectors=length, target_type=kind,
+                                params=" ".join(words))]
+
     def target_message(self, name: str, sector: int, message: str):
         self.log.append(("message", name))
         device = self._owned(name, DmCommand.TARGET_MSG)
+        verb, _, dev = message.partition(" ")
+        if verb in ("fail_path", "reinstate_path") and device.live and device.live[0][2] == "multipath":
+            if dev not in _devices_in("multipath", device.live[0][3]):
+                raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, f"no path {dev}")
+            (device.failed.add if verb == "fail_path" else device.failed.discard)(dev)
+            return None
         if device.regions is None:
             raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, "target does not take messages")
         nr_paths = int(device.live[0][3].split()[0])
@@ -202,17 +224,27 @@ def _devices_in(kind: str, params: str) -> list[str]:
     return []
 
 
-def _first_group_paths(params: str) -> tuple[str, ...]:
-    """Paths of a multipath table's first priority group (the kernel's initial group is 1)."""
+def _mpath_groups(params: str) -> list[tuple[str, ...]]:
+    """Each priority group's paths, from a multipath table line's parameters."""
     words = params.split()
     i = 1 + int(words[0])          # features
     i += 1 + int(words[i])         # hw handler
+    nr_groups = int(words[i])
     i += 2                         # nr groups, initial group
-    i += 1                         # selector name
-    i += 1 + int(words[i])         # selector args
-    nr_paths, per_path = int(words[i]), int(words[i + 1])
-    i += 2
-    return tuple(words[i + k * (1 + per_path)] for k in range(nr_paths))
+    groups = []
+    for _ in range(nr_groups):
+        i += 1                     # selector name
+        i += 1 + int(words[i])     # selector args
+        nr_paths, per_path = int(words[i]), int(words[i + 1])
+        i += 2
+        groups.append(tuple(words[i + k * (1 + per_path)] for k in range(nr_paths)))
+        i += nr_paths * (1 + per_path)
+    return groups
+
+
+def _first_group_paths(params: str) -> tuple[str, ...]:
+    """Paths of a multipath table's first priority group (the kernel's initial group is 1)."""
+    return _mpath_groups(params)[0]
 
 
 class FakeSystem:

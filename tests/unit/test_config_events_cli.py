@@ -88,6 +88,8 @@ def test_unit_attention_on_scsi_device():
     assert t == Trigger("unit-attention", scsi_sys_path="/devices/h/2:0:0:0", detail="INQUIRY_DATA_HAS_CHANGED")
     assert classify("change", "scsi", "scsi_device", "/x", {}) is None
     assert classify("add", "block", "partition", "/x", MPATH) is None
+    leg = {"DM_UUID": "SWAGENT-leg-1-2-36001405aa", "DM_ACTION": "PATH_FAILED", "DM_PATH": "8:16"}
+    assert classify("change", "block", "disk", "/x", leg) == Trigger("leg-path-event", wwid="36001405aa", detail="PATH_FAILED")
 
 
 # -- control socket -----------------------------------------------------------

@@ -211,3 +211,20 @@ def test_capacity_unit_attention_rescans_and_grows_the_routed_device(tmp_path):
             assert len(system.rescans) == len(system.paths)
 
     run(main())
+
+
+def test_a_leg_path_failure_event_leads_to_a_probe_and_reinstatement(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store")
+    cfg = config(tmp_path)
+
+    async def main():
+        async with running(cfg, system, udev=True) as (daemon, source):
+            await until(lambda: routed(system, daemon))
+            plan = daemon.orchestrator.luns[system.wwid].stack.plan
+            leg, dev = plan.legs[1], plan.leg_paths[1][0][0]
+            system.dm.target_message(leg.name, 0, f"fail_path {dev}")
+            source.emit(dm_disk_event("change", "dm-2", dm_name=leg.name, dm_uuid=leg.uuid,
+                                      extra={"DM_ACTION": "PATH_FAILED", "DM_PATH": dev}))
+            await until(lambda: not system.dm.devices[leg.name].failed)
+
+    run(main())

@@ -258,3 +258,16 @@ def test_a_restarted_daemon_adopts_what_the_last_one_left(tmp_path, crash):
     assert lun.epoch >= 2 and system.misrouted_pages(top) == 0
     ours = sorted(n for n, d in dm.devices.items() if d.uuid.startswith("SWAGENT-"))
     assert ours == sorted([top, lun.stack.plan.switch_name, *(leg.name for leg in lun.stack.plan.legs)])
+
+
+def test_failed_leg_paths_are_reinstated_once_they_answer_again(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=2)
+    lun = reconcile(orch, system.wwid)
+    leg = system.dm.devices[lun.stack.plan.legs[0].name]
+    own = lun.stack.plan.leg_paths[0][0]
+    sd = next(n for n, d in system.devs.items() if d == own[0])
+    system.dm.target_message(leg.name, 0, f"fail_path {own[0]}")  # as dm-mpath does on an I/O error
+    system.paths[sd].broken = True
+    assert asyncio.run(orch.heal_paths(system.wwid)) == 1 and own[0] in leg.failed
+    system.paths[sd].broken = False
+    assert asyncio.run(orch.heal_paths(system.wwid)) == 0 and leg.failed == set()
