@@ -15,6 +15,7 @@ import mmap
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -199,6 +200,49 @@ def test_growing_the_volume_grows_the_routed_device(routed):
     direct, forwarded = forwarded_share(array("stats", reset=True))
     assert direct > 0 and forwarded == 0
     assert len(our_uuids()) == len(info["members"]) + 2  # the old epoch's switch and legs are gone
+
+
+def leg_path_states(leg: str) -> dict[str, str]:
+    """major:minor -> A or F, from `dmsetup status` of a leg (dmsetup: an independent reader)."""
+    words = subprocess.run(["dmsetup", "status", leg], capture_output=True, text=True, check=True).stdout.split()
+    return {w: words[i + 1] for i, w in enumerate(words[:-1]) if ":" in w and words[i + 1] in ("A", "F")}
+
+
+def test_a_failed_leg_path_is_reinstated(routed):
+    """dm-multipath fails a path on an I/O error and never brings it back; the agent does."""
+    leg = next(n for n, u in our_uuids().items() if u.startswith("SWAGENT-leg-"))
+    dev = next(iter(leg_path_states(leg)))
+    subprocess.run(["dmsetup", "message", leg, "0", f"fail_path {dev}"], check=True)
+    assert leg_path_states(leg)[dev] == "F"
+    failed = time.monotonic()
+    wait_for(lambda: leg_path_states(leg)[dev] == "A", 30, f"{dev} to be reinstated in {leg}")
+    print(f"\n{dev} reinstated in {leg} {time.monotonic() - failed:.1f} s after it failed")
+
+
+def test_a_member_logged_out_and_back(routed):
+    """All of one member's sessions go: I/O goes on through the others; back: routed directly again."""
+    info = array_info()
+    member = info["members"][1]
+    array_cli("logout", "--member", str(member["number"]))
+    random_io(routed["device"], info["page_size_bytes"], info["total_pages"], total_bytes=8 * MIB, seed=8)
+    wait_for(lambda: not _member_paths(member["member_id"]), 60, "the daemon to drop the member's paths")
+    array_cli("login", "--member", str(member["number"]))
+    wait_for(lambda: _member_paths(member["member_id"]) and status()[0]["state"] == "routed", 60,
+             "the member's paths to come back")
+    quiesce()
+    array("stats", reset=True)
+    random_io(routed["device"], info["page_size_bytes"], info["total_pages"], total_bytes=16 * MIB, seed=9)
+    direct, forwarded = forwarded_share(array("stats", reset=True))
+    assert direct > 0 and forwarded == 0
+
+
+def _member_paths(member_id: int) -> list:
+    record = status()[0]
+    return next((m["paths"] for m in record["members"] if m["member_id"] == member_id), [])
+
+
+def array_cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "tests.array", *args], check=True, timeout=300)
 
 
 def _size_bytes(device: str) -> int:
