@@ -99,42 +99,53 @@ def test_dmsetup_targets_lists_switch_and_multipath() -> None:
 
 # --- dm-switch ----------------------------------------------------------------------
 
-@pytest.fixture
-def switch_over_zero_and_error() -> Iterator[str]:
-    """A dm-switch of 8 one-MiB regions over path 0 = dm-zero and path 1 = dm-error."""
+@pytest.fixture(scope="module")
+def legs() -> Iterator[tuple[str, str]]:
+    """Two legs told apart by reads: path 0 = dm-zero (reads work), path 1 = dm-error (EIO)."""
     with dm_device(f"{PREFIX}-zero", f"0 {SECTORS} zero") as zero, \
          dm_device(f"{PREFIX}-error", f"0 {SECTORS} error") as error:
-        table = f"0 {SECTORS} switch 2 {REGION_SECTORS} 0 {devnum(zero)} 0 {devnum(error)} 0"
-        with dm_device(f"{PREFIX}-sw", table) as sw:
-            yield sw
+        yield devnum(zero), devnum(error)
 
 
-def test_dm_switch_table_round_trips(switch_over_zero_and_error: str) -> None:
-    sw = switch_over_zero_and_error
-    table = sh("dmsetup", "table", sw).stdout.split()
-    assert table[:5] == ["0", str(SECTORS), "switch", "2", str(REGION_SECTORS)], table
+def switch_table(legs: tuple[str, str]) -> str:
+    return f"0 {SECTORS} switch 2 {REGION_SECTORS} 0 {legs[0]} 0 {legs[1]} 0"
 
 
-def test_dm_switch_routes_regions_by_set_region_mappings(switch_over_zero_and_error: str) -> None:
-    dev = f"/dev/mapper/{switch_over_zero_and_error}"
-    assert Path(dev).exists(), f"udev made no {dev}"
-    # The kernel starts with region r -> path r % 2: even regions read zeros, odd ones fail.
-    assert [read_region(dev, r) for r in range(REGIONS)] == [True, False] * (REGIONS // 2)
+@pytest.fixture(scope="module")
+def switch(legs: tuple[str, str]) -> Iterator[str]:
+    """A dm-switch of 8 one-MiB regions over the two legs, shared by the module's tests."""
+    with dm_device(f"{PREFIX}-sw", switch_table(legs)) as sw:
+        yield sw
 
-    # Swap: region 0 -> path 1, region 1 -> path 0, then repeat those two over regions 2..7.
-    sh("dmsetup", "message", switch_over_zero_and_error, "0", "set_region_mappings", "0:1", ":0", "R2,6")
-    assert [read_region(dev, r) for r in range(REGIONS)] == [False, True] * (REGIONS // 2)
 
-    # Single entries, hex indices: regions 6 and 7 -> path 0.
-    sh("dmsetup", "message", switch_over_zero_and_error, "0", "set_region_mappings", "6:0", "7:0")
-    assert [read_region(dev, r) for r in range(REGIONS)] == [False, True, False, True, False, True, True, True]
+def test_dm_switch_table_round_trips(switch: str, legs: tuple[str, str]) -> None:
+    table = sh("dmsetup", "table", switch).stdout.split()
+    assert table == ["0", str(SECTORS), "switch", "2", str(REGION_SECTORS), "0",
+                     legs[0], "0", legs[1], "0"], table
+
+
+def test_dm_switch_routes_regions_by_set_region_mappings(legs: tuple[str, str]) -> None:
+    with dm_device(f"{PREFIX}-sw-fresh", switch_table(legs)) as sw:
+        dev = f"/dev/mapper/{sw}"
+        assert Path(dev).exists(), f"udev made no {dev}"
+        # A new switch maps region r -> path r % 2: even regions read zeros, odd ones fail.
+        assert [read_region(dev, r) for r in range(REGIONS)] == [True, False] * (REGIONS // 2)
+
+        # Swap: region 0 -> path 1, region 1 -> path 0, then repeat those two over regions 2..7.
+        sh("dmsetup", "message", sw, "0", "set_region_mappings", "0:1", ":0", "R2,6")
+        assert [read_region(dev, r) for r in range(REGIONS)] == [False, True] * (REGIONS // 2)
+
+        # Single entries: regions 6 and 7 -> path 0.
+        sh("dmsetup", "message", sw, "0", "set_region_mappings", "6:0", "7:0")
+        assert [read_region(dev, r) for r in range(REGIONS)] == [False, True, False, True, False, True,
+                                                                  True, True]
 
 
 @pytest.mark.parametrize("bad", [["8:0"], ["0:2"], ["0:0", "R3,1"], ["0:0", "R1,8"], ["bogus"]],
                          ids=["region-out-of-range", "path-out-of-range", "repeat-more-than-written",
                               "repeat-past-the-end", "garbage"])
-def test_dm_switch_rejects_bad_mappings(switch_over_zero_and_error: str, bad: list[str]) -> None:
-    p = sh("dmsetup", "message", switch_over_zero_and_error, "0", "set_region_mappings", *bad, check=False)
+def test_dm_switch_rejects_bad_mappings(switch: str, bad: list[str]) -> None:
+    p = sh("dmsetup", "message", switch, "0", "set_region_mappings", *bad, check=False)
     assert p.returncode != 0, f"set_region_mappings {' '.join(bad)} was accepted"
 
 
