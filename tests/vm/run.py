@@ -49,6 +49,10 @@ LOG_TAILS = ["rig.log", "dmesg.log", "array.log", "emulator.log", "multipathd.lo
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+class Terminated(Exception):
+    """SIGTERM or SIGHUP while the VM runs."""
+
+
 def parse_size(text: str) -> int:
     """'1073741824', '1G', '15M', '15MiB' -> bytes (binary multiples)."""
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
@@ -325,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     marks: dict[str, float] = {}
     killed = False
+    proc = None
+
+    def terminated(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    # Killed ourselves (e.g. by a test's timeout): take the VM down with us.
+    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGHUP, terminated)
     try:
         proc = subprocess.Popen(vng, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -359,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
             except ProcessLookupError:
                 pass
         vng_rc = proc.wait()
-    except KeyboardInterrupt:
-        say("interrupted: killing the VM")
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, NameError):
-            pass
+    except (KeyboardInterrupt, Terminated) as e:
+        say(f"interrupted ({e or 'SIGINT'}): killing the VM")
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
         return 130
     finally:
         if lock is not None:

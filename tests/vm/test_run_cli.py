@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,85 @@ def test_vm_lock_free_then_held_by_ancestor(tmp_path: Path, monkeypatch: pytest.
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().endswith("inherited"), p.stdout
     assert "held by our caller" in p.stdout
+
+
+# --- main() against a stand-in for vng (no VM) ------------------------------------------
+
+FAKE_VNG = r"""#!/bin/sh
+# Stand-in for vng: finds --rwdir, then behaves as $FAKE_MODE says.
+while [ $# -gt 0 ]; do [ "$1" = --rwdir ] && results=$2; shift; done
+case $FAKE_MODE in
+  ok)    echo "vm-rig: [   0.0s] guest up: kernel fake"
+         echo "vm-rig: [   1.0s] ready; running: x"
+         printf '{"rig_ok": true, "command_rc": 7, "timings": {"ready": 1.0}}' > "$results/status.json" ;;
+  crash) echo "kernel panic (pretend)"; exit 1 ;;
+  rigfail) echo "vm-rig: [   0.0s] guest up: kernel fake"
+         echo "multipathd: pretend log line" > "$results/multipathd.log"
+         printf '{"rig_ok": false, "error": "multipathd: pretend failure"}' > "$results/status.json" ;;
+  hang)  echo $$ > "$results/fake.pid"; exec sleep 600 ;;
+esac
+"""
+
+DRIVER = """
+import os, sys
+from pathlib import Path
+from tests.vm import run
+fake, lock, results = sys.argv[1:4]
+run.check_prerequisites = lambda: ({"vng": fake, "qemu": "qemu", "kernel": Path("/boot/vmlinuz-fake"),
+                                    "PATH": os.environ["PATH"]}, [])
+run.LOCK = lock
+sys.exit(run.main(["--results", results, "--", "true"]))
+"""
+
+
+def start_fake(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, Path]:
+    fake = tmp_path / "vng"
+    fake.write_text(FAKE_VNG)
+    fake.chmod(0o755)
+    results = tmp_path / "results"
+    env = dict(os.environ, FAKE_MODE=mode, SWITCH_AGENT_VM_NO_CACHE="1")
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(fake), str(tmp_path / "lock"), str(results)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    return proc, results
+
+
+def test_main_returns_the_guest_commands_status(tmp_path: Path) -> None:
+    proc, results = start_fake(tmp_path, "ok")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 7, out
+    assert "vm-run: command exit status 7" in out
+    assert "boot-to-ready" in out
+    assert (results / "timings.json").exists()
+
+
+def test_main_without_status_is_a_rig_failure(tmp_path: Path) -> None:
+    proc, _ = start_fake(tmp_path, "crash")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == run.RIG_FAILURE, out
+    assert "RIG FAILURE: the guest wrote no status.json (vng exit status 1)" in out
+
+
+def test_main_rig_failure_prints_log_tails(tmp_path: Path) -> None:
+    proc, results = start_fake(tmp_path, "rigfail")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == run.RIG_FAILURE, out
+    assert "RIG FAILURE: multipathd: pretend failure" in out
+    assert f"tail of {results / 'multipathd.log'}" in out and "pretend log line" in out
+
+
+def test_sigterm_takes_the_vm_down(tmp_path: Path) -> None:
+    proc, results = start_fake(tmp_path, "hang")
+    pidfile = results / "fake.pid"
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline, "the stand-in VM never started"
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)  # polling with a deadline
+    vm_pid = int(pidfile.read_text())
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert "interrupted (SIGTERM): killing the VM" in out
+    with pytest.raises(ProcessLookupError):
+        os.kill(vm_pid, 0)
