@@ -48,14 +48,16 @@ def classify(action: str, subsystem: str, devtype: str | None, sys_path: str,
         return Trigger("mpath-gone", wwid=wwid)
     if action not in ("add", "change"):
         return None
-    # 11-dm-mpath.rules: a map with no valid paths, or a path event on an
-    # unchanged map, is not a reason to rebuild (libdevmapper.h asks foreign
-    # rules to honour DM_UDEV_DISABLE_OTHER_RULES_FLAG).
-    if properties.get("MPATH_DEVICE_READY") == "0" or properties.get("DM_UDEV_DISABLE_OTHER_RULES_FLAG") == "1":
+    # 11-dm-mpath.rules: MPATH_DEVICE_READY=0 is a map with no usable path; wait for it.
+    if properties.get("MPATH_DEVICE_READY") == "0":
         return None
     if properties.get("DM_ACTION", "").startswith("PATH_"):
         return Trigger("path-event", wwid=wwid, detail=properties["DM_ACTION"])
-    if properties.get("MPATH_UNCHANGED") == "1":
+    # A reload of a live map (MPATH_UNCHANGED=1: multipathd added or dropped a path) tells other
+    # rules not to probe the device again, and sets DM_UDEV_DISABLE_OTHER_RULES_FLAG for that. We
+    # never open the map itself, only sysfs and its paths, and a changed path set is exactly our
+    # business. Any other reason for the flag (a map not set up yet) means: wait.
+    if properties.get("DM_UDEV_DISABLE_OTHER_RULES_FLAG") == "1" and properties.get("MPATH_UNCHANGED") != "1":
         return None
     return Trigger("mpath-ready", wwid=wwid)
 

@@ -70,8 +70,13 @@ def test_mpath_map_add_is_a_build_trigger():
         Trigger("mpath-ready", wwid="36001405aa")
 
 
+def test_a_reload_that_changes_paths_is_a_trigger():
+    reload = {**MPATH, "MPATH_UNCHANGED": "1", "DM_UDEV_DISABLE_OTHER_RULES_FLAG": "1"}
+    assert classify("change", "block", "disk", "/x", reload) == Trigger("mpath-ready", wwid="36001405aa")
+
+
 @pytest.mark.parametrize("extra", [{"MPATH_DEVICE_READY": "0"}, {"DM_UDEV_DISABLE_OTHER_RULES_FLAG": "1"},
-                                   {"MPATH_UNCHANGED": "1"}, {"DM_UUID": "LVM-abc"},
+                                   {"DM_UUID": "LVM-abc"},
                                    {"DM_UUID": "SWAGENT-top-36001405aa"}, {"DM_UUID": "mpath-a b"},
                                    {"DM_UUID": "mpath-"}])
 def test_not_ready_or_not_multipath_is_ignored(extra):
