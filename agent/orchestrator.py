@@ -148,7 +148,8 @@ class Orchestrator:
                 page_map = await self._fetch_map(topology)
                 plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch)
                 if lun.stack and plan.same_shape_as(lun.stack.plan):
-                    await self._update_live_switch(lun, lun.stack.plan, page_map)
+                    await self._reload_changed_legs(lun, plan)
+                    await self._update_live_switch(lun, plan, page_map)
                 else:
                     # A new epoch names a new switch and legs, built beside the live ones.
                     lun.epoch += 1
@@ -216,6 +217,25 @@ class Orchestrator:
                 if not _is_transport_error(exc):
                     raise
         raise last or PlanError(topology.wwid, "no usable path to fetch the page map")
+
+    async def _reload_changed_legs(self, lun: LunState, plan: StackPlan) -> None:
+        """Paths came or went: give the affected legs their new path groups, in place.
+
+        Only the leg's own table is swapped (noflush, as multipathd reloads its
+        maps, so queued I/O moves to the new table instead of failing); the
+        switch above keeps its region map.
+        """
+        assert lun.stack is not None
+        dm = self.system.dm
+        for leg, paths, old_paths in zip(plan.legs, plan.leg_paths, lun.stack.plan.leg_paths):
+            if paths == old_paths:
+                continue
+            await asyncio.to_thread(dm.table_load, leg.name, list(leg.targets))
+            await asyncio.to_thread(dm.device_resume, leg.name, udev_flags=leg.udev_flags, noflush=True,
+                                    wait_for_udev=False)
+            LOG.info("%s: %s now prefers %s (fallback %s)", lun.wwid, leg.name, " ".join(paths[0]) or "-",
+                     " ".join(paths[1]) or "-")
+        lun.stack.plan = plan
 
     async def _update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
         """Same legs, same geometry: send only the regions whose owner changed."""

@@ -69,9 +69,13 @@ class StackPlan:
     top_uuid: str
 
     def same_shape_as(self, other: StackPlan) -> bool:
-        """True when the kernel stack of `other` can carry this plan's map as it is."""
-        return (self.size_sectors, self.region_size_sectors, self.leg_paths) == (
-            other.size_sectors, other.region_size_sectors, other.leg_paths)
+        """True when the switch of `other` can carry this plan's map: same size, regions and legs.
+
+        The legs' paths may differ: a leg's table is reloaded in place, and a
+        switch keeps its region map through a reload of the devices under it.
+        """
+        return (self.size_sectors, self.region_size_sectors, len(self.legs)) == (
+            other.size_sectors, other.region_size_sectors, len(other.legs))
 
     def switch_spec(self, leg_devs: list[str]) -> DeviceSpec:
         """The switch over the legs once their major:minor are known."""

@@ -117,8 +117,13 @@ def login_and_wait_routed(timeout_s: float = 60.0) -> tuple[dict, float]:
     """Log in to every member; return the routed LUN's status and the seconds it took after login."""
     subprocess.run([sys.executable, "-m", "tests.array", "login"], check=True, timeout=300)
     logged_in = time.monotonic()
-    record = wait_for(lambda: next((s for s in status() if s["state"] == "routed"), None), timeout_s,
-                      "the LUN to be routed")
+    members = len(array("info")["members"])
+
+    def fully_routed():
+        return next((s for s in status() if s["state"] == "routed" and len(s["members"]) == members
+                     and all(m["paths"] for m in s["members"])), None)
+
+    record = wait_for(fully_routed, timeout_s, "the LUN to be routed with a path to every member")
     return record, time.monotonic() - logged_in
 
 

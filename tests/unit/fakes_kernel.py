@@ -137,6 +137,7 @@ class FakeDeviceMapper:
         device = self._owned(name, DmCommand.DEV_SUSPEND)
         if device.inactive is not None:
             device.live, device.inactive = device.inactive, None
+            device.failed = set()
             _start, length, kind, params = device.live[0]
             if kind == "switch":
                 # drivers/md/dm-switch.c: every constructor starts round-robin.

@@ -271,3 +271,22 @@ def test_failed_leg_paths_are_reinstated_once_they_answer_again(tmp_path):
     assert asyncio.run(orch.heal_paths(system.wwid)) == 1 and own[0] in leg.failed
     system.paths[sd].broken = False
     assert asyncio.run(orch.heal_paths(system.wwid)) == 0 and leg.failed == set()
+
+
+def test_paths_coming_and_going_reload_the_legs_in_place(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=1, layout="random")
+    lun = reconcile(orch, system.wwid)
+    switch = system.dm.devices[lun.stack.plan.switch_name]
+    regions = switch.regions
+    built = len(system.dm.log)
+    added = system.add_path(0)  # a second session to member m0
+    lun = reconcile(orch, system.wwid)
+    assert lun.epoch == 1 and system.dm.devices[lun.stack.plan.switch_name] is switch
+    assert switch.regions is regions  # the switch was not reloaded
+    assert len(lun.stack.plan.leg_paths[0][0]) == 2
+    assert system.misrouted_pages(top_name(system)) == 0
+    del system.paths[added], system.devs[added]  # and gone again
+    lun = reconcile(orch, system.wwid)
+    assert lun.epoch == 1 and len(lun.stack.plan.leg_paths[0][0]) == 1
+    assert ("load", lun.stack.plan.switch_name) not in system.dm.log[built:]
+    assert ("load", lun.stack.plan.legs[0].name) in system.dm.log[built:]
