@@ -183,6 +183,36 @@ def test_page_moves_are_picked_up_without_being_asked(routed):
     print(f"\nmove applied {time.monotonic() - moved:.1f} s after the array's change")
 
 
+def test_a_member_logged_out_and_back(routed):
+    """All of one member's sessions go: I/O goes on through the others; back: routed directly again.
+
+    Before the grow test: multipathd refuses to re-add a path whose size differs from its map's
+    ("device size mismatch") until someone runs `multipathd resize map`.
+    """
+    info = array_info()
+    member = info["members"][1]
+    array_cli("logout", "--member", str(member["number"]))
+    random_io(routed["device"], info["page_size_bytes"], info["total_pages"], total_bytes=8 * MIB, seed=8)
+    wait_for(lambda: not _member_paths(member["member_id"]), 60, "the daemon to drop the member's paths")
+    array_cli("login", "--member", str(member["number"]))
+    wait_for(lambda: _member_paths(member["member_id"]) and status()[0]["state"] == "routed", 60,
+             "the member's paths to come back")
+    quiesce()
+    array("stats", reset=True)
+    random_io(routed["device"], info["page_size_bytes"], info["total_pages"], total_bytes=16 * MIB, seed=9)
+    direct, forwarded = forwarded_share(array("stats", reset=True))
+    assert direct > 0 and forwarded == 0
+
+
+def _member_paths(member_id: int) -> list:
+    record = status()[0]
+    return next((m["paths"] for m in record["members"] if m["member_id"] == member_id), [])
+
+
+def array_cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "tests.array", *args], check=True, timeout=300)
+
+
 def test_growing_the_volume_grows_the_routed_device(routed):
     info = array("info")
     old_size = info["size_bytes"]
@@ -217,32 +247,6 @@ def test_a_failed_leg_path_is_reinstated(routed):
     failed = time.monotonic()
     wait_for(lambda: leg_path_states(leg)[dev] == "A", 30, f"{dev} to be reinstated in {leg}")
     print(f"\n{dev} reinstated in {leg} {time.monotonic() - failed:.1f} s after it failed")
-
-
-def test_a_member_logged_out_and_back(routed):
-    """All of one member's sessions go: I/O goes on through the others; back: routed directly again."""
-    info = array_info()
-    member = info["members"][1]
-    array_cli("logout", "--member", str(member["number"]))
-    random_io(routed["device"], info["page_size_bytes"], info["total_pages"], total_bytes=8 * MIB, seed=8)
-    wait_for(lambda: not _member_paths(member["member_id"]), 60, "the daemon to drop the member's paths")
-    array_cli("login", "--member", str(member["number"]))
-    wait_for(lambda: _member_paths(member["member_id"]) and status()[0]["state"] == "routed", 60,
-             "the member's paths to come back")
-    quiesce()
-    array("stats", reset=True)
-    random_io(routed["device"], info["page_size_bytes"], info["total_pages"], total_bytes=16 * MIB, seed=9)
-    direct, forwarded = forwarded_share(array("stats", reset=True))
-    assert direct > 0 and forwarded == 0
-
-
-def _member_paths(member_id: int) -> list:
-    record = status()[0]
-    return next((m["paths"] for m in record["members"] if m["member_id"] == member_id), [])
-
-
-def array_cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "tests.array", *args], check=True, timeout=300)
 
 
 def _size_bytes(device: str) -> int:
