@@ -80,10 +80,12 @@ def parser() -> argparse.ArgumentParser:
                    help="bring the array up but do not log in (no multipath map is waited for)")
     p.add_argument("--timeout", type=float, default=900,
                    help="COMMAND's time limit in seconds; it is killed with status 124 (default 900)")
-    p.add_argument("--map-timeout", type=float, default=60,
-                   help="seconds to wait for the multipath map after login (default 60)")
-    p.add_argument("--array-timeout", type=float, default=90,
-                   help="time limit of each `python -m tests.array` call (default 90)")
+    # Upper bounds only (the waits poll); generous because a loaded 2-core
+    # host makes TCG twice as slow, and tests.array's own `up` limit is 180 s.
+    p.add_argument("--map-timeout", type=float, default=90,
+                   help="seconds to wait for the multipath map after login (default 90)")
+    p.add_argument("--array-timeout", type=float, default=240,
+                   help="time limit of each `python -m tests.array` call (default 240)")
     p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     p.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
     p.add_argument("--results", type=Path, default=None,
