@@ -13,6 +13,8 @@ PY=.venv/bin/python
 
 echo "== host unit tests"
 "$PY" -m pytest -q tests/unit
+echo "== host tests of the VM rig itself (no VM)"
+"$PY" -m pytest -q -m "not guest" tests/vm tests/guest
 
 if [ "${1:-}" = "--host-only" ]; then
     echo "== guest tests skipped (--host-only)"
