@@ -198,7 +198,7 @@ def check_prerequisites() -> tuple[dict, list[str]]:
         missing.append("qemu-system-x86_64 (Debian package qemu-system-x86)")
     kernel = find_kernel()
     if kernel is None or not kernel.is_file():
-        missing.append(f"a guest kernel /boot/vmlinuz-* (Debian package linux-image-amd64)"
+        missing.append("a guest kernel /boot/vmlinuz-* (Debian package linux-image-amd64)"
                        + (f": {kernel} does not exist" if kernel else ""))
     else:
         found["kernel"] = kernel

@@ -29,7 +29,8 @@ def rig(results: Path, *options: str, command: list[str]) -> subprocess.Complete
 
 def guest_pytest(results: Path, *paths: str) -> list[str]:
     """python -m pytest in the guest, with a JUnit report in the shared results dir."""
-    return ["python", "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs",
+    # The repository is read-only in the guest: no cache, no hypothesis database.
+    return ["python", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-v", "-rs",
             f"--junitxml={results / 'junit.xml'}", *paths]
 
 
