@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from protocol.errors import EncodeError
 from protocol.scsi._wire import Buffer, check_uint, decode_ascii, encode_ascii, enum_or_int, need
 from protocol.scsi.constants import PeripheralDeviceType, Tpgs
 
@@ -52,22 +53,37 @@ class StandardInquiry:
     enclosure_services: bool = False
     multi_port: bool = False
     command_queueing: bool = True
+    version_descriptors: tuple[int, ...] = ()
+    """Up to 8 standards the device claims (SPC-4 table 140, e.g. 0x0460 SPC-4, 0x04C0 SBC-3);
+    when given, the data is 96 bytes long with them at bytes 58-73."""
+
+
+# SPC-4 6.4.2: bytes 36-55 vendor specific, 56-57 reserved, 58-73 eight version
+# descriptors, 74-95 reserved.
+EXTENDED_INQUIRY_BYTES = 96
+_DESCRIPTORS_AT = 58
+MAX_VERSION_DESCRIPTORS = 8
 
 
 def encode_standard_inquiry(inquiry: StandardInquiry) -> bytes:
-    """Array side: 36 bytes of standard INQUIRY data."""
+    """Array side: standard INQUIRY data: 36 bytes, or 96 with version descriptors."""
     i = inquiry
+    if len(i.version_descriptors) > MAX_VERSION_DESCRIPTORS:
+        raise EncodeError(f"at most {MAX_VERSION_DESCRIPTORS} version descriptors, got {len(i.version_descriptors)}")
+    for d in i.version_descriptors:
+        check_uint(_CODEC, "VERSION DESCRIPTOR", d, 16)
+    length = EXTENDED_INQUIRY_BYTES if i.version_descriptors else STANDARD_INQUIRY_BYTES
     check_uint(_CODEC, "PERIPHERAL DEVICE TYPE", i.peripheral_device_type, 5)
     check_uint(_CODEC, "PERIPHERAL QUALIFIER", i.peripheral_qualifier, 3)
     check_uint(_CODEC, "VERSION", i.version, 8)
     check_uint(_CODEC, "RESPONSE DATA FORMAT", i.response_data_format, 4)
     check_uint(_CODEC, "TPGS", i.tpgs, 2)
-    return _LAYOUT.pack(
+    head = _LAYOUT.pack(
         (i.peripheral_qualifier << 5) | i.peripheral_device_type,
         0x80 if i.removable else 0,
         i.version,
         (0x20 if i.normaca else 0) | (0x10 if i.hisup else 0) | i.response_data_format,
-        STANDARD_INQUIRY_BYTES - 5,
+        length - 5,
         (0x80 if i.sccs else 0) | (0x40 if i.acc else 0) | (i.tpgs << 4)
         | (0x08 if i.third_party_copy else 0) | (0x01 if i.protect else 0),
         (0x40 if i.enclosure_services else 0) | (0x10 if i.multi_port else 0),
@@ -76,6 +92,12 @@ def encode_standard_inquiry(inquiry: StandardInquiry) -> bytes:
         encode_ascii(_CODEC, "PRODUCT IDENTIFICATION", i.product, 16),
         encode_ascii(_CODEC, "PRODUCT REVISION LEVEL", i.revision, 4),
     )
+    if not i.version_descriptors:
+        return head
+    tail = bytearray(EXTENDED_INQUIRY_BYTES - STANDARD_INQUIRY_BYTES)
+    for k, d in enumerate(i.version_descriptors):
+        struct.pack_into(">H", tail, _DESCRIPTORS_AT - STANDARD_INQUIRY_BYTES + 2 * k, d)
+    return head + bytes(tail)
 
 
 def decode_standard_inquiry(data: Buffer) -> StandardInquiry:
@@ -86,7 +108,11 @@ def decode_standard_inquiry(data: Buffer) -> StandardInquiry:
     """
     raw = bytes(data)
     need(_CODEC, "data", raw, STANDARD_INQUIRY_BYTES)
-    b0, b1, version, b3, _, b5, b6, b7, vendor, product, revision = _LAYOUT.unpack_from(raw)
+    b0, b1, version, b3, additional, b5, b6, b7, vendor, product, revision = _LAYOUT.unpack_from(raw)
+    # Version descriptors only where both the data and ADDITIONAL LENGTH reach them; 0 is "none".
+    end = min(len(raw), additional + 5, _DESCRIPTORS_AT + 2 * MAX_VERSION_DESCRIPTORS)
+    count = max(0, (end - _DESCRIPTORS_AT) // 2)
+    descriptors = tuple(d for d in struct.unpack_from(f">{count}H", raw, _DESCRIPTORS_AT) if d) if count else ()
     return StandardInquiry(
         vendor=decode_ascii(vendor),
         product=decode_ascii(product),
@@ -106,4 +132,5 @@ def decode_standard_inquiry(data: Buffer) -> StandardInquiry:
         enclosure_services=bool(b6 & 0x40),
         multi_port=bool(b6 & 0x10),
         command_queueing=bool(b7 & 0x02),
+        version_descriptors=descriptors,
     )

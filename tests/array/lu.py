@@ -29,6 +29,9 @@ from tests.array.volume import BLOCK_BYTES, ArrayVolume
 VENDOR = "SWAGENT"
 PRODUCT = "PAGEMAP ARRAY"
 REVISION = "0001"
+# SPC-4 table 140: SAM-5, SPC-4, SBC-3, iSCSI (no version claimed). libiscsi's
+# Inquiry.BlockLimits checks SBC-3 here before it trusts VPD 0xB0.
+VERSION_DESCRIPTORS = (0x00A0, 0x0460, 0x04C0, 0x0960)
 MAX_TRANSFER_BLOCKS = 2048
 """1 MiB, the hw_max_sectors tests/array/lio.py gives each backstore."""
 # IEEE company id with the X (locally administered) bit set and "SA": the
@@ -169,7 +172,8 @@ class LogicalUnit:
         request = scsi.parse_inquiry_cdb(cdb)
         if not request.evpd:
             data = scsi.encode_standard_inquiry(scsi.StandardInquiry(
-                vendor=VENDOR, product=PRODUCT, revision=REVISION, hisup=True, multi_port=True))
+                vendor=VENDOR, product=PRODUCT, revision=REVISION, hisup=True, multi_port=True,
+                version_descriptors=VERSION_DESCRIPTORS))
         else:
             page = self._vpd_pages(member).get(request.page_code)
             if page is None:

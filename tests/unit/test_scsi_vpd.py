@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol import scsi
 from protocol.errors import BadMagicError, EncodeError, TruncatedError, ValueRangeError
 from protocol.scsi import (
     Association,
@@ -389,3 +390,14 @@ def test_vpd_encoders_reject_bad_input() -> None:
         encode_vpd_page(0x100, b"")
     with pytest.raises(EncodeError):
         encode_referrals_vpd(ReferralsVpd(1 << 32, 0))
+
+
+def test_standard_inquiry_with_version_descriptors_round_trips():
+    inq = scsi.StandardInquiry(vendor="SWAGENT", product="PAGEMAP ARRAY", revision="0001",
+                               version_descriptors=(0x00A0, 0x0460, 0x04C0, 0x0960))
+    data = scsi.encode_standard_inquiry(inq)
+    assert len(data) == 96 and data[4] == 91 and data[58:66] == bytes.fromhex("00a0046004c00960")
+    assert scsi.decode_standard_inquiry(data) == inq
+    # Truncated to 36 bytes (a short allocation length), the descriptors are simply absent.
+    assert scsi.decode_standard_inquiry(data[:36]).version_descriptors == ()
+    assert len(scsi.encode_standard_inquiry(scsi.StandardInquiry(vendor="A", product="B", revision="1"))) == 36
