@@ -102,10 +102,6 @@ class LunState:
     """Switches and legs an earlier daemon left (restart, kill -9): removed after the next build."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
-    @property
-    def routed(self) -> bool:
-        return self.stack is not None
-
 
 class Orchestrator:
     """Keeps every array LUN routed."""
