@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.test_rig import check_rig_status, guest_pytest, junit_cases, rig
+from tests.vm.test_rig import run_guest_tests
 
 
 @pytest.mark.guest
 def test_dm_layer_in_guest(tmp_path: Path) -> None:
-    results = tmp_path / "vm"
-    proc = rig(results, "--no-login", "--timeout", "600",
-               command=guest_pytest(results, "-s", "tests/guest/test_dm.py"))
-    check_rig_status(proc, results)
-    cases = junit_cases(results)
-    not_passed = [c for c in cases if c[1] != "passed"]
-    assert proc.returncode == 0 and not not_passed, f"guest dm tests: {not_passed}; logs in {results}"
-    assert len(cases) >= 6, cases
+    run_guest_tests(tmp_path, "--no-login", "--timeout", "600", tests=["tests/guest/test_dm.py"], min_cases=6)

@@ -11,17 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.test_rig import check_rig_status, guest_pytest, junit_cases, rig
+from tests.vm.test_rig import run_guest_tests
 
 
 @pytest.mark.guest
 def test_kernel_layers_in_guest(tmp_path: Path) -> None:
-    results = tmp_path / "vm"
-    proc = rig(results, "--members", "2", "--timeout", "600",
-               command=guest_pytest(results, "-s", "-o", "faulthandler_timeout=120",
-                                    "tests/guest/test_kernel_layers.py"))
-    check_rig_status(proc, results)
-    cases = junit_cases(results)
-    not_passed = [c for c in cases if c[1] != "passed"]
-    assert proc.returncode == 0 and not not_passed, f"guest kernel-layer tests: {not_passed}; logs in {results}"
-    assert len(cases) >= 9, cases
+    run_guest_tests(tmp_path, "--members", "2", "--timeout", "600",
+                    tests=["-o", "faulthandler_timeout=120", "tests/guest/test_kernel_layers.py"], min_cases=9)

@@ -51,6 +51,17 @@ def check_rig_status(proc: subprocess.CompletedProcess, results: Path) -> None:
     assert proc.returncode != RIG_FAILURE, f"the VM rig itself failed; logs in {results}"
 
 
+def run_guest_tests(tmp_path: Path, *options: str, tests: list[str], min_cases: int) -> None:
+    """Boot one VM with the rig `options`, run guest pytest on `tests`; every case must pass."""
+    results = tmp_path / "vm"
+    proc = rig(results, *options, command=guest_pytest(results, "-s", *tests))
+    check_rig_status(proc, results)
+    cases = junit_cases(results)
+    not_passed = [c for c in cases if c[1] != "passed"]
+    assert proc.returncode == 0 and not not_passed, f"{tests}: not passed {not_passed}; logs in {results}"
+    assert len(cases) >= min_cases, cases
+
+
 @pytest.mark.guest
 def test_guest_kernel_basics(tmp_path: Path) -> None:
     """Modules, configfs, dm-switch (table + set_region_mappings routing), udevd,
