@@ -72,6 +72,10 @@ class System(Protocol):
         """Re-read a path's capacity."""
         ...
 
+    async def rescan_path(self, device: str) -> None:
+        """Re-read the capacity of a path named by its sd device."""
+        ...
+
 
 @dataclass
 class RoutedStack:
@@ -98,6 +102,8 @@ class LunState:
     epoch: int = 0
     messages_sent: int = 0
     message_bytes_sent: int = 0
+    last_reconcile: dict[str, float] = field(default_factory=dict)
+    """Seconds the last successful reconcile spent discovering, fetching and in the kernel."""
     leftovers: dict[str, str] = field(default_factory=dict)
     """Switches and legs an earlier daemon left (restart, kill -9): removed after the next build."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -137,11 +143,19 @@ class Orchestrator:
         """Bring one LUN's routing in line with the array's map; keep the old routing on any error."""
         lun = self.luns.setdefault(wwid, LunState(wwid))
         async with lun.lock, self._parallel:
+            started = self.clock()
             try:
                 mpath = await self._find_mpath(wwid)
                 topology = await self._discover(mpath)
                 lun.topology = topology
+                discovered = self.clock()
                 page_map = await self._fetch_map(topology)
+                if _pages_for(topology, page_map) != page_map.total_pages:
+                    # The array resized the volume and a path still shows the old capacity (its unit
+                    # attention went to a daemon that died, or is still queued): re-read, look again.
+                    await self._rescan_paths(topology)
+                    topology = lun.topology = await self._discover(await self._find_mpath(wwid))
+                fetched = self.clock()
                 plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch)
                 if lun.stack and plan.same_shape_as(lun.stack.plan):
                     await self._reload_changed_legs(lun, plan)
@@ -163,6 +177,12 @@ class Orchestrator:
                 raise
             lun.failures = 0
             lun.state = "routed"
+            # Where a reconcile's time goes, for `status --json` and for tuning convergence.
+            lun.last_reconcile = {"discover_s": round(discovered - started, 3),
+                                  "fetch_s": round(fetched - discovered, 3),
+                                  "kernel_s": round(self.clock() - fetched, 3)}
+            LOG.info("%s: reconciled in %.2f s (discover %.2f, fetch %.2f, kernel %.2f)", wwid,
+                     self.clock() - started, *lun.last_reconcile.values())
             return lun
 
     async def _find_mpath(self, wwid: str) -> MpathMap:
@@ -213,6 +233,13 @@ class Orchestrator:
                 if not _is_transport_error(exc):
                     raise
         raise last or PlanError(topology.wwid, "no usable path to fetch the page map")
+
+    async def _rescan_paths(self, topology: Topology) -> None:
+        for path in topology.paths:
+            try:
+                await self.system.rescan_path(path.device)
+            except SwitchAgentError as exc:
+                LOG.warning("%s: rescan of %s failed: %s", topology.wwid, path.device, exc)
 
     async def _reload_changed_legs(self, lun: LunState, plan: StackPlan) -> None:
         """Paths came or went: give the affected legs their new path groups, in place.
@@ -389,7 +416,8 @@ class Orchestrator:
                                   "generation": None, "map_age_s": None, "last_error": lun.last_error,
                                   "epoch": lun.epoch if lun.stack else None,
                                   "messages_sent": lun.messages_sent,
-                                  "message_bytes_sent": lun.message_bytes_sent}
+                                  "message_bytes_sent": lun.message_bytes_sent,
+                                  "last_reconcile": lun.last_reconcile}
         if lun.topology:
             record["multipath"] = lun.topology.mpath_name
         if lun.stack:
@@ -428,6 +456,11 @@ class Orchestrator:
                 "member": owner.name if owner else None,
                 "leg": leg.name if leg else None,
                 "paths": [by_dev.get(d, d) for d in preferred]}
+
+
+def _pages_for(topology: Topology, page_map: PageMap) -> int:
+    """Pages the LUN's size (as its paths show it) spans, in the map's page size."""
+    return -(-topology.size_sectors // page_map.page_size_sectors)
 
 
 def _is_transport_error(exc: SwitchAgentError) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -27,22 +28,34 @@ class RealSystem:
         self._paths: dict[str, ScsiDevice] = {}
 
     async def find_mpath_maps(self) -> list[MpathMap]:
-        """Every multipathd map now, with its path devices; forgets paths that went away."""
+        """Every multipathd map now, with its path devices; forgets paths that went away.
+
+        One DM_LIST_DEVICES names every dm device with its uuid, so sysfs is
+        read only for multipathd's maps: a reconcile runs this each time, and
+        under load every sysfs read costs a worker-thread round trip.
+        """
         maps = []
-        for dm in await self.sysfs.dm_devices():
-            if not dm.uuid.startswith(MPATH_UUID_PREFIX):
+        for entry in await asyncio.to_thread(self.dm.list_devices):
+            if not entry.uuid.startswith(MPATH_UUID_PREFIX):
+                continue
+            kernel_name = f"dm-{entry.minor}"
+            try:
+                dm_slaves = await self.sysfs.slaves(kernel_name)
+                dm_size = await self.sysfs.size_sectors(kernel_name)
+            except SysfsError as exc:  # removed between the ioctl and now
+                LOG.debug("%s: went away while listing: %s", entry.name, exc)
                 continue
             slaves, sizes = [], []
-            for slave in dm.slaves:
+            for slave in dm_slaves:
                 try:
                     slaves.append((slave, str(await self.sysfs.block_devnum(slave))))
                     sizes.append(await self.sysfs.size_sectors(slave))
                 except SysfsError as exc:  # a path going away while we look
-                    LOG.debug("%s: path %s vanished: %s", dm.name, slave, exc)
+                    LOG.debug("%s: path %s vanished: %s", entry.name, slave, exc)
             # The legs sit on the paths, not on multipathd's map: their size is what counts, and
             # after a rescan it follows the array even when multipathd's map has not been resized.
-            size = min(sizes) if sizes else dm.size_sectors
-            maps.append(MpathMap(dm.uuid[len(MPATH_UUID_PREFIX):], dm.name, dm.kernel_name, size,
+            size = min(sizes) if sizes else dm_size
+            maps.append(MpathMap(entry.uuid[len(MPATH_UUID_PREFIX):], entry.name, kernel_name, size,
                                  tuple(slaves)))
         present = {s for m in maps for s, _ in m.slaves}
         for name in set(self._paths) - present:
@@ -61,6 +74,10 @@ class RealSystem:
     async def rescan_scsi(self, scsi_sys_path: str) -> None:
         """Make the kernel re-read a path's capacity (it does not on CAPACITY DATA HAS CHANGED)."""
         await self.sysfs.write_attr("1", scsi_sys_path, "rescan")
+
+    async def rescan_path(self, device: str) -> None:
+        """The same, for a path named by its sd device; the write returns once the rescan is done."""
+        await self.sysfs.write_attr("1", "block", device, "device", "rescan")
 
     async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
         """The sd names under a scsi_device (a unit attention names the scsi_device only)."""

@@ -266,6 +266,8 @@ class FakeSystem:
         self.wwid = self.lu.identity.wwid
         self.mpath_present = True
         self.rescans: list[str] = []
+        self.rescan_follows_array = True
+        """False: a path whose capacity a rescan does not change (a stale or broken path)."""
         self.mpath_size_bytes = size_bytes
         """What the paths' sizes say; follows the array after a rescan (or resize())."""
         self.dm.add_foreign(self.wwid, f"mpath-{self.wwid}", 0)
@@ -286,6 +288,11 @@ class FakeSystem:
     async def rescan_scsi(self, scsi_sys_path: str) -> None:
         self.rescans.append(scsi_sys_path)
         self.mpath_size_bytes = self.volume.size_bytes
+
+    async def rescan_path(self, device: str) -> None:
+        self.rescans.append(device)
+        if self.rescan_follows_array:
+            self.mpath_size_bytes = self.volume.size_bytes
 
     def member_of_dev(self, dev: str) -> int:
         name = next(n for n, d in self.devs.items() if d == dev)

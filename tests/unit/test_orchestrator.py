@@ -161,11 +161,28 @@ def test_a_failed_build_removes_what_it_made_and_keeps_the_old_stack(tmp_path):
     assert {n: d.live for n, d in system.dm.devices.items()} == before
 
 
+def test_a_resize_the_paths_missed_is_rescanned_and_followed(tmp_path):
+    system, orch = make(tmp_path)
+    reconcile(orch, system.wwid)
+    # The array shrank and grew back bigger while nobody rescanned (a daemon killed mid-resize).
+    system.volume.resize(4 * 1024 * MiB)
+    system.store.resize(4 * 1024 * MiB)
+    lun = reconcile(orch, system.wwid)
+    assert sorted(system.rescans) == sorted(system.paths)
+    assert system.dm.devices[top_name(system)].live[0][1] == 4 * 1024 * MiB // 512
+    assert system.misrouted_pages(top_name(system)) == 0 and lun.stack.plan.region_count == 256
+
+
 def test_the_array_map_must_cover_the_lun(tmp_path):
     system, orch = make(tmp_path)
-    system.volume.resize(2 * 1024 * MiB)  # the array shrank; multipath still shows 3 GiB
+    lun = reconcile(orch, system.wwid)
+    before = {n: d.live for n, d in system.dm.devices.items()}
+    system.rescan_follows_array = False
+    system.volume.resize(2 * 1024 * MiB)  # the array shrank; the paths still show 3 GiB after a rescan
     with pytest.raises(SwitchAgentError, match="need"):
         reconcile(orch, system.wwid)
+    assert system.rescans and {n: d.live for n, d in system.dm.devices.items()} == before
+    assert lun.state == "routed" and "need" in lun.last_error
 
 
 def test_other_vendors_luns_are_left_alone(tmp_path):
