@@ -10,6 +10,7 @@ never numbers.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,8 +36,10 @@ class Counters:
     forwarded_bytes: int = 0
     direct_cmds: int = 0
     forwarded_cmds: int = 0
+    last_forwarded_at: float = 0.0
+    """time.monotonic() of the latest forwarded command (the host's clock, shared by every process)."""
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         """Plain dict for JSON."""
         return dict(self.__dict__)
 
@@ -185,6 +188,8 @@ class ArrayVolume:
         else:
             counters.forwarded_cmds += cmds
             counters.forwarded_bytes += nbytes
+            if cmds:
+                counters.last_forwarded_at = time.monotonic()
 
     def reset_counters(self) -> None:
         """Zero every member's counters."""
