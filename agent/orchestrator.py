@@ -333,14 +333,16 @@ class Orchestrator:
                 await asyncio.to_thread(dm.table_load, plan.top_name, targets)
                 await asyncio.to_thread(dm.device_resume, plan.top_name)
             except SwitchAgentError:
-                await self._remove_all([plan.top_name])
+                await self._remove_all([plan.top_name], wait_for_udev=True)
                 raise
             return
         # Loading only fills the inactive slot; resume swaps it in under suspend, so
         # in-flight I/O drains to the old switch and new I/O meets the new one.
         await asyncio.to_thread(dm.table_load, plan.top_name, targets)
         await asyncio.to_thread(dm.device_suspend, plan.top_name)
-        await asyncio.to_thread(dm.device_resume, plan.top_name)
+        # The node exists and keeps its name: udev's change event needs no waiting for, and
+        # under load waiting cost seconds of the lock the next change needs.
+        await asyncio.to_thread(dm.device_resume, plan.top_name, wait_for_udev=False)
 
     async def _send(self, lun: LunState, switch_name: str, messages: list[str]) -> None:
         dm = self.system.dm
@@ -349,11 +351,15 @@ class Orchestrator:
             lun.messages_sent += 1
             lun.message_bytes_sent += len(message)
 
-    async def _remove_all(self, names) -> None:
-        """Best effort: try every device, log every failure."""
+    async def _remove_all(self, names, *, wait_for_udev: bool = False) -> None:
+        """Best effort: try every device, log every failure.
+
+        Switches and legs are hidden from udev's rules and used by major:minor
+        only, so their removal does not wait for udev unless asked.
+        """
         for name in names:
             try:
-                await asyncio.to_thread(self.system.dm.device_remove, name)
+                await asyncio.to_thread(self.system.dm.device_remove, name, wait_for_udev=wait_for_udev)
             except SwitchAgentError as exc:
                 LOG.warning("could not remove %s: %s", name, exc)
 

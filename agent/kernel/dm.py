@@ -868,16 +868,17 @@ class DeviceMapper:
         return _info(self._with_cookie(DmCommand.DEV_SUSPEND, owned, udev_flags, flags, wait_for_udev))
 
     def device_remove(self, name: str | None = None, *, uuid: str | None = None,
-                      udev_flags: int = 0, deferred: bool = False) -> bool:
+                      udev_flags: int = 0, deferred: bool = False, wait_for_udev: bool = True) -> bool:
         """``DM_DEV_REMOVE``: remove the device; True if it is gone, False if removal was deferred.
 
         An open device fails with EBUSY, unless ``deferred``: then the kernel
         removes it on last close and leaves DM_DEFERRED_REMOVE set. Waits for
-        udev to process the remove event (``/dev/mapper/<name>`` gone).
+        udev to process the remove event (``/dev/mapper/<name>`` gone), unless
+        ``wait_for_udev=False`` (devices nobody opens by path).
         """
         owned = self._owned(DmCommand.DEV_REMOVE, name, uuid)
         hdr = self._with_cookie(DmCommand.DEV_REMOVE, owned, udev_flags,
-                                DM_DEFERRED_REMOVE if deferred else 0)
+                                DM_DEFERRED_REMOVE if deferred else 0, wait_for_udev)
         return not hdr.flags & DM_DEFERRED_REMOVE
 
     def target_message(self, name: str | None, sector: int, message: str, *,
