@@ -101,9 +101,24 @@ class AgentDaemon:
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(CONFIG), "daemon"],
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(lambda: SOCKET.exists() or self.proc.poll() is not None, 60, "the control socket")
+        # The socket answering, not merely existing: a daemon killed with -9 leaves its file behind.
+        wait_for(lambda: self._answers() or self.proc.poll() is not None, 60, "the control socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"the daemon exited: {self.log_path.read_text()[-3000:]}")
+
+    @staticmethod
+    def _answers() -> bool:
+        try:
+            agent_control.request(SOCKET, {"command": "status"}, timeout_s=5)
+        except (agent_control.ControlError, OSError):
+            return False
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as after a crash or the OOM killer."""
+        self.proc.kill()
+        self.proc.wait(timeout=60)
+        self._log.close()
 
     def stop(self) -> int:
         """SIGTERM, and the exit status."""

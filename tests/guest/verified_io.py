@@ -31,6 +31,9 @@ class VerifiedIo:
     device: str
     size_bytes: int
     seed: int = 0
+    writes_per_s: float | None = None
+    """Pace the writer (None: flat out). Flat out, this Python writer and the emulator serving it
+    keep both vCPUs of a TCG guest busy, and whatever else runs there (the agent) is starved."""
     io_errors: list[str] = field(default_factory=list)
     verify_failures: list[int] = field(default_factory=list)
     writes: int = 0
@@ -54,8 +57,12 @@ class VerifiedIo:
         fd = os.open(self.device, os.O_RDWR | os.O_DIRECT)
         buf = mmap.mmap(-1, BLOCK)
         blocks = self.size_bytes // BLOCK
+        started = time.monotonic()
         try:
             while not self._stop.is_set():
+                if self.writes_per_s:
+                    # Pacing against a schedule, so a stall is caught up on rather than lost.
+                    self._stop.wait(started + self.writes / self.writes_per_s - time.monotonic())
                 offset = rng.randrange(blocks) * BLOCK
                 sequence = self._written.get(offset, -1) + 1
                 buf[:] = block_data(offset, sequence)

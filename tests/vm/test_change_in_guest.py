@@ -11,4 +11,4 @@ from tests.vm.test_rig import run_guest_tests
 
 @pytest.mark.guest
 def test_routing_through_change_in_guest(tmp_path: Path) -> None:
-    run_guest_tests(tmp_path, "--members", "3", "--no-login", "--timeout", "900", tests=["tests/guest/test_change.py"], min_cases=3)
+    run_guest_tests(tmp_path, "--members", "3", "--no-login", "--timeout", "900", tests=["tests/guest/test_change.py"], min_cases=7)
