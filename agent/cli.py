@@ -216,6 +216,8 @@ def _render_lun(r: dict[str, Any]) -> str:
         lines.append(f"  member {m['name']} (id {m['member_id']}): {m['pages']} pages, {paths}")
     if r.get("last_error"):
         lines.append(f"  last error: {r['last_error']}")
+    for warning in r.get("warnings", []):
+        lines.append(f"  warning: {warning}")
     return "\n".join(lines)
 
 

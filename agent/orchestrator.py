@@ -49,6 +49,8 @@ class MpathMap:
     size_sectors: int
     slaves: tuple[tuple[str, str], ...]
     """(kernel name, major:minor) of each path device."""
+    map_size_sectors: int | None = None
+    """multipathd's map's own size; lags size_sectors after a grow until `multipathd resize map`."""
 
 
 class System(Protocol):
@@ -212,7 +214,8 @@ class Orchestrator:
                 paths.append(PathInfo(device, dev, None, usable=False, error=str(exc)))
                 continue
             paths.append(PathInfo(device, dev, identity.member_id, identity.name))
-        return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, tuple(paths))
+        return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, tuple(paths),
+                        mpath.map_size_sectors)
 
     def _is_our_array(self, vendor: str, product: str) -> bool:
         return any(vendor.strip() == a.vendor and product.strip() == a.product for a in self.config.arrays)
@@ -426,6 +429,7 @@ class Orchestrator:
                                   "last_reconcile": lun.last_reconcile}
         if lun.topology:
             record["multipath"] = lun.topology.mpath_name
+            record["warnings"] = lun.topology.warnings()
         if lun.stack:
             stack = lun.stack
             record.update(device=f"/dev/mapper/{stack.plan.top_name}", generation=stack.page_map.generation,

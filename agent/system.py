@@ -56,7 +56,7 @@ class RealSystem:
             # after a rescan it follows the array even when multipathd's map has not been resized.
             size = min(sizes) if sizes else dm_size
             maps.append(MpathMap(entry.uuid[len(MPATH_UUID_PREFIX):], entry.name, kernel_name, size,
-                                 tuple(slaves)))
+                                 tuple(slaves), dm_size))
         present = {s for m in maps for s, _ in m.slaves}
         for name in set(self._paths) - present:
             self._paths.pop(name).close()

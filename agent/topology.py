@@ -31,6 +31,18 @@ class Topology:
     """Kernel name of that map, e.g. "dm-0"."""
     size_sectors: int
     paths: tuple[PathInfo, ...]
+    mpath_map_size_sectors: int | None = None
+    """multipathd's map's own size (None: not known)."""
+
+    def warnings(self) -> list[str]:
+        """What an administrator should act on; routing works regardless."""
+        found = []
+        if self.mpath_map_size_sectors is not None and self.mpath_map_size_sectors != self.size_sectors:
+            # multipathd then refuses paths that come back ("device size mismatch"), and the
+            # agent, which finds paths through multipathd's map, does not see them either.
+            found.append(f"multipathd's map {self.mpath_name} is {self.mpath_map_size_sectors} sectors, "
+                         f"its paths {self.size_sectors}: run `multipathd resize map {self.mpath_name}`")
+        return found
 
     def paths_of_member(self, member_id: int) -> tuple[PathInfo, ...]:
         """The paths that land on one member."""

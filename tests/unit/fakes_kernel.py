@@ -267,6 +267,8 @@ class FakeSystem:
         self.mpath_present = True
         self.rescans: list[str] = []
         self.rescan_follows_array = True
+        self.map_size_bytes: int | None = None
+        """multipathd's map's own size, when a test sets it (None: not reported)."""
         """False: a path whose capacity a rescan does not change (a stale or broken path)."""
         self.mpath_size_bytes = size_bytes
         """What the paths' sizes say; follows the array after a rescan (or resize())."""
@@ -302,7 +304,8 @@ class FakeSystem:
         if not self.mpath_present:
             return []
         return [MpathMap(self.wwid, self.wwid, "dm-0", self.mpath_size_bytes // 512,
-                         tuple((n, self.devs[n]) for n in self.paths))]
+                         tuple((n, self.devs[n]) for n in self.paths),
+                         None if self.map_size_bytes is None else self.map_size_bytes // 512)]
 
     def open_path(self, device: str) -> FakeArrayPath:
         return self.paths[device]

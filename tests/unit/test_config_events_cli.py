@@ -199,3 +199,15 @@ def test_every_subcommand_has_help():
     text = parser.format_help()
     for name in ("daemon", "status", "show", "refresh", "locate", "trigger"):
         assert name in text
+
+
+def test_status_rendering_shows_errors_and_warnings():
+    from agent.cli import render
+    record = {"wwid": "3600a", "state": "routed", "device": "/dev/mapper/switch-3600a", "generation": 4,
+              "pages": 64, "page_size_bytes": 15 << 20, "map_age_s": 1.5, "unallocated_pages": 0,
+              "members": [{"name": "m0", "member_id": 1, "pages": 64,
+                           "paths": [{"device": "sdb", "state": "active"}]}],
+              "last_error": None, "warnings": ["run `multipathd resize map 3600a`"]}
+    text = render("status", [record])
+    assert "member m0 (id 1): 64 pages, sdb(active)" in text
+    assert "warning: run `multipathd resize map 3600a`" in text and "last error" not in text

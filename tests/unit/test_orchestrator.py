@@ -307,3 +307,15 @@ def test_paths_coming_and_going_reload_the_legs_in_place(tmp_path):
     assert lun.epoch == 1 and len(lun.stack.plan.leg_paths[0][0]) == 1
     assert ("load", lun.stack.plan.switch_name) not in system.dm.log[built:]
     assert ("load", lun.stack.plan.legs[0].name) in system.dm.log[built:]
+
+
+def test_status_warns_when_multipathds_map_lags_its_paths(tmp_path):
+    system, orch = make(tmp_path, size_bytes=2 * 1024 * MiB)
+    lun = reconcile(orch, system.wwid)
+    assert orch.status(lun)["warnings"] == []
+    system.resize(3 * 1024 * MiB)
+    system.map_size_bytes = 2 * 1024 * MiB  # the array grew; nobody ran `multipathd resize map`
+    lun = reconcile(orch, system.wwid)
+    (warning,) = orch.status(lun)["warnings"]
+    assert f"multipathd resize map {system.wwid}" in warning
+    assert system.misrouted_pages(top_name(system)) == 0  # routing follows the paths regardless
