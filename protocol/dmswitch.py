@@ -822,11 +822,17 @@ def _kgram_matches(t: np.ndarray, ix: type, max_len: int) -> tuple[np.ndarray, n
     return dist, length
 
 
+_DISTANCE_SAMPLE = 1 << 17
+
+
 def _dominant_distances(dist: np.ndarray, length: np.ndarray, top: int = 2) -> list[int]:
     """Copy distances > 1 that carry a large share of all matched length, from a fixed sample."""
     n = len(dist)
-    pick = np.random.default_rng(0x5EED).integers(0, n, size=min(n, 1 << 17))
-    d, ln = dist[pick], length[pick]
+    if n <= _DISTANCE_SAMPLE:
+        d, ln = dist, length  # small maps: every position (and no numpy.random import on the way)
+    else:
+        pick = np.random.default_rng(0x5EED).integers(0, n, size=_DISTANCE_SAMPLE)
+        d, ln = dist[pick], length[pick]
     keep = d > 1
     if not keep.any():
         return []
