@@ -238,11 +238,15 @@ def test_daemon_killed_during_resize_then_restarted(rig):
         return sorted(f"{o.kind}{o.epoch}" for o in owned if o and o.epoch and o.epoch > old_epoch)
 
     def change(io):
+        resized_at = time.monotonic()
         array("resize", size=size * 5 // 4)
         seen["at_kill"] = wait_for(new_epoch_devices, 60, "the agent to start building a new epoch")
         rig["agent"].kill()
+        seen["killed_s"] = round(time.monotonic() - resized_at, 1)
         seen["after_kill"] = new_epoch_devices()
         rig["agent"] = AgentDaemon(poll_interval_s=POLL_INTERVAL_S)
+        seen["restarted_s"] = round(time.monotonic() - resized_at, 1)  # its control socket answers
+        return resized_at
 
     record = scenario(rig, "(f) daemon killed -9 mid-resize, restarted", change, seed=6)
     record.update(seen)
