@@ -64,6 +64,7 @@ def rig():
     """The writer's range: the volume as first routed (every scenario leaves at least this)."""
     yield state
     (RESULTS / "convergence.json").write_text(json.dumps(MEASURED, indent=2))
+    (RESULTS / "convergence.md").write_text(markdown_table(MEASURED))
     assert state["agent"].stop() == 0
     remove_our_devices()
 
@@ -111,6 +112,18 @@ def converge(name: str, io: VerifiedIo, changed_at: float, *, applied=agent_hold
     MEASURED[name] = record
     print(f"\n{name}: {record}")
     return record
+
+
+def markdown_table(measured: dict[str, dict]) -> str:
+    """The table docs/benchmarks.md shows, from convergence.json."""
+    rows = ["| scenario | agent applied | last forwarded I/O | forwarded during the change | notes |",
+            "|---|---|---|---|---|"]
+    for name, r in measured.items():
+        notes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in (
+            "agent_applied_s", "last_forwarded_s", "forwarded_cmds", "forwarded_bytes"))
+        rows.append(f"| {name} | {r['agent_applied_s']} s | {r['last_forwarded_s']} s | "
+                    f"{r['forwarded_cmds']} cmds, {r['forwarded_bytes'] / 2**20:.1f} MiB | {notes} |")
+    return "\n".join(rows) + "\n"
 
 
 def assert_no_leaks() -> None:
@@ -202,12 +215,19 @@ def test_one_members_sessions_out_for_30s(rig):
 
 
 def test_member_added_and_pages_moved_to_it(rig):
+    steps = {}
+
     def change(io):
+        added_at = time.monotonic()
         new = array("add-member")
         array_cli("login", "--member", str(new["number"]))
+        steps["logged_in_s"] = round(time.monotonic() - added_at, 1)
         array("move", fraction=0.25)
+        steps["pages_moved_s"] = round(time.monotonic() - added_at, 1)
+        return added_at
 
-    scenario(rig, "(c) member added, pages moved to it", change, seed=3)
+    record = scenario(rig, "(c) member added, pages moved to it", change, seed=3)
+    record.update(steps)
     assert len(status()[0]["members"]) == len(array("info")["members"]) == 4
 
 
