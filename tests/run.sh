@@ -22,4 +22,4 @@ if [ "${1:-}" = "--host-only" ]; then
 fi
 
 echo "== guest tests (real kernel under QEMU)"
-"$PY" -m pytest -q -m guest tests/vm
+"$PY" -m pytest -q --durations=0 -m guest tests/vm
