@@ -96,6 +96,9 @@ class ArrayVolume:
         self.members = [ArrayMember(k) for k in range(members)]
         self.owners = layouts.build(layout, self.total_pages, members, self.rng)
         self.generation = 1
+        self.change_times: list[float] = []
+        """time.monotonic() of the latest (up to 32) changes that raised a unit attention (the host's
+        clock, like the counters' times): what tests measure the host's reaction from."""
         self.corruption: PendingCorruption | None = None
         # Removed members whose ports still drain (logout in progress): they
         # keep answering, own nothing, and are forgotten once their port is gone.
@@ -260,6 +263,7 @@ class ArrayVolume:
 
     def _changed(self, asc_ascq: tuple[int, int]) -> None:
         self.generation += 1
+        self.change_times = [*self.change_times[-31:], time.monotonic()]
         self.raise_unit_attention(asc_ascq)
 
     # -- fault injection ------------------------------------------------------------
@@ -297,6 +301,7 @@ class ArrayVolume:
             "total_pages": self.total_pages,
             "layout": self.layout,
             "generation": self.generation,
+            "change_times": list(self.change_times),
             "members": [
                 {"number": m.number, "member_id": m.member_id, "name": m.name,
                  "portal": f"{m.portal_ip}:3260", "tpg_tag": m.number + 1,

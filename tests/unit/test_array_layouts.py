@@ -114,8 +114,9 @@ def test_counters_split_per_page_portion() -> None:
 
 def test_changes_bump_generation_and_queue_unit_attentions() -> None:
     vol = ArrayVolume(size_bytes=4 * MIB, page_size_bytes=MIB, members=2)
+    assert vol.describe()["change_times"] == []
     vol.move_pages(0.5)
-    assert vol.generation == 2
+    assert vol.generation == 2 and len(vol.describe()["change_times"]) == 1
     vol.resize(6 * MIB)
     assert vol.generation == 3 and vol.total_pages == 6
     assert vol.take_unit_attention(0) == ASC_INQUIRY_DATA_HAS_CHANGED
