@@ -109,6 +109,7 @@ class Daemon:
         self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep)
         self.sleep = sleep
         self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
 
     def stop(self) -> None:
         """Ask the daemon to finish (SIGTERM)."""
@@ -132,9 +133,9 @@ class Daemon:
             notify_systemd("STOPPING=1")
             LOG.info("switch-agent stopping; routed devices stay as they are")
             server.close()
-            for task in tasks:
+            for task in (*tasks, *self._tasks):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
             await self.scheduler.close()
             await server.wait_closed()
             self.config.socket_path.unlink(missing_ok=True)
@@ -160,16 +161,29 @@ class Daemon:
                         trigger.wwid)
             self.orchestrator.luns[trigger.wwid].state = "no-multipath"
         elif trigger.kind == "unit-attention" and trigger.scsi_sys_path:
+            devices = set(await self.system.block_devices_of_scsi(trigger.scsi_sys_path))
+            luns = [lun for lun in self.orchestrator.luns.values()
+                    if lun.topology and devices & {p.device for p in lun.topology.paths}]
             if trigger.detail == "CAPACITY_DATA_HAS_CHANGED":
                 # The kernel leaves the path's size as it was (scsi_error.c); userspace rescans.
-                try:
-                    await self.system.rescan_scsi(trigger.scsi_sys_path)
-                except SwitchAgentError as exc:
-                    LOG.warning("rescan of %s failed: %s", trigger.scsi_sys_path, exc)
-            devices = set(await self.system.block_devices_of_scsi(trigger.scsi_sys_path))
-            for lun in list(self.orchestrator.luns.values()):
-                if lun.topology and devices & {p.device for p in lun.topology.paths}:
-                    self.scheduler.trigger(lun.wwid, f"unit attention {trigger.detail}")
+                # Each path raises its own; rescanning in a task lets the others' start meanwhile.
+                self._background(self._rescan_then_trigger(trigger.scsi_sys_path, [lun.wwid for lun in luns]))
+                return
+            for lun in luns:
+                self.scheduler.trigger(lun.wwid, f"unit attention {trigger.detail}")
+
+    async def _rescan_then_trigger(self, scsi_sys_path: str, wwids: list[str]) -> None:
+        try:
+            await self.system.rescan_scsi(scsi_sys_path)
+        except SwitchAgentError as exc:
+            LOG.warning("rescan of %s failed: %s", scsi_sys_path, exc)
+        for wwid in wwids:
+            self.scheduler.trigger(wwid, "unit attention CAPACITY_DATA_HAS_CHANGED")
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # a reference, or the loop may drop the task half-way
+        task.add_done_callback(self._tasks.discard)
 
     async def _poll_forever(self) -> None:
         """Every interval, a 64-byte GET PAGE MAP per routed LUN; reconcile the ones that moved."""

@@ -238,11 +238,14 @@ class Orchestrator:
         raise last or PlanError(topology.wwid, "no usable path to fetch the page map")
 
     async def _rescan_paths(self, topology: Topology) -> None:
-        for path in topology.paths:
-            try:
-                await self.system.rescan_path(path.device)
-            except SwitchAgentError as exc:
-                LOG.warning("%s: rescan of %s failed: %s", topology.wwid, path.device, exc)
+        # Side by side: each rescan is a round of SCSI commands (under TCG, most of a second).
+        results = await asyncio.gather(*(self.system.rescan_path(p.device) for p in topology.paths),
+                                       return_exceptions=True)
+        for path, result in zip(topology.paths, results):
+            if isinstance(result, SwitchAgentError):
+                LOG.warning("%s: rescan of %s failed: %s", topology.wwid, path.device, result)
+            elif isinstance(result, BaseException):
+                raise result
 
     async def _reload_changed_legs(self, lun: LunState, plan: StackPlan) -> None:
         """Paths came or went: give the affected legs their new path groups, in place.
