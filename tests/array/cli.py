@@ -28,6 +28,7 @@ LAYOUTS = ("striped", "random", "seed")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 180.0  # LIO set-up under TCG takes tens of seconds
 DOWN_TIMEOUT_S = 120.0
+EXTRA_BACKSTORE_S = 3.0
 
 
 def _parse_size(text: str) -> int:
@@ -37,6 +38,13 @@ def _parse_size(text: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -53,20 +61,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     log_path = run_dir / control.LOG_NAME
     argv = [sys.executable, "-m", "tests.array", "_serve", "--members", str(args.members),
             "--layout", args.layout, "--size", str(args.size), "--page-size", str(args.page_size),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), "--luns", str(args.luns)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                SWEMU_RUN_DIR=str(run_dir))
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    cwd=REPO_ROOT, env=env, start_new_session=True)
-    deadline = time.monotonic() + UP_TIMEOUT_S
+    # Each backstore of an extra LUN costs seconds of configfs work under TCG.
+    up_timeout = UP_TIMEOUT_S + EXTRA_BACKSTORE_S * (args.luns - 1) * args.members
+    deadline = time.monotonic() + up_timeout
     while not control.server_running(run_dir):
         if process.poll() is not None:
             raise ControlError(f"emulator server exited with {process.returncode}; "
                                f"last log lines:\n{_tail(log_path)}")
         if time.monotonic() >= deadline:
             process.terminate()
-            raise ControlError(f"emulator server not ready after {UP_TIMEOUT_S} s; see {log_path}")
+            raise ControlError(f"emulator server not ready after {up_timeout:.0f} s; see {log_path}")
         time.sleep(0.2)  # polling the socket with a deadline
     info = control.request(run_dir, "info")
     _emit(args, info, _format_info(info))
@@ -89,17 +99,19 @@ def cmd_down(args: argparse.Namespace) -> int:
     iqn = info["iqn"] if info else _default_iqn()
     problems = []
     if info:
-        name = initiator.multipath_map(info["wwid"])
-        if name:
-            try:
-                initiator.flush_map(name)
-            except InitiatorError as exc:
-                problems.append(str(exc))
+        for wwid in [lun["wwid"] for lun in info.get("luns", [])] or [info["wwid"]]:
+            name = initiator.multipath_map(wwid)
+            if name:
+                try:
+                    initiator.flush_map(name)
+                except InitiatorError as exc:
+                    problems.append(str(exc))
     for session in initiator.sessions(iqn):
         initiator.remove_paths(session.devices)
         initiator.logout(iqn, session.address or f"127.0.0.{session.tpgt}")
     if info:
-        control.request(run_dir, "shutdown", timeout=DOWN_TIMEOUT_S)
+        extra = (len(info.get("luns", [])) - 1) * len(info["members"])
+        control.request(run_dir, "shutdown", timeout=DOWN_TIMEOUT_S + EXTRA_BACKSTORE_S * max(extra, 0))
         _wait_gone(info["pid"])
     elif args.force:
         from tests.array.lio import delete_leftovers
@@ -257,7 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tests.array.server import ServerConfig, run
 
     return run(ServerConfig(run_dir=control.run_dir(), members=args.members, layout=args.layout,
-                            size_bytes=args.size, page_size_bytes=args.page_size, seed=args.seed))
+                            size_bytes=args.size, page_size_bytes=args.page_size, seed=args.seed,
+                            luns=args.luns))
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -280,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=_parse_size, default=_parse_size("1G"), help="bytes (64M, 22.5T ok)")
         p.add_argument("--page-size", type=_parse_size, default=_parse_size("1M"))
         p.add_argument("--seed", type=int, default=0, help="random layouts and page moves")
+        p.add_argument("--luns", type=_positive, default=1,
+                       help="volumes, each LUN i of every member; LUN 0 follows the control commands")
 
     geometry(add("up", cmd_up, "start the array and return once every backstore is serving"))
     add("down", cmd_down, "flush multipath, log out, delete the LIO objects, stop the server").add_argument(

@@ -13,6 +13,7 @@ control CLI logs out first, then asks the server to delete.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,12 @@ HW_MAX_SECTORS = 2048
 DEMO_MODE_ATTRIBUTES = (("generate_node_acls", 1), ("cache_dynamic_acls", 1),
                         ("demo_mode_write_protect", 0), ("authentication", 0))
 KERNEL_MODULES = ("target_core_mod", "target_core_user", "iscsi_target_mod")
+# No tcmu-runner: do not make `enable` wait for a netlink reply.
+CONTROL = "nl_reply_supported=-1"
+# With many LUNs: the kernel vmallocs each backstore's command ring (8 MiB by
+# default), 192 of which would not fit a 2-3 GiB guest; 1 MiB holds ~100 commands.
+SMALL_RING_CONTROL = CONTROL + ",cmd_ring_size_mb=1,max_data_area_mb=16"
+_EXTRA_VOLUME = re.compile(r"vol\d+_m\d+")
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,8 @@ def load_modules() -> None:
 class LioArray:
     """Creates and deletes the LIO objects of one emulated volume."""
 
-    def __init__(self, *, iqn: str = DEFAULT_IQN, volume: str = "vol0", serial: str) -> None:
+    def __init__(self, *, iqn: str = DEFAULT_IQN, volume: str = "vol0", serial: str,
+                 control: str = CONTROL) -> None:
         import rtslib_fb  # only in the guest: the host has no configfs
 
         # rtslib's RTSRoot insists on its dbroot directory existing, though we save nothing.
@@ -59,6 +67,7 @@ class LioArray:
         self.iqn = iqn
         self.volume = volume
         self.serial = serial
+        self.control = control
         self._target = None
 
     def _storage_name(self, number: int) -> str:
@@ -85,9 +94,7 @@ class LioArray:
         try:
             storage = rts.UserBackedStorageObject(
                 self._storage_name(number), config=config, size=size_bytes, wwn=self.serial,
-                hw_max_sectors=HW_MAX_SECTORS,
-                # No tcmu-runner: do not make `enable` wait for a netlink reply.
-                control="nl_reply_supported=-1")
+                hw_max_sectors=HW_MAX_SECTORS, control=self.control)
             tpg = rts.TPG(self._require_target(), number + 1, mode="create")
             for name, value in DEMO_MODE_ATTRIBUTES:
                 tpg.set_attribute(name, value)
@@ -97,6 +104,28 @@ class LioArray:
         except rts.RTSLibError as exc:
             raise LioError(f"cannot set up member m{number}: {exc}") from exc
         return config
+
+    def add_lun(self, number: int, lun: int, volume: str, serial: str, size_bytes: int) -> str:
+        """Another volume as LUN `lun` of member `number`'s TPG (made by add_member); returns its config string."""
+        rts = self._rts
+        config = member_config(volume, number)
+        try:
+            storage = rts.UserBackedStorageObject(
+                f"{volume}_m{number}", config=config, size=size_bytes, wwn=serial,
+                hw_max_sectors=HW_MAX_SECTORS, control=self.control)
+            tpg = next(t for t in self._require_target().tpgs if t.tag == number + 1)
+            rts.LUN(tpg, lun, storage)
+        except (rts.RTSLibError, StopIteration) as exc:
+            raise LioError(f"cannot add LUN {lun} ({volume}) to member m{number}: {exc!r}") from exc
+        return config
+
+    def remove_lun_storage(self, volume: str, number: int) -> None:
+        """Delete the backstore of `volume` on member `number` (after its uio device is closed)."""
+        rts = self._rts
+        try:
+            rts.UserBackedStorageObject(f"{volume}_m{number}").delete()
+        except rts.RTSLibError as exc:
+            raise LioError(f"cannot delete backstore {volume}_m{number}: {exc}") from exc
 
     def remove_member_port(self, number: int) -> None:
         """Delete member `number`'s TPG (its LUN and portal); sessions must already be logged out."""
@@ -145,7 +174,9 @@ def delete_leftovers(iqn: str = DEFAULT_IQN, volume: str = "vol0") -> list[str]:
             target.delete()
             deleted.append(f"target {iqn}")
     for storage in list(root.storage_objects):
-        if storage.plugin == "user" and storage.name.startswith(f"{volume}_m"):
+        # vol<i>_m<k>: the extra volumes of `up --luns N`.
+        if storage.plugin == "user" and (storage.name.startswith(f"{volume}_m")
+                                         or _EXTRA_VOLUME.fullmatch(storage.name)):
             storage.delete()
             deleted.append(f"backstore {storage.name}")
     return deleted

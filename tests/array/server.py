@@ -25,7 +25,7 @@ from typing import Any, Callable
 from protocol.scsi import ScsiStatus, Sense, SenseKey, encode_sense
 from tests.array import control
 from tests.array.errors import ArrayStateError, ControlError
-from tests.array.lio import LioArray, load_modules
+from tests.array.lio import CONTROL, SMALL_RING_CONTROL, LioArray, load_modules
 from tests.array.lu import LogicalUnit, LuIdentity
 from tests.array.ring import Completion, RingCommand
 from tests.array.store import SparseStore
@@ -48,6 +48,25 @@ class ServerConfig:
     page_size_bytes: int
     seed: int
     volume_name: str = "vol0"
+    luns: int = 1
+    """Volumes served, each as LUN i of every member (vol0 is LUN 0); see ExtraLun."""
+
+
+@dataclass
+class ExtraLun:
+    """Volume vol<i> as LUN i (i >= 1) of every member: its own map, data, identity and rings.
+
+    Only LUN 0 follows the control operations (move, resize, members); the
+    others keep their geometry and map: they exist so an initiator sees many
+    LUNs of the same array at once (the agent's many-LUN benchmark).
+    """
+
+    index: int
+    name: str
+    volume: ArrayVolume
+    store: SparseStore
+    identity: LuIdentity
+    lu: LogicalUnit
 
 
 class ArrayServer:
@@ -62,14 +81,31 @@ class ArrayServer:
         self.store = SparseStore(data_dir, config.size_bytes)
         self.identity = LuIdentity.for_volume(config.volume_name)
         self.lu = LogicalUnit(self.volume, self.store, self.identity)
-        self.lio = LioArray(volume=config.volume_name, serial=self.identity.serial)
+        if config.luns < 1:
+            raise ArrayStateError(f"LUN count must be at least 1, got {config.luns}")
+        self.lio = LioArray(volume=config.volume_name, serial=self.identity.serial,
+                            control=SMALL_RING_CONTROL if config.luns > 1 else CONTROL)
         self.devices: dict[int, TcmuDevice] = {}
+        self.extra_luns = [self._extra_lun(i, data_dir) for i in range(1, config.luns)]
+        self.extra_devices: dict[tuple[int, int], TcmuDevice] = {}
         self.selector = selectors.DefaultSelector()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lio")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._in_flight: list[tuple[Future, socket.socket, Callable[[Any], Any]]] = []
         self._stopping = False
         self.listener: socket.socket | None = None
+
+    def _extra_lun(self, index: int, data_dir: Path) -> ExtraLun:
+        c = self.config
+        volume = ArrayVolume(size_bytes=c.size_bytes, page_size_bytes=c.page_size_bytes, members=c.members,
+                             layout=c.layout, seed=c.seed + index)
+        store = SparseStore(data_dir / f"lun{index}", c.size_bytes)
+        identity = LuIdentity.for_volume(f"vol{index}")
+        return ExtraLun(index, f"vol{index}", volume, store, identity, LogicalUnit(volume, store, identity))
+
+    def _single_lun_only(self, what: str) -> None:
+        if self.extra_luns:
+            raise ArrayStateError(f"{what} is supported with one LUN only (this array serves {self.config.luns})")
 
     # -- start-up -------------------------------------------------------------------
 
@@ -79,6 +115,18 @@ class ArrayServer:
         self.lio.create_target()
         for member in self.volume.members:
             self._attach(member.number, self._create_member(member.number))
+        for extra in self.extra_luns:
+            for member in self.volume.members:
+                config = self.lio.add_lun(member.number, extra.index, extra.name, extra.identity.serial,
+                                          self.volume.size_bytes)
+                device = TcmuDevice(find_tcmu_device(config))
+                key = (extra.index, member.number)
+                self.extra_devices[key] = device
+                self.selector.register(device.fd, selectors.EVENT_READ,
+                                       lambda e=extra, n=member.number: self._service_extra(e, n))
+                self._service_extra(extra, member.number)
+            log.info("LUN %d (%s): wwid %s on %d members", extra.index, extra.name, extra.identity.wwid,
+                     len(self.volume.members))
         path = control.socket_path(self.config.run_dir)
         path.unlink(missing_ok=True)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,10 +159,16 @@ class ArrayServer:
         if device is not None:
             device.service(lambda command: self._execute(number, command))
 
-    def _execute(self, number: int, command: RingCommand) -> Completion:
+    def _service_extra(self, extra: ExtraLun, number: int) -> None:
+        device = self.extra_devices.get((extra.index, number))
+        if device is not None:
+            device.service(lambda command: self._execute(number, command, extra.lu))
+
+    def _execute(self, number: int, command: RingCommand, lu: LogicalUnit | None = None) -> Completion:
+        lu = lu or self.lu
         try:
-            data_out = command.gather() if self.lu.wants_data_out(command.cdb) else b""
-            result = self.lu.handle(number, command.cdb, data_out)
+            data_out = command.gather() if lu.wants_data_out(command.cdb) else b""
+            result = lu.handle(number, command.cdb, data_out)
         except Exception:  # a bug must cost one command, not the array
             log.error("m%d: CDB %s failed:\n%s", number, command.cdb.hex(), traceback.format_exc())
             return Completion(ScsiStatus.CHECK_CONDITION, b"", _INTERNAL_TARGET_FAILURE)
@@ -221,7 +275,9 @@ class ArrayServer:
         info = self.volume.describe()
         info.update(wwid=self.identity.wwid, serial=self.identity.serial, iqn=self.lio.iqn,
                     volume=self.config.volume_name, run_dir=str(self.config.run_dir),
-                    retired=sorted(self.volume.retired), pid=os.getpid())
+                    retired=sorted(self.volume.retired), pid=os.getpid(),
+                    luns=[{"lun": 0, "volume": self.config.volume_name, "wwid": self.identity.wwid}]
+                    + [{"lun": e.index, "volume": e.name, "wwid": e.identity.wwid} for e in self.extra_luns])
         for member in info["members"]:  # type: ignore[union-attr]
             device = self.devices.get(member["number"])
             member["uio"] = device.entry.device if device else None
@@ -243,6 +299,7 @@ class ArrayServer:
         return {"moved_pages": moved, "generation": self.volume.generation}
 
     def _op_resize(self, size: int) -> _Deferred | dict[str, Any]:
+        self._single_lun_only("resize")
         size = int(size)
         self.volume.resize(size)
         self.store.resize(size)
@@ -252,6 +309,7 @@ class ArrayServer:
         return _Deferred(lambda: [self.lio.set_size(n, size) for n in numbers], lambda _r: result)
 
     def _op_add_member(self) -> _Deferred:
+        self._single_lun_only("add-member")
         member = self.volume.add_member()
 
         def finish(device: TcmuDevice) -> dict[str, Any]:
@@ -270,6 +328,7 @@ class ArrayServer:
         return _Deferred(work, finish)
 
     def _op_retire_member(self, number: int) -> dict[str, Any]:
+        self._single_lun_only("remove-member")
         number = int(number)
         if len(self.volume.members) < 2:
             raise ArrayStateError("cannot remove the last member")
@@ -313,14 +372,19 @@ class ArrayServer:
         numbers = sorted(self.devices) + sorted(set(self.volume.retired) - set(self.devices))
 
         def close_devices(_result: object) -> _Deferred:
-            for device in self.devices.values():
+            for device in [*self.devices.values(), *self.extra_devices.values()]:
                 self.selector.unregister(device.fd)
                 device.close()
             self.devices.clear()
-            return _Deferred(lambda: [self.lio.remove_member_storage(n) for n in numbers], done)
+            extras = sorted(self.extra_devices)
+            self.extra_devices.clear()
+            return _Deferred(lambda: [self.lio.remove_member_storage(n) for n in numbers]
+                             + [self.lio.remove_lun_storage(f"vol{i}", n) for i, n in extras], done)
 
         def done(_result: object) -> dict[str, Any]:
             self.store.close()
+            for extra in self.extra_luns:
+                extra.store.close()
             self._stopping = True
             return {"stopped": True}
 
@@ -354,7 +418,7 @@ def run(config: ServerConfig) -> int:
     except Exception:
         log.exception("start-up failed; removing what was created")
         try:
-            for device in server.devices.values():
+            for device in [*server.devices.values(), *server.extra_devices.values()]:
                 device.close()
             server.lio.delete_target()
             for number in range(config.members):
@@ -362,6 +426,11 @@ def run(config: ServerConfig) -> int:
                     server.lio.remove_member_storage(number)
                 except Exception:
                     pass
+                for extra in server.extra_luns:
+                    try:
+                        server.lio.remove_lun_storage(extra.name, number)
+                    except Exception:
+                        pass
         finally:
             server.close()
         return 1
