@@ -138,6 +138,7 @@ class Rig:
             "SWITCH_AGENT_RESULTS": str(self.results),
             "SWITCH_AGENT_LOG_DIR": str(self.results),
             "SWITCH_AGENT_MEMBERS": str(self.members),
+            "SWITCH_AGENT_LUNS": str(self.cfg.get("luns", 1)),
             "SWITCH_AGENT_LAYOUT": str(self.cfg["layout"]),
             "SWITCH_AGENT_SIZE": str(self.cfg["size"]),
             "SWITCH_AGENT_PAGE_SIZE": str(self.cfg["page_size"]),
@@ -316,7 +317,7 @@ class Rig:
         self.array_state = "starting"
         self.run([self.python, "-m", "tests.array", "up", "--members", str(self.members),
                   "--layout", str(c["layout"]), "--size", str(c["size"]),
-                  "--page-size", str(c["page_size"])],
+                  "--page-size", str(c["page_size"]), *self.luns_args()],
                  timeout=c["array_timeout"], log="array.log", what="python -m tests.array up")
         self.array_state = "up"
         self.mark("array_up")
@@ -338,6 +339,11 @@ class Rig:
         self.mark("map_ready")
         self.say(f"map ready: {m['SWITCH_AGENT_MPATH_NAME']} ({m['SWITCH_AGENT_MPATH_DEV']}) "
                  f"over {m['SWITCH_AGENT_MPATH_PATHS']}")
+
+    def luns_args(self) -> list[str]:
+        """`--luns N` for tests.array up, only when more than one (older emulators lack the flag)."""
+        luns = int(self.cfg.get("luns", 1))
+        return ["--luns", str(luns)] if luns > 1 else []
 
     def find_map(self):
         self.check_alive("multipathd")

@@ -1,6 +1,6 @@
 """Host side of the real-kernel VM rig.
 
-    python -m tests.vm.run [--members N] [--layout striped|random|seed]
+    python -m tests.vm.run [--members N] [--luns N] [--layout striped|random|seed]
         [--size BYTES] [--page-size BYTES] [--no-login] [--timeout S]
         [--memory 2G] [--results DIR] -- COMMAND [ARGS...]
 
@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
                    help="volume size in bytes, K/M/G/T suffixes allowed (default 960M = 64 pages)")
     p.add_argument("--page-size", type=parse_size, default=15 << 20,
                    help="page size in bytes (default 15M)")
+    p.add_argument("--luns", type=int, default=1,
+                   help="volumes the array serves, each LUN i of every member (default 1); "
+                        "the rig waits for LUN 0's map only")
     p.add_argument("--no-login", action="store_true",
                    help="bring the array up but do not log in (no multipath map is waited for)")
     p.add_argument("--timeout", type=float, default=900,
@@ -110,6 +113,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("no COMMAND: use  python -m tests.vm.run [options] -- COMMAND [ARGS...]")
     if args.members < 1 or args.members > 250:
         p.error("--members must be 1..250")
+    if args.luns < 1 or args.luns > 256:
+        p.error("--luns must be 1..256")
     args.command = command
     return args
 
@@ -294,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "cached_tag": CACHED_TAG if cache else None,
         "cached_paths": python_paths(venv_bin()) if cache else [],
         "members": args.members,
+        "luns": args.luns,
         "layout": args.layout,
         "size": args.size,
         "page_size": args.page_size,

@@ -34,10 +34,12 @@ def test_parse_args_splits_at_double_dash() -> None:
     assert (a.members, a.layout, a.size, a.page_size, a.no_login, a.timeout) == (
         3, "random", 1 << 30, 1 << 20, True, 30.0)
     assert a.command == ["python", "-m", "pytest", "--members", "9"]
+    assert a.luns == 1
+    assert run.parse_args(["--luns", "64", "--", "true"]).luns == 64
 
 
 @pytest.mark.parametrize("argv", [[], ["--members", "2"], ["true"], ["--members", "0", "--", "true"],
-                                  ["--layout", "zigzag", "--", "true"]])
+                                  ["--layout", "zigzag", "--", "true"], ["--luns", "0", "--", "true"]])
 def test_parse_args_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         run.parse_args(argv)
