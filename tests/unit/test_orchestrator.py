@@ -319,3 +319,44 @@ def test_status_warns_when_multipathds_map_lags_its_paths(tmp_path):
     (warning,) = orch.status(lun)["warnings"]
     assert f"multipathd resize map {system.wwid}" in warning
     assert system.misrouted_pages(top_name(system)) == 0  # routing follows the paths regardless
+
+
+def test_a_whole_map_is_encoded_off_the_event_loop(tmp_path, monkeypatch):
+    """Seconds of encoding for a big map must not stall the other LUNs' events and the control socket."""
+    import threading
+
+    from agent import orchestrator as orch_mod
+
+    system, orch = make(tmp_path)
+    real = orch_mod.dmswitch.encode_region_mappings
+    threads = []
+
+    def encode(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(orch_mod.dmswitch, "encode_region_mappings", encode)
+
+    async def run():
+        loop_thread = threading.get_ident()
+        await orch.reconcile(system.wwid)
+        return loop_thread
+
+    loop_thread = asyncio.run(run())
+    assert threads and loop_thread not in threads
+    assert orch.luns[system.wwid].state == "routed"
+
+
+def test_an_encoding_failure_on_first_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    from agent import orchestrator as orch_mod
+    from protocol.errors import EncodeError
+
+    system, orch = make(tmp_path)
+
+    def encode(*args, **kwargs):
+        raise EncodeError("no")
+
+    monkeypatch.setattr(orch_mod.dmswitch, "encode_region_mappings", encode)
+    with pytest.raises(EncodeError):
+        reconcile(orch, system.wwid)
+    assert [n for n, d in system.dm.devices.items() if d.uuid.startswith("SWAGENT-")] == []
