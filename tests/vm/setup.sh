@@ -7,7 +7,7 @@
 #      multipath-tools, sg3-utils, ...), without starting any of their
 #      services on this host;
 #   2. creates <repo>/.venv if missing and installs the project into it
-#      with the test, emulator (rtslib-fb) and vm (virtme-ng) extras.
+#      with the test, emulator (rtslib-fb), vm (virtme-ng) and bench (py-spy) extras.
 #
 # Usage: sh tests/vm/setup.sh        (env SWITCH_AGENT_VENV=DIR overrides the venv)
 set -eu
@@ -123,8 +123,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] &&
    [ -x "$VENV/bin/vng" ]; then
     say "python packages: up to date (pyproject.toml unchanged), nothing to install"
 else
-    say "pip install -e '.[test,emulator,vm]' into $VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[test,emulator,vm]"
+    say "pip install -e '.[test,emulator,vm,bench]' into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[test,emulator,vm,bench]"
     printf '%s\n' "$WANT" > "$STAMP"
     say "python packages installed"
 fi

@@ -1,0 +1,126 @@
+"""Guest part of the many-LUN benchmark: the daemon meets every LUN of the array at once.
+
+    python -m tests.bench.guest_many_luns [--idle-window S] [--poll-interval S] [--timeout S]
+
+Run by tests/bench/scale.py in the VM rig started with `--luns N --no-login`
+(the array up, nobody logged in). Starts `switch-agent daemon`, logs in to
+every member (all LUNs appear together), and records: the time until every
+LUN is routed with a path to every member, the most LUNs seen being built at
+once (a switch exists, the LUN not routed yet) against max_parallel_luns, the
+daemon's VmHWM/VmRSS, and its CPU over an idle window of polling
+(/proc/<pid>/stat). Writes <results>/bench-luns.json. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from agent.config import Config
+from tests.bench import scale_lib
+from tests.guest import agentlib
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM and VmRSS in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the process and its reaped children... of the process only (fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def switch_wwids() -> set[str]:
+    """LUNs that have one of our switches now (dmsetup: an independent reader)."""
+    return {uuid.split("-", 3)[3] for uuid in agentlib.our_uuids().values() if uuid.startswith("SWAGENT-sw-")}
+
+
+def sample_idle(pid: int, seconds: float) -> dict | None:
+    """py-spy (non-blocking, 50 Hz) over the idle daemon: collapsed stacks, summarised."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    out = agentlib.RESULTS / "daemon-idle.pyspy.txt"
+    p = subprocess.run([spy, "record", "--nonblocking", "--idle", "-r", "50", "-d", str(int(seconds)),
+                        "-f", "raw", "-o", str(out), "--pid", str(pid)],
+                       capture_output=True, text=True, timeout=seconds + 120)
+    if p.returncode != 0 or not out.exists():
+        return {"error": (p.stdout + p.stderr)[-500:]}
+    return scale_lib.summarise_collapsed(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.bench.guest_many_luns")
+    p.add_argument("--idle-window", type=float, default=30.0)
+    p.add_argument("--poll-interval", type=float, default=Config().poll_interval_s)
+    p.add_argument("--timeout", type=float, default=1200.0)
+    args = p.parse_args(argv)
+    info = agentlib.array("info")
+    luns = len(info.get("luns", [])) or 1
+    members = len(info["members"])
+    pages = info["total_pages"]
+    bits = max(1, (members - 1).bit_length())  # the map's entry width for this many members
+    result: dict = {"luns": luns, "members": members, "pages": pages,
+                    "max_parallel_luns": Config().max_parallel_luns, "poll_interval_s": args.poll_interval,
+                    "packed_map_bytes": luns * -(-pages * bits // 8)}
+    # info, as a deployed daemon logs: debug lines for every SCSI command of 64 LUNs would be measured too.
+    daemon = agentlib.AgentDaemon(poll_interval_s=args.poll_interval, log_level="info")
+    try:
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "tests.array", "login"], check=True, timeout=900,
+                       capture_output=True)
+        result["login_s"] = time.monotonic() - t0
+        max_concurrent, routed = 0, 0
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            records = agentlib.status()
+            done = {r["wwid"] for r in records if r["state"] == "routed" and len(r["members"]) == members
+                    and all(m["paths"] for m in r["members"])}
+            building = switch_wwids() - done
+            max_concurrent = max(max_concurrent, len(building))
+            routed = len(done)
+            if routed >= luns:
+                break
+            time.sleep(0.5)  # sampling interval, bounded by the deadline above
+        result.update(all_routed_s=time.monotonic() - t0, routed=routed, max_concurrent=max_concurrent)
+        print(f"guest-luns: {routed}/{luns} routed after {result['all_routed_s']:.1f} s "
+              f"(login {result['login_s']:.1f} s), at most {max_concurrent} built at once", flush=True)
+        # Idle: every LUN routed, the daemon only polls.
+        subprocess.run(["udevadm", "settle", "--timeout=120"], check=False)
+        pid = daemon.proc.pid
+        hz = os.sysconf("SC_CLK_TCK")
+        ticks0, w0 = cpu_ticks(pid), time.monotonic()
+        time.sleep(args.idle_window)  # the measurement window itself
+        ticks1, w1 = cpu_ticks(pid), time.monotonic()
+        result.update(idle_window_s=w1 - w0, idle_cpu_fraction=(ticks1 - ticks0) / hz / (w1 - w0))
+        mem = proc_status(pid)
+        result.update(vm_hwm_bytes=mem["VmHWM"], vm_rss_bytes=mem["VmRSS"])
+        print(f"guest-luns: idle CPU {100 * result['idle_cpu_fraction']:.2f} % over {w1 - w0:.0f} s, "
+              f"VmHWM {mem['VmHWM'] >> 20} MiB, VmRSS {mem['VmRSS'] >> 20} MiB", flush=True)
+        # After the measurement, so the sampler's own CPU does not count: where idle time goes.
+        result["idle_profile"] = sample_idle(pid, args.idle_window)
+    finally:
+        daemon.stop()
+        agentlib.remove_our_devices()
+    out = agentlib.RESULTS / "bench-luns.json"
+    out.write_text(json.dumps({"many_luns": result}, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

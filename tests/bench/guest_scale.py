@@ -1,0 +1,408 @@
+"""Guest part of the scale benchmark: run inside the VM rig, array up and logged in.
+
+    python -m tests.bench.guest_scale [--json] [--repeat N] [--only fetch,install,diff]
+
+Started by tests/bench/scale.py (host). Measures, on the rig's one LUN (the
+seed's 22.5 TiB at 15 MiB pages over 3 members):
+
+- fetch: the agent's GET PAGE MAP fetch (mapsource.fetch_page_map through
+  SG_IO, decode and CRCs included) beside `sg_raw` sending the same CDBs;
+- install: the agent's own pipeline (agent.orchestrator.Orchestrator over
+  agent.system.RealSystem) from the map in memory to routed, beside
+  (a) the same messages sent with raw DM_TARGET_MSG ioctls to a switch over
+  dm-zero legs (and the map in the fewest messages the kernel accepts), and
+  (b) `dmsetup message` per 4 KiB of the seed thread's per-run text
+  (a timed sample, extrapolated);
+- diff: 1,000 pages moved on the array, to the agent's switch holding them.
+
+Writes <results>/bench-scale.json (results = $SWITCH_AGENT_RESULTS) and,
+with --json, prints it. Asserts nothing about the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import fcntl
+import io
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent import mapsource
+from agent import orchestrator as orch_mod
+from agent.config import Config
+from agent.kernel import dm as dmk
+from agent.system import RealSystem
+from protocol import dmswitch, pagemap
+from tests.bench import scale_lib
+
+RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
+BENCH_PREFIX = "SWBENCH-"  # our zero devices: never the agent's SWAGENT- prefix
+DMSETUP_SAMPLE = 50
+
+
+def log(msg: str) -> None:
+    print(f"guest-scale: {msg}", file=sys.stderr, flush=True)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+class CountingPath:
+    """A ScsiPath that counts commands and data-in bytes and keeps the CDBs."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.cdbs: list[tuple[bytes, int]] = []
+        self.bytes_in = 0
+
+    async def max_transfer_bytes(self) -> int:
+        return await self.inner.max_transfer_bytes()
+
+    async def execute(self, cdb: bytes, *, data_in_length: int = 0, data_out: bytes | None = None):
+        result = await self.inner.execute(cdb, data_in_length=data_in_length, data_out=data_out)
+        self.cdbs.append((bytes(cdb), data_in_length))
+        self.bytes_in += len(result.data_in)
+        return result
+
+
+def wwid_and_paths() -> tuple[str, list[str]]:
+    uuid = os.environ["SWITCH_AGENT_MPATH_UUID"]
+    paths = os.environ["SWITCH_AGENT_MPATH_PATHS"].split()
+    return uuid.removeprefix("mpath-"), paths
+
+
+def remove_agent_devices(dm: dmk.DeviceMapper) -> None:
+    """Top, then switches, then legs (each holds the next)."""
+    order = {"top": 0, "sw": 1, "leg": 2}
+    devices = [d for d in dm.list_devices() if d.uuid.startswith("SWAGENT-")]
+    devices.sort(key=lambda d: order.get(d.uuid.split("-")[1], 3))
+    for d in devices:
+        dm.device_remove(d.name)
+
+
+def packed_target_msg(name: str, message: str) -> bytes:
+    """One DM_TARGET_MSG ioctl buffer, as agent.kernel.dm builds it (sector 0)."""
+    payload = dmk._DM_TARGET_MSG.pack(0) + message.encode() + b"\0"
+    size = dmk.DM_IOCTL_SIZE + len(payload)
+    return dmk.pack_header(dmk.DmCommand.TARGET_MSG, data_size=size, name=name) + payload
+
+
+class ZeroSwitch:
+    """A dm-switch over three dm-zero legs with the LUN's geometry: the kernel alone."""
+
+    def __init__(self, size_sectors: int, region_sectors: int, paths: int) -> None:
+        self.dm = dmk.DeviceMapper(BENCH_PREFIX)
+        self.size = size_sectors
+        self.region = region_sectors
+        self.paths = paths
+        self.legs = [f"swbench-zero{k}" for k in range(paths)]
+        self.name = "swbench-switch"
+        devs = []
+        for leg in self.legs:
+            self.dm.device_create(leg, f"{BENCH_PREFIX}{leg}")
+            self.dm.table_load(leg, [dmk.Target(0, size_sectors, "zero", "")])
+            self.dm.device_resume(leg, wait_for_udev=False)
+            info = self.dm.device_info(leg)
+            devs.append(f"{info.major}:{info.minor}")
+        self.table = dmswitch.switch_table(size_sectors, region_sectors, devs)
+        start, length, ttype, params = self.table.split(" ", 3)
+        self.target = dmk.Target(int(start), int(length), ttype, params)
+        self.dm.device_create(self.name, f"{BENCH_PREFIX}{self.name}")
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh table load: dm-switch starts over with round-robin regions."""
+        self.dm.table_load(self.name, [self.target])
+        self.dm.device_resume(self.name, wait_for_udev=False)
+
+    def send_raw(self, messages: list[str]) -> float:
+        """Seconds for the ioctls alone (buffers packed beforehand)."""
+        bufs = [bytearray(packed_target_msg(self.name, m)) for m in messages]
+        fd = self.dm._fd
+        request = dmk.DmCommand.TARGET_MSG.request
+        t0 = time.perf_counter()
+        for buf in bufs:
+            fcntl.ioctl(fd, request, buf)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        for name in [self.name, *self.legs]:
+            try:
+                self.dm.device_remove(name)
+            except dmk.DmError as exc:
+                log(f"could not remove {name}: {exc}")
+        self.dm.close()
+
+
+# -- fetch --------------------------------------------------------------------------------
+
+async def bench_fetch(config: Config, paths: list[str], repeat: int) -> dict:
+    system = RealSystem(config)
+    device = os.path.basename(paths[0])
+    times, agent_only_io = [], []
+    counting = None
+    for _ in range(repeat):
+        counting = CountingPath(system.open_path(device))
+        t0 = time.perf_counter()
+        page_map = await mapsource.fetch_page_map(counting, restarts=config.fetch_restarts)
+        times.append(time.perf_counter() - t0)
+    assert counting is not None
+    cdbs = counting.cdbs
+    # The same commands through SG_IO with no decode: what the decode costs.
+    raw = system.open_path(device)
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for cdb, length in cdbs:
+            await raw.execute(cdb, data_in_length=length)
+        agent_only_io.append(time.perf_counter() - t0)
+    sg_raw = shutil.which("sg_raw")
+    sg_times = []
+    out = Path("/tmp/swbench-sgraw.bin")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for cdb, length in cdbs:
+            subprocess.run([sg_raw, "-r", str(length), "-o", str(out), f"/dev/{device}",
+                            *(f"{b:02x}" for b in cdb)], check=True, capture_output=True, timeout=120)
+        sg_times.append(time.perf_counter() - t0)
+    sg_bytes = out.stat().st_size if out.exists() else None
+    return {
+        "device": device, "pages": page_map.total_pages, "members": len(page_map.members),
+        "generation": page_map.generation, "commands": len(cdbs), "bytes": counting.bytes_in,
+        "allocation": cdbs[0][1], "agent_s": scale_lib.summary(times),
+        "sgio_no_decode_s": scale_lib.summary(agent_only_io),
+        "sg_raw_s": scale_lib.summary(sg_times), "sg_raw_last_bytes": sg_bytes,
+        "cdb_first": cdbs[0][0].hex(),
+    }
+
+
+# -- install and diff -----------------------------------------------------------------------
+
+class Instrumented:
+    """The agent's orchestrator with the moments of its pipeline recorded (no behaviour changed)."""
+
+    def __init__(self, config: Config) -> None:
+        self.system = RealSystem(config)
+        self.orch = orch_mod.Orchestrator(config, self.system)
+        self.marks: dict[str, float] = {}
+        self.messages: list[str] = []
+        orch = self.orch
+        fetch, send = orch._fetch_map, orch._send
+
+        async def fetch_map(topology):
+            result = await fetch(topology)
+            self.marks["map_in_memory"] = time.perf_counter()
+            return result
+
+        async def send_messages(lun, switch_name, messages):
+            self.marks["send_start"] = time.perf_counter()
+            self.messages = list(messages)
+            await send(lun, switch_name, messages)
+            self.marks["send_end"] = time.perf_counter()
+
+        orch._fetch_map = fetch_map
+        orch._send = send_messages
+
+    async def reconcile(self, wwid: str) -> dict:
+        self.marks.clear()
+        t0 = time.perf_counter()
+        lun = await self.orch.reconcile(wwid)
+        t1 = time.perf_counter()
+        m = self.marks
+        return {
+            "reconcile_s": t1 - t0,
+            "map_to_routed_s": t1 - m["map_in_memory"],
+            "fetch_and_discover_s": m["map_in_memory"] - t0,
+            "before_send_s": m["send_start"] - m["map_in_memory"],
+            "send_s": m["send_end"] - m["send_start"],
+            "after_send_s": t1 - m["send_end"],
+            "messages": len(self.messages),
+            "message_bytes": sum(len(x) for x in self.messages),
+            "state": lun.state,
+            "epoch": lun.epoch,
+        }
+
+
+async def bench_install_and_diff(config: Config, repeat: int, only: set[str]) -> dict:
+    wwid, _paths = wwid_and_paths()
+    out: dict = {"install": [], "diff": []}
+    inst = Instrumented(config)
+    dm = inst.system.dm
+    remove_agent_devices(dm)
+    agent_messages: list[str] = []
+    for i in range(repeat):
+        inst.orch.luns.clear()
+        remove_agent_devices(dm)
+        r = await inst.reconcile(wwid)
+        agent_messages = inst.messages
+        log(f"install {i + 1}/{repeat}: map in memory to routed {r['map_to_routed_s']:.2f} s "
+            f"({r['messages']} messages, {r['message_bytes']} bytes)")
+        out["install"].append(r)
+    # One more install under cProfile: where the agent's own time goes.
+    inst.orch.luns.clear()
+    remove_agent_devices(dm)
+    prof = cProfile.Profile()
+    prof.enable()
+    await inst.reconcile(wwid)
+    prof.disable()
+    out["install_profile"] = profile_text(prof, RESULTS / "bench-install.prof")
+
+    lun = inst.orch.luns[wwid]
+    page_map = lun.stack.page_map
+    out["geometry"] = {"pages": page_map.total_pages, "page_sectors": page_map.page_size_sectors,
+                       "members": len(page_map.members), "size_sectors": lun.stack.plan.size_sectors,
+                       "region_sectors": lun.stack.plan.region_size_sectors}
+    owners = page_map.owners
+
+    if "diff" in only:
+        from tests.guest.agentlib import array
+
+        pages = page_map.total_pages
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            moved = array("move", fraction=1000 / pages)
+            t_moved = time.perf_counter()
+            r = await inst.reconcile(wwid)
+            t1 = time.perf_counter()
+            r.update(moved_pages=moved["moved_pages"], generation=moved["generation"],
+                     change_to_routed_s=t1 - t0, array_move_s=t_moved - t0,
+                     agent_generation=inst.orch.luns[wwid].stack.page_map.generation)
+            log(f"diff {i + 1}/{repeat}: {moved['moved_pages']} pages moved, routed after "
+                f"{r['change_to_routed_s']:.2f} s ({r['messages']} messages, {r['message_bytes']} bytes)")
+            out["diff"].append(r)
+            out["diff_messages"] = inst.messages
+    remove_agent_devices(dm)
+
+    out["encode"] = encode_costs(owners, len(page_map.members), repeat, config.max_message_bytes)
+
+    # The kernel alone, on the same messages.
+    geo = out["geometry"]
+    zero = ZeroSwitch(geo["size_sectors"], geo["region_sectors"], geo["members"])
+    try:
+        out["kernel"] = kernel_bounds(zero, agent_messages, owners, repeat, out.get("diff_messages"))
+        out["dmsetup"] = dmsetup_baseline(zero, owners)
+    finally:
+        zero.close()
+    out.pop("diff_messages", None)
+    out["agent_messages"] = {"count": len(agent_messages), "bytes": sum(map(len, agent_messages))}
+    return out
+
+
+def kernel_bounds(zero: ZeroSwitch, agent_messages: list[str], owners: np.ndarray, repeat: int,
+                  diff_messages: list[str] | None) -> dict:
+    res: dict = {}
+    times = []
+    for _ in range(repeat):
+        zero.reset()
+        times.append(zero.send_raw(agent_messages))
+    res["agent_messages_s"] = scale_lib.summary(times)
+    # The same map in fewer, bigger messages, up to what the kernel accepts.
+    rr = dmswitch.round_robin(owners.size, zero.paths)
+    tried = []
+    for limit in (1 << 18, 1 << 20, 4 << 20):
+        messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+        entry = {"limit": limit, "messages": len(messages), "bytes": sum(map(len, messages))}
+        samples = []
+        try:
+            for _ in range(repeat):
+                zero.reset()
+                samples.append(zero.send_raw(messages))
+            entry["s"] = scale_lib.summary(samples)
+        except OSError as exc:
+            entry["error"] = f"{exc.__class__.__name__}: {exc}"
+        tried.append(entry)
+    res["bigger_messages"] = tried
+    if diff_messages:
+        samples = []
+        for _ in range(repeat):
+            zero.reset()
+            samples.append(zero.send_raw(diff_messages))
+        res["diff_messages_s"] = scale_lib.summary(samples)
+        res["diff_messages"] = {"count": len(diff_messages), "bytes": sum(map(len, diff_messages))}
+    return res
+
+
+def encode_costs(owners: np.ndarray, paths: int, repeat: int, limit: int) -> dict:
+    """The agent's encoder alone on the install's map, and its runs-only plan (no match search) for scale."""
+    rr = dmswitch.round_robin(owners.size, paths)
+    res = {}
+    for label in ("agent", "runs_only"):
+        saved = dmswitch._lz_plan
+        if label == "runs_only":
+            dmswitch._lz_plan = lambda *a, **k: None
+        try:
+            samples = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+                samples.append(time.perf_counter() - t0)
+        finally:
+            dmswitch._lz_plan = saved
+        res[label] = {"s": scale_lib.summary(samples), "messages": len(messages),
+                      "bytes": sum(map(len, messages))}
+    return res
+
+
+def dmsetup_baseline(zero: ZeroSwitch, owners: np.ndarray) -> dict:
+    count, nbytes = scale_lib.naive_message_count(owners)
+    sample = scale_lib.naive_messages(owners, max_messages=DMSETUP_SAMPLE)
+    dmsetup = shutil.which("dmsetup")
+    zero.reset()
+    t0 = time.perf_counter()
+    for m in sample:
+        subprocess.run([dmsetup, "message", zero.name, "0", m], check=True, capture_output=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    # The raw-ioctl cost of the same sample: what is the process, what the kernel.
+    zero.reset()
+    raw = zero.send_raw(sample)
+    return {"messages": count, "bytes": nbytes, "sample": len(sample), "sample_s": elapsed,
+            "sample_raw_ioctl_s": raw, "extrapolated_s": elapsed / len(sample) * count}
+
+
+def profile_text(prof: cProfile.Profile, path: Path, top: int = 25) -> str:
+    prof.dump_stats(str(path))
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    text = buf.getvalue()
+    (path.with_suffix(".txt")).write_text(text)
+    return text
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.bench.guest_scale", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--only", default="fetch,install,diff")
+    p.add_argument("--out", type=Path, default=RESULTS / "bench-scale.json")
+    args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    config = Config(log_level="warning")
+    result: dict = {"rig": {k: os.environ.get(k) for k in ("SWITCH_AGENT_MEMBERS", "SWITCH_AGENT_LAYOUT",
+                                                            "SWITCH_AGENT_SIZE", "SWITCH_AGENT_PAGE_SIZE")},
+                    "kernel_release": os.uname().release, "cpus": os.cpu_count(),
+                    "max_message_bytes": config.max_message_bytes}
+    if "fetch" in only:
+        log("fetch")
+        result["fetch"] = asyncio.run(bench_fetch(config, wwid_and_paths()[1], args.repeat))
+    if "install" in only:
+        log("install")
+        result.update(asyncio.run(bench_install_and_diff(config, args.repeat, only)))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

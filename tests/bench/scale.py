@@ -1,0 +1,143 @@
+"""Benchmark at the seed's scale and with many LUNs, in the VM rig: one command on the host.
+
+    .venv/bin/python -m tests.bench.scale [--repeat N] [--luns N] [--skip-seed] [--skip-luns]
+        [--results DIR] [--no-docs] [--from-json FILE ...]
+
+Boots the rig (tests/vm/run.py) once for the seed's LUN (22.5 TiB at 15 MiB
+pages, 3 members, seed layout) and runs `python -m tests.bench.guest_scale`
+in it; then once with many LUNs (`--luns`, 3 members, 100k pages each) and
+`python -m tests.bench.guest_many_luns`. Reads each part's JSON from the
+shared results directory, prints one table and rewrites its own section of
+docs/benchmarks.md (between the scale-bench markers; other sections are left
+alone). `--from-json` renders saved JSON files instead of booting.
+
+Needs `sh tests/vm/setup.sh` once. Asserts nothing: a benchmark records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.bench import scale_lib
+
+REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs" / "benchmarks.md"
+SEED_PAGES = 1_572_864
+PAGE = 15 << 20
+
+
+def rig(results: Path, rig_args: list[str], command: list[str], timeout: int) -> int:
+    argv = [sys.executable, "-m", "tests.vm.run", *rig_args, "--results", str(results),
+            "--timeout", str(timeout), "--", *command]
+    print("scale: " + shlex.join(argv), flush=True)
+    return subprocess.run(argv, cwd=REPO).returncode
+
+
+def seed_command(repeat: int) -> tuple[list[str], list[str]]:
+    rig_args = ["--members", "3", "--layout", "seed", "--size", str(SEED_PAGES * PAGE), "--page-size", "15M"]
+    return rig_args, ["python", "-m", "tests.bench.guest_scale", "--repeat", str(repeat)]
+
+
+def luns_command(luns: int, pages: int) -> tuple[list[str], list[str]]:
+    rig_args = ["--members", "3", "--layout", "seed", "--luns", str(luns), "--size", str(pages * (1 << 20)),
+                "--page-size", "1M", "--memory", "3G", "--map-timeout", "600", "--array-timeout", "900"]
+    return rig_args, ["python", "-m", "tests.bench.guest_many_luns"]
+
+
+def section(results: dict, commands: list[str], machine: str) -> str:
+    rows = scale_lib.build_rows(results)
+    out = ["## At the seed's scale and with many LUNs (guest)", "",
+           "Produced by one command on the host (boots the VM rig once per part):", "",
+           "    .venv/bin/python -m tests.bench.scale", "",
+           "which runs, for each part:", ""]
+    out += [f"    {c}" for c in commands]
+    out += ["", machine, "", scale_lib.render_table(rows), ""]
+    prof = results.get("profile_summary")
+    if prof:
+        out += ["Profile of one install (cProfile, cumulative, agent's own functions):", "", "```", prof, "```", ""]
+    idle = (results.get("many_luns") or {}).get("idle_profile")
+    if idle and idle.get("samples"):
+        out += [f"py-spy over the idle daemon ({idle['samples']} samples at 50 Hz, idle frames included):", "",
+                "| innermost frame | samples | | on the stack | samples |", "|---|---|---|---|---|"]
+        for (f1, n1), (f2, n2) in zip(idle["innermost"][:8], idle["on_stack"][:8]):
+            out.append(f"| `{f1}` | {n1} | | `{f2}` | {n2} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def profile_summary(text: str, keep: int = 18) -> str:
+    """The header and the first rows of pstats' table, trimmed to the agent's and protocol's functions."""
+    lines = text.splitlines()
+    head = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), None)
+    if head is None:
+        return ""
+    body = [line for line in lines[head + 1:] if line.strip()]
+    picked = [line for line in body if "/agent/" in line or "/protocol/" in line or "{" in line][:keep]
+    return "\n".join([lines[head], *picked])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.bench.scale", description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--luns", type=int, default=64)
+    p.add_argument("--lun-pages", type=int, default=100_000)
+    p.add_argument("--skip-seed", action="store_true")
+    p.add_argument("--skip-luns", action="store_true")
+    p.add_argument("--results", type=Path, default=None)
+    p.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--from-json", type=Path, nargs="*", default=None,
+                   help="render these saved JSON files (bench-scale.json, bench-luns.json) instead of booting")
+    args = p.parse_args(argv)
+
+    merged: dict = {}
+    commands: list[str] = []
+    seed_rig, seed_cmd = seed_command(args.repeat)
+    luns_rig, luns_cmd = luns_command(args.luns, args.lun_pages)
+    if args.from_json is not None:
+        for path in args.from_json:
+            merged.update(json.loads(path.read_text()))
+        commands = [shlex.join(["python", "-m", "tests.vm.run", *seed_rig, "--", *seed_cmd]),
+                    shlex.join(["python", "-m", "tests.vm.run", *luns_rig, "--", *luns_cmd])]
+    else:
+        base = args.results or Path(tempfile.mkdtemp(prefix="switch-agent-bench-"))
+        if not args.skip_seed:
+            r = base / "seed"
+            r.mkdir(parents=True, exist_ok=True)
+            rc = rig(r, seed_rig, seed_cmd, 1500)
+            commands.append(shlex.join(["python", "-m", "tests.vm.run", *seed_rig, "--", *seed_cmd]))
+            if (r / "bench-scale.json").exists():
+                merged.update(json.loads((r / "bench-scale.json").read_text()))
+            else:
+                print(f"scale: the seed part wrote no results (rig exit {rc}); see {r}", flush=True)
+        if not args.skip_luns:
+            r = base / "luns"
+            r.mkdir(parents=True, exist_ok=True)
+            rc = rig(r, luns_rig, luns_cmd, 2400)
+            commands.append(shlex.join(["python", "-m", "tests.vm.run", *luns_rig, "--", *luns_cmd]))
+            if (r / "bench-luns.json").exists():
+                merged.update(json.loads((r / "bench-luns.json").read_text()))
+            else:
+                print(f"scale: the many-LUN part wrote no results (rig exit {rc}); see {r}", flush=True)
+        print(f"scale: results in {base}", flush=True)
+    if "install_profile" in merged:
+        merged["profile_summary"] = profile_summary(merged["install_profile"])
+    machine = (f"Guest: kernel {merged.get('kernel_release', '?')} under QEMU TCG (no KVM), "
+               f"{merged.get('cpus', '?')} vCPUs, on the project's 2-core machine; measured "
+               f"{time.strftime('%Y-%m-%d')}. Absolute times are TCG's; the ratios are the point.")
+    text = section(merged, commands, machine)
+    print(text)
+    if not args.no_docs and merged:
+        DOC.write_text(scale_lib.replace_section(DOC.read_text(), text))
+        print(f"scale: wrote {DOC}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Pure parts of the scale benchmark (tests/bench/scale.py, guest_scale.py): no I/O, host-tested.
+
+- the seed thread's plan as message text: ``idx:path`` at each run start
+  plus ``R1,<len-1>`` for longer runs (today's syntax for the thread's
+  ``7-8:1`` ranges), cut into messages of at most 4 KiB;
+- rows: goal, measured, ratio, and the markdown table;
+- replacing the benchmark's own section of docs/benchmarks.md between
+  markers, leaving every other section as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol import dmswitch
+
+BEGIN_MARK = "<!-- scale-bench:begin (written by python -m tests.bench.scale; edit there) -->"
+END_MARK = "<!-- scale-bench:end -->"
+NAIVE_LIMIT = 4096
+
+
+def run_starts(owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start index, length) of every run of equal allocated owners; holes (< 0) are skipped."""
+    r = np.asarray(owners, dtype=np.int64)
+    n = r.size
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    alloc = r >= 0
+    brk = np.ones(n, dtype=bool)
+    brk[1:] = (r[1:] != r[:-1]) | ~alloc[:-1]
+    starts = np.flatnonzero(brk & alloc)
+    # A run ends at the next break of any kind (a run start or the first hole).
+    ends_at = np.flatnonzero(brk | ~alloc)
+    nxt = np.searchsorted(ends_at, starts, side="right")
+    ends = np.where(nxt < ends_at.size, ends_at[np.minimum(nxt, ends_at.size - 1)], n)
+    return starts, ends - starts
+
+
+def naive_messages(owners: np.ndarray, limit: int = NAIVE_LIMIT, max_messages: int | None = None) -> list[str]:
+    """The seed thread's plan: per-run ``idx:path [R1,len-1]`` tokens in messages of <= `limit` bytes.
+
+    A run's tokens stay in one message (R1 repeats the region before it).
+    With `max_messages`, stop after that many (a timed sample).
+    """
+    starts, lengths = run_starts(owners)
+    r = np.asarray(owners)
+    head = len(dmswitch.MESSAGE_NAME)
+    out: list[str] = []
+    parts: list[str] = [dmswitch.MESSAGE_NAME]
+    used = head
+    for s, ln in zip(starts.tolist(), lengths.tolist()):
+        unit = f"{s:x}:{int(r[s]):x}" + (f" R1,{ln - 1:x}" if ln > 1 else "")
+        if used + 1 + len(unit) > limit and len(parts) > 1:
+            out.append(" ".join(parts))
+            if max_messages is not None and len(out) >= max_messages:
+                return out
+            parts, used = [dmswitch.MESSAGE_NAME], head
+        parts.append(unit)
+        used += 1 + len(unit)
+    if len(parts) > 1:
+        out.append(" ".join(parts))
+    return out
+
+
+def naive_message_count(owners: np.ndarray, limit: int = NAIVE_LIMIT) -> tuple[int, int]:
+    """(messages, bytes) of naive_messages(owners, limit), without keeping the text."""
+    msgs = naive_messages(owners, limit)
+    return len(msgs), sum(len(m) for m in msgs)
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """min / median / max of timing samples (seconds)."""
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "n": len(samples)}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table."""
+
+    what: str
+    goal: str
+    measured: str
+    baseline: str
+    ratio: str
+    met: str
+    note: str = ""
+
+
+def ratio_text(value: float | None, base: float | None) -> str:
+    """value / base as '1.23x', or '-' when either is missing or base is zero."""
+    if value is None or base is None or base == 0 or math.isnan(value) or math.isnan(base):
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+def goal_met(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "no")
+
+
+def render_table(rows: list[Row]) -> str:
+    """Markdown table of the rows."""
+    head = "| row | goal | measured | baseline | ratio | met | note |\n|---|---|---|---|---|---|---|"
+    lines = [head]
+    for r in rows:
+        cells = [r.what, r.goal, r.measured, r.baseline, r.ratio, r.met, r.note]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+class DocSectionError(ValueError):
+    """docs/benchmarks.md has one marker without the other, or them out of order."""
+
+
+def replace_section(doc: str, section: str) -> str:
+    """`doc` with the text between the markers replaced by `section` (appended with markers if absent)."""
+    block = f"{BEGIN_MARK}\n{section.rstrip()}\n{END_MARK}"
+    b, e = doc.find(BEGIN_MARK), doc.find(END_MARK)
+    if b < 0 and e < 0:
+        return doc.rstrip("\n") + "\n\n" + block + "\n"
+    if b < 0 or e < 0 or e < b or doc.count(BEGIN_MARK) != 1 or doc.count(END_MARK) != 1:
+        raise DocSectionError("docs/benchmarks.md: scale-bench markers are unbalanced; fix them by hand")
+    return doc[:b] + block + doc[e + len(END_MARK):]
+
+
+# -- rows from the guest's JSON ----------------------------------------------------------------
+
+def _med(d: dict | None) -> float | None:
+    return None if not d else d.get("median")
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f} s"
+
+
+def lower_bound(kernel: dict) -> tuple[float | None, str]:
+    """(seconds, how) of the fastest way the kernel took the seed map: the agent's messages or bigger ones."""
+    best, how = _med(kernel.get("agent_messages_s")), "the agent's messages"
+    for entry in kernel.get("bigger_messages", []):
+        t = _med(entry.get("s"))
+        if t is not None and (best is None or t < best):
+            best, how = t, f"{entry['messages']} messages of <= {entry['limit'] >> 10} KiB"
+    return best, how
+
+
+def build_rows(res: dict) -> list[Row]:
+    """The table rows from guest_scale's JSON (missing parts are left out)."""
+    rows: list[Row] = []
+    if "install" in res and res["install"]:
+        agent = statistics.median(r["map_to_routed_s"] for r in res["install"])
+        send = statistics.median(r["send_s"] for r in res["install"])
+        kernel = res.get("kernel", {})
+        lb, lb_how = lower_bound(kernel)
+        am = res.get("agent_messages", {})
+        rows.append(Row(
+            "install seed map: map in memory -> routed (agent, 3 legs + switch + top + upload)",
+            "<= 1.3x (a)", _s(agent), f"(a) {_s(lb)}", ratio_text(agent, lb),
+            goal_met(None if lb is None else agent <= 1.3 * lb),
+            f"{am.get('count', '?')} messages, {am.get('bytes', 0):,} bytes; of it the upload {_s(send)}; "
+            f"median of {len(res['install'])}"))
+        rows.append(Row("(a) kernel alone: the agent's messages by raw DM_TARGET_MSG ioctl", "-",
+                        _s(_med(kernel.get("agent_messages_s"))), "-", "-", "-",
+                        "dm-switch over 3 dm-zero legs, same geometry; ioctls only"))
+        for e in kernel.get("bigger_messages", []):
+            rows.append(Row(f"(a) kernel alone: same map in messages of <= {e['limit'] >> 10} KiB", "-",
+                            _s(_med(e.get("s"))) if "s" in e else "rejected", "-", "-", "-",
+                            f"{e['messages']} messages, {e['bytes']:,} bytes"
+                            + (f"; {e['error']}" if "error" in e else "")))
+        enc = res.get("encode")
+        if enc:
+            for label, what in (("agent", "the agent's encoder alone (match search + runs)"),
+                                ("runs_only", "its runs-only plan alone (no match search)")):
+                e = enc[label]
+                rows.append(Row(f"install: {what}", "-", _s(_med(e["s"])), "-", "-", "-",
+                                f"{e['messages']} messages, {e['bytes']:,} bytes"))
+        d = res.get("dmsetup")
+        if d:
+            b = d["extrapolated_s"]
+            rows.append(Row(
+                "(b) seed thread's plan: `dmsetup message` per 4 KiB of per-run text", ">= 100x slower than agent",
+                f"{b:.1f} s (extrapolated)", f"agent {_s(agent)}", f"{b / agent:.0f}x" if agent else "-",
+                goal_met(b >= 100 * agent),
+                f"{d['messages']:,} messages, {d['bytes']:,} bytes; timed {d['sample']} calls "
+                f"({d['sample_s']:.2f} s; raw ioctls of the same {d['sample_raw_ioctl_s']:.3f} s) and extrapolated"))
+        if lb_how:
+            rows[0] = Row(rows[0].what, rows[0].goal, rows[0].measured, f"(a) {_s(lb)} ({lb_how})",
+                          rows[0].ratio, rows[0].met, rows[0].note)
+    f = res.get("fetch")
+    if f:
+        agent, raw = _med(f["agent_s"]), _med(f["sg_raw_s"])
+        rows.append(Row(
+            "fetch seed map over iSCSI (GET PAGE MAP, decode + CRCs)", "<= 1.5x sg_raw", _s(agent),
+            f"sg_raw {_s(raw)}", ratio_text(agent, raw), goal_met(None if raw is None else agent <= 1.5 * raw),
+            f"{f['commands']} command(s) of <= {f['allocation']:,} bytes, {f['bytes']:,} bytes in; "
+            f"SG_IO alone (no decode) {_s(_med(f['sgio_no_decode_s']))}"))
+    if res.get("diff"):
+        diffs = res["diff"]
+        t = statistics.median(r["change_to_routed_s"] for r in diffs)
+        rec = statistics.median(r["reconcile_s"] for r in diffs)
+        k = res.get("kernel", {})
+        dm = k.get("diff_messages", {})
+        rows.append(Row(
+            f"diff: {diffs[0]['moved_pages']:,} pages moved, array change -> routed", "-", _s(t),
+            f"kernel alone {_s(_med(k.get('diff_messages_s')))}", ratio_text(t, _med(k.get("diff_messages_s"))), "-",
+            f"{dm.get('count', '?')} message(s), {dm.get('bytes', 0):,} bytes; of it the agent's reconcile "
+            f"{_s(rec)} (no detection delay: reconcile starts at once); median of {len(diffs)}"))
+    many = res.get("many_luns")
+    if many:
+        rows.extend(many_rows(many))
+    return rows
+
+
+def many_rows(m: dict) -> list[Row]:
+    """Rows of the many-LUN part."""
+    rows = [Row(f"many LUNs: {m['luns']} LUNs x {m['members']} members x {m['pages']:,} pages appear at once",
+                "all routed", f"{m['routed']}/{m['luns']} routed in {m['all_routed_s']:.1f} s", "-", "-",
+                goal_met(m["routed"] == m["luns"]),
+                f"from the logins' end; max_parallel_luns {m['max_parallel_luns']}, "
+                f"most reconciles seen at once {m.get('max_concurrent', '?')}")]
+    budget = 100 * (1 << 20) + 1.2 * m["packed_map_bytes"]
+    rows.append(Row("many LUNs: daemon memory (VmHWM)", "<= 100 MB + 1.2x packed maps",
+                    f"{m['vm_hwm_bytes'] / (1 << 20):.1f} MiB", f"budget {budget / (1 << 20):.1f} MiB",
+                    ratio_text(m["vm_hwm_bytes"], budget), goal_met(m["vm_hwm_bytes"] <= budget),
+                    f"VmRSS {m['vm_rss_bytes'] / (1 << 20):.1f} MiB; packed maps {m['packed_map_bytes']:,} bytes"))
+    rows.append(Row(f"many LUNs: idle CPU while polling (poll_interval_s {m['poll_interval_s']})",
+                    "<= 1% of a core", f"{100 * m['idle_cpu_fraction']:.2f} %", "-", "-",
+                    goal_met(m["idle_cpu_fraction"] <= 0.01), f"over {m['idle_window_s']:.0f} s, from /proc/<pid>/stat"))
+    return rows
+
+
+def summarise_collapsed(text: str, top: int = 12) -> dict:
+    """py-spy's raw (collapsed) stacks: samples, and the most frequent innermost frames and functions on stack.
+
+    Each line is ``frame;frame;...;frame count``; a frame is ``function (file:line)``.
+    """
+    total = 0
+    leaf: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(":")[0] if "(" not in f else f.rsplit(":", 1)[0] + ")" for f in stack.split(";")]
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+    def best(d: dict[str, int]) -> list[tuple[str, int]]:
+        return sorted(d.items(), key=lambda kv: -kv[1])[:top]
+    return {"samples": total, "innermost": best(leaf), "on_stack": best(inclusive)}

@@ -1,0 +1,117 @@
+"""Pure parts of the scale benchmark: the seed thread's text, rows, and the docs section it owns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from protocol import dmswitch
+from tests.bench import maps, scale, scale_lib
+
+
+def test_run_starts_skip_holes() -> None:
+    owners = np.array([0, 0, 1, -1, -1, 1, 1, 2, -1, 2])
+    starts, lengths = scale_lib.run_starts(owners)
+    assert starts.tolist() == [0, 2, 5, 7, 9]
+    assert lengths.tolist() == [2, 1, 2, 1, 1]
+
+
+@pytest.mark.parametrize("limit", [64, 200, 4096])
+def test_naive_messages_rebuild_the_map_and_respect_the_limit(limit) -> None:
+    owners = maps.seed_map(np.random.default_rng(1), pages=5000).astype(np.int64)
+    owners[100:140] = -1
+    messages = scale_lib.naive_messages(owners, limit)
+    assert all(len(m) <= limit for m in messages)
+    table = np.full(owners.size, 7, dtype=np.int64)
+    for m in messages:
+        dmswitch.apply_region_mappings(table, m, 3)
+    alloc = owners >= 0
+    assert np.array_equal(table[alloc], owners[alloc])
+    assert (table[~alloc] == 7).all()
+    assert scale_lib.naive_message_count(owners, limit) == (len(messages), sum(map(len, messages)))
+    assert scale_lib.naive_messages(owners, limit, max_messages=2) == messages[:2]
+
+
+def test_replace_section_keeps_other_text() -> None:
+    doc = "# Benchmarks\n\n## Other\ntext\n"
+    once = scale_lib.replace_section(doc, "## Scale\nv1")
+    assert once.startswith(doc.rstrip("\n")) and "v1" in once
+    twice = scale_lib.replace_section(once + "\n## Later section\nkept\n", "## Scale\nv2")
+    assert "v1" not in twice and "v2" in twice and "## Later section\nkept" in twice and "## Other\ntext" in twice
+    assert twice.count(scale_lib.BEGIN_MARK) == 1
+
+
+def test_replace_section_refuses_broken_markers() -> None:
+    with pytest.raises(scale_lib.DocSectionError):
+        scale_lib.replace_section(f"x\n{scale_lib.END_MARK}\n{scale_lib.BEGIN_MARK}\n", "s")
+    with pytest.raises(scale_lib.DocSectionError):
+        scale_lib.replace_section(f"x\n{scale_lib.BEGIN_MARK}\n", "s")
+
+
+def t(v: float) -> dict:
+    return {"min": v, "median": v, "max": v, "n": 1}
+
+
+SAMPLE = {
+    "install": [{"map_to_routed_s": 2.0, "send_s": 0.3}, {"map_to_routed_s": 4.0, "send_s": 0.3},
+                {"map_to_routed_s": 3.0, "send_s": 0.3}],
+    "agent_messages": {"count": 20, "bytes": 1000},
+    "kernel": {"agent_messages_s": t(0.5),
+               "bigger_messages": [{"limit": 1 << 20, "messages": 4, "bytes": 999, "s": t(0.4)},
+                                   {"limit": 4 << 20, "messages": 1, "bytes": 999, "error": "OSError: ENOMEM"}],
+               "diff_messages_s": t(0.01), "diff_messages": {"count": 1, "bytes": 80}},
+    "dmsetup": {"messages": 100, "bytes": 400000, "sample": 10, "sample_s": 5.0, "sample_raw_ioctl_s": 0.01,
+                "extrapolated_s": 600.0},
+    "fetch": {"agent_s": t(1.0), "sg_raw_s": t(0.8), "sgio_no_decode_s": t(0.6), "commands": 1,
+              "allocation": 1 << 20, "bytes": 393380},
+    "diff": [{"change_to_routed_s": 1.5, "reconcile_s": 1.4, "moved_pages": 1000}],
+}
+
+
+def test_rows_compare_with_the_fastest_kernel_bound_and_state_goals() -> None:
+    rows = scale_lib.build_rows(SAMPLE)
+    install = rows[0]
+    assert install.measured == "3.000 s"            # median of 2, 4, 3
+    assert "(a) 0.400 s" in install.baseline      # the faster of 0.5 s and 0.4 s
+    assert install.ratio == "7.50x" and install.met == "no"
+    rejected = next(r for r in rows if "4096 KiB" in r.what)
+    assert rejected.measured == "rejected" and "ENOMEM" in rejected.note
+    b = next(r for r in rows if r.what.startswith("(b)"))
+    assert b.ratio == "200x" and b.met == "yes"
+    fetch = next(r for r in rows if r.what.startswith("fetch"))
+    assert fetch.ratio == "1.25x" and fetch.met == "yes"
+    assert any(r.what.startswith("diff") for r in rows)
+    table = scale_lib.render_table(rows)
+    assert table.count("\n") == len(rows) + 1
+
+
+def test_many_lun_rows() -> None:
+    m = {"luns": 64, "members": 3, "pages": 100000, "routed": 64, "all_routed_s": 300.0, "max_parallel_luns": 8,
+         "max_concurrent": 8, "packed_map_bytes": 1_600_000, "vm_hwm_bytes": 90 << 20, "vm_rss_bytes": 80 << 20,
+         "poll_interval_s": 15.0, "idle_cpu_fraction": 0.02, "idle_window_s": 30.0}
+    rows = scale_lib.build_rows({"many_luns": m})
+    assert [r.met for r in rows] == ["yes", "yes", "no"]
+
+
+def test_host_renders_saved_json_without_booting(tmp_path, monkeypatch, capsys) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Someone else's\nkeep\n")
+    monkeypatch.setattr(scale, "DOC", doc)
+    saved = tmp_path / "bench-scale.json"
+    saved.write_text(json.dumps(SAMPLE))
+    assert scale.main(["--from-json", str(saved)]) == 0
+    text = doc.read_text()
+    assert "## Someone else's\nkeep" in text and "install seed map" in text
+    assert "python -m tests.vm.run --members 3 --layout seed" in text
+
+
+def test_collapsed_stacks_summary() -> None:
+    text = ("main (a.py:1);poll (d.py:10);select (selectors.py:5) 30\n"
+            "main (a.py:1);poll (d.py:12);sg_io (s.py:3) 10\n"
+            "garbage line\n")
+    s = scale_lib.summarise_collapsed(text)
+    assert s["samples"] == 40
+    assert s["innermost"][0] == ("select (selectors.py)", 30)
+    assert dict(s["on_stack"])["poll (d.py)"] == 40
