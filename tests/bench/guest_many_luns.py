@@ -49,6 +49,17 @@ def switch_wwids() -> set[str]:
     return {uuid.split("-", 3)[3] for uuid in agentlib.our_uuids().values() if uuid.startswith("SWAGENT-sw-")}
 
 
+def wait_quiet(pid: int, hz: int, fraction: float, timeout: float, window: float = 5.0) -> float:
+    """Seconds until one `window` of the daemon's CPU stays under `fraction` of a core (or `timeout`)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        ticks = cpu_ticks(pid)
+        time.sleep(window)  # a measurement window, bounded by the timeout above
+        if (cpu_ticks(pid) - ticks) / hz / window < fraction:
+            break
+    return time.monotonic() - t0
+
+
 def sample_idle(pid: int, seconds: float) -> dict | None:
     """py-spy (non-blocking, 50 Hz) over the idle daemon: collapsed stacks, summarised."""
     spy = shutil.which("py-spy")
@@ -68,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-window", type=float, default=30.0)
     p.add_argument("--poll-interval", type=float, default=Config().poll_interval_s)
     p.add_argument("--timeout", type=float, default=1200.0)
+    p.add_argument("--quiet-fraction", type=float, default=0.05,
+                   help="the idle window starts once 5 s of the daemon's CPU stay under this (default 0.05)")
+    p.add_argument("--settle-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     info = agentlib.array("info")
     luns = len(info.get("luns", [])) or 1
@@ -99,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         result.update(all_routed_s=time.monotonic() - t0, routed=routed, max_concurrent=max_concurrent)
         print(f"guest-luns: {routed}/{luns} routed after {result['all_routed_s']:.1f} s "
               f"(login {result['login_s']:.1f} s), at most {max_concurrent} built at once", flush=True)
-        # Idle: every LUN routed, the daemon only polls.
+        # Idle: every LUN routed, the daemon only polls. The logins' last udev events and unit
+        # attentions still cause reconciles for a while: wait for them to end first.
         subprocess.run(["udevadm", "settle", "--timeout=120"], check=False)
         pid = daemon.proc.pid
         hz = os.sysconf("SC_CLK_TCK")
+        result["settle_s"] = wait_quiet(pid, hz, args.quiet_fraction, args.settle_timeout)
         ticks0, w0 = cpu_ticks(pid), time.monotonic()
         time.sleep(args.idle_window)  # the measurement window itself
         ticks1, w1 = cpu_ticks(pid), time.monotonic()
