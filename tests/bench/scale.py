@@ -47,7 +47,7 @@ def seed_command(repeat: int) -> tuple[list[str], list[str]]:
 
 def luns_command(luns: int, pages: int) -> tuple[list[str], list[str]]:
     rig_args = ["--members", "3", "--layout", "seed", "--luns", str(luns), "--size", str(pages * (1 << 20)),
-                "--page-size", "1M", "--memory", "3G", "--map-timeout", "600", "--array-timeout", "900"]
+                "--page-size", "1M", "--no-login", "--memory", "3G", "--array-timeout", "900"]
     return rig_args, ["python", "-m", "tests.bench.guest_many_luns"]
 
 
