@@ -61,12 +61,12 @@ def wait_quiet(pid: int, hz: int, fraction: float, timeout: float, window: float
 
 
 def sample_idle(pid: int, seconds: float) -> dict | None:
-    """py-spy (non-blocking, 50 Hz) over the idle daemon: collapsed stacks, summarised."""
+    """py-spy (non-blocking, 50 Hz, busy samples only) over the idle daemon: collapsed stacks, summarised."""
     spy = shutil.which("py-spy")
     if spy is None:
         return None
     out = agentlib.RESULTS / "daemon-idle.pyspy.txt"
-    p = subprocess.run([spy, "record", "--nonblocking", "--idle", "-r", "50", "-d", str(int(seconds)),
+    p = subprocess.run([spy, "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)),
                         "-f", "raw", "-o", str(out), "--pid", str(pid)],
                        capture_output=True, text=True, timeout=seconds + 120)
     if p.returncode != 0 or not out.exists():

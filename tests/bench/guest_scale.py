@@ -30,6 +30,7 @@ import json
 import os
 import pstats
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -247,14 +248,12 @@ async def bench_install_and_diff(config: Config, repeat: int, only: set[str]) ->
         log(f"install {i + 1}/{repeat}: map in memory to routed {r['map_to_routed_s']:.2f} s "
             f"({r['messages']} messages, {r['message_bytes']} bytes)")
         out["install"].append(r)
-    # One more install under cProfile: where the agent's own time goes.
+    # One more install under py-spy (every thread: the encoder runs in a worker): where the time goes.
     inst.orch.luns.clear()
     remove_agent_devices(dm)
-    prof = cProfile.Profile()
-    prof.enable()
+    spy = PySpy(RESULTS / "install.pyspy.txt")
     await inst.reconcile(wwid)
-    prof.disable()
-    out["install_profile"] = profile_text(prof, RESULTS / "bench-install.prof")
+    out["install_pyspy"] = spy.stop()
 
     lun = inst.orch.luns[wwid]
     page_map = lun.stack.page_map
@@ -308,9 +307,18 @@ def kernel_bounds(zero: ZeroSwitch, agent_messages: list[str], owners: np.ndarra
     # The same map in fewer, bigger messages, up to what the kernel accepts.
     rr = dmswitch.round_robin(owners.size, zero.paths)
     tried = []
-    for limit in (1 << 18, 1 << 20, 4 << 20):
-        messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
-        entry = {"limit": limit, "messages": len(messages), "bytes": sum(map(len, messages))}
+    # The encoder caps a message at 64k tokens (MAX_MESSAGE_TOKENS); the last try lifts the cap
+    # to find what the kernel itself refuses (its argv array is one kmalloc).
+    for limit, tokens in ((1 << 18, None), (1 << 20, None), (4 << 20, None), (4 << 20, 1 << 20)):
+        saved = dmswitch.MAX_MESSAGE_TOKENS
+        if tokens:
+            dmswitch.MAX_MESSAGE_TOKENS = tokens
+        try:
+            messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+        finally:
+            dmswitch.MAX_MESSAGE_TOKENS = saved
+        entry = {"limit": limit, "tokens": tokens or saved, "messages": len(messages),
+                 "bytes": sum(map(len, messages)), "max_tokens": max(len(m.split()) for m in messages)}
         samples = []
         try:
             for _ in range(repeat):
@@ -335,6 +343,11 @@ def encode_costs(owners: np.ndarray, paths: int, repeat: int, limit: int) -> dic
     """The agent's encoder alone on the install's map, and its runs-only plan (no match search) for scale."""
     rr = dmswitch.round_robin(owners.size, paths)
     res = {}
+    prof = cProfile.Profile()
+    prof.enable()
+    dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+    prof.disable()
+    res["profile"] = profile_text(prof, RESULTS / "bench-encode.prof")
     for label in ("agent", "runs_only"):
         saved = dmswitch._lz_plan
         if label == "runs_only":
@@ -366,6 +379,31 @@ def dmsetup_baseline(zero: ZeroSwitch, owners: np.ndarray) -> dict:
     raw = zero.send_raw(sample)
     return {"messages": count, "bytes": nbytes, "sample": len(sample), "sample_s": elapsed,
             "sample_raw_ioctl_s": raw, "extrapolated_s": elapsed / len(sample) * count}
+
+
+class PySpy:
+    """py-spy sampling this process (all threads, non-blocking, 100 Hz) until stop()."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        spy = shutil.which("py-spy")
+        self.proc = None if spy is None else subprocess.Popen(
+            [spy, "record", "--nonblocking", "-r", "100", "-f", "raw", "-o", str(out), "--pid", str(os.getpid())],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # It attaches within about a second: samples start then (the fetch comes first anyway).
+
+    def stop(self) -> dict | None:
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            _, err = self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return {"error": "py-spy did not stop"}
+        if not self.out.exists():
+            return {"error": err.decode(errors="replace")[-500:]}
+        return scale_lib.summarise_collapsed(self.out.read_text(), top=20)
 
 
 def profile_text(prof: cProfile.Profile, path: Path, top: int = 25) -> str:

@@ -59,12 +59,22 @@ def section(results: dict, commands: list[str], machine: str) -> str:
            "which runs, for each part:", ""]
     out += [f"    {c}" for c in commands]
     out += ["", machine, "", scale_lib.render_table(rows), ""]
+    spy = results.get("install_pyspy")
+    if spy and spy.get("samples"):
+        out += [f"py-spy over one more install of the seed map (all threads, {spy['samples']} samples "
+                "at 100 Hz, idle waits included):", "",
+                "| innermost frame | samples | | on the stack | samples |", "|---|---|---|---|---|"]
+        agent_frames = [kv for kv in spy["on_stack"] if "agent/" in kv[0] or "protocol/" in kv[0]]
+        for (f1, n1), (f2, n2) in zip(spy["innermost"][:10], agent_frames[:10]):
+            out.append(f"| `{f1}` | {n1} | | `{f2}` | {n2} |")
+        out.append("")
     prof = results.get("profile_summary")
     if prof:
-        out += ["Profile of one install (cProfile, cumulative, agent's own functions):", "", "```", prof, "```", ""]
+        out += ["The agent's encoder alone on the same map (cProfile, cumulative):", "", "```", prof, "```", ""]
     idle = (results.get("many_luns") or {}).get("idle_profile")
     if idle and idle.get("samples"):
-        out += [f"py-spy over the idle daemon ({idle['samples']} samples at 50 Hz, idle frames included):", "",
+        out += [f"py-spy over the idle daemon ({idle['samples']} busy samples at 50 Hz over the idle window's "
+                "length, after it):", "",
                 "| innermost frame | samples | | on the stack | samples |", "|---|---|---|---|---|"]
         for (f1, n1), (f2, n2) in zip(idle["innermost"][:8], idle["on_stack"][:8]):
             out.append(f"| `{f1}` | {n1} | | `{f2}` | {n2} |")
@@ -126,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"scale: the many-LUN part wrote no results (rig exit {rc}); see {r}", flush=True)
         print(f"scale: results in {base}", flush=True)
-    if "install_profile" in merged:
-        merged["profile_summary"] = profile_summary(merged["install_profile"])
+    if merged.get("encode", {}).get("profile"):
+        merged["profile_summary"] = profile_summary(merged["encode"]["profile"])
     machine = (f"Guest: kernel {merged.get('kernel_release', '?')} under QEMU TCG (no KVM), "
                f"{merged.get('cpus', '?')} vCPUs, on the project's 2-core machine; measured "
                f"{time.strftime('%Y-%m-%d')}. Absolute times are TCG's; the ratios are the point.")

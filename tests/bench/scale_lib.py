@@ -142,7 +142,7 @@ def lower_bound(kernel: dict) -> tuple[float | None, str]:
     for entry in kernel.get("bigger_messages", []):
         t = _med(entry.get("s"))
         if t is not None and (best is None or t < best):
-            best, how = t, f"{entry['messages']} messages of <= {entry['limit'] >> 10} KiB"
+            best, how = t, f"{entry['messages']} message(s) of <= {entry['limit'] >> 10} KiB"
     return best, how
 
 
@@ -165,9 +165,11 @@ def build_rows(res: dict) -> list[Row]:
                         _s(_med(kernel.get("agent_messages_s"))), "-", "-", "-",
                         "dm-switch over 3 dm-zero legs, same geometry; ioctls only"))
         for e in kernel.get("bigger_messages", []):
-            rows.append(Row(f"(a) kernel alone: same map in messages of <= {e['limit'] >> 10} KiB", "-",
+            cap = f", <= {e['tokens']:,} tokens" if "tokens" in e else ""
+            rows.append(Row(f"(a) kernel alone: same map in messages of <= {e['limit'] >> 10} KiB{cap}", "-",
                             _s(_med(e.get("s"))) if "s" in e else "rejected", "-", "-", "-",
                             f"{e['messages']} messages, {e['bytes']:,} bytes"
+                            + (f", at most {e['max_tokens']:,} tokens in one" if "max_tokens" in e else "")
                             + (f"; {e['error']}" if "error" in e else "")))
         enc = res.get("encode")
         if enc:
@@ -175,7 +177,8 @@ def build_rows(res: dict) -> list[Row]:
                                 ("runs_only", "its runs-only plan alone (no match search)")):
                 e = enc[label]
                 rows.append(Row(f"install: {what}", "-", _s(_med(e["s"])), "-", "-", "-",
-                                f"{e['messages']} messages, {e['bytes']:,} bytes"))
+                                f"{e['messages']} messages, {e['bytes']:,} bytes"
+                            + (f", at most {e['max_tokens']:,} tokens in one" if "max_tokens" in e else "")))
         d = res.get("dmsetup")
         if d:
             b = d["extrapolated_s"]
