@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 180.0  # LIO set-up under TCG takes tens of seconds
 DOWN_TIMEOUT_S = 120.0
 EXTRA_BACKSTORE_S = 3.0
+LOGIN_S_PER_LUN = 6.0
 
 
 def _parse_size(text: str) -> int:
@@ -247,9 +248,11 @@ def cmd_login(args: argparse.Namespace) -> int:
         if number not in members:
             raise ControlError(f"no member m{number}")
     initiator.discover(members[wanted[0]]["portal"].split(":")[0])
+    # Each LUN costs the login's SCAN (INQUIRYs, capacity, udev) seconds under TCG.
+    extra = LOGIN_S_PER_LUN * max(len(info.get("luns", [])) - 1, 0)
     for number in wanted:
-        initiator.login(info["iqn"], members[number]["portal"].split(":")[0])
-    initiator.wait_for_devices(info["iqn"], wanted)
+        initiator.login(info["iqn"], members[number]["portal"].split(":")[0], timeout=120.0 + extra)
+    initiator.wait_for_devices(info["iqn"], wanted, timeout=60.0 + extra)
     full = _full_info()
     _emit(args, full, _format_info(full))
     return 0

@@ -83,12 +83,16 @@ def discover(portal_ip: str) -> None:
     _run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", f"{portal_ip}:{PORT}"])
 
 
-def login(target: str, portal_ip: str) -> None:
-    """Log in to one member's portal (after discovery made its node record)."""
+def login(target: str, portal_ip: str, timeout: float = 120.0) -> None:
+    """Log in to one member's portal (after discovery made its node record).
+
+    iscsiadm returns once iscsid has scanned the session's LUNs: allow
+    more `timeout` for many LUNs.
+    """
     node = ["iscsiadm", "-m", "node", "-T", target, "-p", f"{portal_ip}:{PORT}"]
     _run(node + ["-o", "update", "-n", "node.session.timeo.replacement_timeout",
                  "-v", str(REPLACEMENT_TIMEOUT_S)])
-    result = _run(node + ["--login"], check=False)
+    result = _run(node + ["--login"], check=False, timeout=timeout)
     # 15 = ISCSI_ERR_SESS_EXISTS: already logged in is fine.
     if result.returncode not in (0, 15):
         raise InitiatorError(f"login to {portal_ip} failed ({result.returncode}): "
