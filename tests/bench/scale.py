@@ -53,8 +53,7 @@ def luns_command(luns: int, pages: int) -> tuple[list[str], list[str]]:
 
 def section(results: dict, commands: list[str], machine: str) -> str:
     rows = scale_lib.build_rows(results)
-    out = ["## At the seed's scale and with many LUNs (guest)", "",
-           "Produced by one command on the host (boots the VM rig once per part):", "",
+    out = ["Produced by one command on the host (boots the VM rig once per part):", "",
            "    .venv/bin/python -m tests.bench.scale", "",
            "which runs, for each part:", ""]
     out += [f"    {c}" for c in commands]
