@@ -14,14 +14,17 @@ daemon's VmHWM/VmRSS, and its CPU over an idle window of polling
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from agent.config import Config
+from tests.array import cli, initiator
 from tests.bench import scale_lib
 from tests.guest import agentlib
 
@@ -47,6 +50,31 @@ def cpu_ticks(pid: int) -> int:
 def switch_wwids() -> set[str]:
     """LUNs that have one of our switches now (dmsetup: an independent reader)."""
     return {uuid.split("-", 3)[3] for uuid in agentlib.our_uuids().values() if uuid.startswith("SWAGENT-sw-")}
+
+
+class Sampler(threading.Thread):
+    """Every 0.5 s: LUNs routed (a path to every member) and LUNs being built (a switch, not routed)."""
+
+    def __init__(self, members: int, luns: int, t0: float) -> None:
+        super().__init__(daemon=True)
+        self.members, self.luns, self.t0 = members, luns, t0
+        self.routed = self.max_concurrent = 0
+        self.all_routed_at: float | None = None
+        self.finished = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            records = agentlib.status()
+            done = {r["wwid"] for r in records if r["state"] == "routed" and len(r["members"]) == self.members
+                    and all(m["paths"] for m in r["members"])}
+            self.max_concurrent = max(self.max_concurrent, len(switch_wwids() - done))
+            self.routed = len(done)
+            if self.routed >= self.luns:
+                self.all_routed_at = time.monotonic()
+                self.finished.set()
+                return
+            self.stop.wait(0.5)  # sampling interval
 
 
 def wait_quiet(pid: int, hz: int, fraction: float, timeout: float, window: float = 5.0) -> float:
@@ -95,30 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     daemon = agentlib.AgentDaemon(poll_interval_s=args.poll_interval, log_level="info")
     try:
         t0 = time.monotonic()
-        # Every member at once: each login waits for its session's LUN scan (seconds per LUN
-        # under TCG), and the LUNs should appear together, as after a host boot.
-        logins = [subprocess.Popen([sys.executable, "-m", "tests.array", "login", "--member", str(m["number"])],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                  for m in info["members"]]
-        for m, login in zip(info["members"], logins):
-            out, _ = login.communicate(timeout=1800)
-            if login.returncode != 0:
-                raise RuntimeError(f"tests.array login --member {m['number']} failed ({login.returncode}):\n"
-                                   f"{out[-3000:]}")
+        # The daemon routes LUNs while later ones are still being scanned: sample from the start.
+        sampler = Sampler(members, luns, t0)
+        sampler.start()
+        # Discovery once, then every member at once: each login waits for its session's LUN scan
+        # (seconds per LUN under TCG), and the LUNs should appear together, as after a host boot.
+        # (Parallel `tests.array login --member K` calls each run discovery, and those time out.)
+        portals = {m["number"]: m["portal"].split(":")[0] for m in info["members"]}
+        initiator.discover(portals[min(portals)])
+        limit = 120.0 + cli.LOGIN_S_PER_LUN * (luns - 1)
+        with concurrent.futures.ThreadPoolExecutor(len(portals)) as pool:
+            for done in [pool.submit(initiator.login, info["iqn"], ip, limit) for ip in portals.values()]:
+                done.result()
+        initiator.wait_for_devices(info["iqn"], sorted(portals), timeout=limit)
         result["login_s"] = time.monotonic() - t0
-        max_concurrent, routed = 0, 0
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            records = agentlib.status()
-            done = {r["wwid"] for r in records if r["state"] == "routed" and len(r["members"]) == members
-                    and all(m["paths"] for m in r["members"])}
-            building = switch_wwids() - done
-            max_concurrent = max(max_concurrent, len(building))
-            routed = len(done)
-            if routed >= luns:
-                break
-            time.sleep(0.5)  # sampling interval, bounded by the deadline above
-        result.update(all_routed_s=time.monotonic() - t0, routed=routed, max_concurrent=max_concurrent)
+        sampler.finished.wait(timeout=args.timeout)
+        sampler.stop.set()
+        sampler.join(timeout=60)
+        routed, max_concurrent = sampler.routed, sampler.max_concurrent
+        result.update(all_routed_s=(sampler.all_routed_at or time.monotonic()) - t0, routed=routed,
+                      max_concurrent=max_concurrent)
         print(f"guest-luns: {routed}/{luns} routed after {result['all_routed_s']:.1f} s "
               f"(login {result['login_s']:.1f} s), at most {max_concurrent} built at once", flush=True)
         # Idle: every LUN routed, the daemon only polls. The logins' last udev events and unit

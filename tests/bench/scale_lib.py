@@ -221,8 +221,8 @@ def many_rows(m: dict) -> list[Row]:
     rows = [Row(f"many LUNs: {m['luns']} LUNs x {m['members']} members x {m['pages']:,} pages appear at once",
                 "all routed", f"{m['routed']}/{m['luns']} routed in {m['all_routed_s']:.1f} s", "-", "-",
                 goal_met(m["routed"] == m["luns"]),
-                f"from the logins' end; max_parallel_luns {m['max_parallel_luns']}, "
-                f"most reconciles seen at once {m.get('max_concurrent', '?')}")]
+                f"from the logins' start; max_parallel_luns {m['max_parallel_luns']}, "
+                f"most LUNs seen mid-build at once (a switch, not yet routed; sampled every 0.5 s) {m.get('max_concurrent', '?')}")]
     budget = 100 * (1 << 20) + 1.2 * m["packed_map_bytes"]
     rows.append(Row("many LUNs: daemon memory (VmHWM)", "<= 100 MB + 1.2x packed maps",
                     f"{m['vm_hwm_bytes'] / (1 << 20):.1f} MiB", f"budget {budget / (1 << 20):.1f} MiB",
