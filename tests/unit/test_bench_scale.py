@@ -115,3 +115,22 @@ def test_collapsed_stacks_summary() -> None:
     assert s["samples"] == 40
     assert s["innermost"][0] == ("select (selectors.py)", 30)
     assert dict(s["on_stack"])["poll (d.py)"] == 40
+
+
+def test_host_boots_each_part_and_merges_their_json(tmp_path, monkeypatch) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    monkeypatch.setattr(scale, "DOC", doc)
+    calls = []
+
+    def fake_rig(results, rig_args, command, timeout):
+        calls.append((rig_args, command))
+        if "tests.bench.guest_scale" in command:
+            (results / "bench-scale.json").write_text(json.dumps(SAMPLE))
+        return 0  # the many-LUN part writes nothing: reported, not fatal
+
+    monkeypatch.setattr(scale, "rig", fake_rig)
+    assert scale.main(["--results", str(tmp_path / "r")]) == 0
+    assert [c[1][2] for c in calls] == ["tests.bench.guest_scale", "tests.bench.guest_many_luns"]
+    assert "--no-login" in calls[1][0] and calls[1][0][calls[1][0].index("--luns") + 1] == "64"
+    assert "install seed map" in doc.read_text()
