@@ -162,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         # After the measurement, so the sampler's own CPU does not count: where idle time goes.
         result["idle_profile"] = sample_idle(pid, args.idle_window)
     finally:
+        # The numbers first: removing 5 dm devices per LUN waits on udev and may outlast the rig.
+        out = agentlib.RESULTS / "bench-luns.json"
+        out.write_text(json.dumps({"many_luns": result}, indent=2) + "\n")
+        print(json.dumps(result, indent=2), flush=True)
         daemon.stop()
         agentlib.remove_our_devices()
-    out = agentlib.RESULTS / "bench-luns.json"
-    out.write_text(json.dumps({"many_luns": result}, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
     return 0
 
 
