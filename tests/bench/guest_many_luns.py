@@ -94,9 +94,13 @@ def sample_idle(pid: int, seconds: float) -> dict | None:
     if spy is None:
         return None
     out = agentlib.RESULTS / "daemon-idle.pyspy.txt"
-    p = subprocess.run([spy, "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)),
-                        "-f", "raw", "-o", str(out), "--pid", str(pid)],
-                       capture_output=True, text=True, timeout=seconds + 120)
+    try:
+        p = subprocess.run([spy, "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)),
+                            "-f", "raw", "-o", str(out), "--pid", str(pid)],
+                           capture_output=True, text=True, timeout=seconds + 120)
+    except subprocess.TimeoutExpired:
+        # Seen with 64 LUNs under TCG: py-spy did not finish a 30 s recording in 150 s.
+        return {"error": f"py-spy did not finish within {seconds + 120:.0f} s"}
     if p.returncode != 0 or not out.exists():
         return {"error": (p.stdout + p.stderr)[-500:]}
     return scale_lib.summarise_collapsed(out.read_text())
