@@ -266,7 +266,7 @@ class LogicalUnit:
             self.store.write(offset, data_out)
             if request.fua:
                 self.store.flush()
-            self.volume.account(member, offset, length)
+            self.volume.account(member, offset, length, write=True)
             return b""
         data = self.store.read(offset, length)
         self.volume.account(member, offset, length)

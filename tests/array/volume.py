@@ -38,6 +38,10 @@ class Counters:
     forwarded_cmds: int = 0
     last_forwarded_at: float = 0.0
     """time.monotonic() of the latest forwarded command (the host's clock, shared by every process)."""
+    forwarded_write_cmds: int = 0
+    """Forwarded writes: nothing on the host writes to a path on its own (udev's probes read), so
+    these came through a routed or multipath device."""
+    last_forwarded_write_at: float = 0.0
 
     def as_dict(self) -> dict[str, int | float]:
         """Plain dict for JSON."""
@@ -159,7 +163,7 @@ class ArrayVolume:
 
     # -- I/O accounting -------------------------------------------------------
 
-    def account(self, number: int, offset: int, length: int) -> None:
+    def account(self, number: int, offset: int, length: int, *, write: bool = False) -> None:
         """Count an I/O of `length` bytes at `offset` received by member `number`, per page portion.
 
         An unallocated page counts as direct: any member may serve it.
@@ -172,7 +176,7 @@ class ArrayVolume:
         first, last = offset // page, (offset + length - 1) // page
         if first == last:
             owner = self.owners.item(first)
-            self._add(counters, owner in (index, UNALLOCATED), 1, length)
+            self._add(counters, owner in (index, UNALLOCATED), 1, length, write)
             return
         pages = np.arange(first, last + 1, dtype=np.int64)
         starts = np.maximum(pages * page, offset)
@@ -180,19 +184,21 @@ class ArrayVolume:
         owners = self.owners[first : last + 1]
         direct = (owners == index) | (owners == UNALLOCATED)
         portions = ends - starts
-        self._add(counters, True, int(direct.sum()), int(portions[direct].sum()))
-        self._add(counters, False, int((~direct).sum()), int(portions[~direct].sum()))
+        self._add(counters, True, int(direct.sum()), int(portions[direct].sum()), write)
+        self._add(counters, False, int((~direct).sum()), int(portions[~direct].sum()), write)
 
     @staticmethod
-    def _add(counters: Counters, direct: bool, cmds: int, nbytes: int) -> None:
+    def _add(counters: Counters, direct: bool, cmds: int, nbytes: int, write: bool) -> None:
         if direct:
             counters.direct_cmds += cmds
             counters.direct_bytes += nbytes
-        else:
+        elif cmds:
             counters.forwarded_cmds += cmds
             counters.forwarded_bytes += nbytes
-            if cmds:
-                counters.last_forwarded_at = time.monotonic()
+            counters.last_forwarded_at = time.monotonic()
+            if write:
+                counters.forwarded_write_cmds += cmds
+                counters.last_forwarded_write_at = counters.last_forwarded_at
 
     def reset_counters(self) -> None:
         """Zero every member's counters."""

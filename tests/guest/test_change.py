@@ -106,9 +106,15 @@ def converge(name: str, io: VerifiedIo, changed_at: float, *, applied=agent_hold
             break
         assert time.monotonic() < deadline, f"{name}: I/O still forwarded {timeout_s} s after the agent applied"
     cmds, nbytes, last_at = forwarded(stats)
+    members = stats["members"].values()
+    writes = sum(m["forwarded_write_cmds"] for m in members)
+    last_write_at = max(m["last_forwarded_write_at"] for m in members)
     record = {"agent_applied_s": round(applied_at - changed_at, 1),
               "last_forwarded_s": round(last_at - changed_at, 1) if last_at > changed_at else 0.0,
-              "forwarded_cmds": cmds, "forwarded_bytes": nbytes}
+              "forwarded_cmds": cmds, "forwarded_bytes": nbytes,
+              # Writes come only from the writer through the routed device: surely misrouted.
+              "forwarded_writes": writes,
+              "last_forwarded_write_s": round(last_write_at - changed_at, 1) if writes else 0.0}
     MEASURED[name] = record
     print(f"\n{name}: {record}")
     return record
@@ -116,13 +122,15 @@ def converge(name: str, io: VerifiedIo, changed_at: float, *, applied=agent_hold
 
 def markdown_table(measured: dict[str, dict]) -> str:
     """The table docs/benchmarks.md shows, from convergence.json."""
-    rows = ["| scenario | agent applied | last forwarded I/O | forwarded during the change | notes |",
-            "|---|---|---|---|---|"]
+    rows = ["| scenario | agent applied | last forwarded I/O | forwarded during the change "
+            "| of it writes (last) | notes |", "|---|---|---|---|---|---|"]
+    shown = ("agent_applied_s", "last_forwarded_s", "forwarded_cmds", "forwarded_bytes", "forwarded_writes",
+             "last_forwarded_write_s")
     for name, r in measured.items():
-        notes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in (
-            "agent_applied_s", "last_forwarded_s", "forwarded_cmds", "forwarded_bytes"))
+        notes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in shown)
         rows.append(f"| {name} | {r['agent_applied_s']} s | {r['last_forwarded_s']} s | "
-                    f"{r['forwarded_cmds']} cmds, {r['forwarded_bytes'] / 2**20:.1f} MiB | {notes} |")
+                    f"{r['forwarded_cmds']} cmds, {r['forwarded_bytes'] / 2**20:.1f} MiB | "
+                    f"{r['forwarded_writes']} ({r['last_forwarded_write_s']} s) | {notes} |")
     return "\n".join(rows) + "\n"
 
 

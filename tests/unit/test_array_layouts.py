@@ -105,11 +105,15 @@ def test_counters_split_per_page_portion() -> None:
     forwarded_at = c.last_forwarded_at
     vol.account(0, 0, 4096)  # direct: leaves the time of the last forwarded command alone
     assert c.last_forwarded_at == forwarded_at
+    assert c.forwarded_write_cmds == 0 and c.last_forwarded_write_at == 0
+    vol.account(0, MIB, 4096, write=True)  # page 1 is m1's
+    assert c.forwarded_write_cmds == 1 and c.last_forwarded_write_at == c.last_forwarded_at > forwarded_at
     vol.account(1, MIB, 4096)
     assert vol.member(1).counters.direct_bytes == 4096
     vol.reset_counters()
     assert vol.member(0).counters.as_dict() == dict.fromkeys(
-        ("direct_bytes", "forwarded_bytes", "direct_cmds", "forwarded_cmds", "last_forwarded_at"), 0)
+        ("direct_bytes", "forwarded_bytes", "direct_cmds", "forwarded_cmds", "last_forwarded_at",
+         "forwarded_write_cmds", "last_forwarded_write_at"), 0)
 
 
 def test_changes_bump_generation_and_queue_unit_attentions() -> None:
