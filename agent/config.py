@@ -38,13 +38,16 @@ class ArrayMatch:
 
     vendor: str
     product: str
+    map_source: str = "page-map"
+    """Where the map comes from: "page-map" (docs/protocol.md), "referrals" (SBC-3, docs/referrals.md)
+    or "auto" (VPD 0xC0 listed -> page-map, else 0xB3 listed -> referrals)."""
 
 
 @dataclass(frozen=True)
 class Config:
     """All settings of the daemon and the CLI."""
 
-    arrays: tuple[ArrayMatch, ...] = (ArrayMatch("SWAGENT", "PAGEMAP ARRAY"),)
+    arrays: tuple[ArrayMatch, ...] = (ArrayMatch("SWAGENT", "PAGEMAP ARRAY", "page-map"),)
     socket_path: Path = DEFAULT_SOCKET_PATH
     device_name: str = "switch-{wwid}"
     """Name of the routed device under /dev/mapper; {wwid} and {mpath} are filled in."""
@@ -68,6 +71,7 @@ class Config:
 
 
 _SCALARS = {f.name: f.type for f in fields(Config) if f.name != "arrays"}
+MAP_SOURCES = ("page-map", "referrals", "auto")
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.{}+-]+$")
 
 
@@ -107,13 +111,17 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "config") -> Conf
 
 def _parse_arrays(value: Any, source: str) -> tuple[ArrayMatch, ...]:
     if not isinstance(value, list) or not value:
-        raise ConfigError(source, "arrays", "must be a non-empty list of {vendor, product} tables")
+        raise ConfigError(source, "arrays", "must be a non-empty list of {vendor, product[, map_source]} tables")
     out = []
     for i, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) != {"vendor", "product"} or not all(
-                isinstance(v, str) and v.strip() for v in item.values()):
-            raise ConfigError(source, f"arrays[{i}]", "must have exactly a non-empty vendor and product string")
-        out.append(ArrayMatch(item["vendor"].strip(), item["product"].strip()))
+        if not isinstance(item, dict) or not {"vendor", "product"} <= set(item) <= {"vendor", "product", "map_source"} \
+                or not all(isinstance(v, str) and v.strip() for v in item.values()):
+            raise ConfigError(source, f"arrays[{i}]", "must have a non-empty vendor and product string, "
+                                                      "and optionally map_source")
+        map_source = item.get("map_source", "page-map").strip()
+        if map_source not in MAP_SOURCES:
+            raise ConfigError(source, f"arrays[{i}].map_source", f"must be one of {', '.join(MAP_SOURCES)}")
+        out.append(ArrayMatch(item["vendor"].strip(), item["product"].strip(), map_source))
     return tuple(out)
 
 

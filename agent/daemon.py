@@ -16,7 +16,7 @@ import signal
 import socket
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from agent import control, mapsource
+from agent import control
 from agent.config import Config
 from agent.events import Trigger, classify
 from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator, System
@@ -201,11 +201,11 @@ class Daemon:
             if not path.usable:
                 continue
             try:
-                header = await mapsource.poll_map_header(self.system.open_path(path.device))
+                generation = await self.orchestrator.poll_generation(lun, path.device)
             except SwitchAgentError as exc:
                 LOG.debug("%s: poll over %s failed: %s", lun.wwid, path.device, exc)
                 continue
-            return header.generation != lun.stack.page_map.generation
+            return generation != lun.stack.page_map.generation
         return True  # no path answered: let reconcile find out and report why
 
     async def handle_request(self, request: dict[str, Any]) -> Any:

@@ -60,6 +60,10 @@ async def _data_in(path: ScsiPath, cdb: bytes, length: int) -> bytes:
     return (await path.execute(cdb, data_in_length=length)).data_in
 
 
+data_in = _data_in
+"""The same, for the map-source plug-ins (agent/mapsources/)."""
+
+
 async def path_answers(path: ScsiPath) -> bool:
     """TEST UNIT READY, past unit attentions: True when the path is back in service."""
     try:

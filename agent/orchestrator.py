@@ -19,8 +19,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from agent import mapsource
-from agent.config import Config
+from agent import mapsource, mapsources
+from agent.config import ArrayMatch, Config
 from agent.stack import DeviceSpec, PlanError, StackPlan, parse_owned_uuid, plan_stack, top_name_for
 from agent.topology import PathInfo, Topology
 from protocol import dmswitch
@@ -196,29 +196,33 @@ class Orchestrator:
     async def _discover(self, mpath: MpathMap) -> Topology:
         """Ask every path which member it lands on; the first answer also says whose array it is."""
         paths: list[PathInfo] = []
-        checked_vendor = False
+        array: ArrayMatch | None = None
+        source: mapsources.MapSource | None = None
         for device, dev in mpath.slaves:
             try:
                 scsi_path = self.system.open_path(device)
-                if not checked_vendor:
+                if array is None:
                     inquiry = await mapsource.read_inquiry(scsi_path)
-                    if not self._is_our_array(inquiry.vendor, inquiry.product):
+                    array = self._our_array(inquiry.vendor, inquiry.product)
+                    if array is None:
                         raise NotOurArrayError(f"{mpath.wwid}: {inquiry.vendor!r} {inquiry.product!r} "
                                                "matches no configured array")
-                    checked_vendor = True
-                identity = await mapsource.read_member_identity(scsi_path)
+                if source is None:
+                    source = await mapsources.choose(array.map_source, scsi_path)
+                member_id, member_name = await source.identify(scsi_path)
             except NotOurArrayError:
                 raise
             except SwitchAgentError as exc:
                 LOG.warning("%s: path %s unusable: %s", mpath.wwid, device, exc)
                 paths.append(PathInfo(device, dev, None, usable=False, error=str(exc)))
                 continue
-            paths.append(PathInfo(device, dev, identity.member_id, identity.name))
+            paths.append(PathInfo(device, dev, member_id, member_name))
         return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, tuple(paths),
-                        mpath.map_size_sectors)
+                        mpath.map_size_sectors, source.name if source else "page-map")
 
-    def _is_our_array(self, vendor: str, product: str) -> bool:
-        return any(vendor.strip() == a.vendor and product.strip() == a.product for a in self.config.arrays)
+    def _our_array(self, vendor: str, product: str) -> ArrayMatch | None:
+        return next((a for a in self.config.arrays if vendor.strip() == a.vendor and product.strip() == a.product),
+                    None)
 
     async def _fetch_map(self, topology: Topology) -> PageMap:
         """Fetch through the first usable path; fall back to the next on error."""
@@ -227,8 +231,8 @@ class Orchestrator:
             if not path.usable:
                 continue
             try:
-                return await mapsource.fetch_page_map(self.system.open_path(path.device),
-                                                      restarts=self.config.fetch_restarts)
+                return await mapsources.get(topology.map_source).fetch(self.system.open_path(path.device),
+                                                                       restarts=self.config.fetch_restarts)
             except SwitchAgentError as exc:
                 LOG.warning("%s: page map fetch over %s failed: %s", topology.wwid, path.device, exc)
                 last = exc
@@ -417,6 +421,11 @@ class Orchestrator:
                     LOG.info("%s: path %s (%s) reinstated in %s", wwid, device, state.dev, leg.name)
         return still_failed
 
+    async def poll_generation(self, lun: LunState, device: str) -> int:
+        """The map's current generation (or stand-in) as the LUN's map source reads it over one path."""
+        assert lun.topology is not None
+        return await mapsources.get(lun.topology.map_source).poll_generation(self.system.open_path(device))
+
     # -- questions from the CLI ------------------------------------------------
 
     def find(self, ref: str) -> LunState:
@@ -443,6 +452,7 @@ class Orchestrator:
         if lun.topology:
             record["multipath"] = lun.topology.mpath_name
             record["warnings"] = lun.topology.warnings()
+            record["map_source"] = lun.topology.map_source
         if lun.stack:
             stack = lun.stack
             record.update(device=f"/dev/mapper/{stack.plan.top_name}", generation=stack.page_map.generation,

@@ -14,7 +14,7 @@ class PathInfo:
     dev: str
     """major:minor, as dm tables name it."""
     member_id: int | None
-    """From VPD page 0xC0; None when the path did not answer."""
+    """The member (VPD 0xC0) or target port group (VPD 0x83, referrals); None when the path did not answer."""
     member_name: str | None = None
     usable: bool = True
     error: str | None = None
@@ -33,6 +33,8 @@ class Topology:
     paths: tuple[PathInfo, ...]
     mpath_map_size_sectors: int | None = None
     """multipathd's map's own size (None: not known)."""
+    map_source: str = "page-map"
+    """The agent.mapsources plug-in that identified the paths and fetches the map."""
 
     def warnings(self) -> list[str]:
         """What an administrator should act on; routing works regardless."""

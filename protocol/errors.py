@@ -7,7 +7,8 @@
           ├── ChecksumError         a CRC did not match
           ├── ValueRangeError       a field holds a value it may not hold
           ├── GenerationChangedError  the array's map changed mid-fetch
-          └── ChunkOverlapError     page-map chunks overlap or leave a gap
+          ├── ChunkOverlapError     page-map chunks overlap or leave a gap
+          └── UnroutableLayoutError  a referrals layout dm-switch regions cannot carry
      └── EncodeError                a caller asked us to build something invalid
      └── DmSwitchMessageError       a set_region_mappings message the kernel rejects
 
@@ -55,6 +56,10 @@ class GenerationChangedError(DecodeError):
 
 class ChunkOverlapError(DecodeError):
     """A page-map chunk starts somewhere other than where the previous one ended."""
+
+
+class UnroutableLayoutError(DecodeError):
+    """The array's LBA layout (REPORT REFERRALS) cannot be expressed as one dm-switch region map."""
 
 
 class EncodeError(SwitchAgentError):

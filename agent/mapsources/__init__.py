@@ -1,0 +1,75 @@
+"""Map sources: where a LUN's region map comes from, one plug-in per protocol.
+
+    page-map   the open vendor protocol (docs/protocol.md): VPD 0xC0 names a
+               path's member, GET PAGE MAP gives a dense page map
+    referrals  SBC-3 REPORT REFERRALS (docs/referrals.md): VPD 0x83 names a
+               path's target port group, the user data segment descriptors
+               give each LBA range's optimized group
+
+Each configured array says which to use (`map_source` in the config), or
+"auto": VPD page 0x00 is asked, and 0xC0 picks page-map, else 0xB3 picks
+referrals. The orchestrator only sees the MapSource protocol below.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from agent import mapsource
+from agent.mapsource import ScsiPath
+from agent.mapsources.referrals import ReferralsSource
+from agent.mapsources.vendor import PageMapSource
+from protocol import pagemap, scsi
+from protocol.errors import SwitchAgentError
+from protocol.pagemap import PageMap
+
+__all__ = ["MapSource", "NoMapSourceError", "SOURCES", "SETTINGS", "choose", "get"]
+
+
+class NoMapSourceError(SwitchAgentError):
+    """`auto` found neither the vendor page map nor referrals on the LUN."""
+
+
+class MapSource(Protocol):
+    """What the orchestrator needs of a map protocol."""
+
+    name: str
+
+    async def identify(self, path: ScsiPath) -> tuple[int, str]:
+        """(member id, member name) of the member / port group this path lands on."""
+        ...
+
+    async def fetch(self, path: ScsiPath, *, restarts: int) -> PageMap:
+        """The LUN's whole region map, owners indexing its members (UNALLOCATED = don't care)."""
+        ...
+
+    async def poll_generation(self, path: ScsiPath) -> int:
+        """Cheaply: a number that changes when the map does (compared with PageMap.generation)."""
+        ...
+
+
+SOURCES: dict[str, MapSource] = {source.name: source for source in (PageMapSource(), ReferralsSource())}
+SETTINGS = ("page-map", "referrals", "auto")
+"""What a configured array's `map_source` may say."""
+
+VPD_LIST_LENGTH = 255
+
+
+def get(name: str) -> MapSource:
+    """The plug-in by name (a Topology records the name it was discovered with)."""
+    return SOURCES[name]
+
+
+async def choose(setting: str, path: ScsiPath) -> MapSource:
+    """The configured plug-in, or for "auto" the one the LUN's supported VPD pages point to."""
+    if setting != "auto":
+        return SOURCES[setting]
+    cdb = scsi.build_inquiry_cdb(evpd=True, page_code=scsi.VpdPageCode.SUPPORTED_VPD_PAGES,
+                                 allocation_length_bytes=VPD_LIST_LENGTH)
+    pages = scsi.decode_supported_vpd_pages(await mapsource.data_in(path, cdb, VPD_LIST_LENGTH)).page_codes
+    if pagemap.MEMBER_IDENTITY_VPD in pages:
+        return SOURCES["page-map"]
+    if scsi.VpdPageCode.REFERRALS in pages:
+        return SOURCES["referrals"]
+    raise NoMapSourceError(f"{path.name}: map_source = \"auto\", but the LUN lists neither VPD page "
+                           f"0xc0 (page map) nor 0xb3 (referrals) among {sorted(pages)}")
