@@ -8,7 +8,8 @@
 
 Each configured array says which to use (`map_source` in the config), or
 "auto": VPD page 0x00 is asked, and 0xC0 picks page-map, else 0xB3 picks
-referrals. The orchestrator only sees the MapSource protocol below.
+referrals (when the device also lists the Extended INQUIRY page, its R_SUP
+bit must be set: LIO lists 0xB3 on every LUN, with or without an lba_map). The orchestrator only sees the MapSource protocol below.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ SETTINGS = ("page-map", "referrals", "auto")
 """What a configured array's `map_source` may say."""
 
 VPD_LIST_LENGTH = 255
+EXTENDED_INQUIRY_LENGTH = 64
+_R_SUP = 0x10  # Extended INQUIRY Data VPD byte 8 bit 4 (SPC-4 7.8.7): referrals supported
+
+
+async def _referrals_supported(path: ScsiPath) -> bool:
+    cdb = scsi.build_inquiry_cdb(evpd=True, page_code=scsi.VpdPageCode.EXTENDED_INQUIRY_DATA,
+                                 allocation_length_bytes=EXTENDED_INQUIRY_LENGTH)
+    raw = await mapsource.data_in(path, cdb, EXTENDED_INQUIRY_LENGTH)
+    payload = scsi.decode_vpd_page(raw, scsi.VpdPageCode.EXTENDED_INQUIRY_DATA).payload
+    return len(payload) > 4 and bool(payload[4] & _R_SUP)
 
 
 def get(name: str) -> MapSource:
@@ -70,6 +81,11 @@ async def choose(setting: str, path: ScsiPath) -> MapSource:
     if pagemap.MEMBER_IDENTITY_VPD in pages:
         return SOURCES["page-map"]
     if scsi.VpdPageCode.REFERRALS in pages:
+        # LIO lists 0xB3 on every LUN (target_core_spc.c evpd_handlers) but sets R_SUP in the
+        # Extended INQUIRY page only while an lba_map exists (spc_emulate_evpd_86).
+        if scsi.VpdPageCode.EXTENDED_INQUIRY_DATA in pages and not await _referrals_supported(path):
+            raise NoMapSourceError(f"{path.name}: map_source = \"auto\": VPD 0xb3 is listed but the "
+                                   "Extended INQUIRY page's R_SUP bit is 0 (no referrals right now)")
         return SOURCES["referrals"]
     raise NoMapSourceError(f"{path.name}: map_source = \"auto\", but the LUN lists neither VPD page "
                            f"0xc0 (page map) nor 0xb3 (referrals) among {sorted(pages)}")

@@ -93,10 +93,11 @@ def install_udev_rule() -> None:
 class AgentDaemon:
     """`switch-agent daemon` as a child process with a test config and its log in the results."""
 
-    def __init__(self, *, poll_interval_s: float = 600.0, log_level: str = "debug") -> None:
+    def __init__(self, *, poll_interval_s: float = 600.0, log_level: str = "debug",
+                 extra_config: str = "") -> None:
         CONFIG.parent.mkdir(parents=True, exist_ok=True)
         CONFIG.write_text(f'socket_path = "{SOCKET}"\npoll_interval_s = {poll_interval_s}\ndebounce_s = 0.3\n'
-                          f'retry_initial_s = 0.5\nretry_max_s = 2.0\nlog_level = "{log_level}"\n')
+                          f'retry_initial_s = 0.5\nretry_max_s = 2.0\nlog_level = "{log_level}"\n' + extra_config)
         self.log_path = RESULTS / "switch-agent.log"
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(CONFIG), "daemon"],

@@ -83,6 +83,8 @@ class FakeLioLun:
             if self.tpg_designator:
                 designators.append(scsi.target_port_group_designator(self.groups[port - 1]))
             return scsi.encode_device_identification_vpd(scsi.DeviceIdentificationVpd(tuple(designators)))
+        if request.page_code == 0x86:  # R_SUP (byte 8 bit 4) while an lba_map exists, as LIO
+            return scsi.encode_vpd_page(0x86, bytes([0, 0x07, 0, 0, 0x10 if self.segments else 0]).ljust(60, b"\0"))
         if request.page_code == 0xB3:
             return scsi.encode_referrals_vpd(scsi.ReferralsVpd(self.segment_size, self.segment_multiplier))
         raise LookupError(f"invalid field in cdb: VPD page {request.page_code:#x}")

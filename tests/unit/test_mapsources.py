@@ -58,6 +58,13 @@ def test_auto_with_neither_is_a_clear_error():
         run(mapsources.choose("auto", FakeLioPath(lun, 1, "sdb")))
 
 
+def test_auto_refuses_a_lio_lun_without_an_lba_map():
+    lun = striped_lun()
+    lun.segments = []  # VPD 0xB3 still listed; R_SUP clear
+    with pytest.raises(mapsources.NoMapSourceError, match="R_SUP"):
+        run(mapsources.choose("auto", FakeLioPath(lun, 1, "sdb")))
+
+
 def test_explicit_settings_need_no_probe():
     lun = striped_lun()
     assert run(mapsources.choose("referrals", FakeLioPath(lun, 1, "sdb"))).name == "referrals"

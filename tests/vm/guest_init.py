@@ -105,6 +105,7 @@ class Rig:
         self.stage = "start"
         self.procs: dict[str, subprocess.Popen] = {}
         self.array_present = (self.repo / "tests" / "array" / "__main__.py").is_file()
+        self.array_module = "tests.array"  # what `down` is run from (--array lio-referrals changes it)
         self.array_state = "absent" if not self.array_present else "not started"
         self.mpath: dict[str, str] = {}
         self.work = Path("/tmp/switch-agent-vm")  # guest-only (overlay on /tmp)
@@ -143,6 +144,8 @@ class Rig:
             "SWITCH_AGENT_SIZE": str(self.cfg["size"]),
             "SWITCH_AGENT_PAGE_SIZE": str(self.cfg["page_size"]),
             "SWITCH_AGENT_ARRAY": self.array_state,
+            "SWITCH_AGENT_ARRAY_KIND": str(self.cfg.get("array", "emulator")),
+            "SWITCH_AGENT_LBA_MAP": str(self.cfg.get("lba_map", "")),
             "SWEMU_RUN_DIR": str(EMU_RUN_DIR),
         }
         for k, v in self.mpath.items():
@@ -310,6 +313,8 @@ class Rig:
     def array_up(self) -> None:
         self.stage = "array up"
         c = self.cfg
+        if c.get("array", "emulator") == "lio-referrals":
+            return self.lio_referrals_up()
         if not self.array_present:
             self.say("tests/array/__main__.py absent: SKIPPING array up/login/down "
                      "(the emulator is not in this tree yet)")
@@ -344,6 +349,34 @@ class Rig:
         """`--luns N` for tests.array up, only when more than one (older emulators lack the flag)."""
         luns = int(self.cfg.get("luns", 1))
         return ["--luns", str(luns)] if luns > 1 else []
+
+    def lio_referrals_up(self) -> None:
+        """--array lio-referrals: LIO's own fileio LUN with an lba_map instead of the emulator."""
+        c = self.cfg
+        module = [self.python, "-m", "tests.array.lio_referrals"]
+        self.array_module = "tests.array.lio_referrals"
+        self.array_state = "starting"
+        self.run([*module, "up", "--members", str(self.members), "--size", str(c["size"]),
+                  "--lba-map", str(c["lba_map"])], timeout=c["array_timeout"], log="array.log",
+                 what="python -m tests.array.lio_referrals up")
+        self.array_state = "up"
+        self.mark("array_up")
+        self.say(f"LIO referrals array up (lba_map {c['lba_map']})")
+        if c["no_login"]:
+            self.say("--no-login: not logging in")
+            return
+        self.stage = "array login"
+        self.run([*module, "login"], timeout=c["array_timeout"], log="array.log",
+                 what="python -m tests.array.lio_referrals login")
+        self.array_state = "logged-in"
+        self.mark("array_login")
+        self.stage = "multipath map"
+        m = self.wait_for(f"a multipath map (dm uuid mpath-*) with {self.members} active paths",
+                          self.find_map, c["map_timeout"], 0.5)
+        self.run(["udevadm", "settle", "-t", "30"], timeout=40, log="rig-commands.log")
+        self.mpath = m
+        self.mark("map_ready")
+        self.say(f"map ready: {m['SWITCH_AGENT_MPATH_NAME']} over {m['SWITCH_AGENT_MPATH_PATHS']}")
 
     def find_map(self):
         self.check_alive("multipathd")
@@ -462,12 +495,12 @@ class Rig:
         if self.array_present and self.array_state not in ("absent", "not started"):
             def down():
                 try:
-                    self.run([self.python, "-m", "tests.array", "down"],
+                    self.run([self.python, "-m", self.array_module, "down"],
                              timeout=self.cfg["array_timeout"], log="array.log",
-                             what="python -m tests.array down")
+                             what=f"python -m {self.array_module} down")
                 except RigError as e:
                     # e.g. the server died: delete what it left in LIO anyway.
-                    self.run([self.python, "-m", "tests.array", "down", "--force"],
+                    self.run([self.python, "-m", self.array_module, "down", "--force"],
                              timeout=self.cfg["array_timeout"], log="array.log", check=False)
                     raise e
             step("python -m tests.array down", down)

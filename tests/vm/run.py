@@ -2,6 +2,7 @@
 
     python -m tests.vm.run [--members N] [--luns N] [--layout striped|random|seed]
         [--size BYTES] [--page-size BYTES] [--no-login] [--timeout S]
+        [--array emulator|lio-referrals] [--lba-map SPEC]
         [--memory 2G] [--results DIR] -- COMMAND [ARGS...]
 
 Boots the newest /boot/vmlinuz-* (Debian's linux-image-amd64, not the host's
@@ -79,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--luns", type=int, default=1,
                    help="volumes the array serves, each LUN i of every member (default 1); "
                         "the rig waits for LUN 0's map only")
+    p.add_argument("--array", default="emulator", choices=["emulator", "lio-referrals"],
+                   help="emulator: the TCMU emulated array (default); lio-referrals: LIO's own fileio "
+                        "backstore, one ALUA port group per member port and an lba_map, so LIO itself "
+                        "answers REPORT REFERRALS (tests/array/lio_referrals.py)")
+    p.add_argument("--lba-map", default="striped:64M",
+                   help="with --array lio-referrals: the segments, as tests/array/lio_referrals.py "
+                        "explains (default striped:64M)")
     p.add_argument("--no-login", action="store_true",
                    help="bring the array up but do not log in (no multipath map is waited for)")
     p.add_argument("--timeout", type=float, default=900,
@@ -304,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "page_size": args.page_size,
         "no_login": args.no_login,
+        "array": args.array,
+        "lba_map": args.lba_map,
         "timeout": args.timeout,
         "map_timeout": args.map_timeout,
         "array_timeout": args.array_timeout,
