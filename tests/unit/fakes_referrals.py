@@ -132,6 +132,9 @@ class FakeLioSystem:
     async def rescan_scsi(self, scsi_sys_path: str) -> None:
         return None
 
+    async def rescan_path(self, device: str) -> None:
+        return None
+
     def group_of_dev(self, dev: str) -> int:
         name = next(n for n, d in self.devs.items() if d == dev)
         return self.lun.groups[self.paths[name].port - 1]
