@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 import re
 import subprocess
 import sys
@@ -111,6 +112,9 @@ def _rts():
     import rtslib_fb  # only in the guest: the host has no configfs
 
     Path("/etc/target").mkdir(exist_ok=True)  # rtslib refuses to start without its dbroot
+    # Once a backstore exists, RTSRoot() cannot set LIO's dbroot any more and says so with a
+    # UserWarning; we save nothing there, and under pytest's warnings-as-errors it would abort.
+    warnings.filterwarnings("ignore", message="Cannot set dbroot", category=UserWarning)
     return rtslib_fb
 
 
