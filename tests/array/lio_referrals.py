@@ -31,6 +31,7 @@ Each segment line lists every group: its optimized one O, the others A.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import warnings
 import re
@@ -112,10 +113,16 @@ def _rts():
     import rtslib_fb  # only in the guest: the host has no configfs
 
     Path("/etc/target").mkdir(exist_ok=True)  # rtslib refuses to start without its dbroot
-    # Once a backstore exists, RTSRoot() cannot set LIO's dbroot any more and says so with a
-    # UserWarning; we save nothing there, and under pytest's warnings-as-errors it would abort.
-    warnings.filterwarnings("ignore", message="Cannot set dbroot", category=UserWarning)
     return rtslib_fb
+
+
+@contextlib.contextmanager
+def _quiet():
+    """rtslib's own warnings (pyudev deprecations; "cannot set dbroot" once a backstore exists,
+    where we save nothing) are not ours: under pytest's warnings-as-errors they would abort."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _state() -> dict:
@@ -145,6 +152,13 @@ def up(members: int, size_bytes: int, spec: str) -> list[Segment]:
     segments = parse_spec(spec, members, size_bytes)
     text = lba_map_text(segments, members)
     rts = _rts()
+    with _quiet():
+        _create(rts, members, size_bytes, text)
+    STATE_FILE.write_text(json.dumps({"members": members, "size": size_bytes, "spec": spec}))
+    return segments
+
+
+def _create(rts, members: int, size_bytes: int, text: str) -> None:
     try:
         BACKING_FILE.unlink(missing_ok=True)
         storage = rts.FileIOStorageObject(BACKSTORE, dev=str(BACKING_FILE), size=size_bytes, wwn=SERIAL,
@@ -163,8 +177,6 @@ def up(members: int, size_bytes: int, spec: str) -> list[Segment]:
     except rts.RTSLibError as exc:
         raise LioError(f"cannot set up LIO referrals array: {exc} "
                        "(left over? python -m tests.array.lio_referrals down --force)") from exc
-    STATE_FILE.write_text(json.dumps({"members": members, "size": size_bytes, "spec": spec}))
-    return segments
 
 
 def login(timeout_s: float = 60.0) -> list[initiator.Session]:
@@ -207,15 +219,16 @@ def down(force: bool = False) -> list[str]:
         logout()
     rts = _rts()
     deleted = []
-    root = rts.RTSRoot()
-    for target in list(root.targets):
-        if target.wwn == IQN:
-            target.delete()
-            deleted.append(f"target {IQN}")
-    for storage in list(root.storage_objects):
-        if storage.name == BACKSTORE:
-            storage.delete()
-            deleted.append(f"backstore {BACKSTORE}")
+    with _quiet():
+        root = rts.RTSRoot()
+        for target in list(root.targets):
+            if target.wwn == IQN:
+                target.delete()
+                deleted.append(f"target {IQN}")
+        for storage in list(root.storage_objects):
+            if storage.name == BACKSTORE:
+                storage.delete()
+                deleted.append(f"backstore {BACKSTORE}")
     BACKING_FILE.unlink(missing_ok=True)
     STATE_FILE.unlink(missing_ok=True)
     return deleted
