@@ -336,9 +336,13 @@ class Rig:
         self.array_state = "logged-in"
         self.mark("array_login")
         self.say("logged in; waiting for the multipath map")
+        self.wait_for_map()
+
+    def wait_for_map(self) -> None:
+        """After the login: multipathd's map with a path to every member, and udev settled."""
         self.stage = "multipath map"
         m = self.wait_for(f"a multipath map (dm uuid mpath-*) with {self.members} active paths",
-                          self.find_map, c["map_timeout"], 0.5)
+                          self.find_map, self.cfg["map_timeout"], 0.5)
         self.run(["udevadm", "settle", "-t", "30"], timeout=40, log="rig-commands.log")
         self.mpath = m
         self.mark("map_ready")
@@ -370,13 +374,7 @@ class Rig:
                  what="python -m tests.array.lio_referrals login")
         self.array_state = "logged-in"
         self.mark("array_login")
-        self.stage = "multipath map"
-        m = self.wait_for(f"a multipath map (dm uuid mpath-*) with {self.members} active paths",
-                          self.find_map, c["map_timeout"], 0.5)
-        self.run(["udevadm", "settle", "-t", "30"], timeout=40, log="rig-commands.log")
-        self.mpath = m
-        self.mark("map_ready")
-        self.say(f"map ready: {m['SWITCH_AGENT_MPATH_NAME']} over {m['SWITCH_AGENT_MPATH_PATHS']}")
+        self.wait_for_map()
 
     def find_map(self):
         self.check_alive("multipathd")
