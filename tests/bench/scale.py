@@ -92,6 +92,16 @@ def profile_summary(text: str, keep: int = 18) -> str:
     return "\n".join([lines[head], *picked])
 
 
+def run_part(results: Path, rig_args: list[str], command: list[str], timeout: int, result_file: str) -> dict:
+    """Boot the rig for one part; its JSON results, or {} (and why) when it wrote none."""
+    results.mkdir(parents=True, exist_ok=True)
+    rc = rig(results, rig_args, command, timeout)
+    if (results / result_file).exists():
+        return json.loads((results / result_file).read_text())
+    print(f"scale: the {results.name} part wrote no results (rig exit {rc}); see {results}", flush=True)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench.scale", description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3)
@@ -106,34 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     merged: dict = {}
-    commands: list[str] = []
-    seed_rig, seed_cmd = seed_command(args.repeat)
-    luns_rig, luns_cmd = luns_command(args.luns, args.lun_pages)
+    runs = {"seed": (seed_command(args.repeat), 1500, "bench-scale.json", args.skip_seed),
+            "luns": (luns_command(args.luns, args.lun_pages), 2400, "bench-luns.json", args.skip_luns)}
+    reproduce = {key: shlex.join(["python", "-m", "tests.vm.run", *rig_args, "--", *command])
+                 for key, ((rig_args, command), *_) in runs.items()}
     if args.from_json is not None:
         for path in args.from_json:
             merged.update(json.loads(path.read_text()))
-        commands = [shlex.join(["python", "-m", "tests.vm.run", *seed_rig, "--", *seed_cmd]),
-                    shlex.join(["python", "-m", "tests.vm.run", *luns_rig, "--", *luns_cmd])]
+        commands = list(reproduce.values())
     else:
         base = args.results or Path(tempfile.mkdtemp(prefix="switch-agent-bench-"))
-        if not args.skip_seed:
-            r = base / "seed"
-            r.mkdir(parents=True, exist_ok=True)
-            rc = rig(r, seed_rig, seed_cmd, 1500)
-            commands.append(shlex.join(["python", "-m", "tests.vm.run", *seed_rig, "--", *seed_cmd]))
-            if (r / "bench-scale.json").exists():
-                merged.update(json.loads((r / "bench-scale.json").read_text()))
-            else:
-                print(f"scale: the seed part wrote no results (rig exit {rc}); see {r}", flush=True)
-        if not args.skip_luns:
-            r = base / "luns"
-            r.mkdir(parents=True, exist_ok=True)
-            rc = rig(r, luns_rig, luns_cmd, 2400)
-            commands.append(shlex.join(["python", "-m", "tests.vm.run", *luns_rig, "--", *luns_cmd]))
-            if (r / "bench-luns.json").exists():
-                merged.update(json.loads((r / "bench-luns.json").read_text()))
-            else:
-                print(f"scale: the many-LUN part wrote no results (rig exit {rc}); see {r}", flush=True)
+        commands = []
+        for key, ((rig_args, command), timeout, result_file, skip) in runs.items():
+            if not skip:
+                merged.update(run_part(base / key, rig_args, command, timeout, result_file))
+                commands.append(reproduce[key])
         print(f"scale: results in {base}", flush=True)
     if merged.get("encode", {}).get("profile"):
         merged["profile_summary"] = profile_summary(merged["encode"]["profile"])
