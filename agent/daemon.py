@@ -167,16 +167,17 @@ class Daemon:
             if trigger.detail == "CAPACITY_DATA_HAS_CHANGED":
                 # The kernel leaves the path's size as it was (scsi_error.c); userspace rescans.
                 # Each path raises its own; rescanning in a task lets the others' start meanwhile.
-                self._background(self._rescan_then_trigger(trigger.scsi_sys_path, [lun.wwid for lun in luns]))
+                self._background(self._rescan_then_trigger(sorted(devices), [lun.wwid for lun in luns]))
                 return
             for lun in luns:
                 self.scheduler.trigger(lun.wwid, f"unit attention {trigger.detail}")
 
-    async def _rescan_then_trigger(self, scsi_sys_path: str, wwids: list[str]) -> None:
-        try:
-            await self.system.rescan_scsi(scsi_sys_path)
-        except SwitchAgentError as exc:
-            LOG.warning("rescan of %s failed: %s", scsi_sys_path, exc)
+    async def _rescan_then_trigger(self, devices: list[str], wwids: list[str]) -> None:
+        for device in devices:
+            try:
+                await self.system.rescan_path(device)
+            except SwitchAgentError as exc:
+                LOG.warning("rescan of %s failed: %s", device, exc)
         for wwid in wwids:
             self.scheduler.trigger(wwid, "unit attention CAPACITY_DATA_HAS_CHANGED")
 

@@ -70,12 +70,8 @@ class System(Protocol):
         """The sd names under a scsi_device."""
         ...
 
-    async def rescan_scsi(self, scsi_sys_path: str) -> None:
-        """Re-read a path's capacity."""
-        ...
-
     async def rescan_path(self, device: str) -> None:
-        """Re-read the capacity of a path named by its sd device."""
+        """Re-read a path's capacity (the kernel does not on CAPACITY DATA HAS CHANGED)."""
         ...
 
 

@@ -71,12 +71,9 @@ class RealSystem:
             self._paths[device] = scsi
         return scsi
 
-    async def rescan_scsi(self, scsi_sys_path: str) -> None:
-        """Make the kernel re-read a path's capacity (it does not on CAPACITY DATA HAS CHANGED)."""
-        await self.sysfs.write_attr("1", scsi_sys_path, "rescan")
-
     async def rescan_path(self, device: str) -> None:
-        """The same, for a path named by its sd device; the write returns once the rescan is done."""
+        """Make the kernel re-read a path's capacity (it does not on CAPACITY DATA HAS CHANGED);
+        the write returns once the rescan is done."""
         await self.sysfs.write_attr("1", "block", device, "device", "rescan")
 
     async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:

@@ -287,10 +287,6 @@ class FakeSystem:
         self.store.resize(size_bytes)
         self.mpath_size_bytes = size_bytes
 
-    async def rescan_scsi(self, scsi_sys_path: str) -> None:
-        self.rescans.append(scsi_sys_path)
-        self.mpath_size_bytes = self.volume.size_bytes
-
     async def rescan_path(self, device: str) -> None:
         self.rescans.append(device)
         if self.rescan_follows_array:

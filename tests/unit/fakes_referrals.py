@@ -129,9 +129,6 @@ class FakeLioSystem:
     async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
         return []
 
-    async def rescan_scsi(self, scsi_sys_path: str) -> None:
-        return None
-
     async def rescan_path(self, device: str) -> None:
         return None
 
