@@ -156,6 +156,10 @@ class Daemon:
         elif trigger.kind == "leg-path-event" and trigger.wwid:
             # A path just failed under I/O: give it a moment before the first probe.
             self.scheduler.heal(trigger.wwid, delay_s=self.config.retry_initial_s)
+        elif trigger.kind == "path-added":
+            # A returning or new member's disk: into its leg now, not after multipathd's reload.
+            # In a task: a login brings many disks, each a few sysfs reads, and other events wait.
+            self._background(self._offer_path(trigger.detail))
         elif trigger.kind == "mpath-gone" and trigger.wwid in self.orchestrator.luns:
             LOG.warning("%s: multipath map removed; the routed device stays until removed by hand",
                         trigger.wwid)
@@ -171,6 +175,11 @@ class Daemon:
                 return
             for lun in luns:
                 self.scheduler.trigger(lun.wwid, f"unit attention {trigger.detail}")
+
+    async def _offer_path(self, device: str) -> None:
+        wwid = await self.orchestrator.offer_path(device)
+        if wwid:
+            self.scheduler.trigger(wwid, f"new path {device}")
 
     async def _rescan_then_trigger(self, devices: list[str], wwids: list[str]) -> None:
         for device in devices:

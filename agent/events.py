@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -10,6 +11,7 @@ from agent.stack import parse_owned_uuid
 
 MPATH_UUID_PREFIX = "mpath-"  # multipath-tools libmultipath/devmapper.h UUID_PREFIX
 LEG_UUID_PREFIX = UUID_PREFIX + "leg-"
+SCSI_DISK_NAME = re.compile(r"sd[a-z]+")  # sd.c's names; partitions (sda1) are not paths
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,8 @@ class Trigger:
     """"mpath-ready": (re)build routing; "mpath-gone": the map went away;
     "path-event": multipathd's map failed or reinstated a path;
     "leg-path-event": one of our legs did; "unit-attention": a path
-    reported a change; re-check its LUN's map."""
+    reported a change; re-check its LUN's map; "path-added": a new SCSI
+    disk (``detail`` its kernel name) that may be a new path of a LUN."""
     wwid: str | None = None
     scsi_sys_path: str | None = None
     detail: str = ""
@@ -34,6 +37,10 @@ def classify(action: str, subsystem: str, devtype: str | None, sys_path: str,
         return Trigger("unit-attention", scsi_sys_path=sys_path, detail=ua) if ua else None
     if subsystem != "block" or devtype != "disk":
         return None
+    name = sys_path.rstrip("/").rsplit("/", 1)[-1]
+    if action == "add" and SCSI_DISK_NAME.fullmatch(name):
+        # Seen from the kernel's own uevent, seconds before multipathd has it in its map.
+        return Trigger("path-added", detail=name)
     uuid = properties.get("DM_UUID", "")
     if uuid.startswith(LEG_UUID_PREFIX) and properties.get("DM_ACTION", "").startswith("PATH_"):
         # dm-mpath failed (or reinstated) a path inside one of our legs (dm-uevent.c).

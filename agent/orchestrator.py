@@ -12,6 +12,7 @@ daemon, fakes in tests/unit. Blocking dm calls run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,17 @@ class MpathMap:
     """multipathd's map's own size; lags size_sectors after a grow until `multipathd resize map`."""
 
 
+@dataclass(frozen=True)
+class NewPath:
+    """A SCSI disk the kernel just announced, as a candidate path of one LUN."""
+
+    device: str
+    dev: str
+    wwid: str
+    """The LUN it belongs to, in multipath's naming (what MpathMap.wwid holds)."""
+    size_sectors: int
+
+
 class System(Protocol):
     """The kernel as the orchestrator needs it."""
 
@@ -72,6 +84,10 @@ class System(Protocol):
 
     async def rescan_path(self, device: str) -> None:
         """Re-read a path's capacity (the kernel does not on CAPACITY DATA HAS CHANGED)."""
+        ...
+
+    async def describe_path(self, device: str) -> NewPath | None:
+        """A SCSI disk's LUN, major:minor and size; None when gone or not identifiable."""
         ...
 
 
@@ -116,6 +132,8 @@ class Orchestrator:
         self.clock = clock
         self.luns: dict[str, LunState] = {}
         self._parallel = asyncio.Semaphore(config.max_parallel_luns)
+        self._new_paths: dict[str, set[str]] = {}
+        """wwid -> disks the kernel announced for it that multipathd's map does not hold yet."""
 
     # -- the pipeline ---------------------------------------------------------
 
@@ -183,11 +201,48 @@ class Orchestrator:
                      self.clock() - started, *lun.last_reconcile.values())
             return lun
 
+    async def offer_path(self, device: str) -> str | None:
+        """A new SCSI disk appeared: if it is a path of a LUN we route, remember it for that LUN.
+
+        Returns the LUN's wwid when the disk is news to it (its reconcile then
+        gives the disk to the member's leg), else None. multipathd takes the
+        same disk into its map seconds later under load; until then the
+        member's I/O would go on being forwarded by the array.
+        """
+        path = await self.system.describe_path(device)
+        lun = self.luns.get(path.wwid) if path else None
+        if path is None or lun is None or lun.topology is None:
+            return None
+        offered = self._new_paths.setdefault(path.wwid, set())
+        if device in offered or any(p.device == device and p.dev == path.dev for p in lun.topology.paths):
+            return None  # the kernel's and udev's event of the same disk, or a path we hold
+        offered.add(device)
+        return path.wwid
+
     async def _find_mpath(self, wwid: str) -> MpathMap:
         for mpath in await self.system.find_mpath_maps():
             if mpath.wwid == wwid:
-                return mpath
+                return await self._with_new_paths(mpath)
         raise LunNotFoundError(f"{wwid}: no multipath map for this LUN")
+
+    async def _with_new_paths(self, mpath: MpathMap) -> MpathMap:
+        """multipathd's map plus the LUN's announced disks it does not hold yet (re-checked now)."""
+        names = self._new_paths.get(mpath.wwid, set())
+        names -= {device for device, _ in mpath.slaves}  # multipathd has them: plain paths now
+        extra = []
+        for device in sorted(names):
+            path = await self.system.describe_path(device)
+            # Same LUN and size only: a disk still showing an old size (mid-resize) waits for multipathd.
+            if path is None or path.wwid != mpath.wwid or path.size_sectors != mpath.size_sectors:
+                names.discard(device)
+                continue
+            extra.append((device, path.dev))
+        if not names:
+            self._new_paths.pop(mpath.wwid, None)
+        if extra:
+            LOG.info("%s: taking %s before multipathd's map has %s", mpath.wwid,
+                     " ".join(d for d, _ in extra), "it" if len(extra) == 1 else "them")
+        return dataclasses.replace(mpath, slaves=mpath.slaves + tuple(extra)) if extra else mpath
 
     async def _discover(self, mpath: MpathMap) -> Topology:
         """Ask every path which member it lands on; the first answer also says whose array it is."""

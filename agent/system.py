@@ -11,8 +11,8 @@ from agent.events import MPATH_UUID_PREFIX
 from agent.kernel.dm import DeviceMapper
 from agent.kernel.sgio import ScsiDevice
 from agent.kernel.sysfs import Sysfs, SysfsError
-from agent.kernel.udev import UdevMonitor
-from agent.orchestrator import MpathMap
+from agent.kernel.udev import PyudevSource, UdevMonitor
+from agent.orchestrator import MpathMap, NewPath
 
 LOG = logging.getLogger(__name__)
 
@@ -57,14 +57,43 @@ class RealSystem:
             size = min(sizes) if sizes else dm_size
             maps.append(MpathMap(entry.uuid[len(MPATH_UUID_PREFIX):], entry.name, kernel_name, size,
                                  tuple(slaves), dm_size))
-        present = {s for m in maps for s, _ in m.slaves}
-        for name in set(self._paths) - present:
-            self._paths.pop(name).close()
+        # Close only what is gone: a path of no map may be one a reconcile took before multipathd.
+        for name, scsi in list(self._paths.items()):
+            if not self._still_open_on_node(name, scsi):
+                self._paths.pop(name).close()
         return maps
 
+    def _still_open_on_node(self, device: str, scsi: ScsiDevice) -> bool:
+        """Whether /dev/<device> is still the node our fd was opened on (devtmpfs makes a new one per disk)."""
+        try:
+            node, held = os.stat(os.path.join(self.dev_root, device)), os.fstat(scsi.fileno())
+        except (OSError, ValueError):
+            return False
+        return (node.st_ino, node.st_rdev) == (held.st_ino, held.st_rdev)
+
+    async def describe_path(self, device: str) -> NewPath | None:
+        """A SCSI disk as a path candidate: its LUN (in multipath's naming), major:minor and size.
+
+        None when it is gone or the kernel's identifier has no multipath form.
+        """
+        try:
+            wwid = multipath_wwid(await self.sysfs.scsi_wwid(device))
+            if wwid is None:
+                return None
+            return NewPath(device, str(await self.sysfs.block_devnum(device)), wwid,
+                           await self.sysfs.size_sectors(device))
+        except SysfsError as exc:
+            LOG.debug("%s: not a usable path: %s", device, exc)
+            return None
+
     def open_path(self, device: str) -> ScsiDevice:
-        """The sd node of a path, opened once and kept for SG_IO."""
+        """The sd node of a path, opened once and kept for SG_IO (again if the node was replaced)."""
         scsi = self._paths.get(device)
+        if scsi is not None and not self._still_open_on_node(device, scsi):
+            # The disk went and a new one took its name (a session logged out and back in):
+            # the old fd talks to a deleted device.
+            self._paths.pop(device).close()
+            scsi = None
         if scsi is None:
             scsi = ScsiDevice(os.path.join(self.dev_root, device), sysfs=self.sysfs,
                               timeout_ms=int(self.config.scsi_timeout_s * 1000))
@@ -84,8 +113,25 @@ class RealSystem:
             return []
 
 
+def multipath_wwid(kernel_wwid: str) -> str | None:
+    """The kernel's LU identifier (sysfs ``device/wwid``) as multipath names the LUN, or None.
+
+    multipath's default wwid is udev's ID_SERIAL from scsi_id: the designator
+    type as one hex digit, then the identifier in lower-case hex (NAA: "3",
+    EUI-64: "2"). Other forms get None: the path then waits for multipathd.
+    """
+    kind, _, ident = kernel_wwid.strip().partition(".")
+    prefix = {"naa": "3", "eui": "2"}.get(kind)
+    if prefix is None or not ident or any(c not in "0123456789abcdefABCDEF" for c in ident):
+        return None
+    return prefix + ident.lower()
+
+
 def open_udev_events() -> UdevMonitor:
-    """The udev monitor the daemon follows (block/disk and scsi/scsi_device events)."""
-    monitor = UdevMonitor()
+    """The monitor the daemon follows: udev's block/disk and scsi/scsi_device events, plus the
+    kernel's own block/disk uevents, which name a new path's disk before udev's rules and
+    multipathd have run (seconds, under load)."""
+    kernel = PyudevSource((("block", "disk"),), netlink="kernel")
+    monitor = UdevMonitor(PyudevSource(), kernel)
     monitor.start()
     return monitor

@@ -280,6 +280,10 @@ class Sysfs:
         """Size of block device ``name`` in 512-byte sectors."""
         return await self.read_int("block", _check_name(name), "size")
 
+    async def scsi_wwid(self, name: str) -> str:
+        """The LU identifier the kernel read from VPD 0x83 for disk ``name`` (``naa.6001405...``)."""
+        return await self.read_attr("block", _check_name(name), "device", "wwid")
+
     async def slaves(self, name: str) -> tuple[str, ...]:
         """Kernel names of the devices block device ``name`` stacks on (empty for a plain disk)."""
         return tuple(await self.list_dir("block", _check_name(name), "slaves"))

@@ -135,17 +135,23 @@ def enumerate_existing(
 
 
 class PyudevSource:
-    """The real source: a pyudev netlink monitor (``source='udev'``) with the kernel-side filters."""
+    """The real source: a pyudev netlink monitor with the kernel-side filters.
+
+    ``netlink="udev"`` (the default) delivers events after udev's rules ran,
+    with the udev database's properties; ``netlink="kernel"`` delivers the
+    kernel's own uevents as they happen, seconds earlier under load, with the
+    uevent's properties only (``DEVNAME``, ``MAJOR``, ``MINOR``, no ``DM_*``).
+    """
 
     def __init__(
         self, filters: Iterable[tuple[str, str | None]] = MONITOR_FILTERS, *, context: Any = None,
-        receive_buffer_bytes: int | None = None,
+        receive_buffer_bytes: int | None = None, netlink: str = "udev",
     ) -> None:
         import pyudev
 
         self._context = context if context is not None else pyudev.Context()
-        LOG.debug("udev monitor: opening netlink 'udev' source")
-        self._monitor = pyudev.Monitor.from_netlink(self._context, source="udev")
+        LOG.debug("udev monitor: opening netlink %r source", netlink)
+        self._monitor = pyudev.Monitor.from_netlink(self._context, source=netlink)
         for subsystem, devtype in filters:
             self._monitor.filter_by(subsystem, devtype)
         if receive_buffer_bytes is not None:
@@ -177,51 +183,58 @@ class PyudevSource:
 
 
 class UdevMonitor:
-    """Delivers a source's events to asyncio consumers, in order, through an async iterator.
+    """Delivers sources' events to asyncio consumers, in order, through an async iterator.
 
-    ``start()`` registers the source's fd with the running loop; each time it
-    is readable the source is drained into a queue. ``async for event in
+    ``start()`` registers each source's fd with the running loop; each time one
+    is readable that source is drained into the one queue (events keep their
+    order within a source). ``async for event in
     monitor`` (or ``await monitor.get()``) takes them out. An overflow shows
     up as ``UdevEventsLostError`` raised from ``get()`` in the place of the
     lost events; the monitor keeps running after it. Any other UdevError
     is raised once and the monitor stops watching (make a new one).
     """
 
-    def __init__(self, source: UdevSource | None = None) -> None:
+    def __init__(self, source: UdevSource | None = None, *more: UdevSource) -> None:
         self.source: UdevSource = source if source is not None else PyudevSource()
+        self.sources: tuple[UdevSource, ...] = (self.source, *more)
         self._queue: asyncio.Queue[UdevEvent | UdevError] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._fd: int | None = None
+        self._fds: list[int] = []
 
     def start(self) -> None:
-        """Start watching the source's fd on the running loop."""
+        """Start watching every source's fd on the running loop."""
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._fd = self.source.fileno()
-        self._loop.add_reader(self._fd, self._drain)
-        self._drain()  # anything that arrived before the reader was set
+        for source in self.sources:
+            fd = source.fileno()
+            self._fds.append(fd)
+            self._loop.add_reader(fd, self._drain, source)
+            self._drain(source)  # anything that arrived before the reader was set
 
     def stop(self) -> None:
-        """Stop watching and close the source. Events already queued can still be taken."""
-        if self._loop is not None and self._fd is not None:
-            self._loop.remove_reader(self._fd)
+        """Stop watching and close the sources. Events already queued can still be taken."""
+        if self._loop is not None:
+            for fd in self._fds:
+                self._loop.remove_reader(fd)
         self._loop = None
-        self._fd = None
-        self.source.close()
+        self._fds = []
+        for source in self.sources:
+            source.close()
 
-    def _drain(self) -> None:
+    def _drain(self, source: UdevSource | None = None) -> None:
+        source = source or self.source
         while True:
             try:
-                event = self.source.poll()
+                event = source.poll()
             except UdevError as exc:
                 LOG.warning("%s", exc)
                 self._queue.put_nowait(exc)
                 if isinstance(exc, UdevEventsLostError):
                     continue  # the socket is usable again after reporting the overflow
-                # Anything else would repeat on every wake-up: stop watching.
-                if self._loop is not None and self._fd is not None:
-                    self._loop.remove_reader(self._fd)
+                # Anything else would repeat on every wake-up: stop watching this source.
+                if self._loop is not None:
+                    self._loop.remove_reader(source.fileno())
                 return
             if event is None:
                 return

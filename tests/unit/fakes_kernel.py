@@ -19,7 +19,7 @@ import numpy as np
 from agent.config import UUID_PREFIX
 from agent.kernel.dm import DmCommand, DmIoctlError, NotOwnedError
 from agent.kernel.sgio import ScsiCommandError
-from agent.orchestrator import MpathMap
+from agent.orchestrator import MpathMap, NewPath
 from protocol import dmswitch, scsi
 from protocol.errors import DmSwitchMessageError
 from tests.array.lu import LogicalUnit, LuIdentity
@@ -272,6 +272,8 @@ class FakeSystem:
         """False: a path whose capacity a rescan does not change (a stale or broken path)."""
         self.mpath_size_bytes = size_bytes
         """What the paths' sizes say; follows the array after a rescan (or resize())."""
+        self.not_in_mpath: set[str] = set()
+        """Paths the kernel has but multipathd's map does not hold yet."""
         self.dm.add_foreign(self.wwid, f"mpath-{self.wwid}", 0)
 
     def add_path(self, member_number: int) -> str:
@@ -300,11 +302,16 @@ class FakeSystem:
         if not self.mpath_present:
             return []
         return [MpathMap(self.wwid, self.wwid, "dm-0", self.mpath_size_bytes // 512,
-                         tuple((n, self.devs[n]) for n in self.paths),
+                         tuple((n, self.devs[n]) for n in self.paths if n not in self.not_in_mpath),
                          None if self.map_size_bytes is None else self.map_size_bytes // 512)]
 
     def open_path(self, device: str) -> FakeArrayPath:
         return self.paths[device]
+
+    async def describe_path(self, device: str) -> NewPath | None:
+        if device not in self.paths:
+            return None
+        return NewPath(device, self.devs[device], self.wwid, self.mpath_size_bytes // 512)
 
     def hctl_of(self, device: str) -> str:
         """The scsi_device name of a path: one iSCSI session (host) per path."""

@@ -88,6 +88,26 @@ def test_path_events_and_removal():
     assert classify("remove", "block", "disk", "/x", MPATH) == Trigger("mpath-gone", wwid="36001405aa")
 
 
+def test_a_new_scsi_disk_is_a_path_candidate():
+    sd = "/sys/devices/platform/host6/session3/target6:0:0/6:0:0:0/block/sda"
+    assert classify("add", "block", "disk", sd, {"DEVNAME": "sda"}) == Trigger("path-added", detail="sda")
+    assert classify("add", "block", "disk", sd.replace("sda", "sdab"), {}).detail == "sdab"
+    assert classify("change", "block", "disk", sd, {}) is None
+    assert classify("remove", "block", "disk", sd, {}) is None
+    assert classify("add", "block", "partition", sd + "/sda1", {}) is None
+    assert classify("add", "block", "disk", "/sys/devices/virtual/block/dm-3", {}) is None  # kernel's dm add
+    assert classify("add", "block", "disk", "/sys/devices/virtual/block/nvme0n1", {}) is None
+
+
+def test_kernel_wwids_in_multipaths_naming():
+    from agent.system import multipath_wwid
+
+    assert multipath_wwid("naa.6025341DB82DA163d3bd459a2676ee53\n") == "36025341db82da163d3bd459a2676ee53"
+    assert multipath_wwid("eui.0123456789abcdef") == "20123456789abcdef"
+    for other in ("t10.LIO-ORG vol0", "naa.", "naa.60z1", "", "6001405abc", "name.iqn.2003-01.x"):
+        assert multipath_wwid(other) is None, other
+
+
 def test_unit_attention_on_scsi_device():
     t = classify("change", "scsi", "scsi_device", "/devices/h/2:0:0:0", {"SDEV_UA": "INQUIRY_DATA_HAS_CHANGED"})
     assert t == Trigger("unit-attention", scsi_sys_path="/devices/h/2:0:0:0", detail="INQUIRY_DATA_HAS_CHANGED")

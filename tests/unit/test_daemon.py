@@ -15,7 +15,7 @@ from agent.daemon import Daemon, LunScheduler
 from agent.kernel.udev import UdevMonitor
 from agent.orchestrator import Orchestrator
 from tests.unit.fakes_kernel import FakeSystem
-from tests.unit.fakes_udev import FakeUdevSource, dm_disk_event, scsi_ua_event
+from tests.unit.fakes_udev import FakeUdevSource, dm_disk_event, scsi_ua_event, sd_disk_event
 
 
 async def until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
@@ -226,5 +226,22 @@ def test_a_leg_path_failure_event_leads_to_a_probe_and_reinstatement(tmp_path):
             source.emit(dm_disk_event("change", "dm-2", dm_name=leg.name, dm_uuid=leg.uuid,
                                       extra={"DM_ACTION": "PATH_FAILED", "DM_PATH": dev}))
             await until(lambda: not system.dm.devices[leg.name].failed)
+
+    run(main())
+
+
+def test_the_kernels_add_of_a_lun_disk_puts_it_in_its_leg_before_multipathd(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path / "store", paths_per_member=1)
+    cfg = config(tmp_path)
+
+    async def main():
+        async with running(cfg, system, udev=True) as (daemon, source):
+            await until(lambda: routed(system, daemon))
+            added = system.add_path(1)  # the member's session back; multipathd has not added it
+            system.not_in_mpath.add(added)
+            source.emit(sd_disk_event("add", added, devnum=system.devs[added]))
+            lun = daemon.orchestrator.luns[system.wwid]
+            await until(lambda: system.devs[added] in lun.stack.plan.leg_paths[1][0])
+            assert system.devs[added] not in lun.stack.plan.leg_paths[0][0]  # only its own member prefers it
 
     run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 
 import numpy as np
@@ -307,6 +308,59 @@ def test_paths_coming_and_going_reload_the_legs_in_place(tmp_path):
     assert lun.epoch == 1 and len(lun.stack.plan.leg_paths[0][0]) == 1
     assert ("load", lun.stack.plan.switch_name) not in system.dm.log[built:]
     assert ("load", lun.stack.plan.legs[0].name) in system.dm.log[built:]
+
+
+def test_a_new_disk_of_the_lun_joins_its_leg_before_multipathd_has_it(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=1, layout="random")
+    lun = reconcile(orch, system.wwid)
+    added = system.add_path(2)  # a member's session back: the kernel has the disk, multipathd not yet
+    system.not_in_mpath.add(added)
+    assert reconcile(orch, system.wwid).stack.plan.leg_paths[2][0] == (system.devs["sdd"],)  # not without the offer
+
+    assert asyncio.run(orch.offer_path(added)) == system.wwid
+    assert asyncio.run(orch.offer_path(added)) is None  # udev's event of the same disk: nothing new
+    lun = reconcile(orch, system.wwid)
+    assert lun.epoch == 1 and lun.stack.plan.leg_paths[2][0] == (system.devs["sdd"], system.devs[added])
+    assert added in {p.device for p in lun.topology.paths}
+
+    system.not_in_mpath.clear()  # multipathd caught up: a plain path, nothing reloaded
+    loads = len(system.dm.log)
+    assert len(reconcile(orch, system.wwid).stack.plan.leg_paths[2][0]) == 2
+    assert system.dm.log[loads:] == [] and orch._new_paths == {}
+
+
+def test_a_new_disk_is_not_taken_when_it_is_gone_or_shows_another_size(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=1, layout="random")
+    reconcile(orch, system.wwid)
+    gone, other_size = system.add_path(0), system.add_path(1)
+    system.not_in_mpath |= {gone, other_size}
+    assert asyncio.run(orch.offer_path(gone)) == asyncio.run(orch.offer_path(other_size)) == system.wwid
+    del system.paths[gone]
+    describe = system.describe_path
+
+    async def mid_resize(device):
+        found = await describe(device)
+        return found and dataclasses.replace(found, size_sectors=found.size_sectors + 1)
+
+    system.describe_path = mid_resize
+    lun = reconcile(orch, system.wwid)
+    assert {p.device for p in lun.topology.paths} == {"sdb", "sdc", "sdd"} and orch._new_paths == {}
+
+
+def test_a_disk_of_another_lun_or_before_routing_is_not_offered(tmp_path):
+    system, orch = make(tmp_path)
+    assert asyncio.run(orch.offer_path("sdb")) is None  # not routed yet: multipathd's map brings it
+    reconcile(orch, system.wwid)
+    assert asyncio.run(orch.offer_path("sdb")) is None  # already a path
+    assert asyncio.run(orch.offer_path("sdz")) is None  # no such disk
+    other = system.add_path(0)
+    describe = system.describe_path
+
+    async def another_lun(device):
+        return dataclasses.replace(await describe(device), wwid="36001405ffffffffffffffffffffffff")
+
+    system.describe_path = another_lun
+    assert asyncio.run(orch.offer_path(other)) is None
 
 
 def test_status_warns_when_multipathds_map_lags_its_paths(tmp_path):

@@ -233,10 +233,25 @@ def test_pyudev_source_translates_enobufs() -> None:
     assert source.poll() is None
 
 
-def test_real_pyudev_monitor_opens_and_polls_empty() -> None:
+def test_one_monitor_merges_two_sources_and_closes_both() -> None:
+    udev_side, kernel_side = FakeUdevSource(), FakeUdevSource()
+
+    async def main() -> list[str]:
+        async with UdevMonitor(udev_side, kernel_side) as monitor:
+            kernel_side.emit(sd_disk_event("add", "sdc"))
+            udev_side.emit(dm_disk_event("change", "dm-0", dm_name="mpatha", dm_uuid="mpath-3600a"))
+            kernel_side.emit(sd_disk_event("add", "sdd"))
+            return sorted([(await monitor.get()).sys_name for _ in range(3)])
+
+    assert run(main()) == ["dm-0", "sdc", "sdd"]
+    assert udev_side.closed and kernel_side.closed
+
+
+@pytest.mark.parametrize("netlink", ["udev", "kernel"])
+def test_real_pyudev_monitor_opens_and_polls_empty(netlink) -> None:
     """The real netlink monitor opens on this host (no udevd needed) and poll() does not block."""
     try:
-        source = PyudevSource()
+        source = PyudevSource(netlink=netlink)
     except (OSError, ImportError) as exc:  # pragma: no cover - sandboxes without netlink
         pytest.skip(f"no netlink here: {exc}")
     try:
