@@ -217,6 +217,7 @@ class Orchestrator:
         if device in offered or any(p.device == device and p.dev == path.dev for p in lun.topology.paths):
             return None  # the kernel's and udev's event of the same disk, or a path we hold
         offered.add(device)
+        LOG.info("%s: new path %s (%s); taking it before multipathd's map has it", path.wwid, device, path.dev)
         return path.wwid
 
     async def _find_mpath(self, wwid: str) -> MpathMap:
@@ -239,9 +240,6 @@ class Orchestrator:
             extra.append((device, path.dev))
         if not names:
             self._new_paths.pop(mpath.wwid, None)
-        if extra:
-            LOG.info("%s: taking %s before multipathd's map has %s", mpath.wwid,
-                     " ".join(d for d, _ in extra), "it" if len(extra) == 1 else "them")
         return dataclasses.replace(mpath, slaves=mpath.slaves + tuple(extra)) if extra else mpath
 
     async def _discover(self, mpath: MpathMap) -> Topology:
