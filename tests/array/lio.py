@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+from typing import Callable
 from pathlib import Path
 
 from tests.array.errors import LioError
@@ -163,20 +164,28 @@ class LioArray:
         return self._target
 
 
-def delete_leftovers(iqn: str = DEFAULT_IQN, volume: str = "vol0") -> list[str]:
-    """Remove a target and backstores a crashed run left behind; returns what was deleted."""
-    import rtslib_fb as rts
+def delete_target_and_storage(root, iqn: str, is_ours: Callable[[object], bool]) -> list[str]:
+    """Delete target `iqn` and the storage objects `is_ours` picks from an RTSRoot; returns what went.
 
+    The target first: its LUNs hold the storage objects.
+    """
     deleted = []
-    root = rts.RTSRoot()
     for target in list(root.targets):
         if target.wwn == iqn:
             target.delete()
             deleted.append(f"target {iqn}")
     for storage in list(root.storage_objects):
-        # vol<i>_m<k>: the extra volumes of `up --luns N`.
-        if storage.plugin == "user" and (storage.name.startswith(f"{volume}_m")
-                                         or _EXTRA_VOLUME.fullmatch(storage.name)):
+        if is_ours(storage):
             storage.delete()
             deleted.append(f"backstore {storage.name}")
     return deleted
+
+
+def delete_leftovers(iqn: str = DEFAULT_IQN, volume: str = "vol0") -> list[str]:
+    """Remove a target and backstores a crashed run left behind; returns what was deleted."""
+    import rtslib_fb as rts
+
+    # vol<i>_m<k>: the extra volumes of `up --luns N`.
+    return delete_target_and_storage(
+        rts.RTSRoot(), iqn, lambda storage: storage.plugin == "user" and (
+            storage.name.startswith(f"{volume}_m") or bool(_EXTRA_VOLUME.fullmatch(storage.name))))

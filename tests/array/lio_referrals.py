@@ -42,7 +42,7 @@ from pathlib import Path
 
 from tests.array import initiator
 from tests.array.errors import InitiatorError, LioError
-from tests.array.lio import DEMO_MODE_ATTRIBUTES, PORT
+from tests.array.lio import DEMO_MODE_ATTRIBUTES, PORT, delete_target_and_storage
 
 IQN = "iqn.2026-11.org.switch-agent:lio-referrals"
 BACKSTORE = "lioref"
@@ -218,17 +218,8 @@ def down(force: bool = False) -> list[str]:
     if not force:
         logout()
     rts = _rts()
-    deleted = []
     with _quiet():
-        root = rts.RTSRoot()
-        for target in list(root.targets):
-            if target.wwn == IQN:
-                target.delete()
-                deleted.append(f"target {IQN}")
-        for storage in list(root.storage_objects):
-            if storage.name == BACKSTORE:
-                storage.delete()
-                deleted.append(f"backstore {BACKSTORE}")
+        deleted = delete_target_and_storage(rts.RTSRoot(), IQN, lambda storage: storage.name == BACKSTORE)
     BACKING_FILE.unlink(missing_ok=True)
     STATE_FILE.unlink(missing_ok=True)
     return deleted

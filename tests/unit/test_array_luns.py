@@ -116,3 +116,21 @@ def test_cli_luns_flag() -> None:
                                         ("other_m0", False), ("vol1_m0x", False)])
 def test_leftover_names(name, ours) -> None:
     assert bool(name.startswith("vol0_m") or lio._EXTRA_VOLUME.fullmatch(name)) == ours
+
+
+def test_deleting_a_target_and_its_storage_spares_everything_else():
+    from types import SimpleNamespace
+
+    from tests.array.lio import delete_target_and_storage
+
+    gone = []
+
+    def thing(**kw):
+        obj = SimpleNamespace(**kw)
+        obj.delete = lambda: gone.append(kw.get("wwn") or kw["name"])
+        return obj
+
+    root = SimpleNamespace(targets=[thing(wwn="iqn.ours"), thing(wwn="iqn.someone-elses")],
+                           storage_objects=[thing(name="vol0_m0"), thing(name="their_disk")])
+    deleted = delete_target_and_storage(root, "iqn.ours", lambda s: s.name.startswith("vol0_"))
+    assert deleted == ["target iqn.ours", "backstore vol0_m0"] and gone == ["iqn.ours", "vol0_m0"]
