@@ -22,6 +22,16 @@ MIB = 1 << 20
 RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
 
 
+def skip_unless_emulated_array_rig() -> None:
+    """Skip (for host runs of the guest suite) unless root, device-mapper and the emulated array are here."""
+    import pytest
+
+    if os.geteuid() != 0 or not Path("/dev/mapper/control").exists():
+        pytest.skip("needs root and device-mapper (runs in the VM rig)")
+    if not array_control.server_running(array_control.run_dir()):
+        pytest.skip("no emulated array is up (runs in the VM rig)")
+
+
 def array(op: str, **args):
     """The emulator's control socket, in-process (100 subprocesses cost minutes under TCG)."""
     return array_control.request(array_control.run_dir(), op, **args)

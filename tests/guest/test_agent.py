@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from agent import control as agent_control
-from tests.array import control as array_control
 from tests.guest.agentlib import (MIB, RESULTS, SOCKET, AgentDaemon, agent_cli, array, array_info,
                                   forwarded_share, install_udev_rule, quiesce, login_and_wait_routed, our_devices,
-                                  our_uuids, random_io, remove_our_devices, status, wait_for)
+                                  our_uuids, random_io, remove_our_devices, skip_unless_emulated_array_rig, status,
+                                  wait_for)
 
 pytestmark = pytest.mark.guest
 
@@ -34,10 +34,7 @@ ROUTE_GOAL_S = 10.0
 
 @pytest.fixture(scope="module")
 def daemon():
-    if os.geteuid() != 0 or not Path("/dev/mapper/control").exists():
-        pytest.skip("needs root and device-mapper (runs in the VM rig)")
-    if not array_control.server_running(array_control.run_dir()):
-        pytest.skip("no emulated array is up (runs in the VM rig)")
+    skip_unless_emulated_array_rig()
     install_udev_rule()
     agent = AgentDaemon()
     yield agent

@@ -26,17 +26,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from agent.kernel.dm import DeviceMapper
 from agent.stack import parse_owned_uuid
-from tests.array import control as array_control
 from tests.array import initiator
 from tests.guest.agentlib import (RESULTS, AgentDaemon, array, array_info, install_udev_rule,
-                                  login_and_wait_routed, our_uuids, quiesce, remove_our_devices, status,
-                                  wait_for)
+                                  login_and_wait_routed, our_uuids, quiesce, remove_our_devices,
+                                  skip_unless_emulated_array_rig, status, wait_for)
 from tests.guest.verified_io import BLOCK, VerifiedIo
 
 pytestmark = pytest.mark.guest
@@ -54,10 +52,7 @@ MEASURED: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def rig():
-    if os.geteuid() != 0 or not Path("/dev/mapper/control").exists():
-        pytest.skip("needs root and device-mapper (runs in the VM rig)")
-    if not array_control.server_running(array_control.run_dir()):
-        pytest.skip("no emulated array is up (runs in the VM rig)")
+    skip_unless_emulated_array_rig()
     install_udev_rule()
     state = {"agent": AgentDaemon(poll_interval_s=POLL_INTERVAL_S)}
     state["record"], _ = login_and_wait_routed(timeout_s=120)
