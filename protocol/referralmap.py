@@ -22,7 +22,6 @@ and the pattern repeats over the whole LUN. docs/referrals.md has the detail.
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Sequence
 
 import numpy as np
