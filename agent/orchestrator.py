@@ -244,30 +244,46 @@ class Orchestrator:
 
     async def _discover(self, mpath: MpathMap) -> Topology:
         """Ask every path which member it lands on; the first answer also says whose array it is."""
-        paths: list[PathInfo] = []
-        array: ArrayMatch | None = None
+        found: dict[str, PathInfo] = {}
         source: mapsources.MapSource | None = None
-        for device, dev in mpath.slaves:
+        slaves = list(mpath.slaves)
+        while slaves and source is None:
+            device, dev = slaves.pop(0)
             try:
                 scsi_path = self.system.open_path(device)
+                inquiry = await mapsource.read_inquiry(scsi_path)
+                array = self._our_array(inquiry.vendor, inquiry.product)
                 if array is None:
-                    inquiry = await mapsource.read_inquiry(scsi_path)
-                    array = self._our_array(inquiry.vendor, inquiry.product)
-                    if array is None:
-                        raise NotOurArrayError(f"{mpath.wwid}: {inquiry.vendor!r} {inquiry.product!r} "
-                                               "matches no configured array")
-                if source is None:
-                    source = await mapsources.choose(array.map_source, scsi_path)
-                member_id, member_name = await source.identify(scsi_path)
+                    raise NotOurArrayError(f"{mpath.wwid}: {inquiry.vendor!r} {inquiry.product!r} "
+                                           "matches no configured array")
+                source = await mapsources.choose(array.map_source, scsi_path)
             except NotOurArrayError:
                 raise
             except SwitchAgentError as exc:
-                LOG.warning("%s: path %s unusable: %s", mpath.wwid, device, exc)
-                paths.append(PathInfo(device, dev, None, usable=False, error=str(exc)))
+                found[device] = self._unusable(mpath.wwid, device, dev, exc)
                 continue
-            paths.append(PathInfo(device, dev, member_id, member_name))
-        return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, tuple(paths),
+            found[device] = await self._identify(source, mpath.wwid, device, dev)
+        if source is not None:
+            # The rest side by side: each path has its own SG_IO thread, and under load
+            # one path after another cost seconds of a page move's convergence.
+            for info in await asyncio.gather(*(self._identify(source, mpath.wwid, device, dev)
+                                               for device, dev in slaves)):
+                found[info.device] = info
+        paths = tuple(found[device] for device, _ in mpath.slaves if device in found)
+        return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, paths,
                         mpath.map_size_sectors, source.name if source else "page-map")
+
+    async def _identify(self, source: mapsources.MapSource, wwid: str, device: str, dev: str) -> PathInfo:
+        try:
+            member_id, member_name = await source.identify(self.system.open_path(device))
+        except SwitchAgentError as exc:
+            return self._unusable(wwid, device, dev, exc)
+        return PathInfo(device, dev, member_id, member_name)
+
+    @staticmethod
+    def _unusable(wwid: str, device: str, dev: str, exc: SwitchAgentError) -> PathInfo:
+        LOG.warning("%s: path %s unusable: %s", wwid, device, exc)
+        return PathInfo(device, dev, None, usable=False, error=str(exc))
 
     def _our_array(self, vendor: str, product: str) -> ArrayMatch | None:
         return next((a for a in self.config.arrays if vendor.strip() == a.vendor and product.strip() == a.product),

@@ -414,3 +414,27 @@ def test_an_encoding_failure_on_first_build_leaves_nothing_behind(tmp_path, monk
     with pytest.raises(EncodeError):
         reconcile(orch, system.wwid)
     assert [n for n, d in system.dm.devices.items() if d.uuid.startswith("SWAGENT-")] == []
+
+
+def test_paths_are_asked_side_by_side(tmp_path):
+    """After the first path named the array, the others' identify commands overlap (each has its own thread)."""
+    system, orch = make(tmp_path, members=3, paths_per_member=2)
+    in_flight, most = 0, 0
+
+    def slow(execute):
+        async def wrapped(*args, **kw):
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.01)
+                return await execute(*args, **kw)
+            finally:
+                in_flight -= 1
+        return wrapped
+
+    for path in system.paths.values():
+        path.execute = slow(path.execute)
+    lun = reconcile(orch, system.wwid)
+    assert [p.device for p in lun.topology.paths] == list(system.paths)  # in multipathd's order
+    assert most >= 5
