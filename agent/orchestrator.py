@@ -70,8 +70,8 @@ class System(Protocol):
 
     dm: Any
 
-    async def find_mpath_maps(self) -> list[MpathMap]:
-        """Every multipathd map (DM_UUID mpath-*) present now."""
+    async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
+        """Every multipathd map (DM_UUID mpath-*) present now; with `wwid`, only that LUN's."""
         ...
 
     def open_path(self, device: str) -> mapsource.ScsiPath:
@@ -221,7 +221,7 @@ class Orchestrator:
         return path.wwid
 
     async def _find_mpath(self, wwid: str) -> MpathMap:
-        for mpath in await self.system.find_mpath_maps():
+        for mpath in await self.system.find_mpath_maps(wwid):
             if mpath.wwid == wwid:
                 return await self._with_new_paths(mpath)
         raise LunNotFoundError(f"{wwid}: no multipath map for this LUN")

@@ -27,41 +27,50 @@ class RealSystem:
         self.dm = DeviceMapper(UUID_PREFIX)
         self._paths: dict[str, ScsiDevice] = {}
 
-    async def find_mpath_maps(self) -> list[MpathMap]:
-        """Every multipathd map now, with its path devices; forgets paths that went away.
+    async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
+        """Every multipathd map now (or only `wwid`'s), with its path devices; forgets paths that went away.
 
         One DM_LIST_DEVICES names every dm device with its uuid, so sysfs is
-        read only for multipathd's maps: a reconcile runs this each time, and
-        under load every sysfs read costs a worker-thread round trip.
+        read only for multipathd's maps, and those reads go out side by side:
+        a reconcile runs this each time, and under load every sysfs read costs
+        worker-thread round trips (1.4 s for one map of 3 paths one after another).
         """
-        maps = []
-        for entry in await asyncio.to_thread(self.dm.list_devices):
-            if not entry.uuid.startswith(MPATH_UUID_PREFIX):
-                continue
-            kernel_name = f"dm-{entry.minor}"
-            try:
-                dm_slaves = await self.sysfs.slaves(kernel_name)
-                dm_size = await self.sysfs.size_sectors(kernel_name)
-            except SysfsError as exc:  # removed between the ioctl and now
-                LOG.debug("%s: went away while listing: %s", entry.name, exc)
-                continue
-            slaves, sizes = [], []
-            for slave in dm_slaves:
-                try:
-                    slaves.append((slave, str(await self.sysfs.block_devnum(slave))))
-                    sizes.append(await self.sysfs.size_sectors(slave))
-                except SysfsError as exc:  # a path going away while we look
-                    LOG.debug("%s: path %s vanished: %s", entry.name, slave, exc)
-            # The legs sit on the paths, not on multipathd's map: their size is what counts, and
-            # after a rescan it follows the array even when multipathd's map has not been resized.
-            size = min(sizes) if sizes else dm_size
-            maps.append(MpathMap(entry.uuid[len(MPATH_UUID_PREFIX):], entry.name, kernel_name, size,
-                                 tuple(slaves), dm_size))
+        wanted = MPATH_UUID_PREFIX + wwid if wwid else None
+        entries = [e for e in await asyncio.to_thread(self.dm.list_devices)
+                   if e.uuid == wanted or (wanted is None and e.uuid.startswith(MPATH_UUID_PREFIX))]
+        maps = [m for m in await asyncio.gather(*(self._read_map(e) for e in entries)) if m is not None]
         # Close only what is gone: a path of no map may be one a reconcile took before multipathd.
         for name, scsi in list(self._paths.items()):
             if not self._still_open_on_node(name, scsi):
                 self._paths.pop(name).close()
         return maps
+
+    async def _read_map(self, entry) -> MpathMap | None:
+        kernel_name = f"dm-{entry.minor}"
+        try:
+            dm_slaves, dm_size = await asyncio.gather(self.sysfs.slaves(kernel_name),
+                                                      self.sysfs.size_sectors(kernel_name))
+        except SysfsError as exc:  # removed between the ioctl and now
+            LOG.debug("%s: went away while listing: %s", entry.name, exc)
+            return None
+        slaves, sizes = [], []
+        for slave, found in zip(dm_slaves, await asyncio.gather(*(self._read_slave(s) for s in dm_slaves),
+                                                                return_exceptions=True)):
+            if isinstance(found, SysfsError):  # a path going away while we look
+                LOG.debug("%s: path %s vanished: %s", entry.name, slave, found)
+            elif isinstance(found, BaseException):
+                raise found
+            else:
+                slaves.append((slave, found[0]))
+                sizes.append(found[1])
+        # The legs sit on the paths, not on multipathd's map: their size is what counts, and
+        # after a rescan it follows the array even when multipathd's map has not been resized.
+        size = min(sizes) if sizes else dm_size
+        return MpathMap(entry.uuid[len(MPATH_UUID_PREFIX):], entry.name, kernel_name, size, tuple(slaves), dm_size)
+
+    async def _read_slave(self, name: str) -> tuple[str, int]:
+        devnum, size = await asyncio.gather(self.sysfs.block_devnum(name), self.sysfs.size_sectors(name))
+        return str(devnum), size
 
     def _still_open_on_node(self, device: str, scsi: ScsiDevice) -> bool:
         """Whether /dev/<device> is still the node our fd was opened on (devtmpfs makes a new one per disk)."""

@@ -298,7 +298,7 @@ class FakeSystem:
         name = next(n for n, d in self.devs.items() if d == dev)
         return self.paths[name].member_number
 
-    async def find_mpath_maps(self) -> list[MpathMap]:
+    async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
         if not self.mpath_present:
             return []
         return [MpathMap(self.wwid, self.wwid, "dm-0", self.mpath_size_bytes // 512,

@@ -119,7 +119,7 @@ class FakeLioSystem:
         self.devs = {name: f"8:{16 * (k + 1)}" for k, name in enumerate(self.paths)}
         self.dm.add_foreign(self.wwid, f"mpath-{self.wwid}", 0)
 
-    async def find_mpath_maps(self) -> list[MpathMap]:
+    async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
         size = self.lun.capacity_blocks * self.lun.block_bytes // 512
         return [MpathMap(self.wwid, self.wwid, "dm-0", size, tuple((n, self.devs[n]) for n in self.paths))]
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from types import SimpleNamespace
 
 import pytest
 
 from agent.config import Config
+from agent.kernel.dm import DeviceEntry
 from agent.orchestrator import NewPath
 from agent.system import RealSystem
 
@@ -50,3 +52,35 @@ def test_a_disk_replaced_under_the_same_name_gets_a_new_fd(tmp_path, monkeypatch
     assert second is not first and second.fileno() >= 0
     with pytest.raises(ValueError):
         first.fileno()  # closed
+
+
+def add_map(tmp_path, minor: int, slaves: list[str], size: int = 2048) -> None:
+    block = tmp_path / "sys" / "block" / f"dm-{minor}"
+    (block / "slaves").mkdir(parents=True)
+    (block / "size").write_text(f"{size}\n")
+    for slave in slaves:
+        (block / "slaves" / slave).write_text("")  # a symlink in sysfs; only the name counts
+
+
+def test_multipath_maps_are_read_from_sysfs_only_for_the_lun_asked_about(tmp_path, monkeypatch):
+    system = make(tmp_path, monkeypatch)
+    for k, name in enumerate(("sda", "sdb", "sdc")):
+        add_disk(tmp_path, name, dev=f"8:{16 * k}", wwid=None, size=4096 if name == "sdc" else 2048)
+    add_map(tmp_path, 0, ["sda", "sdb"])
+    add_map(tmp_path, 1, ["sdc", "sdq"])  # sdq went away while we look: left out
+    system.dm = SimpleNamespace(list_devices=lambda: [
+        DeviceEntry("mpatha", "mpath-3600a", 254, 0, 0), DeviceEntry("mpathb", "mpath-3600b", 254, 1, 0),
+        DeviceEntry("vg-lv", "LVM-xyz", 254, 2, 0)])
+    maps = asyncio.run(system.find_mpath_maps())
+    assert [(m.wwid, m.device, m.slaves, m.size_sectors) for m in maps] == [
+        ("3600a", "dm-0", (("sda", "8:0"), ("sdb", "8:16")), 2048), ("3600b", "dm-1", (("sdc", "8:32"),), 4096)]
+    listed = []
+    list_dir = system.sysfs.list_dir
+
+    async def counting(*parts):
+        listed.append(parts)
+        return await list_dir(*parts)
+
+    system.sysfs.list_dir = counting
+    assert [m.wwid for m in asyncio.run(system.find_mpath_maps("3600b"))] == ["3600b"]
+    assert listed == [("block", "dm-1", "slaves")]
