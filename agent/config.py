@@ -68,6 +68,10 @@ class Config:
     leg_features: str = "0"
     """dm-multipath feature arguments of each leg, e.g. "1 queue_if_no_path"."""
     log_level: str = "info"
+    early_paths: bool = True
+    """Give a routed LUN's new path (a member added, sessions back) to its member's leg as soon as the
+    kernel announces the disk, seconds before multipathd's map has it; false: multipathd's paths only
+    (when multipath.conf blacklists some paths of the array on purpose)."""
 
 
 _SCALARS = {f.name: f.type for f in fields(Config) if f.name != "arrays"}
@@ -126,12 +130,13 @@ def _parse_arrays(value: Any, source: str) -> tuple[ArrayMatch, ...]:
 
 
 def _coerce(source: str, key: str, value: Any, kind: Any) -> Any:
-    kind = {"float": float, "int": int, "str": str, "Path": Path}.get(kind, kind) if isinstance(kind, str) else kind
+    kind = {"float": float, "int": int, "str": str, "Path": Path, "bool": bool}.get(kind, kind) \
+        if isinstance(kind, str) else kind
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is Path and isinstance(value, str):
         return Path(value)
-    if kind in (int, str) and type(value) is kind:
+    if kind in (int, str, bool) and type(value) is kind:
         return value
     raise ConfigError(source, key, f"must be {getattr(kind, '__name__', kind)}, got {type(value).__name__} {value!r}")
 

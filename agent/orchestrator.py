@@ -209,6 +209,8 @@ class Orchestrator:
         same disk into its map seconds later under load; until then the
         member's I/O would go on being forwarded by the array.
         """
+        if not self.config.early_paths:
+            return None
         path = await self.system.describe_path(device)
         lun = self.luns.get(path.wwid) if path else None
         if path is None or lun is None or lun.topology is None:

@@ -40,6 +40,8 @@ def test_missing_default_file_means_defaults(tmp_path):
     ({"leg_features": "1"}, "leg_features"),
     ({"path_selector": "round-robin"}, "path_selector"),
     ({"log_level": "loud"}, "log_level"),
+    ({"early_paths": "yes"}, "early_paths"),
+    ({"early_paths": 1}, "early_paths"),
 ])
 def test_bad_config_names_the_key(data, key):
     with pytest.raises(ConfigError) as info:

@@ -9,7 +9,7 @@ import errno
 import numpy as np
 import pytest
 
-from agent.config import Config
+from agent.config import Config, config_from_mapping
 from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator
 from agent.stack import HIDDEN_UDEV_FLAGS
 from protocol.errors import SwitchAgentError
@@ -345,6 +345,16 @@ def test_a_new_disk_is_not_taken_when_it_is_gone_or_shows_another_size(tmp_path)
     system.describe_path = mid_resize
     lun = reconcile(orch, system.wwid)
     assert {p.device for p in lun.topology.paths} == {"sdb", "sdc", "sdd"} and orch._new_paths == {}
+
+
+def test_early_paths_off_leaves_new_disks_to_multipathd(tmp_path):
+    system, orch = make(tmp_path, Config(early_paths=False), paths_per_member=1)
+    reconcile(orch, system.wwid)
+    added = system.add_path(1)
+    system.not_in_mpath.add(added)
+    assert asyncio.run(orch.offer_path(added)) is None
+    assert added not in {p.device for p in reconcile(orch, system.wwid).topology.paths}
+    assert config_from_mapping({"early_paths": False}).early_paths is False
 
 
 def test_a_disk_of_another_lun_or_before_routing_is_not_offered(tmp_path):
