@@ -17,7 +17,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -90,7 +89,7 @@ def wait_quiet(pid: int, hz: int, fraction: float, timeout: float, window: float
 
 def sample_idle(pid: int, seconds: float) -> dict | None:
     """py-spy (non-blocking, 50 Hz, busy samples only) over the idle daemon: collapsed stacks, summarised."""
-    spy = shutil.which("py-spy")
+    spy = scale_lib.py_spy()
     if spy is None:
         return None
     out = agentlib.RESULTS / "daemon-idle.pyspy.txt"

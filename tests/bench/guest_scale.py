@@ -43,7 +43,7 @@ from agent import orchestrator as orch_mod
 from agent.config import Config
 from agent.kernel import dm as dmk
 from agent.system import RealSystem
-from protocol import dmswitch, pagemap
+from protocol import dmswitch
 from tests.bench import scale_lib
 
 RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
@@ -386,7 +386,7 @@ class PySpy:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        spy = shutil.which("py-spy")
+        spy = scale_lib.py_spy()
         self.proc = None if spy is None else subprocess.Popen(
             [spy, "record", "--nonblocking", "-r", "100", "-f", "raw", "-o", str(out), "--pid", str(os.getpid())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

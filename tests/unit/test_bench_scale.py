@@ -87,6 +87,18 @@ def test_rows_compare_with_the_fastest_kernel_bound_and_state_goals() -> None:
     assert table.count("\n") == len(rows) + 1
 
 
+def test_an_unmet_install_row_says_what_limits_it() -> None:
+    enc = {"s": t(2.5), "messages": 20, "bytes": 1000}
+    res = {**SAMPLE, "encode": {"agent": enc, "runs_only": enc},
+           "install_pyspy": {"samples": 300, "on_stack": [["encode_region_mappings (protocol/dmswitch.py)", 240]]}}
+    install = scale_lib.build_rows(res)[0]
+    assert install.met == "no"
+    assert install.note.endswith("limited by the agent's encoder, 2.500 s alone under TCG (numpy emulated), "
+                                 "on the stack in 240 of 300 py-spy samples of the install")
+    b = next(r for r in scale_lib.build_rows(res) if r.what.startswith("(b)"))
+    assert b.met == "yes" and "limited" not in b.note  # met: nothing to explain
+
+
 def test_many_lun_rows() -> None:
     m = {"luns": 64, "members": 3, "pages": 100000, "routed": 64, "all_routed_s": 300.0, "max_parallel_luns": 8,
          "max_concurrent": 8, "packed_map_bytes": 1_600_000, "vm_hwm_bytes": 90 << 20, "vm_rss_bytes": 80 << 20,
