@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Container, Protocol
 
 import numpy as np
 
@@ -86,8 +86,8 @@ class System(Protocol):
         """Re-read a path's capacity (the kernel does not on CAPACITY DATA HAS CHANGED)."""
         ...
 
-    async def describe_path(self, device: str) -> NewPath | None:
-        """A SCSI disk's LUN, major:minor and size; None when gone or not identifiable."""
+    async def describe_path(self, device: str, luns: Container[str] | None = None) -> NewPath | None:
+        """A SCSI disk's LUN, major:minor and size; None when gone, not identifiable, or not one of `luns`."""
         ...
 
 
@@ -211,7 +211,8 @@ class Orchestrator:
         """
         if not self.config.early_paths:
             return None
-        path = await self.system.describe_path(device)
+        routed = {wwid for wwid, lun in self.luns.items() if lun.topology is not None}
+        path = await self.system.describe_path(device, routed) if routed else None
         lun = self.luns.get(path.wwid) if path else None
         if path is None or lun is None or lun.topology is None:
             return None

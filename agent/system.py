@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Container
 
 from agent.config import UUID_PREFIX, Config
 from agent.events import MPATH_UUID_PREFIX
@@ -80,14 +81,16 @@ class RealSystem:
             return False
         return (node.st_ino, node.st_rdev) == (held.st_ino, held.st_rdev)
 
-    async def describe_path(self, device: str) -> NewPath | None:
+    async def describe_path(self, device: str, luns: Container[str] | None = None) -> NewPath | None:
         """A SCSI disk as a path candidate: its LUN (in multipath's naming), major:minor and size.
 
-        None when it is gone or the kernel's identifier has no multipath form.
+        None when it is gone, the kernel's identifier has no multipath form, or
+        its LUN is not in `luns` (then only the identifier was read: a login
+        brings many disks at once).
         """
         try:
             wwid = multipath_wwid(await self.sysfs.scsi_wwid(device))
-            if wwid is None:
+            if wwid is None or (luns is not None and wwid not in luns):
                 return None
             return NewPath(device, str(await self.sysfs.block_devnum(device)), wwid,
                            await self.sysfs.size_sectors(device))

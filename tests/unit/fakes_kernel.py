@@ -308,8 +308,8 @@ class FakeSystem:
     def open_path(self, device: str) -> FakeArrayPath:
         return self.paths[device]
 
-    async def describe_path(self, device: str) -> NewPath | None:
-        if device not in self.paths:
+    async def describe_path(self, device: str, luns=None) -> NewPath | None:
+        if device not in self.paths or (luns is not None and self.wwid not in luns):
             return None
         return NewPath(device, self.devs[device], self.wwid, self.mpath_size_bytes // 512)
 

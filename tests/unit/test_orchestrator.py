@@ -338,8 +338,8 @@ def test_a_new_disk_is_not_taken_when_it_is_gone_or_shows_another_size(tmp_path)
     del system.paths[gone]
     describe = system.describe_path
 
-    async def mid_resize(device):
-        found = await describe(device)
+    async def mid_resize(device, luns=None):
+        found = await describe(device, luns)
         return found and dataclasses.replace(found, size_sectors=found.size_sectors + 1)
 
     system.describe_path = mid_resize
@@ -366,8 +366,9 @@ def test_a_disk_of_another_lun_or_before_routing_is_not_offered(tmp_path):
     other = system.add_path(0)
     describe = system.describe_path
 
-    async def another_lun(device):
-        return dataclasses.replace(await describe(device), wwid="36001405ffffffffffffffffffffffff")
+    async def another_lun(device, luns=None):
+        found = dataclasses.replace(await describe(device), wwid="36001405ffffffffffffffffffffffff")
+        return found if luns is None or found.wwid in luns else None
 
     system.describe_path = another_lun
     assert asyncio.run(orch.offer_path(other)) is None

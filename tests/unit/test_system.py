@@ -39,6 +39,8 @@ def test_a_disk_is_described_in_multipaths_naming(tmp_path, monkeypatch):
     assert asyncio.run(system.describe_path("sdb")) is None  # no multipath form: wait for multipathd
     assert asyncio.run(system.describe_path("sdc")) is None  # no identifier
     assert asyncio.run(system.describe_path("sdq")) is None  # gone
+    assert asyncio.run(system.describe_path("sda", {"3600other"})) is None  # not a LUN asked about
+    assert asyncio.run(system.describe_path("sda", {"36025341db82da163d3bd459a2676ee53"})).dev == "8:0"
 
 
 def test_a_disk_replaced_under_the_same_name_gets_a_new_fd(tmp_path, monkeypatch):
