@@ -143,7 +143,11 @@ def open_udev_events() -> UdevMonitor:
     """The monitor the daemon follows: udev's block/disk and scsi/scsi_device events, plus the
     kernel's own block/disk uevents, which name a new path's disk before udev's rules and
     multipathd have run (seconds, under load)."""
-    kernel = PyudevSource((("block", "disk"),), netlink="kernel")
-    monitor = UdevMonitor(PyudevSource(), kernel)
+    sources = [PyudevSource()]
+    try:
+        sources.append(PyudevSource((("block", "disk"),), netlink="kernel"))
+    except OSError as exc:  # e.g. a container without the kernel's uevent group: multipathd's events still come
+        LOG.warning("no kernel uevents (%s): new paths reach the legs once multipathd has them", exc)
+    monitor = UdevMonitor(*sources)
     monitor.start()
     return monitor
