@@ -69,16 +69,21 @@ class LunScheduler:
         except Exception:  # a bug must not kill the daemon's other LUNs
             LOG.exception("%s: unexpected error while reconciling", wwid)
 
-    def heal(self, wwid: str, *, delay_s: float = 0.0, attempt: int = 0) -> None:
-        """Probe and reinstate the LUN's failed leg paths soon; again with backoff while any stay failed."""
-        if wwid not in self._healing:
-            self._healing[wwid] = asyncio.create_task(self._heal(wwid, delay_s, attempt), name=f"heal {wwid}")
+    def heal(self, wwid: str, *, delay_s: float = 0.0, attempt: int = 0,
+             events: dict[str, int] | None = None) -> None:
+        """Probe and reinstate the LUN's failed leg paths soon; again with backoff while any stay failed.
 
-    async def _heal(self, wwid: str, delay: float, attempt: int) -> None:
+        `events` (dm device name -> event_nr, from polling) lets the probe skip legs that did not change.
+        """
+        if wwid not in self._healing:
+            self._healing[wwid] = asyncio.create_task(self._heal(wwid, delay_s, attempt, events),
+                                                      name=f"heal {wwid}")
+
+    async def _heal(self, wwid: str, delay: float, attempt: int, events: dict[str, int] | None) -> None:
         await self.sleep(delay)
         self._healing.pop(wwid, None)
         try:
-            still_failed = await self.orchestrator.heal_paths(wwid)
+            still_failed = await self.orchestrator.heal_paths(wwid, events)
         except Exception:  # a bug must not kill the daemon's other LUNs
             LOG.exception("%s: unexpected error while healing paths", wwid)
             return
@@ -196,15 +201,30 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _poll_forever(self) -> None:
-        """Every interval, a 64-byte GET PAGE MAP per routed LUN; reconcile the ones that moved."""
+        """Every interval, a 64-byte GET PAGE MAP per routed LUN; reconcile the ones that moved.
+
+        Leg paths are healed from the same round, but only where one DM_LIST_DEVICES shows a
+        leg's event_nr moved (or a failed path is still waiting): with many LUNs a status read
+        of every leg every round was most of the idle daemon's CPU.
+        """
         while True:
             await self.sleep(self.config.poll_interval_s)
+            events = await self._dm_events()
             for lun in list(self.orchestrator.luns.values()):
                 if lun.stack is None or lun.topology is None:
                     continue
                 if await self._generation_moved(lun):
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
-                self.scheduler.heal(lun.wwid)
+                if self.orchestrator.legs_to_check(lun, events):
+                    self.scheduler.heal(lun.wwid, events=events)
+
+    async def _dm_events(self) -> dict[str, int] | None:
+        """Every dm device's event_nr now (None if dm cannot say: then every leg is read)."""
+        try:
+            return {d.name: d.event_nr for d in await asyncio.to_thread(self.system.dm.list_devices)}
+        except SwitchAgentError as exc:
+            LOG.warning("cannot list dm devices: %s", exc)
+            return None
 
     async def _generation_moved(self, lun) -> bool:
         for path in lun.topology.paths:

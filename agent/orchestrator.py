@@ -120,6 +120,10 @@ class LunState:
     """Seconds the last successful reconcile spent discovering, fetching and in the kernel."""
     leftovers: dict[str, str] = field(default_factory=dict)
     """Switches and legs an earlier daemon left (restart, kill -9): removed after the next build."""
+    leg_events: dict[str, int] = field(default_factory=dict)
+    """Each leg's dm event_nr when its status was last read (DM_LIST_DEVICES of that round)."""
+    failed_legs: set[str] = field(default_factory=set)
+    """Legs whose status showed a failed path the last time it was read."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
@@ -451,13 +455,29 @@ class Orchestrator:
             except SwitchAgentError as exc:
                 LOG.warning("could not remove %s: %s", name, exc)
 
-    async def heal_paths(self, wwid: str) -> int:
+    def legs_to_check(self, lun: LunState, events: dict[str, int] | None) -> list[str]:
+        """The legs whose status may show a failed path, given every dm device's event_nr now.
+
+        dm-mpath bumps its device's event_nr on every path failure and
+        reinstatement (trigger_event -> dm_table_event), so a leg whose number
+        has not moved since its status was read, and which had no failed path
+        then, still has none: polling need not ask it. Without numbers
+        (`events` None: a udev event, a retry) every leg is read.
+        """
+        if lun.stack is None:
+            return []
+        return [leg.name for leg in lun.stack.plan.legs
+                if events is None or leg.name in lun.failed_legs or leg.name not in events
+                or lun.leg_events.get(leg.name) != events[leg.name]]
+
+    async def heal_paths(self, wwid: str, events: dict[str, int] | None = None) -> int:
         """Reinstate legs' failed paths that answer TEST UNIT READY again; returns how many stay failed.
 
         dm-multipath fails a path on an I/O error and never brings it back by
         itself (multipathd does that for its own maps only). Until a path is
         reinstated its member's I/O goes to the fallback group, i.e. is
-        forwarded by the array.
+        forwarded by the array. `events` (leg name -> dm event_nr, read before
+        this call) limits the reads to the legs that may have changed.
         """
         lun = self.luns.get(wwid)
         if lun is None or lun.stack is None or lun.topology is None:
@@ -466,27 +486,37 @@ class Orchestrator:
         still_failed = 0
         dm = self.system.dm
         async with lun.lock:
-            for leg in lun.stack.plan.legs:
+            current = {leg.name for leg in lun.stack.plan.legs}
+            for name in set(lun.leg_events) - current:  # legs of an earlier epoch
+                del lun.leg_events[name]
+            lun.failed_legs &= current
+            for leg_name in self.legs_to_check(lun, events):
                 try:
-                    targets = await asyncio.to_thread(dm.table_status, leg.name)
+                    targets = await asyncio.to_thread(dm.table_status, leg_name)
                     states = parse_multipath_status(targets[0].params)
                 except SwitchAgentError as exc:
-                    LOG.warning("%s: cannot read the status of %s: %s", wwid, leg.name, exc)
+                    LOG.warning("%s: cannot read the status of %s: %s", wwid, leg_name, exc)
                     continue
+                # The number read before the status: a change after it shows as a move next round.
+                if events is not None and leg_name in events:
+                    lun.leg_events[leg_name] = events[leg_name]
+                failed_here = 0
                 for state in states:
                     if state.active:
                         continue
                     device = by_dev.get(state.dev)
                     if device is None or not await mapsource.path_answers(self.system.open_path(device)):
-                        still_failed += 1
+                        failed_here += 1
                         continue
                     try:
-                        await asyncio.to_thread(dm.target_message, leg.name, 0, f"reinstate_path {state.dev}")
+                        await asyncio.to_thread(dm.target_message, leg_name, 0, f"reinstate_path {state.dev}")
                     except SwitchAgentError as exc:
-                        LOG.warning("%s: reinstating %s in %s failed: %s", wwid, state.dev, leg.name, exc)
-                        still_failed += 1
+                        LOG.warning("%s: reinstating %s in %s failed: %s", wwid, state.dev, leg_name, exc)
+                        failed_here += 1
                         continue
-                    LOG.info("%s: path %s (%s) reinstated in %s", wwid, device, state.dev, leg.name)
+                    LOG.info("%s: path %s (%s) reinstated in %s", wwid, device, state.dev, leg_name)
+                (lun.failed_legs.add if failed_here else lun.failed_legs.discard)(leg_name)
+                still_failed += failed_here
         return still_failed
 
     async def poll_generation(self, lun: LunState, device: str) -> int:

@@ -69,6 +69,8 @@ class FakeDmDevice:
     """A live switch's region table: path number per region."""
     failed: set[str] = field(default_factory=set)
     """A live multipath table's failed paths (major:minor)."""
+    event_nr: int = 0
+    """dm's per-device event counter: dm-mpath bumps it on every path failure and reinstatement."""
 
     @property
     def dev(self) -> str:
@@ -164,10 +166,13 @@ class FakeDeviceMapper:
                                suspended=device.suspended)
 
     def list_devices(self):
-        return [SimpleNamespace(name=d.name, uuid=d.uuid, major=253, minor=d.minor) for d in self.devices.values()]
+        self.log.append(("list", ""))
+        return [SimpleNamespace(name=d.name, uuid=d.uuid, major=253, minor=d.minor, event_nr=d.event_nr)
+                for d in self.devices.values()]
 
     def table_status(self, name: str):
         """STATUSTYPE_INFO of a multipath leg, as dm-mpath.c prints it (round-robin: no per-path args)."""
+        self.log.append(("status", name))
         device = self.devices[name]
         start, length, kind, params = device.live[0]
         assert kind == "multipath"
@@ -188,6 +193,7 @@ class FakeDeviceMapper:
             if dev not in _devices_in("multipath", device.live[0][3]):
                 raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, f"no path {dev}")
             (device.failed.add if verb == "fail_path" else device.failed.discard)(dev)
+            device.event_nr += 1  # dm-mpath.c: trigger_event -> dm_table_event
             return None
         if device.regions is None:
             raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, "target does not take messages")
@@ -243,6 +249,16 @@ def _mpath_groups(params: str) -> list[tuple[str, ...]]:
     return groups
 
 
+def _sd_name(index: int) -> str:
+    """The kernel's sd naming: sda..sdz, sdaa..sdzz, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = "abcdefghijklmnopqrstuvwxyz"[rest] + letters
+    return "sd" + letters
+
+
 def _first_group_paths(params: str) -> tuple[str, ...]:
     """Paths of a multipath table's first priority group (the kernel's initial group is 1)."""
     return _mpath_groups(params)[0]
@@ -252,12 +268,15 @@ class FakeSystem:
     """An emulated array LUN behind multipathd's map, with paths_per_member paths to each member."""
 
     def __init__(self, *, size_bytes: int = 3 * 1024 * MiB, page_size_bytes: int = 16 * MiB, members: int = 3,
-                 layout: str = "striped", paths_per_member: int = 2, tmp_path=None, seed: int = 0):
+                 layout: str = "striped", paths_per_member: int = 2, tmp_path=None, seed: int = 0,
+                 volume_name: str = "vol0", dm: FakeDeviceMapper | None = None, first_path: int = 0):
         self.volume = ArrayVolume(size_bytes=size_bytes, page_size_bytes=page_size_bytes, members=members,
                                   layout=layout, seed=seed)
         self.store = SparseStore(tmp_path, size_bytes)
-        self.lu = LogicalUnit(self.volume, self.store, LuIdentity.for_volume("vol0"))
-        self.dm = FakeDeviceMapper()
+        self.lu = LogicalUnit(self.volume, self.store, LuIdentity.for_volume(volume_name))
+        self.dm = dm if dm is not None else FakeDeviceMapper()
+        self.first_path = first_path
+        """Paths are numbered from here: LUNs sharing one dm (ManyLunSystem) get distinct sd names."""
         self.paths: dict[str, FakeArrayPath] = {}
         self.devs: dict[str, str] = {}
         for k in range(members):
@@ -277,8 +296,8 @@ class FakeSystem:
         self.dm.add_foreign(self.wwid, f"mpath-{self.wwid}", 0)
 
     def add_path(self, member_number: int) -> str:
-        index = len(self.paths)
-        name = "sd" + "abcdefghijklmnopqrstuvwxyz"[index + 1]
+        index = self.first_path + len(self.paths)
+        name = _sd_name(index + 1)
         self.paths[name] = FakeArrayPath(self.lu, member_number, name)
         self.devs[name] = f"8:{16 * (index + 1)}"
         return name
@@ -334,3 +353,34 @@ class FakeSystem:
             reached = {self.member_of_dev(d) for d in self.dm.route_region(top, page)}
             bad += reached != {owner_number}
         return bad
+
+
+class ManyLunSystem:
+    """Many emulated LUNs (one FakeSystem each) behind one FakeDeviceMapper, as one host sees them."""
+
+    def __init__(self, luns: int, *, tmp_path, **kwargs):
+        self.dm = FakeDeviceMapper()
+        self.systems: list[FakeSystem] = []
+        first_path = 0
+        for i in range(luns):
+            system = FakeSystem(tmp_path=tmp_path / f"store{i}", volume_name=f"vol{i}", seed=i, dm=self.dm,
+                                first_path=first_path, **kwargs)
+            first_path += len(system.paths)
+            self.systems.append(system)
+        self._owner = {name: s for s in self.systems for name in s.paths}
+
+    async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
+        return [m for s in self.systems if wwid in (None, s.wwid) for m in await s.find_mpath_maps(wwid)]
+
+    def open_path(self, device: str) -> FakeArrayPath:
+        return self._owner[device].open_path(device)
+
+    async def describe_path(self, device: str, luns=None) -> NewPath | None:
+        system = self._owner.get(device)
+        return await system.describe_path(device, luns) if system else None
+
+    async def rescan_path(self, device: str) -> None:
+        await self._owner[device].rescan_path(device)
+
+    async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
+        return []

@@ -14,7 +14,7 @@ from agent.config import Config
 from agent.daemon import Daemon, LunScheduler
 from agent.kernel.udev import UdevMonitor
 from agent.orchestrator import Orchestrator
-from tests.unit.fakes_kernel import FakeSystem
+from tests.unit.fakes_kernel import FakeSystem, ManyLunSystem
 from tests.unit.fakes_udev import FakeUdevSource, dm_disk_event, scsi_ua_event, sd_disk_event
 
 
@@ -243,5 +243,57 @@ def test_the_kernels_add_of_a_lun_disk_puts_it_in_its_leg_before_multipathd(tmp_
             lun = daemon.orchestrator.luns[system.wwid]
             await until(lambda: system.devs[added] in lun.stack.plan.leg_paths[1][0])
             assert system.devs[added] not in lun.stack.plan.leg_paths[0][0]  # only its own member prefers it
+
+
+class PollGate:
+    """A daemon sleep whose poll interval waits for a go from the test; other sleeps are real."""
+
+    def __init__(self, poll_s: float) -> None:
+        self.poll_s = poll_s
+        self.go: asyncio.Queue[None] = asyncio.Queue()
+        self.parked = 0
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds != self.poll_s:
+            await asyncio.sleep(seconds)
+            return
+        self.parked += 1
+        await self.go.get()
+
+
+def test_poll_rounds_over_healthy_luns_read_no_leg_status(tmp_path):
+    system = ManyLunSystem(4, tmp_path=tmp_path, members=3, paths_per_member=1)
+    cfg = config(tmp_path, poll_interval_s=1000)
+    gate = PollGate(1000)
+    dm = system.dm
+
+    async def main():
+        daemon = Daemon(cfg, system, None, sleep=gate.sleep)
+        task = asyncio.create_task(daemon.run())
+        luns = daemon.orchestrator.luns
+
+        def settled(rounds):
+            return (gate.parked == rounds + 1 and not daemon.scheduler._healing
+                    and all(lun.state == "routed" and not lun.lock.locked() for lun in luns.values()))
+
+        async def poll_round(rounds):
+            before = len(dm.log)
+            gate.go.put_nowait(None)
+            await until(lambda: settled(rounds))
+            return [name for op, name in dm.log[before:] if op == "status"]
+
+        await until(lambda: len(luns) == 4 and settled(0))
+        legs = [leg.name for lun in luns.values() for leg in lun.stack.plan.legs]
+        assert sorted(await poll_round(1)) == sorted(legs)  # the first round looks at every leg once
+        assert await poll_round(2) == []  # nothing moved: no status ioctl at all
+        assert await poll_round(3) == []
+        # A path fails under I/O and its udev event is lost: the next round still finds and heals it.
+        plan = next(iter(luns.values())).stack.plan
+        name, dev = plan.legs[2].name, plan.leg_paths[2][0][0]
+        dm.target_message(name, 0, f"fail_path {dev}")
+        assert await poll_round(4) == [name]
+        assert not dm.devices[name].failed
+        daemon.stop()
+        await task
 
     run(main())

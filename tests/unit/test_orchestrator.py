@@ -449,3 +449,36 @@ def test_paths_are_asked_side_by_side(tmp_path):
     lun = reconcile(orch, system.wwid)
     assert [p.device for p in lun.topology.paths] == list(system.paths)  # in multipathd's order
     assert most >= 5
+
+
+def test_heal_with_event_numbers_reads_only_the_legs_that_changed(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=2)
+    lun = reconcile(orch, system.wwid)
+    dm = system.dm
+    legs = [leg.name for leg in lun.stack.plan.legs]
+
+    def events():
+        return {d.name: d.event_nr for d in dm.list_devices()}
+
+    def statuses_during(coro):
+        before = len(dm.log)
+        result = asyncio.run(coro)
+        return result, [name for op, name in dm.log[before:] if op == "status"]
+
+    assert statuses_during(orch.heal_paths(system.wwid, events())) == (0, legs)  # first look: every leg
+    assert statuses_during(orch.heal_paths(system.wwid, events())) == (0, [])  # nothing moved: no ioctl
+    own = lun.stack.plan.leg_paths[1][0]
+    sd = next(n for n, d in system.devs.items() if d == own[0])
+    dm.target_message(legs[1], 0, f"fail_path {own[0]}")  # bumps that leg's event_nr
+    system.paths[sd].broken = True
+    assert statuses_during(orch.heal_paths(system.wwid, events())) == (1, [legs[1]])
+    # Still failed: read again though its number has not moved since.
+    assert statuses_during(orch.heal_paths(system.wwid, events())) == (1, [legs[1]])
+    system.paths[sd].broken = False
+    assert statuses_during(orch.heal_paths(system.wwid, events())) == (0, [legs[1]])
+    assert own[0] not in dm.devices[legs[1]].failed
+    # The reinstatement moved the number once more: one more read, then quiet.
+    assert statuses_during(orch.heal_paths(system.wwid, events())) == (0, [legs[1]])
+    assert statuses_during(orch.heal_paths(system.wwid, events())) == (0, [])
+    # Without numbers (a udev event, a retry) every leg is read.
+    assert statuses_during(orch.heal_paths(system.wwid)) == (0, legs)
