@@ -12,7 +12,9 @@ daemon, fakes in tests/unit. Blocking dm calls run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -138,6 +140,10 @@ class Orchestrator:
         self._parallel = asyncio.Semaphore(config.max_parallel_luns)
         self._new_paths: dict[str, set[str]] = {}
         """wwid -> disks the kernel announced for it that multipathd's map does not hold yet."""
+        # Calls that wait for udev (a new top device's node: up to 30 s) get threads of their own:
+        # in the loop's default pool (cpu_count + 4 threads: 6 on 2 CPUs) a few of them stalled
+        # every other LUN's dm calls. One wait per LUN at most (its lock), so few threads in practice.
+        self._udev_waits = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="udev-wait")
 
     # -- the pipeline ---------------------------------------------------------
 
@@ -162,7 +168,7 @@ class Orchestrator:
     async def reconcile(self, wwid: str) -> LunState:
         """Bring one LUN's routing in line with the array's map; keep the old routing on any error."""
         lun = self.luns.setdefault(wwid, LunState(wwid))
-        async with lun.lock, self._parallel:
+        async with lun.lock, _Slot(self._parallel) as slot:
             started = self.clock()
             try:
                 mpath = await self._find_mpath(wwid)
@@ -184,7 +190,7 @@ class Orchestrator:
                     # A new epoch names a new switch and legs, built beside the live ones.
                     lun.epoch += 1
                     await self._build_and_swap(lun, plan_stack(self.config, topology, page_map,
-                                                               epoch=lun.epoch), page_map)
+                                                               epoch=lun.epoch), page_map, slot.release)
             except NotOurArrayError:
                 self.luns.pop(wwid, None)
                 raise
@@ -360,8 +366,12 @@ class Orchestrator:
         lun.stack = RoutedStack(plan, _after_upload(page_map.owners), page_map, self.clock())
         LOG.info("%s: map generation %d applied (%d messages)", lun.wwid, page_map.generation, len(messages))
 
-    async def _build_and_swap(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
-        """Build and fully program a new switch, then point the top device at it."""
+    async def _build_and_swap(self, lun: LunState, plan: StackPlan, page_map: PageMap,
+                              release_slot: Callable[[], None] = lambda: None) -> None:
+        """Build and fully program a new switch, then point the top device at it.
+
+        `release_slot` gives up the LUN's max_parallel_luns slot once only waiting for udev remains.
+        """
         created: list[str] = []
         # Encoding a whole map is the install's biggest CPU cost (seconds for the seed's 1.5M pages
         # under TCG): do it in a thread while the kernel and udev build the devices, and keep
@@ -381,7 +391,7 @@ class Orchestrator:
             switch_dev = await self._create(plan.switch_spec(leg_devs), created)
             messages = await encoding
             await self._send(lun, plan.switch_name, messages)
-            await self._point_top_at(plan, switch_dev)
+            await self._point_top_at(plan, switch_dev, release_slot)
         except SwitchAgentError:
             await self._remove_all(reversed(created))
             raise
@@ -415,7 +425,8 @@ class Orchestrator:
         info = await asyncio.to_thread(dm.device_info, spec.name)
         return f"{info.major}:{info.minor}"
 
-    async def _point_top_at(self, plan: StackPlan, switch_dev: str) -> None:
+    async def _point_top_at(self, plan: StackPlan, switch_dev: str,
+                            release_slot: Callable[[], None] = lambda: None) -> None:
         dm = self.system.dm
         targets = list(plan.top_targets(switch_dev))
         existing = {d.name for d in await asyncio.to_thread(dm.list_devices)}
@@ -423,7 +434,11 @@ class Orchestrator:
             await asyncio.to_thread(dm.device_create, plan.top_name, plan.top_uuid)
             try:
                 await asyncio.to_thread(dm.table_load, plan.top_name, targets)
-                await asyncio.to_thread(dm.device_resume, plan.top_name)
+                # The new node's resume waits for udev (up to 30 s while it works through many LUNs
+                # appearing at once). The building is done: let another LUN build meanwhile;
+                # this LUN's own lock stays held until its device is there.
+                release_slot()
+                await self._waiting_for_udev(dm.device_resume, plan.top_name)
             except SwitchAgentError:
                 await self._remove_all([plan.top_name], wait_for_udev=True)
                 raise
@@ -435,6 +450,11 @@ class Orchestrator:
         # The node exists and keeps its name: udev's change event needs no waiting for, and
         # under load waiting cost seconds of the lock the next change needs.
         await asyncio.to_thread(dm.device_resume, plan.top_name, wait_for_udev=False)
+
+    async def _waiting_for_udev(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A blocking dm call that waits for udev, in the udev-wait threads."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._udev_waits, functools.partial(call, *args, **kwargs))
 
     async def _send(self, lun: LunState, switch_name: str, messages: list[str]) -> None:
         dm = self.system.dm
@@ -451,7 +471,10 @@ class Orchestrator:
         """
         for name in names:
             try:
-                await asyncio.to_thread(self.system.dm.device_remove, name, wait_for_udev=wait_for_udev)
+                if wait_for_udev:
+                    await self._waiting_for_udev(self.system.dm.device_remove, name, wait_for_udev=True)
+                else:
+                    await asyncio.to_thread(self.system.dm.device_remove, name, wait_for_udev=False)
             except SwitchAgentError as exc:
                 LOG.warning("could not remove %s: %s", name, exc)
 
@@ -587,6 +610,27 @@ class Orchestrator:
                 "member": owner.name if owner else None,
                 "leg": leg.name if leg else None,
                 "paths": [by_dev.get(d, d) for d in preferred]}
+
+
+class _Slot:
+    """One max_parallel_luns slot, held for a reconcile and releasable early (once) from within it."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = False
+
+    async def __aenter__(self) -> _Slot:
+        await self._semaphore.acquire()
+        self._held = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
 
 
 def _pages_for(topology: Topology, page_map: PageMap) -> int:

@@ -1,7 +1,7 @@
 """The real Daemon + Orchestrator over the unit-test fakes with many LUNs: what a poll round and an install cost.
 
     .venv/bin/python -m tests.bench.daemon_idle [--luns 64] [--members 3] [--pages 100000] [--rounds 5]
-                                                [--profile] [--memory]
+                                                [--udev-wait S] [--profile] [--memory]
 
 Host-side stand-in for the guest's many-LUN run (tests/bench/guest_many_luns.py):
 64 LUNs x 3 members (one path each) x 100,000 pages of 1 MiB, seed layout,
@@ -73,6 +73,14 @@ async def until(condition, *, timeout_s: float = 600.0) -> None:
 async def bench(args, tmp: Path) -> None:
     system = ManyLunSystem(args.luns, tmp_path=tmp, size_bytes=args.pages << 20, page_size_bytes=1 << 20,
                            members=args.members, layout="seed", paths_per_member=args.paths_per_member)
+    if args.udev_wait:
+        resume = system.dm.device_resume
+
+        def resume_then_wait_for_udev(name, *, wait_for_udev=True, **kwargs):
+            resume(name, wait_for_udev=wait_for_udev, **kwargs)
+            if wait_for_udev:  # blocks its thread, as DeviceMapper's udev cookie wait does
+                time.sleep(args.udev_wait)
+        system.dm.device_resume = resume_then_wait_for_udev
     dm_calls = Counting(system.dm, ("list_devices", "table_status", "target_message", "device_resume"))
     cfg = Config(socket_path=tmp / "control.sock", poll_interval_s=POLL_S, debounce_s=0.01,
                  retry_initial_s=0.05, retry_max_s=0.5, max_parallel_luns=args.parallel)
@@ -174,6 +182,8 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=100_000)
     p.add_argument("--parallel", type=int, default=Config().max_parallel_luns)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--udev-wait", type=float, default=0.0, metavar="S",
+                   help="each resume that waits for udev (a new top device) blocks its thread S seconds")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--memory", action="store_true")
     args = p.parse_args()

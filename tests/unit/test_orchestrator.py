@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import errno
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from agent.config import Config, config_from_mapping
 from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator
 from agent.stack import HIDDEN_UDEV_FLAGS
 from protocol.errors import SwitchAgentError
-from tests.unit.fakes_kernel import MiB, FakeSystem
+from tests.unit.fakes_kernel import MiB, FakeSystem, ManyLunSystem
 
 CONFIG = Config(max_message_bytes=4096)
 
@@ -482,3 +485,37 @@ def test_heal_with_event_numbers_reads_only_the_legs_that_changed(tmp_path):
     assert statuses_during(orch.heal_paths(system.wwid, events())) == (0, [])
     # Without numbers (a udev event, a retry) every leg is read.
     assert statuses_during(orch.heal_paths(system.wwid)) == (0, legs)
+
+
+def test_a_lun_waiting_for_udev_on_its_new_top_device_frees_its_build_slot(tmp_path):
+    system = ManyLunSystem(2, tmp_path=tmp_path, members=3, paths_per_member=1)
+    orch = Orchestrator(Config(max_parallel_luns=1, max_message_bytes=4096), system)
+    first, second = (s.wwid for s in system.systems)
+    udev_done = threading.Event()
+    resume = system.dm.device_resume
+
+    def busy_udev(name, *, wait_for_udev=True, **kw):
+        resume(name, wait_for_udev=wait_for_udev, **kw)
+        if wait_for_udev and name == f"switch-{first}":
+            udev_done.wait(timeout=10)  # udev still busy with the first LUN's new node
+    system.dm.device_resume = busy_udev
+
+    async def main():
+        # One thread in the loop's default pool: a udev wait held in it would stall every dm call.
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        first_run = asyncio.create_task(orch.reconcile(first))
+        deadline = time.monotonic() + 10
+        while not (system.dm.devices.get(f"switch-{first}") and system.dm.devices[f"switch-{first}"].live):
+            assert time.monotonic() < deadline, "the first LUN's top device never came"
+            await asyncio.sleep(0.01)
+        # Neither the only slot nor the only default thread is held through the first LUN's udev
+        # wait: the second LUN builds meanwhile.
+        lun = await asyncio.wait_for(orch.reconcile(second), timeout=5)
+        assert lun.state == "routed" and system.systems[1].misrouted_pages(f"switch-{second}") == 0
+        assert not first_run.done()
+        # Its own lock is held until its device is there: a refresh of it waits for that.
+        assert orch.luns[first].lock.locked()
+        udev_done.set()
+        assert (await first_run).state == "routed"
+
+    asyncio.run(main())
