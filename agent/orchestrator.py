@@ -359,7 +359,7 @@ class Orchestrator:
         except SwitchAgentError:
             # Messages are not atomic: after a rejected one we no longer know what the kernel
             # holds, so send the whole map.
-            lun.stack.kernel_map[:] = -1
+            lun.stack.kernel_map = np.full(page_map.total_pages, -1, dtype=page_map.owners.dtype)
             LOG.warning("%s: diff upload failed; sending the whole map", lun.wwid)
             await self._send(lun, plan.switch_name, dmswitch.encode_region_mappings(
                 page_map.owners, max_message_bytes=self.config.max_message_bytes))
@@ -646,6 +646,9 @@ def _after_upload(owners: np.ndarray) -> np.ndarray:
     """What the switch holds after an upload of `owners`: known where allocated.
 
     Unallocated pages may have been filled with any path by the encoder, so
-    they stay unknown (-1) and are sent again once they get an owner.
+    they stay unknown (-1) and are sent again once they get an owner. That
+    is `owners` itself (UNALLOCATED is -1): shared, read-only, not copied,
+    as with many LUNs the copy was half of what the daemon kept.
     """
-    return owners.astype(np.int16, copy=True)
+    owners.flags.writeable = False
+    return owners

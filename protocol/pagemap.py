@@ -94,7 +94,7 @@ class PageMapHeader:
 
 @dataclass(frozen=True)
 class PageMapChunk:
-    """One decoded response: its header and its entries (int16, UNALLOCATED for -1)."""
+    """One decoded response: its header and its entries (owners_dtype, UNALLOCATED for -1)."""
 
     header: PageMapHeader
     entries: np.ndarray
@@ -178,6 +178,14 @@ def pack_entries(owners: np.ndarray, bits: int) -> bytes:
     return packed.astype(np.uint8).tobytes()
 
 
+def owners_dtype(member_count: int) -> np.dtype:
+    """The smallest signed dtype for owners (member indexes and UNALLOCATED): int8 below 128 members.
+
+    A daemon keeps every routed LUN's owners: with many LUNs the width is its memory.
+    """
+    return np.dtype(np.int8 if member_count < 128 else np.int16)
+
+
 def unpack_entries(data: bytes | memoryview, count: int, bits: int, member_count: int) -> np.ndarray:
     """Unpack `count` entries; raise ValueRangeError on a value that names no member."""
     per_byte = 8 // bits
@@ -190,7 +198,7 @@ def unpack_entries(data: bytes | memoryview, count: int, bits: int, member_count
         index = int(np.argmax(bad))
         raise ValueRangeError(_CODEC, f"entry {index}", f"< {member_count} or {reserved} (unallocated)",
                               int(values[index]))
-    entries = values.astype(np.int16)
+    entries = values.astype(owners_dtype(member_count))
     entries[values == reserved] = UNALLOCATED
     return entries
 
@@ -339,7 +347,7 @@ class PageMapAssembler:
         header = chunk.header
         if self._first is None:
             self._first = header
-            self._owners = np.empty(header.total_pages, dtype=np.int16)
+            self._owners = np.empty(header.total_pages, dtype=owners_dtype(header.member_count))
         elif not header.same_map_as(self._first):
             raise GenerationChangedError(_CODEC, "map generation/geometry",
                                          self._first.generation, header.generation)

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from protocol.errors import UnroutableLayoutError, ValueRangeError
-from protocol.pagemap import UNALLOCATED, Member, PageMap
+from protocol.pagemap import UNALLOCATED, Member, PageMap, owners_dtype
 from protocol.scsi.constants import AluaState
 from protocol.scsi.referrals import UserDataSegmentReferral
 
@@ -113,11 +113,12 @@ def referral_region_map(segments: Sequence[UserDataSegmentReferral], *, capacity
     members = np.unique(groups[groups >= 0])
     if members.size > MAX_MEMBERS:
         raise UnroutableLayoutError(_CODEC, "optimized target port groups", f"<= {MAX_MEMBERS}", int(members.size))
-    owner_of_segment = np.where(groups >= 0, np.searchsorted(members, groups), UNALLOCATED).astype(np.int16)
+    dtype = owners_dtype(int(members.size))
+    owner_of_segment = np.where(groups >= 0, np.searchsorted(members, groups), UNALLOCATED).astype(dtype)
 
     # Paint one period, then repeat it over the LUN.
     period_regions = -(-period // region_blocks)
-    pattern = np.full(period_regions, UNALLOCATED, dtype=np.int16)
+    pattern = np.full(period_regions, UNALLOCATED, dtype=dtype)
     starts = (first // np.uint64(region_blocks)).astype(np.int64)
     stops = (-(-ends.astype(np.int64) // region_blocks))
     lengths = stops - starts

@@ -144,7 +144,8 @@ class FakeDeviceMapper:
             if kind == "switch":
                 # drivers/md/dm-switch.c: every constructor starts round-robin.
                 nr_paths, region = int(params.split()[0]), int(params.split()[1])
-                device.regions = dmswitch.round_robin(-(-length // region), nr_paths).astype(np.int64)
+                # int16 (paths <= 254): many-LUN benchmarks trace this process's memory, fakes included.
+                device.regions = dmswitch.round_robin(-(-length // region), nr_paths).astype(np.int16)
             else:
                 device.regions = None
         device.suspended = False

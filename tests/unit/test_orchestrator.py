@@ -15,6 +15,7 @@ import pytest
 from agent.config import Config, config_from_mapping
 from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator
 from agent.stack import HIDDEN_UDEV_FLAGS
+from agent.kernel.dm import DmCommand, DmIoctlError
 from protocol.errors import SwitchAgentError
 from tests.unit.fakes_kernel import MiB, FakeSystem, ManyLunSystem
 
@@ -519,3 +520,34 @@ def test_a_lun_waiting_for_udev_on_its_new_top_device_frees_its_build_slot(tmp_p
         assert (await first_run).state == "routed"
 
     asyncio.run(main())
+
+
+def test_the_kernel_map_is_the_owners_array_not_a_copy(tmp_path):
+    system, orch = make(tmp_path, layout="random")
+    stack = reconcile(orch, system.wwid).stack
+    assert stack.kernel_map is stack.page_map.owners and stack.kernel_map.dtype == np.int8
+    with pytest.raises(ValueError):
+        stack.kernel_map[0] = 0  # read-only: nothing may change one through the other
+
+
+def test_a_failed_full_upload_after_a_failed_diff_leaves_the_next_reconcile_sending_everything(tmp_path):
+    system, orch = make(tmp_path, layout="random")
+    lun = reconcile(orch, system.wwid)
+    old_owners = lun.stack.page_map.owners.copy()
+    system.volume.move_pages(0.05)
+    real = system.dm.target_message
+
+    def broken(name, sector, message):
+        raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EIO, "injected")
+
+    system.dm.target_message = broken
+    with pytest.raises(SwitchAgentError):
+        reconcile(orch, system.wwid)
+    assert np.array_equal(lun.stack.page_map.owners, old_owners)  # the old map is left as it was
+    assert (lun.stack.kernel_map == -1).all()
+    system.dm.target_message = real
+    # Some messages of the failed uploads might have applied: the kernel's map is unknown.
+    switch = system.dm.devices[lun.stack.plan.switch_name]
+    switch.regions[:] = (switch.regions + 1) % 3
+    reconcile(orch, system.wwid)
+    assert system.misrouted_pages(top_name(system)) == 0

@@ -334,3 +334,11 @@ def test_fuzz_member_identity(blob):
         pm.decode_member_identity_vpd(blob)
     except DecodeError:
         pass
+
+
+@pytest.mark.parametrize("count,dtype", [(3, np.int8), (127, np.int8), (128, np.int16), (255, np.int16)])
+def test_decoded_owners_are_as_narrow_as_the_member_count_allows(count, dtype):
+    owners = np.arange(-1, 299) % (count + 1) - 1  # every member index and UNALLOCATED
+    page_map = fetch(owners, 1 << 16, mem=members(count))
+    assert page_map.owners.dtype == dtype
+    assert np.array_equal(page_map.owners, owners)
