@@ -111,7 +111,7 @@ class FakeDeviceMapper:
         self._check_fail("create", name)
         if not uuid.startswith(UUID_PREFIX):
             raise NotOwnedError(DmCommand.DEV_CREATE, name, uuid, UUID_PREFIX)
-        if name in self.devices or any(d.uuid == uuid for d in self.devices.values()):
+        if name in self.devices or any(d.uuid == uuid for d in list(self.devices.values())):
             raise DmIoctlError(DmCommand.DEV_CREATE, name, errno.EBUSY, "Device or resource busy")
         self.devices[name] = FakeDmDevice(name, uuid, self._next_minor)
         self._next_minor += 1
@@ -123,7 +123,7 @@ class FakeDeviceMapper:
         device = self._owned(name, DmCommand.TABLE_LOAD)
         for _start, _length, kind, params in targets:
             for dev in _devices_in(kind, params):
-                if dev.startswith("253:") and not any(d.dev == dev for d in self.devices.values()):
+                if dev.startswith("253:") and not any(d.dev == dev for d in list(self.devices.values())):
                     raise DmIoctlError(DmCommand.TABLE_LOAD, name, errno.ENXIO, f"no device {dev}")
             if kind == "switch":
                 dmswitch.parse_switch_table(f"{_start} {_length} switch {params}")
@@ -154,7 +154,7 @@ class FakeDeviceMapper:
     def device_remove(self, name: str, **_):
         self.log.append(("remove", name))
         device = self._owned(name, DmCommand.DEV_REMOVE)
-        for other in self.devices.values():
+        for other in list(self.devices.values()):
             if other.live and any(device.dev in _devices_in(t[2], t[3]) for t in other.live):
                 raise DmIoctlError(DmCommand.DEV_REMOVE, name, errno.EBUSY, f"held by {other.name}")
         del self.devices[name]
@@ -168,8 +168,9 @@ class FakeDeviceMapper:
 
     def list_devices(self):
         self.log.append(("list", ""))
+        # list(): the daemon calls dm from several threads, and a create may land meanwhile.
         return [SimpleNamespace(name=d.name, uuid=d.uuid, major=253, minor=d.minor, event_nr=d.event_nr)
-                for d in self.devices.values()]
+                for d in list(self.devices.values())]
 
     def table_status(self, name: str):
         """STATUSTYPE_INFO of a multipath leg, as dm-mpath.c prints it (round-robin: no per-path args)."""
@@ -207,7 +208,7 @@ class FakeDeviceMapper:
     # -- following I/O down the stack ------------------------------------------------
 
     def by_dev(self, dev: str) -> FakeDmDevice:
-        return next(d for d in self.devices.values() if d.dev == dev)
+        return next(d for d in list(self.devices.values()) if d.dev == dev)
 
     def route_region(self, top: str, region: int) -> tuple[str, ...]:
         """The preferred paths (major:minor) that a region of the top device reaches."""
