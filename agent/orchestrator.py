@@ -34,6 +34,11 @@ from protocol.pagemap import UNALLOCATED, PageMap
 LOG = logging.getLogger(__name__)
 
 
+WHOLE_MAP_ENCODES = 2
+"""Whole-map encodes at once. Each needs ~85 bytes per page of temporaries (8.5 MiB for 100k
+pages) and holds the GIL most of the time: more than two at once cost memory, not time."""
+
+
 class LunNotFoundError(SwitchAgentError):
     """No array LUN matches what the user named."""
 
@@ -140,6 +145,7 @@ class Orchestrator:
         self._parallel = asyncio.Semaphore(config.max_parallel_luns)
         self._new_paths: dict[str, set[str]] = {}
         """wwid -> disks the kernel announced for it that multipathd's map does not hold yet."""
+        self._encodes = asyncio.Semaphore(WHOLE_MAP_ENCODES)
         # Calls that wait for udev (a new top device's node: up to 30 s) get threads of their own:
         # in the loop's default pool (cpu_count + 4 threads: 6 on 2 CPUs) a few of them stalled
         # every other LUN's dm calls. One wait per LUN at most (its lock), so few threads in practice.
@@ -376,10 +382,7 @@ class Orchestrator:
         # Encoding a whole map is the install's biggest CPU cost (seconds for the seed's 1.5M pages
         # under TCG): do it in a thread while the kernel and udev build the devices, and keep
         # the event loop free for the other LUNs meanwhile.
-        encoding = asyncio.ensure_future(asyncio.to_thread(
-            dmswitch.encode_region_mappings, page_map.owners,
-            previous=dmswitch.round_robin(plan.region_count, len(plan.legs)),
-            max_message_bytes=self.config.max_message_bytes))
+        encoding = asyncio.ensure_future(self._encode_whole_map(plan, page_map))
         try:
             # Legs side by side: most of a leg's time is udev's, and udev works on them in parallel.
             results = await asyncio.gather(*(self._create(spec, created) for spec in plan.legs),
@@ -413,6 +416,13 @@ class Orchestrator:
         # Switches hold legs: remove them first.
         await self._remove_all(sorted(stale, key=lambda name: stale[name] == "leg"))
         lun.leftovers.clear()
+
+    async def _encode_whole_map(self, plan: StackPlan, page_map: PageMap) -> list[str]:
+        async with self._encodes:
+            return await asyncio.to_thread(
+                dmswitch.encode_region_mappings, page_map.owners,
+                previous=dmswitch.round_robin(plan.region_count, len(plan.legs)),
+                max_message_bytes=self.config.max_message_bytes)
 
     async def _create(self, spec: DeviceSpec, created: list[str]) -> str:
         dm = self.system.dm
