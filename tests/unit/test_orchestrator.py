@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import threading
@@ -551,3 +552,34 @@ def test_a_failed_full_upload_after_a_failed_diff_leaves_the_next_reconcile_send
     switch.regions[:] = (switch.regions + 1) % 3
     reconcile(orch, system.wwid)
     assert system.misrouted_pages(top_name(system)) == 0
+
+
+def test_whole_map_encodes_run_at_most_two_at_once(tmp_path, monkeypatch):
+    from agent import orchestrator as orchestrator_module
+    from protocol import dmswitch
+
+    system = ManyLunSystem(6, tmp_path=tmp_path, members=3, paths_per_member=1)
+    orch = Orchestrator(Config(max_parallel_luns=6, max_message_bytes=4096), system)
+    real = dmswitch.encode_region_mappings
+    lock, running, most = threading.Lock(), [0], [0]
+    # Three encodes meet here if they can; under the bound the two inside give up after the deadline.
+    three_in = threading.Barrier(3, timeout=1)
+
+    def counting(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                three_in.wait()
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+    monkeypatch.setattr(orchestrator_module.dmswitch, "encode_region_mappings", counting)
+
+    async def main():
+        return await asyncio.gather(*(orch.reconcile(s.wwid) for s in system.systems))
+
+    assert all(lun.state == "routed" for lun in asyncio.run(main()))
+    assert most[0] == 2  # two overlap, never a third
