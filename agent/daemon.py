@@ -26,6 +26,9 @@ LOG = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 
+FULL_LEG_CHECK_EVERY = 8
+"""Poll rounds between status reads of every leg, event_nr moved or not."""
+
 
 class LunScheduler:
     """Runs reconciles: debounced, one at a time per LUN, retried with backoff after failure."""
@@ -207,9 +210,13 @@ class Daemon:
         leg's event_nr moved (or a failed path is still waiting): with many LUNs a status read
         of every leg every round was most of the idle daemon's CPU.
         """
+        rounds = 0
         while True:
             await self.sleep(self.config.poll_interval_s)
-            events = await self._dm_events()
+            rounds += 1
+            # Now and then every leg regardless: a kernel before 4.14 reports no event_nr in the
+            # list (all 0), and a path failure must not stay unseen for good.
+            events = None if rounds % FULL_LEG_CHECK_EVERY == 0 else await self._dm_events()
             for lun in list(self.orchestrator.luns.values()):
                 if lun.stack is None or lun.topology is None:
                     continue

@@ -11,7 +11,7 @@ import pytest
 
 from agent import control
 from agent.config import Config
-from agent.daemon import Daemon, LunScheduler
+from agent.daemon import FULL_LEG_CHECK_EVERY, Daemon, LunScheduler
 from agent.kernel.udev import UdevMonitor
 from agent.orchestrator import Orchestrator
 from tests.unit.fakes_kernel import FakeSystem, ManyLunSystem
@@ -293,6 +293,11 @@ def test_poll_rounds_over_healthy_luns_read_no_leg_status(tmp_path):
         dm.target_message(name, 0, f"fail_path {dev}")
         assert await poll_round(4) == [name]
         assert not dm.devices[name].failed
+        assert await poll_round(5) == [name]  # its reinstatement moved its event_nr once more
+        for rounds in range(6, FULL_LEG_CHECK_EVERY):
+            assert await poll_round(rounds) == []
+        # Now and then every leg anyway (a kernel that reports no event_nr must not hide a failure).
+        assert sorted(await poll_round(FULL_LEG_CHECK_EVERY)) == sorted(legs)
         daemon.stop()
         await task
 
