@@ -29,13 +29,15 @@ from tests.guest import agentlib
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmHWM and VmRSS in bytes."""
+    """VmHWM and VmRSS in bytes, and Threads."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("VmHWM", "VmRSS"):
                 out[key] = int(value.split()[0]) * 1024
+            elif key == "Threads":
+                out[key] = int(value)
     return out
 
 
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     # info, as a deployed daemon logs: debug lines for every SCSI command of 64 LUNs would be measured too.
     daemon = agentlib.AgentDaemon(poll_interval_s=args.poll_interval, log_level="info")
     try:
+        # What Python, numpy and the daemon's own threads cost before any LUN: the floor of the memory row.
+        start = proc_status(daemon.proc.pid)
+        result.update(start_rss_bytes=start["VmRSS"], start_threads=start["Threads"])
         t0 = time.monotonic()
         # The daemon routes LUNs while later ones are still being scanned: sample from the start.
         sampler = Sampler(members, luns, t0)
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         ticks1, w1 = cpu_ticks(pid), time.monotonic()
         result.update(idle_window_s=w1 - w0, idle_cpu_fraction=(ticks1 - ticks0) / hz / (w1 - w0))
         mem = proc_status(pid)
-        result.update(vm_hwm_bytes=mem["VmHWM"], vm_rss_bytes=mem["VmRSS"])
+        result.update(vm_hwm_bytes=mem["VmHWM"], vm_rss_bytes=mem["VmRSS"], threads=mem["Threads"])
         print(f"guest-luns: idle CPU {100 * result['idle_cpu_fraction']:.2f} % over {w1 - w0:.0f} s, "
               f"VmHWM {mem['VmHWM'] >> 20} MiB, VmRSS {mem['VmRSS'] >> 20} MiB", flush=True)
         # After the measurement, so the sampler's own CPU does not count: where idle time goes.

@@ -243,7 +243,10 @@ def many_rows(m: dict) -> list[Row]:
     rows.append(Row("many LUNs: daemon memory (VmHWM)", "<= 100 MB + 1.2x packed maps",
                     f"{m['vm_hwm_bytes'] / (1 << 20):.1f} MiB", f"budget {budget / (1 << 20):.1f} MiB",
                     ratio_text(m["vm_hwm_bytes"], budget), goal_met(m["vm_hwm_bytes"] <= budget),
-                    f"VmRSS {m['vm_rss_bytes'] / (1 << 20):.1f} MiB; packed maps {m['packed_map_bytes']:,} bytes"))
+                    f"VmRSS {m['vm_rss_bytes'] / (1 << 20):.1f} MiB; packed maps {m['packed_map_bytes']:,} bytes"
+                    + (f"; before any LUN (Python, numpy, the daemon's threads) VmRSS "
+                       f"{m['start_rss_bytes'] / (1 << 20):.1f} MiB with {m['start_threads']} threads, "
+                       f"{m.get('threads', '?')} threads at the end" if "start_rss_bytes" in m else "")))
     rows.append(Row(f"many LUNs: idle CPU while polling (poll_interval_s {m['poll_interval_s']})",
                     "<= 1% of a core", f"{100 * m['idle_cpu_fraction']:.2f} %", "-", "-",
                     goal_met(m["idle_cpu_fraction"] <= 0.01),

@@ -105,6 +105,10 @@ def test_many_lun_rows() -> None:
          "poll_interval_s": 15.0, "idle_cpu_fraction": 0.02, "idle_window_s": 30.0}
     rows = scale_lib.build_rows({"many_luns": m})
     assert [r.met for r in rows] == ["yes", "yes", "no"]
+    m.update(start_rss_bytes=40 << 20, start_threads=4, threads=200)
+    memory = scale_lib.build_rows({"many_luns": m})[1]
+    assert memory.note.endswith("before any LUN (Python, numpy, the daemon's threads) VmRSS 40.0 MiB with "
+                                "4 threads, 200 threads at the end")
 
 
 def test_host_renders_saved_json_without_booting(tmp_path, monkeypatch, capsys) -> None:
