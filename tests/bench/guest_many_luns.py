@@ -90,18 +90,19 @@ def wait_quiet(pid: int, hz: int, fraction: float, timeout: float, window: float
 
 
 def sample_idle(pid: int, seconds: float) -> dict | None:
-    """py-spy (non-blocking, 50 Hz, busy samples only) over the idle daemon: collapsed stacks, summarised."""
+    """py-spy (non-blocking, 20 Hz, the GIL holder only) over the idle daemon: collapsed stacks, summarised."""
     spy = scale_lib.py_spy()
     if spy is None:
         return None
     out = agentlib.RESULTS / "daemon-idle.pyspy.txt"
     try:
-        p = subprocess.run([spy, "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)),
+        # --gil: only the thread holding the GIL is unwound per sample. Sampling all of a 64-LUN
+        # daemon's 207 threads at 50 Hz did not finish a 30 s recording within 150 s under TCG (twice).
+        p = subprocess.run([spy, "record", "--nonblocking", "--gil", "-r", "20", "-d", str(int(seconds)),
                             "-f", "raw", "-o", str(out), "--pid", str(pid)],
-                           capture_output=True, text=True, timeout=seconds + 120)
+                           capture_output=True, text=True, timeout=4 * seconds + 120)
     except subprocess.TimeoutExpired:
-        # Seen with 64 LUNs under TCG: py-spy did not finish a 30 s recording in 150 s.
-        return {"error": f"py-spy did not finish within {seconds + 120:.0f} s"}
+        return {"error": f"py-spy did not finish within {4 * seconds + 120:.0f} s"}
     if p.returncode != 0 or not out.exists():
         return {"error": (p.stdout + p.stderr)[-500:]}
     return scale_lib.summarise_collapsed(out.read_text())

@@ -72,8 +72,8 @@ def section(results: dict, commands: list[str], machine: str) -> str:
         out += ["The agent's encoder alone on the same map (cProfile, cumulative):", "", "```", prof, "```", ""]
     idle = (results.get("many_luns") or {}).get("idle_profile")
     if idle and idle.get("samples"):
-        out += [f"py-spy over the idle daemon ({idle['samples']} busy samples at 50 Hz over the idle window's "
-                "length, after it):", "",
+        out += [f"py-spy over the idle daemon ({idle['samples']} samples of the GIL's holder at 20 Hz over the "
+                "idle window's length, after it):", "",
                 "| innermost frame | samples | | on the stack | samples |", "|---|---|---|---|---|"]
         for (f1, n1), (f2, n2) in zip(idle["innermost"][:8], idle["on_stack"][:8]):
             out.append(f"| `{f1}` | {n1} | | `{f2}` | {n2} |")
