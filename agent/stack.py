@@ -144,6 +144,10 @@ def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: 
     # The config holds dm's counted argument lists ("round-robin 0", "1 queue_if_no_path").
     selector, _count, *selector_args = config.path_selector.split()
     features = config.leg_features.split()[1:]
+    # A path to a member the map no longer lists is left out of every leg: the member is leaving
+    # the array, its sessions are about to go, and a table naming a vanished disk fails to load.
+    listed = {m.member_id for m in page_map.members}
+    usable = [p for p in usable if p.member_id in listed] or usable
     legs, leg_paths = [], []
     for k, member in enumerate(page_map.members):
         own = tuple(p.dev for p in usable if p.member_id == member.member_id)

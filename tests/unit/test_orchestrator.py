@@ -583,3 +583,16 @@ def test_whole_map_encodes_run_at_most_two_at_once(tmp_path, monkeypatch):
 
     assert all(lun.state == "routed" for lun in asyncio.run(main()))
     assert most[0] == 2  # two overlap, never a third
+
+
+def test_a_member_leaving_the_map_carries_no_leg_and_no_fallback(tmp_path):
+    """Its sessions are about to go: a leg table naming its disk would fail to load once they do."""
+    system, orch = make(tmp_path, members=4, paths_per_member=1, layout="random")
+    reconcile(orch, system.wwid)
+    leaving = system.volume.members[-1].number
+    leaving_dev = next(system.devs[n] for n, p in system.paths.items() if p.member_number == leaving)
+    system.volume.remove_member(leaving)  # its pages go to the others; its port still answers
+    lun = reconcile(orch, system.wwid)
+    assert len(lun.stack.plan.legs) == 3
+    assert all(leaving_dev not in own + other for own, other in lun.stack.plan.leg_paths)
+    assert system.misrouted_pages(top_name(system)) == 0
