@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 from typing import Container
@@ -17,9 +18,16 @@ from agent.orchestrator import MpathMap, NewPath
 
 LOG = logging.getLogger(__name__)
 
+SGIO_THREADS = 32
+"""Worker threads for every path's SG_IO, made as commands need them. A device
+runs one command at a time, so a path stuck in SCSI error handling holds one;
+a thread per path (192 for 64 LUNs of 3 members) cost memory and made the
+idle daemon hard to profile. 32 covers max_parallel_luns reconciles
+identifying their paths side by side, with room for stuck paths."""
+
 
 class RealSystem:
-    """What the daemon runs on: one dm control fd, one open sd node per path, sysfs."""
+    """What the daemon runs on: one dm control fd, one open sd node per path and a pool for their SG_IO, sysfs."""
 
     def __init__(self, config: Config, *, sysfs_root: str = "/sys", dev_root: str = "/dev") -> None:
         self.config = config
@@ -27,6 +35,7 @@ class RealSystem:
         self.dev_root = dev_root
         self.dm = DeviceMapper(UUID_PREFIX)
         self._paths: dict[str, ScsiDevice] = {}
+        self._sgio = concurrent.futures.ThreadPoolExecutor(max_workers=SGIO_THREADS, thread_name_prefix="sgio")
 
     async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
         """Every multipathd map now (or only `wwid`'s), with its path devices; forgets paths that went away.
@@ -107,7 +116,7 @@ class RealSystem:
             self._paths.pop(device).close()
             scsi = None
         if scsi is None:
-            scsi = ScsiDevice(os.path.join(self.dev_root, device), sysfs=self.sysfs,
+            scsi = ScsiDevice(os.path.join(self.dev_root, device), sysfs=self.sysfs, executor=self._sgio,
                               timeout_ms=int(self.config.scsi_timeout_s * 1000))
             self._paths[device] = scsi
         return scsi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import errno
 import os
@@ -304,6 +305,105 @@ def test_a_slow_path_does_not_stall_the_loop(tmp_path: Path) -> None:
     assert asyncio.run(main()) >= 10
 
 
+class GatedKernel:
+    """An ioctl that holds each command of a gated device until released; counts commands inside per device."""
+
+    def __init__(self, gated: str) -> None:
+        self.gated, self.release = gated, threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.inside: dict[str, int] = {}
+        self.most_inside: dict[str, int] = {}
+        self.done: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, fd: int, request: int, hdr: SgIoHdr) -> int:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        with self._lock:
+            self.inside[name] = self.inside.get(name, 0) + 1
+            self.most_inside[name] = max(self.most_inside.get(name, 0), self.inside[name])
+        self.entered.release()
+        if name == self.gated:
+            assert self.release.wait(10), "never released"
+        with self._lock:
+            self.inside[name] -= 1
+            self.done.append(name)
+        return 0
+
+
+def test_a_shared_pool_keeps_one_command_per_device_and_a_stuck_path_to_itself(tmp_path: Path) -> None:
+    stuck, healthy = _node(tmp_path, "sdb"), _node(tmp_path, "sdc")
+    kernel = GatedKernel("sdb")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+
+    async def main() -> None:
+        with ScsiDevice(stuck, ioctl=kernel, executor=pool) as a, ScsiDevice(healthy, ioctl=kernel, executor=pool) as b:
+            first = asyncio.ensure_future(a.execute(build_test_unit_ready_cdb()))
+            assert await asyncio.to_thread(kernel.entered.acquire, True, 10)
+            # The first caller gives up; its command is still inside the kernel.
+            first.cancel()
+            second = asyncio.ensure_future(a.execute(build_test_unit_ready_cdb()))
+            await b.execute(build_test_unit_ready_cdb())  # another path is not held up
+            assert kernel.done == ["sdc"] and not second.done()
+            kernel.release.set()
+            await second
+        assert first.cancelled()
+
+    asyncio.run(main())
+    pool.shutdown()
+    assert kernel.most_inside == {"sdb": 1, "sdc": 1}
+    assert sorted(kernel.done) == ["sdb", "sdb", "sdc"]
+
+
+def test_a_command_cancelled_before_it_ran_leaves_no_fd_and_frees_the_device(tmp_path: Path) -> None:
+    stuck, queued = _node(tmp_path, "sdb"), _node(tmp_path, "sdc")
+    kernel = GatedKernel("sdb")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # sdb's command takes the only worker
+
+    async def main() -> None:
+        with ScsiDevice(stuck, ioctl=kernel, executor=pool) as a, ScsiDevice(queued, ioctl=kernel, executor=pool) as b:
+            before = _open_fds()
+            held = asyncio.ensure_future(a.execute(build_test_unit_ready_cdb()))
+            assert await asyncio.to_thread(kernel.entered.acquire, True, 10)
+            waiting = asyncio.ensure_future(b.execute(build_test_unit_ready_cdb()))
+            await asyncio.sleep(0)  # let it submit its work behind sdb's (an ordering step, not a wait)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            kernel.release.set()
+            await held
+            assert _open_fds() == before
+            await b.execute(build_test_unit_ready_cdb())  # the device's turn was given back
+
+    asyncio.run(main())
+    pool.shutdown()
+    assert kernel.done == ["sdb", "sdc"]
+
+
+def test_a_blocking_device_runs_the_command_in_the_calling_thread(tmp_path: Path) -> None:
+    node = _node(tmp_path)
+    kernel = FakeKernel([Reply(data=b"\x01" * 36), Reply(status=ScsiStatus.CHECK_CONDITION,
+                                                         sense=sense_of(SenseKey.UNIT_ATTENTION,
+                                                                        AdditionalSense.CAPACITY_DATA_HAS_CHANGED))])
+    before = _open_fds()
+
+    async def main() -> ScsiResult:
+        with ScsiDevice(node, ioctl=kernel, timeout_ms=700) as dev:
+            path = dev.blocking()
+            result = await path.execute(build_inquiry_cdb(), data_in_length=36)
+            with pytest.raises(ScsiCommandError, match="UNIT ATTENTION"):
+                await path.execute(build_test_unit_ready_cdb())
+            return result
+
+    results: list[ScsiResult] = []
+    worker = threading.Thread(target=lambda: results.append(asyncio.run(main())), name="poller")
+    worker.start()
+    worker.join(10)
+    assert results[0].data_in == b"\x01" * 36
+    assert [seen.thread for seen in kernel.seen] == ["poller", "poller"]
+    assert kernel.seen[0].timeout == 700
+    assert _open_fds() == before
+
+
 def test_errors_from_the_thread_reach_the_caller(tmp_path: Path) -> None:
     node = _node(tmp_path)
     kernel = FakeKernel([Reply(status=ScsiStatus.CHECK_CONDITION,
@@ -331,8 +431,11 @@ def test_closed_device_refuses_commands(tmp_path: Path) -> None:
     dev = ScsiDevice(_node(tmp_path), ioctl=FakeKernel())
     dev.close()
     dev.close()  # idempotent
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(ScsiDeviceError) as err:
         asyncio.run(dev.execute(build_test_unit_ready_cdb()))
+    assert err.value.errno == errno.EBADF
+    with pytest.raises(ScsiDeviceError):
+        asyncio.run(dev.blocking().execute(build_test_unit_ready_cdb()))
 
 
 def test_the_real_ioctl_accepts_the_header(tmp_path: Path) -> None:
