@@ -162,7 +162,7 @@ def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
 def run_daemon(args: argparse.Namespace, config, socket_path: Path) -> int:
     from dataclasses import replace
 
-    from agent.daemon import Daemon, install_signal_handlers
+    from agent.daemon import Daemon, install_signal_handlers, limit_malloc_arenas
     from agent.system import RealSystem, open_udev_events
 
     overrides: dict[str, Any] = {"socket_path": socket_path}
@@ -178,6 +178,8 @@ def run_daemon(args: argparse.Namespace, config, socket_path: Path) -> int:
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format=stamp + "%(levelname)s %(name)s: %(message)s")
+
+    limit_malloc_arenas()
 
     async def serve() -> None:
         system = RealSystem(config)

@@ -10,6 +10,7 @@ failure. SIGTERM stops the daemon and leaves every routed device in place.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -217,10 +218,11 @@ class Daemon:
             # Now and then every leg regardless: a kernel before 4.14 reports no event_nr in the
             # list (all 0), and a path failure must not stay unseen for good.
             events = None if rounds % FULL_LEG_CHECK_EVERY == 0 else await self._dm_events()
-            for lun in list(self.orchestrator.luns.values()):
-                if lun.stack is None or lun.topology is None:
-                    continue
-                if await self._generation_moved(lun):
+            luns = [lun for lun in self.orchestrator.luns.values() if lun.stack and lun.topology]
+            generations = await self.orchestrator.poll_generations(luns)
+            for lun in luns:
+                # None (no path answered) differs too: reconcile finds out and reports why.
+                if lun.stack is not None and generations[lun.wwid] != lun.stack.page_map.generation:
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
                 if self.orchestrator.legs_to_check(lun, events):
                     self.scheduler.heal(lun.wwid, events=events)
@@ -232,18 +234,6 @@ class Daemon:
         except SwitchAgentError as exc:
             LOG.warning("cannot list dm devices: %s", exc)
             return None
-
-    async def _generation_moved(self, lun) -> bool:
-        for path in lun.topology.paths:
-            if not path.usable:
-                continue
-            try:
-                generation = await self.orchestrator.poll_generation(lun, path.device)
-            except SwitchAgentError as exc:
-                LOG.debug("%s: poll over %s failed: %s", lun.wwid, path.device, exc)
-                continue
-            return generation != lun.stack.page_map.generation
-        return True  # no path answered: let reconcile find out and report why
 
     async def handle_request(self, request: dict[str, Any]) -> Any:
         """One control-socket request."""
@@ -304,6 +294,24 @@ def notify_systemd(state: str) -> None:
             sock.sendto(state.encode(), address)
         except OSError as exc:
             LOG.warning("could not notify systemd: %s", exc)
+
+
+M_ARENA_MAX = -8  # <malloc.h>
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Ask glibc for at most `arenas` malloc arenas (False where there is no mallopt: not glibc).
+
+    glibc gives threads that allocate arenas of their own, up to 8 per CPU,
+    and each keeps what it once held. The daemon's threads mostly wait in
+    ioctls; their arenas only raised its high-water mark.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, arenas))
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -43,6 +43,10 @@ class FakeArrayPath:
     async def max_transfer_bytes(self) -> int:
         return self.max_transfer
 
+    def blocking(self):
+        """As ScsiDevice.blocking(): execute() never leaves this thread anyway."""
+        return self
+
     async def execute(self, cdb: bytes, *, data_in_length: int = 0, data_out: bytes | None = None):
         self.commands += 1
         if self.broken:

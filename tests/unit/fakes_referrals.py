@@ -99,6 +99,10 @@ class FakeLioPath:
     async def max_transfer_bytes(self) -> int:
         return 256 * 1024
 
+    def blocking(self):
+        """As ScsiDevice.blocking(): execute() never leaves this thread anyway."""
+        return self
+
     async def execute(self, cdb: bytes, *, data_in_length: int = 0, data_out: bytes | None = None):
         try:
             data = self.lun.handle(self.port, cdb)

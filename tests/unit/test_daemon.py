@@ -302,3 +302,9 @@ def test_poll_rounds_over_healthy_luns_read_no_leg_status(tmp_path):
         await task
 
     run(main())
+
+
+def test_malloc_arenas_are_limited_where_glibc_allows_it():
+    from agent.daemon import limit_malloc_arenas
+    import platform
+    assert limit_malloc_arenas() is (platform.libc_ver()[0] == "glibc")

@@ -167,9 +167,9 @@ def test_a_changed_layout_is_polled_and_sent_as_a_difference():
     orch = Orchestrator(Config(arrays=(LIO,), max_message_bytes=4096), system)
     lun = run(orch.reconcile(system.wwid))
     generation = lun.stack.page_map.generation
-    assert run(orch.poll_generation(lun, "sdb")) == generation
+    assert run(orch.poll_generations([lun])) == {lun.wwid: generation}
     system.lun.segments[4] = segment(4 * 8 * MIB_BLOCKS, 5 * 8 * MIB_BLOCKS - 1, 3, system.lun.groups)
-    assert run(orch.poll_generation(lun, "sdb")) != generation
+    assert run(orch.poll_generations([lun]))[lun.wwid] not in (None, generation)
     sent = lun.messages_sent
     epoch = lun.epoch
     lun = run(orch.reconcile(system.wwid))
@@ -180,7 +180,7 @@ def test_a_changed_layout_is_polled_and_sent_as_a_difference():
 def test_an_unroutable_layout_keeps_the_routing_there_is():
     system = FakeLioSystem(striped_lun())
     orch = Orchestrator(Config(arrays=(LIO,), max_message_bytes=4096), system)
-    lun = run(orch.reconcile(system.wwid))
+    run(orch.reconcile(system.wwid))
     before = {n: d.live for n, d in system.dm.devices.items()}
     system.lun.segments.append(segment(5, 6, 1, system.lun.groups))  # overlaps segment 0
     with pytest.raises(ValueRangeError, match="overlap"):

@@ -596,3 +596,32 @@ def test_a_member_leaving_the_map_carries_no_leg_and_no_fallback(tmp_path):
     assert len(lun.stack.plan.legs) == 3
     assert all(leaving_dev not in own + other for own, other in lun.stack.plan.leg_paths)
     assert system.misrouted_pages(top_name(system)) == 0
+
+
+def test_a_poll_round_runs_off_the_loop_and_falls_through_to_a_path_that_answers(tmp_path):
+    system = ManyLunSystem(2, tmp_path=tmp_path)
+    orch = Orchestrator(CONFIG, system)
+    luns = [reconcile(orch, s.wwid) for s in system.systems]
+    first, second = system.systems
+    threads: set[str] = set()
+    for s in system.systems:
+        for path in s.paths.values():
+            run_command = path.execute
+
+            async def execute(cdb, *, _run=run_command, **kw):
+                threads.add(threading.current_thread().name)
+                return await _run(cdb, **kw)
+            path.execute = execute
+    broken = next(iter(first.paths.values()))
+    broken.broken = True  # first LUN: its first path fails, the next one answers
+    for path in second.paths.values():
+        path.broken = True  # second LUN: no path answers
+    before = broken.commands
+
+    async def main() -> tuple[dict, str]:
+        return await orch.poll_generations(luns), threading.current_thread().name
+
+    generations, loop_thread = asyncio.run(main())
+    assert generations == {first.wwid: luns[0].stack.page_map.generation, second.wwid: None}
+    assert broken.commands == before + 1
+    assert len(threads) == 1 and loop_thread not in threads
