@@ -109,7 +109,7 @@ async def bench(args, tmp: Path) -> None:
                 and gate.parked == 1)
     print(f"install: {args.luns} LUNs x {args.members} members x {args.pages:,} pages routed in "
           f"{time.monotonic() - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU "
-          f"(max_parallel_luns {args.parallel})")
+          f"(max_parallel_luns {args.parallel}); process {vm_status()} (the fakes' arrays included)")
     if args.memory:
         current, peak = tracemalloc.get_traced_memory()
         snapshot = tracemalloc.take_snapshot()
@@ -180,6 +180,13 @@ def print_memory(snapshot, daemon, args) -> None:
             held[key] = held.get(key, 0) + (0 if key.endswith("shared") else array.nbytes)
     for name, size in held.items():
         print(f"  per-LUN arrays, all LUNs: {name}: {size / 2**20:.2f} MiB")
+
+
+def vm_status() -> str:
+    """This process's VmHWM and VmRSS as /proc says."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return ", ".join(f"{key} {int(fields[key].split()[0]) / 1024:.1f} MiB" for key in ("VmHWM", "VmRSS"))
 
 
 def main() -> None:

@@ -48,6 +48,38 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def memory_by_mapping(pid: int, top: int = 6) -> dict[str, int]:
+    """The process's Rss by kind of mapping (bytes), from /proc/<pid>/smaps.
+
+    "[heap]" is the main malloc arena; "anonymous" holds the other arenas,
+    numpy's and Python's large blocks and the threads' stacks; files are
+    Python, its extensions and the libraries they load (the `top` largest by
+    name, the rest together).
+    """
+    kinds: dict[str, int] = {}
+    kind = "anonymous"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                path = head[5].strip() if len(head) > 5 else ""
+                kind = path if path.startswith("[") else os.path.basename(path) if path else "anonymous"
+            elif head[0] == "Rss:":
+                kinds[kind] = kinds.get(kind, 0) + int(head[1]) * 1024
+    special = {k: kinds.pop(k) for k in ("[heap]", "anonymous", "[stack]") if k in kinds}
+    files = sorted(kinds.items(), key=lambda kv: -kv[1])
+    out = dict(special, **dict(files[:top]))
+    out["other files"] = sum(v for _, v in files[top:])
+    return out
+
+
+def cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) of the process in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def switch_wwids() -> set[str]:
     """LUNs that have one of our switches now (dmsetup: an independent reader)."""
     return {uuid.split("-", 3)[3] for uuid in agentlib.our_uuids().values() if uuid.startswith("SWAGENT-sw-")}
@@ -130,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # What Python, numpy and the daemon's own threads cost before any LUN: the floor of the memory row.
         start = proc_status(daemon.proc.pid)
-        result.update(start_rss_bytes=start["VmRSS"], start_threads=start["Threads"])
+        result.update(start_rss_bytes=start["VmRSS"], start_threads=start["Threads"],
+                      start_rss_by_mapping=memory_by_mapping(daemon.proc.pid))
         t0 = time.monotonic()
         # The daemon routes LUNs while later ones are still being scanned: sample from the start.
         sampler = Sampler(members, luns, t0)
@@ -160,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         pid = daemon.proc.pid
         hz = os.sysconf("SC_CLK_TCK")
         result["settle_s"] = wait_quiet(pid, hz, args.quiet_fraction, args.settle_timeout)
-        ticks0, w0 = cpu_ticks(pid), time.monotonic()
+        (user0, sys0), w0 = cpu_split(pid), time.monotonic()
         time.sleep(args.idle_window)  # the measurement window itself
-        ticks1, w1 = cpu_ticks(pid), time.monotonic()
-        result.update(idle_window_s=w1 - w0, idle_cpu_fraction=(ticks1 - ticks0) / hz / (w1 - w0))
+        (user1, sys1), w1 = cpu_split(pid), time.monotonic()
+        ticks = (user1 - user0) + (sys1 - sys0)
+        result.update(idle_window_s=w1 - w0, idle_cpu_fraction=ticks / hz / (w1 - w0),
+                      idle_cpu_user_fraction=(user1 - user0) / hz / (w1 - w0),
+                      idle_cpu_system_fraction=(sys1 - sys0) / hz / (w1 - w0))
         mem = proc_status(pid)
-        result.update(vm_hwm_bytes=mem["VmHWM"], vm_rss_bytes=mem["VmRSS"], threads=mem["Threads"])
+        result.update(vm_hwm_bytes=mem["VmHWM"], vm_rss_bytes=mem["VmRSS"], threads=mem["Threads"],
+                      rss_by_mapping=memory_by_mapping(pid))
         print(f"guest-luns: idle CPU {100 * result['idle_cpu_fraction']:.2f} % over {w1 - w0:.0f} s, "
               f"VmHWM {mem['VmHWM'] >> 20} MiB, VmRSS {mem['VmRSS'] >> 20} MiB", flush=True)
         # After the measurement, so the sampler's own CPU does not count: where idle time goes.

@@ -70,7 +70,16 @@ def section(results: dict, commands: list[str], machine: str) -> str:
     prof = results.get("profile_summary")
     if prof:
         out += ["The agent's encoder alone on the same map (cProfile, cumulative):", "", "```", prof, "```", ""]
-    idle = (results.get("many_luns") or {}).get("idle_profile")
+    many = results.get("many_luns") or {}
+    if many.get("rss_by_mapping"):
+        start = many.get("start_rss_by_mapping") or {}
+        out += ["The daemon's resident memory by mapping (/proc/<pid>/smaps Rss), before any LUN and at the "
+                "end of the many-LUN part:", "", "| mapping | before any LUN | at the end |", "|---|---|---|"]
+        for kind, size in many["rss_by_mapping"].items():
+            before = f"{start[kind] / (1 << 20):.1f} MiB" if kind in start else "-"
+            out.append(f"| {kind} | {before} | {size / (1 << 20):.1f} MiB |")
+        out.append("")
+    idle = many.get("idle_profile")
     if idle and idle.get("samples"):
         out += [f"py-spy over the idle daemon ({idle['samples']} samples of the GIL's holder at 20 Hz over the "
                 "idle window's length, after it):", "",

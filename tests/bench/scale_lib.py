@@ -250,7 +250,9 @@ def many_rows(m: dict) -> list[Row]:
     rows.append(Row(f"many LUNs: idle CPU while polling (poll_interval_s {m['poll_interval_s']})",
                     "<= 1% of a core", f"{100 * m['idle_cpu_fraction']:.2f} %", "-", "-",
                     goal_met(m["idle_cpu_fraction"] <= 0.01),
-                    f"over {m['idle_window_s']:.0f} s, from /proc/<pid>/stat; the window starts once 5 s "
+                    (f"user {100 * m['idle_cpu_user_fraction']:.2f} %, system "
+                     f"{100 * m['idle_cpu_system_fraction']:.2f} %; " if "idle_cpu_user_fraction" in m else "")
+                    + f"over {m['idle_window_s']:.0f} s, from /proc/<pid>/stat; the window starts once 5 s "
                     f"stayed under 5 %" + (f" ({m['settle_s']:.0f} s after all routed)" if "settle_s" in m else "")))
     if m.get("source"):
         rows = [Row(r.what, r.goal, r.measured, r.baseline, r.ratio, r.met, f"{r.note}; {m['source']}") for r in rows]
