@@ -28,7 +28,7 @@ LOG = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
 
 FULL_LEG_CHECK_EVERY = 8
-"""Poll rounds between status reads of every leg, event_nr moved or not."""
+"""Poll rounds between status reads of every leg where the kernel's device list has no event numbers."""
 
 
 class LunScheduler:
@@ -191,11 +191,7 @@ class Daemon:
             self.scheduler.trigger(wwid, f"new path {device}")
 
     async def _rescan_then_trigger(self, devices: list[str], wwids: list[str]) -> None:
-        for device in devices:
-            try:
-                await self.system.rescan_path(device)
-            except SwitchAgentError as exc:
-                LOG.warning("rescan of %s failed: %s", device, exc)
+        await self.orchestrator.rescan_paths(devices, ",".join(wwids) or "-")
         for wwid in wwids:
             self.scheduler.trigger(wwid, "unit attention CAPACITY_DATA_HAS_CHANGED")
 
@@ -215,25 +211,28 @@ class Daemon:
         while True:
             await self.sleep(self.config.poll_interval_s)
             rounds += 1
-            # Now and then every leg regardless: a kernel before 4.14 reports no event_nr in the
-            # list (all 0), and a path failure must not stay unseen for good.
-            events = None if rounds % FULL_LEG_CHECK_EVERY == 0 else await self._dm_events()
+            events = await self._dm_events()
+            # Without event numbers (a kernel before 4.14, or no list) every leg is read, but
+            # only every few rounds: a path failure must not stay unseen for good.
+            check_legs = events is not None or rounds % FULL_LEG_CHECK_EVERY == 0
             luns = [lun for lun in self.orchestrator.luns.values() if lun.stack and lun.topology]
             generations = await self.orchestrator.poll_generations(luns)
             for lun in luns:
                 # None (no path answered) differs too: reconcile finds out and reports why.
                 if lun.stack is not None and generations[lun.wwid] != lun.stack.page_map.generation:
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
-                if self.orchestrator.legs_to_check(lun, events):
+                if check_legs and self.orchestrator.legs_to_check(lun, events):
                     self.scheduler.heal(lun.wwid, events=events)
 
     async def _dm_events(self) -> dict[str, int] | None:
         """Every dm device's event_nr now (None if dm cannot say: then every leg is read)."""
         try:
-            return {d.name: d.event_nr for d in await asyncio.to_thread(self.system.dm.list_devices)}
+            devices = await asyncio.to_thread(self.system.dm.list_devices)
         except SwitchAgentError as exc:
             LOG.warning("cannot list dm devices: %s", exc)
             return None
+        events = {d.name: d.event_nr for d in devices}
+        return None if None in events.values() else events
 
     async def handle_request(self, request: dict[str, Any]) -> Any:
         """One control-socket request."""

@@ -187,7 +187,7 @@ class Orchestrator:
                 if _pages_for(topology, page_map) != page_map.total_pages:
                     # The array resized the volume and a path still shows the old capacity (its unit
                     # attention went to a daemon that died, or is still queued): re-read, look again.
-                    await self._rescan_paths(topology)
+                    await self.rescan_paths([p.device for p in topology.paths], wwid)
                     topology = lun.topology = await self._discover(await self._find_mpath(wwid))
                 fetched = self.clock()
                 plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch)
@@ -327,13 +327,16 @@ class Orchestrator:
                     raise
         raise last or PlanError(topology.wwid, "no usable path to fetch the page map")
 
-    async def _rescan_paths(self, topology: Topology) -> None:
-        # Side by side: each rescan is a round of SCSI commands (under TCG, most of a second).
-        results = await asyncio.gather(*(self.system.rescan_path(p.device) for p in topology.paths),
-                                       return_exceptions=True)
-        for path, result in zip(topology.paths, results):
+    async def rescan_paths(self, devices: list[str], wwid: str = "-") -> None:
+        """Make the kernel re-read each path's capacity (it does not on CAPACITY DATA HAS CHANGED).
+
+        Side by side: each rescan is a round of SCSI commands (under TCG, most of
+        a second). A path that fails is logged and left to the next reconcile.
+        """
+        results = await asyncio.gather(*(self.system.rescan_path(d) for d in devices), return_exceptions=True)
+        for device, result in zip(devices, results):
             if isinstance(result, SwitchAgentError):
-                LOG.warning("%s: rescan of %s failed: %s", topology.wwid, path.device, result)
+                LOG.warning("%s: rescan of %s failed: %s", wwid, device, result)
             elif isinstance(result, BaseException):
                 raise result
 

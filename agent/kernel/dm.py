@@ -256,7 +256,7 @@ class DeviceEntry:
     uuid: str  # "" if the device has none
     major: int
     minor: int
-    event_nr: int
+    event_nr: int | None  # None: the kernel's list carries no event numbers (before 4.14)
 
 
 class _Header(NamedTuple):
@@ -391,7 +391,7 @@ def parse_name_list(data: bytes | bytearray) -> list[DeviceEntry]:
         nul = data.index(b"\0", name_at, end)
         name = bytes(data[name_at:nul]).decode("utf-8", "replace")
         tail = _align8(nul + 1)
-        event_nr, uuid = 0, ""
+        event_nr, uuid = None, ""
         if tail + 8 <= end:
             event_nr, lflags = struct.unpack_from("=II", data, tail)
             if lflags & DM_NAME_LIST_FLAG_HAS_UUID:

@@ -477,6 +477,11 @@ def test_parse_name_list_hand_built():
         dm.DeviceEntry("a", "U-1", 253, 3, 9), dm.DeviceEntry("bcdefghi", "", 253, 300, 2)]
     assert dm.parse_name_list(b"") == []
     assert dm.parse_name_list(bytes(16)) == []  # dev == 0: "flags no data"
+    # A kernel before 4.14: the name, padded to 8, and nothing after it.
+    old = bytearray(16)
+    struct.pack_into("=QI", old, 0, encode_dev(253, 4), 0)
+    old[12:14] = b"z\0"
+    assert dm.parse_name_list(bytes(old)) == [dm.DeviceEntry("z", "", 253, 4, None)]
 
 
 def test_list_devices_doubles_the_buffer_on_buffer_full(dmc, kernel):
