@@ -298,28 +298,29 @@ def sg_io(
             raise ScsiTimeoutError(device, opcode, 0, DID_TIME_OUT, 0, None, cdb=cdb) from exc
         raise ScsiDeviceError(device, opcode, err, cdb=cdb) from exc
 
+    # Each field read once: a ctypes field access is a call, and the idle daemon sends 64 polls a round.
     status = hdr.status or (hdr.masked_status << 1)
+    host_status, driver_status, resid, duration = hdr.host_status, hdr.driver_status, hdr.resid, hdr.duration
     sense_len = min(hdr.sb_len_wr, SENSE_BUFFER_BYTES)
-    sense_bytes = sense_buf.raw[:sense_len]
+    sense_bytes = ctypes.string_at(sense_buf, sense_len) if sense_len else b""
     sense = _decode_sense(device, sense_bytes)
-    driver = hdr.driver_status & 0x0F
-    common = (device, opcode, status, hdr.host_status, hdr.driver_status, sense)
-    if hdr.host_status == DID_TIME_OUT or driver == DRIVER_TIMEOUT:
+    driver = driver_status & 0x0F
+    common = (device, opcode, status, host_status, driver_status, sense)
+    if host_status == DID_TIME_OUT or driver == DRIVER_TIMEOUT:
         raise ScsiTimeoutError(*common, cdb=cdb, sense_bytes=sense_bytes)
-    if hdr.host_status != DID_OK or driver not in (0, DRIVER_SENSE):
+    if host_status != DID_OK or driver not in (0, DRIVER_SENSE):
         raise ScsiTransportError(*common, cdb=cdb, sense_bytes=sense_bytes)
     if status not in _SUCCESS_STATUSES:
         raise ScsiCommandError(*common, cdb=cdb, sense_bytes=sense_bytes)
 
-    resid = hdr.resid
     data = b""
     if data_in_length:
         got = min(max(data_in_length - max(resid, 0), 0), data_in_length)
-        data = data_buf.raw[:got]  # type: ignore[union-attr]
+        data = ctypes.string_at(data_buf, got)  # not .raw: that copies the whole buffer first
     if debug:
         LOG.debug("%s: %s done: %d bytes in, resid %d, %d ms", device, command_name(cdb), len(data),
-                  resid, hdr.duration)
-    return ScsiResult(data_in=data, status=status, sense=sense, resid=resid, duration_ms=hdr.duration)
+                  resid, duration)
+    return ScsiResult(data_in=data, status=status, sense=sense, resid=resid, duration_ms=duration)
 
 
 def _decode_sense(device: str, raw: bytes) -> Sense | None:

@@ -497,6 +497,20 @@ def test_list_devices_doubles_the_buffer_on_buffer_full(dmc, kernel):
     assert devices[399].minor == 399
 
 
+def test_an_unchanged_list_is_not_parsed_again_and_a_change_is_seen(dmc, kernel, monkeypatch):
+    kernel.add("a", PREFIX + "a")
+    kernel.add("b", "")
+    parses = []
+    parse = dm.parse_name_list
+    monkeypatch.setattr(dm, "parse_name_list", lambda data: parses.append(1) or parse(data))
+    first = dmc.list_devices()
+    assert dmc.list_devices() == first and len(parses) == 1
+    kernel.devices["b"].event_nr = 3  # a path failed in b: its event number moved
+    assert [d.event_nr for d in dmc.list_devices()] == [0, 3] and len(parses) == 2
+    kernel.add("c", "")
+    assert [d.name for d in dmc.list_devices()] == ["a", "b", "c"] and len(parses) == 3
+
+
 def test_list_devices_empty(dmc):
     assert dmc.list_devices() == []
 
