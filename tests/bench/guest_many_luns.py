@@ -122,7 +122,11 @@ def wait_quiet(pid: int, hz: int, fraction: float, timeout: float, window: float
 
 
 def sample_idle(pid: int, seconds: float) -> dict | None:
-    """py-spy (non-blocking, 20 Hz, the GIL holder only) over the idle daemon: collapsed stacks, summarised."""
+    """py-spy (non-blocking, 100 Hz, the GIL holder only) over the idle daemon: collapsed stacks, summarised.
+
+    A sample is kept only when a thread holds the GIL, i.e. rarely in an idle
+    daemon: 30 s at 20 Hz gave 16 samples.
+    """
     spy = scale_lib.py_spy()
     if spy is None:
         return None
@@ -130,7 +134,7 @@ def sample_idle(pid: int, seconds: float) -> dict | None:
     try:
         # --gil: only the thread holding the GIL is unwound per sample. Sampling all of a 64-LUN
         # daemon's 207 threads at 50 Hz did not finish a 30 s recording within 150 s under TCG (twice).
-        p = subprocess.run([spy, "record", "--nonblocking", "--gil", "-r", "20", "-d", str(int(seconds)),
+        p = subprocess.run([spy, "record", "--nonblocking", "--gil", "-r", "100", "-d", str(int(seconds)),
                             "-f", "raw", "-o", str(out), "--pid", str(pid)],
                            capture_output=True, text=True, timeout=4 * seconds + 120)
     except subprocess.TimeoutExpired:
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"guest-luns: idle CPU {100 * result['idle_cpu_fraction']:.2f} % over {w1 - w0:.0f} s, "
               f"VmHWM {mem['VmHWM'] >> 20} MiB, VmRSS {mem['VmRSS'] >> 20} MiB", flush=True)
         # After the measurement, so the sampler's own CPU does not count: where idle time goes.
-        result["idle_profile"] = sample_idle(pid, args.idle_window)
+        result["idle_profile"] = sample_idle(pid, 4 * args.idle_window)
     finally:
         # The numbers first: removing 5 dm devices per LUN waits on udev and may outlast the rig.
         out = agentlib.RESULTS / "bench-luns.json"

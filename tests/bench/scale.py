@@ -81,7 +81,7 @@ def section(results: dict, commands: list[str], machine: str) -> str:
         out.append("")
     idle = many.get("idle_profile")
     if idle and idle.get("samples"):
-        out += [f"py-spy over the idle daemon ({idle['samples']} samples of the GIL's holder at 20 Hz over the "
+        out += [f"py-spy over the idle daemon ({idle['samples']} samples of the GIL's holder at 100 Hz over four times the "
                 "idle window's length, after it):", "",
                 "| innermost frame | samples | | on the stack | samples |", "|---|---|---|---|---|"]
         for (f1, n1), (f2, n2) in zip(idle["innermost"][:8], idle["on_stack"][:8]):
