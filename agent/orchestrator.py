@@ -529,7 +529,7 @@ class Orchestrator:
                 del lun.leg_events[name]
             lun.failed_legs &= current
             # One hop to a worker for all of them: a hop costs more CPU under TCG than the ioctl,
-            # and every 8th poll round reads every leg of every LUN.
+            # and on a kernel without event numbers a poll round now and then reads every leg.
             statuses = await asyncio.to_thread(_leg_statuses, dm, self.legs_to_check(lun, events))
             for leg_name, status in statuses.items():
                 try:
