@@ -51,7 +51,7 @@ class RealSystem:
         maps = [m for m in await asyncio.gather(*(self._read_map(e) for e in entries)) if m is not None]
         # Close only what is gone: a path of no map may be one a reconcile took before multipathd.
         for name, scsi in list(self._paths.items()):
-            if not self._still_open_on_node(name, scsi):
+            if not self._still_open_on_node(scsi):
                 self._paths.pop(name).close()
         return maps
 
@@ -82,13 +82,18 @@ class RealSystem:
         devnum, size = await asyncio.gather(self.sysfs.block_devnum(name), self.sysfs.size_sectors(name))
         return str(devnum), size
 
-    def _still_open_on_node(self, device: str, scsi: ScsiDevice) -> bool:
-        """Whether /dev/<device> is still the node our fd was opened on (devtmpfs makes a new one per disk)."""
+    def _still_open_on_node(self, scsi: ScsiDevice) -> bool:
+        """Whether the path's /dev node is still the one our fd was opened on (devtmpfs makes a new one per disk).
+
+        One stat of the node's path against what the fd was opened on: every poll
+        round asks this for 64 paths, and under TCG a path join and an fstat more
+        each time were a quarter of the idle daemon's Python time.
+        """
         try:
-            node, held = os.stat(os.path.join(self.dev_root, device)), os.fstat(scsi.fileno())
-        except (OSError, ValueError):
+            node = os.stat(scsi.path)
+        except OSError:
             return False
-        return (node.st_ino, node.st_rdev) == (held.st_ino, held.st_rdev)
+        return (node.st_ino, node.st_rdev) == scsi.opened_node
 
     async def describe_path(self, device: str, luns: Container[str] | None = None) -> NewPath | None:
         """A SCSI disk as a path candidate: its LUN (in multipath's naming), major:minor and size.
@@ -110,7 +115,7 @@ class RealSystem:
     def open_path(self, device: str) -> ScsiDevice:
         """The sd node of a path, opened once and kept for SG_IO (again if the node was replaced)."""
         scsi = self._paths.get(device)
-        if scsi is not None and not self._still_open_on_node(device, scsi):
+        if scsi is not None and not self._still_open_on_node(scsi):
             # The disk went and a new one took its name (a session logged out and back in):
             # the old fd talks to a deleted device.
             self._paths.pop(device).close()

@@ -138,7 +138,11 @@ def bits_per_entry(member_count: int) -> int:
     """The smallest of 1, 2, 4, 8 bits that leaves the all-ones value free for UNALLOCATED."""
     if not 1 <= member_count <= MAX_MEMBERS:
         raise EncodeError(f"member count must be 1..{MAX_MEMBERS}, got {member_count}")
-    return next(b for b in (1, 2, 4, 8) if (1 << b) > member_count)
+    return _BITS_FOR[member_count]
+
+
+# A table: every generation poll decodes a header, and a generator here cost more than the CRC.
+_BITS_FOR = tuple(next((b for b in (1, 2, 4, 8) if (1 << b) > n), 0) for n in range(MAX_MEMBERS + 1))
 
 
 # -- CDB ----------------------------------------------------------------------

@@ -372,6 +372,9 @@ class ScsiDevice:
             if self._own_executor:
                 self._executor.shutdown(wait=False)
             raise ScsiDeviceError(self.name, None, exc.errno or errno.EIO, "open") from exc
+        held = os.fstat(self._fd)
+        self.opened_node = (held.st_ino, held.st_rdev)
+        """The node the fd was opened on: a disk that goes and comes back gets a new one."""
 
     def fileno(self) -> int:
         """The open fd (raises ValueError once closed)."""
