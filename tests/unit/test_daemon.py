@@ -262,6 +262,23 @@ class PollGate:
         await self.go.get()
 
 
+def round_driver(daemon: Daemon, gate: PollGate, dm):
+    """settled(n): n poll rounds done and nothing left running; poll_round(n): let round n run, the legs it read."""
+    luns = daemon.orchestrator.luns
+
+    def settled(rounds: int) -> bool:
+        return (gate.parked == rounds + 1 and not daemon.scheduler._healing
+                and all(lun.state == "routed" and not lun.lock.locked() for lun in luns.values()))
+
+    async def poll_round(rounds: int) -> list[str]:
+        before = len(dm.log)
+        gate.go.put_nowait(None)
+        await until(lambda: settled(rounds))
+        return [name for op, name in dm.log[before:] if op == "status"]
+
+    return settled, poll_round
+
+
 def test_poll_rounds_over_healthy_luns_read_no_leg_status(tmp_path):
     system = ManyLunSystem(4, tmp_path=tmp_path, members=3, paths_per_member=1)
     cfg = config(tmp_path, poll_interval_s=1000)
@@ -272,17 +289,7 @@ def test_poll_rounds_over_healthy_luns_read_no_leg_status(tmp_path):
         daemon = Daemon(cfg, system, None, sleep=gate.sleep)
         task = asyncio.create_task(daemon.run())
         luns = daemon.orchestrator.luns
-
-        def settled(rounds):
-            return (gate.parked == rounds + 1 and not daemon.scheduler._healing
-                    and all(lun.state == "routed" and not lun.lock.locked() for lun in luns.values()))
-
-        async def poll_round(rounds):
-            before = len(dm.log)
-            gate.go.put_nowait(None)
-            await until(lambda: settled(rounds))
-            return [name for op, name in dm.log[before:] if op == "status"]
-
+        settled, poll_round = round_driver(daemon, gate, dm)
         await until(lambda: len(luns) == 4 and settled(0))
         legs = [leg.name for lun in luns.values() for leg in lun.stack.plan.legs]
         assert sorted(await poll_round(1)) == sorted(legs)  # the first round looks at every leg once
@@ -315,19 +322,10 @@ def test_without_event_numbers_every_leg_is_read_every_few_rounds(tmp_path):
         daemon = Daemon(cfg, system, None, sleep=gate.sleep)
         task = asyncio.create_task(daemon.run())
         luns = daemon.orchestrator.luns
-
-        def settled(rounds):
-            return (gate.parked == rounds + 1 and not daemon.scheduler._healing
-                    and all(lun.state == "routed" and not lun.lock.locked() for lun in luns.values()))
-
+        settled, poll_round = round_driver(daemon, gate, dm)
         await until(lambda: len(luns) == 2 and settled(0))
         legs = sorted(leg.name for lun in luns.values() for leg in lun.stack.plan.legs)
-        read = []
-        for rounds in range(1, 2 * FULL_LEG_CHECK_EVERY + 1):
-            before = len(dm.log)
-            gate.go.put_nowait(None)
-            await until(lambda: settled(rounds))
-            read.append(sorted(name for op, name in dm.log[before:] if op == "status"))
+        read = [sorted(await poll_round(rounds)) for rounds in range(1, 2 * FULL_LEG_CHECK_EVERY + 1)]
         assert read == [legs if r % FULL_LEG_CHECK_EVERY == 0 else [] for r in range(1, 2 * FULL_LEG_CHECK_EVERY + 1)]
         daemon.stop()
         await task
