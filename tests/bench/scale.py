@@ -84,7 +84,8 @@ def section(results: dict, commands: list[str], machine: str) -> str:
         out += [f"py-spy over the idle daemon ({idle['samples']} samples of the GIL's holder at 100 Hz over four times the "
                 "idle window's length, after it):", "",
                 "| innermost frame | samples | | on the stack | samples |", "|---|---|---|---|---|"]
-        for (f1, n1), (f2, n2) in zip(idle["innermost"][:8], idle["on_stack"][:8]):
+        agent_frames = [kv for kv in idle["on_stack"] if "agent/" in kv[0] or "protocol/" in kv[0]]
+        for (f1, n1), (f2, n2) in zip(idle["innermost"][:8], agent_frames[:8]):
             out.append(f"| `{f1}` | {n1} | | `{f2}` | {n2} |")
         out.append("")
     return "\n".join(out)

@@ -268,7 +268,7 @@ def py_spy() -> str | None:
     return shutil.which("py-spy", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 
 
-def summarise_collapsed(text: str, top: int = 12) -> dict:
+def summarise_collapsed(text: str, top: int = 40) -> dict:
     """py-spy's raw (collapsed) stacks: samples, and the most frequent innermost frames and functions on stack.
 
     Each line is ``frame;frame;...;frame count``; a frame is ``function (file:line)``.
