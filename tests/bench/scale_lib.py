@@ -253,10 +253,22 @@ def many_rows(m: dict) -> list[Row]:
                     (f"user {100 * m['idle_cpu_user_fraction']:.2f} %, system "
                      f"{100 * m['idle_cpu_system_fraction']:.2f} %; " if "idle_cpu_user_fraction" in m else "")
                     + f"over {m['idle_window_s']:.0f} s, from /proc/<pid>/stat; the window starts once 5 s "
-                    f"stayed under 5 %" + (f" ({m['settle_s']:.0f} s after all routed)" if "settle_s" in m else "")))
+                    f"stayed under 5 %" + (f" ({m['settle_s']:.0f} s after all routed)" if "settle_s" in m else "")
+                    + (f"; limited by {idle_limit(m)}" if m["idle_cpu_fraction"] > 0.01 and idle_limit(m) else "")))
     if m.get("source"):
         rows = [Row(r.what, r.goal, r.measured, r.baseline, r.ratio, r.met, f"{r.note}; {m['source']}") for r in rows]
     return rows
+
+
+def idle_limit(m: dict) -> str | None:
+    """What the idle profile shows the daemon doing: the poll round's SCSI commands, by py-spy samples."""
+    spy = m.get("idle_profile") or {}
+    on_stack = dict(spy.get("on_stack", []))
+    polls = next((n for f, n in on_stack.items() if f.startswith("poll_map_header")), None)
+    if polls is None or not spy.get("samples"):
+        return None
+    return (f"the polls themselves, one GET PAGE MAP per LUN per interval under TCG: in {polls} of "
+            f"{spy['samples']} py-spy samples of the idle daemon")
 
 
 def py_spy() -> str | None:
