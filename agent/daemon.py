@@ -219,13 +219,13 @@ class Daemon:
             generations = await self.orchestrator.poll_generations(luns)
             for lun in luns:
                 # None (no path answered) differs too: reconcile finds out and reports why.
-                if lun.stack is not None and generations[lun.wwid] != lun.stack.page_map.generation:
+                if generations[lun.wwid] != lun.stack.page_map.generation:
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
                 if check_legs and self.orchestrator.legs_to_check(lun, events):
                     self.scheduler.heal(lun.wwid, events=events)
 
     async def _dm_events(self) -> dict[str, int] | None:
-        """Every dm device's event_nr now (None if dm cannot say: then every leg is read)."""
+        """Every dm device's event_nr now (None if dm cannot list them, or its list has no event numbers)."""
         try:
             devices = await asyncio.to_thread(self.system.dm.list_devices)
         except SwitchAgentError as exc:

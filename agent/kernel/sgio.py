@@ -401,10 +401,7 @@ class ScsiDevice:
         timeout_ms: int | None = None,
     ) -> ScsiResult:
         """Send one CDB (in the device's thread) and return its result or raise a ScsiError."""
-        dup = self._dup_for(cdb, data_in_length or (len(data_out) if data_out is not None else 0))
-        call = functools.partial(
-            self._run, dup, bytes(cdb), data_in_length=data_in_length, data_out=data_out,
-            timeout_ms=self.timeout_ms if timeout_ms is None else timeout_ms)
+        dup, call = self._command(cdb, data_in_length, data_out, timeout_ms)
         try:
             await self._one_at_a_time.acquire()
         except BaseException:
@@ -433,20 +430,26 @@ class ScsiDevice:
         """This device for a worker thread with many commands to run: see BlockingScsiDevice."""
         return BlockingScsiDevice(self)
 
-    def _dup_for(self, cdb: bytes, length: int) -> int:
-        """The fd one command runs on, after checking its transfer against the device's limit.
+    def _command(self, cdb: bytes, data_in_length: int, data_out: bytes | None,
+                 timeout_ms: int | None) -> tuple[int, Callable[[], ScsiResult]]:
+        """One command: the fd duplicate it runs on, and the call that runs it there (and closes it).
 
-        Each command gets its own duplicate, made where the command is issued:
-        close() can then never leave a worker issuing the ioctl on a recycled fd number.
+        The transfer is checked against the device's limit first. Each command
+        gets its own duplicate, made where the command is issued: close() can
+        then never leave a worker issuing the ioctl on a recycled fd number.
         """
+        length = data_in_length or (len(data_out) if data_out is not None else 0)
         if self._max_transfer is not None and length > self._max_transfer:
             raise ValueError(f"{self.name}: transfer of {length} bytes exceeds the device's "
                              f"{self._max_transfer}-byte limit")
         try:
-            return os.dup(self.fileno())
+            dup = os.dup(self.fileno())
         except (OSError, ValueError) as exc:  # closed here or by another thread
             raise ScsiDeviceError(self.name, cdb[0], getattr(exc, "errno", None) or errno.EBADF, "dup",
                                   cdb=bytes(cdb)) from exc
+        return dup, functools.partial(self._run, dup, bytes(cdb), data_in_length=data_in_length,
+                                      data_out=data_out,
+                                      timeout_ms=self.timeout_ms if timeout_ms is None else timeout_ms)
 
     def _run(self, dup: int, cdb: bytes, **kwargs: Any) -> ScsiResult:
         try:
@@ -501,10 +504,8 @@ class BlockingScsiDevice:
         timeout_ms: int | None = None,
     ) -> ScsiResult:
         """Send one CDB in this thread and return its result or raise a ScsiError."""
-        device = self.device
-        dup = device._dup_for(cdb, data_in_length or (len(data_out) if data_out is not None else 0))
-        return device._run(dup, bytes(cdb), data_in_length=data_in_length, data_out=data_out,
-                           timeout_ms=device.timeout_ms if timeout_ms is None else timeout_ms)
+        _, call = self.device._command(cdb, data_in_length, data_out, timeout_ms)
+        return call()
 
     def __repr__(self) -> str:
         return f"BlockingScsiDevice({self.device.path!r})"
