@@ -62,6 +62,8 @@ class Config:
     fetch_restarts: int = 5
     """How often a fetch starts over when the map changes under it before it gives up."""
     scsi_timeout_s: float = 30.0
+    fetch_timeout_s: float = 120.0
+    """Longest a whole page-map fetch may take before it is abandoned with an error."""
     max_message_bytes: int = 65536
     path_selector: str = "round-robin 0"
     """dm-multipath path selector (with its argument count) inside each member's leg."""
@@ -142,7 +144,8 @@ def _coerce(source: str, key: str, value: Any, kind: Any) -> Any:
 
 
 def _check(config: Config, source: str) -> None:
-    positive = ("poll_interval_s", "debounce_s", "retry_initial_s", "retry_max_s", "scsi_timeout_s")
+    positive = ("poll_interval_s", "debounce_s", "retry_initial_s", "retry_max_s", "scsi_timeout_s",
+                "fetch_timeout_s")
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(source, name, "must be > 0")

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from agent import control
 from agent.config import Config
 from agent.events import Trigger, classify
+from agent.kernel.udev import UdevEventsLostError
 from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator, System
 from protocol.errors import SwitchAgentError
 
@@ -29,6 +30,15 @@ Sleep = Callable[[float], Awaitable[None]]
 
 FULL_LEG_CHECK_EVERY = 8
 """Poll rounds between status reads of every leg where the kernel's device list has no event numbers."""
+
+
+class DaemonTaskError(SwitchAgentError):
+    """One of the daemon's long-lived tasks (polling, udev) ended: the daemon stops, non-zero, to be restarted."""
+
+    def __init__(self, task: str, cause: BaseException | None) -> None:
+        self.task = task
+        self.cause = cause
+        super().__init__(f"the {task} task ended" + (f": {type(cause).__name__}: {cause}" if cause else ""))
 
 
 class LunScheduler:
@@ -119,6 +129,8 @@ class Daemon:
         self.sleep = sleep
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self.failure: DaemonTaskError | None = None
+        """Why the daemon stopped by itself (a long-lived task died), else None."""
 
     def stop(self) -> None:
         """Ask the daemon to finish (SIGTERM)."""
@@ -130,6 +142,11 @@ class Daemon:
         tasks = [asyncio.create_task(self._poll_forever(), name="poll")]
         if self.events is not None:
             tasks.append(asyncio.create_task(self._follow_events(), name="udev"))
+        watchdog_s = watchdog_interval()
+        if watchdog_s:
+            tasks.append(asyncio.create_task(self._pet_watchdog(watchdog_s), name="watchdog"))
+        for task in tasks:
+            task.add_done_callback(self._supervise)
         try:
             for wwid in await self.orchestrator.adopt():
                 self.scheduler.trigger(wwid, "adopted at start", delay_s=0)
@@ -148,13 +165,49 @@ class Daemon:
             await self.scheduler.close()
             await server.wait_closed()
             self.config.socket_path.unlink(missing_ok=True)
+        if self.failure is not None:
+            raise self.failure
+
+    def _supervise(self, task: asyncio.Task) -> None:
+        """A long-lived task that ends before stop() takes the daemon down: systemd restarts it whole."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        cause = task.exception()
+        LOG.critical("the %s task ended (%s); stopping so that the service manager restarts the daemon",
+                     task.get_name(), f"{type(cause).__name__}: {cause}" if cause else "returned",
+                     exc_info=cause)
+        self.failure = DaemonTaskError(task.get_name(), cause)
+        self._stop.set()
+
+    async def _pet_watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a loop stalled by a bug stops it, and systemd restarts us."""
+        while True:
+            notify_systemd("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
 
     async def _follow_events(self) -> None:
         assert self.events is not None
-        async for event in self.events:
-            trigger = classify(event.action, event.subsystem, event.devtype, event.sys_path, event.properties)
-            if trigger is not None:
-                await self._on_trigger(trigger)
+        while True:
+            try:
+                async for event in self.events:
+                    trigger = classify(event.action, event.subsystem, event.devtype, event.sys_path,
+                                       event.properties)
+                    if trigger is not None:
+                        await self._on_trigger(trigger)
+                return
+            except UdevEventsLostError as exc:
+                # The netlink buffer overflowed (a login of many disks): the lost events may have been
+                # anything, so look at everything again as at start, and go on following.
+                LOG.warning("%s; re-reading every multipath map and routed LUN", exc)
+                await self._rescan_everything()
+
+    async def _rescan_everything(self) -> None:
+        """What a lost event may have said: every multipath map and routed LUN is reconciled and its legs healed."""
+        wwids = {mpath.wwid for mpath in await self.system.find_mpath_maps()} | set(self.orchestrator.luns)
+        for wwid in sorted(wwids):
+            self.scheduler.trigger(wwid, "udev events lost")
+            if wwid in self.orchestrator.luns:
+                self.scheduler.heal(wwid, delay_s=self.config.debounce_s)
 
     async def _on_trigger(self, trigger: Trigger) -> None:
         LOG.debug("udev: %s", trigger)
@@ -279,6 +332,15 @@ def _text(request: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{key} must be a non-empty string")
     return value
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of systemd's WatchdogSec), or None when no watchdog is set for us."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 def notify_systemd(state: str) -> None:

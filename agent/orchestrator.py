@@ -24,7 +24,8 @@ import numpy as np
 
 from agent import mapsource, mapsources
 from agent.config import ArrayMatch, Config
-from agent.stack import DeviceSpec, PlanError, StackPlan, parse_owned_uuid, plan_stack, top_name_for
+from agent.stack import (DeviceSpec, PlanError, StackPlan, parse_owned_uuid, plan_stack, top_name_for,
+                         top_uuid_for)
 from agent.topology import PathInfo, Topology
 from protocol import dmswitch
 from protocol.errors import DecodeError, SwitchAgentError
@@ -45,6 +46,29 @@ class LunNotFoundError(SwitchAgentError):
 
 class NotOurArrayError(SwitchAgentError):
     """The LUN's INQUIRY vendor/product matches no configured array."""
+
+
+class FetchTimeoutError(SwitchAgentError):
+    """The whole page-map fetch took longer than fetch_timeout_s (a slow or hostile array)."""
+
+    def __init__(self, wwid: str, timeout_s: float) -> None:
+        self.wwid = wwid
+        self.timeout_s = timeout_s
+        super().__init__(f"{wwid}: the map fetch did not finish within {timeout_s:g} s (fetch_timeout_s)")
+
+
+class DeviceLeftSuspendedError(SwitchAgentError):
+    """A table swap failed and the device could not be resumed either: its I/O waits."""
+
+    def __init__(self, uuid: str, cause: SwitchAgentError) -> None:
+        self.uuid = uuid
+        self.cause = cause
+        super().__init__(f"{uuid} is left SUSPENDED (its I/O waits): resuming it failed: {cause}; "
+                         f"`dmsetup resume --uuid {uuid}` by hand")
+
+
+class InternalError(SwitchAgentError):
+    """A bug (an exception that is not one of ours) while reconciling: recorded and retried like any failure."""
 
 
 @dataclass(frozen=True)
@@ -162,15 +186,19 @@ class Orchestrator:
         mid-upload, so nothing of the old stack is trusted: the next reconcile
         builds a fresh epoch, swaps the top device over, and removes the rest.
         """
-        for device in await asyncio.to_thread(self.system.dm.list_devices):
-            owned = parse_owned_uuid(device.uuid)
-            if owned is None:
-                continue
+        dm = self.system.dm
+        ours = [(device, owned) for device in await asyncio.to_thread(dm.list_devices)
+                if (owned := parse_owned_uuid(device.uuid)) is not None]
+        for device, owned in ours:
             lun = self.luns.setdefault(owned.wwid, LunState(owned.wwid, state="adopting"))
             if owned.kind != "top":
-                lun.leftovers[device.name] = owned.kind
+                lun.leftovers[device.uuid] = owned.kind
                 lun.epoch = max(lun.epoch, owned.epoch or 0)
             LOG.info("%s: adopting %s", owned.wwid, device.name)
+        # A daemon killed mid-swap (kill -9) may have left a device suspended: its I/O waits until resumed.
+        for uuid, error in (await asyncio.to_thread(_resume_suspended, dm, [d.uuid for d, _ in ours])).items():
+            lun = self.luns[parse_owned_uuid(uuid).wwid]
+            lun.state, lun.last_error, lun.last_error_at = "suspended", str(error), self.clock()
         return sorted(self.luns)
 
     async def reconcile(self, wwid: str) -> LunState:
@@ -190,25 +218,29 @@ class Orchestrator:
                     await self.rescan_paths([p.device for p in topology.paths], wwid)
                     topology = lun.topology = await self._discover(await self._find_mpath(wwid))
                 fetched = self.clock()
-                plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch)
+                # A routed device keeps its name while it lives, whatever the template now says.
+                top_name = lun.stack.plan.top_name if lun.stack else None
+                plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
                 if lun.stack and plan.same_shape_as(lun.stack.plan):
                     await self._reload_changed_legs(lun, plan)
                     await self._update_live_switch(lun, plan, page_map)
                 else:
                     # A new epoch names a new switch and legs, built beside the live ones.
+                    top_name = await self._claim_top_name(topology)
                     lun.epoch += 1
-                    await self._build_and_swap(lun, plan_stack(self.config, topology, page_map,
-                                                               epoch=lun.epoch), page_map, slot.release)
+                    await self._build_and_swap(lun, plan_stack(self.config, topology, page_map, epoch=lun.epoch,
+                                                               top_name=top_name), page_map, slot.release)
             except NotOurArrayError:
                 self.luns.pop(wwid, None)
                 raise
             except SwitchAgentError as exc:
-                lun.failures += 1
-                lun.last_error, lun.last_error_at = str(exc), self.clock()
-                lun.state = "routed" if lun.stack else "error"
-                LOG.warning("%s: %s (routing %s)", wwid, exc,
-                            "kept as it was" if lun.stack else "not set up")
+                self._failed(lun, exc)
                 raise
+            except Exception as exc:  # a bug: the LUN shows it and is retried like any other failure
+                LOG.exception("%s: unexpected error while reconciling", wwid)
+                error = InternalError(f"{wwid}: internal error: {type(exc).__name__}: {exc}")
+                self._failed(lun, error)
+                raise error from exc
             lun.failures = 0
             lun.state = "routed"
             # Where a reconcile's time goes, for `status --json` and for tuning convergence.
@@ -218,6 +250,40 @@ class Orchestrator:
             LOG.info("%s: reconciled in %.2f s (discover %.2f, fetch %.2f, kernel %.2f)", wwid,
                      self.clock() - started, *lun.last_reconcile.values())
             return lun
+
+    def _failed(self, lun: LunState, exc: SwitchAgentError) -> None:
+        """Record a failed reconcile; a LUN we never routed and that has no multipath map is forgotten."""
+        if isinstance(exc, LunNotFoundError) and lun.stack is None and not lun.leftovers:
+            # A name from udev or `trigger` that is no LUN of ours: nothing to remember it by.
+            self.luns.pop(lun.wwid, None)
+            return
+        lun.failures += 1
+        lun.last_error, lun.last_error_at = str(exc), self.clock()
+        if isinstance(exc, DeviceLeftSuspendedError):
+            lun.state = "suspended"
+        else:
+            lun.state = "routed" if lun.stack else "error"
+        LOG.warning("%s: %s (routing %s)", lun.wwid, exc, "kept as it was" if lun.stack else "not set up")
+
+    async def _claim_top_name(self, topology: Topology) -> str:
+        """The routed device's name for a new epoch: its own if it exists, else the template's if free.
+
+        The device is found by its uuid (top-<wwid>), never by name: with
+        device_name = "switch-{mpath}" two LUNs whose multipath aliases were
+        swapped would otherwise take each other's routed devices.
+        """
+        wanted = top_name_for(self.config, topology)
+        uuid = top_uuid_for(topology.wwid)
+        devices = await asyncio.to_thread(self.system.dm.list_devices)
+        own = next((d.name for d in devices if d.uuid == uuid), None)
+        if own is not None:
+            return own
+        holder = next((d for d in devices if d.name == wanted), None)
+        if holder is not None:
+            raise PlanError(topology.wwid, f"the routed device's name {wanted} is taken by another device "
+                                           f"(uuid {holder.uuid or '-'}); left untouched: rename one of the "
+                                           "multipath aliases or change device_name")
+        return wanted
 
     async def offer_path(self, device: str) -> str | None:
         """A new SCSI disk appeared: if it is a path of a LUN we route, remember it for that LUN.
@@ -317,8 +383,12 @@ class Orchestrator:
             if not path.usable:
                 continue
             try:
-                return await mapsources.get(topology.map_source).fetch(self.system.open_path(path.device),
-                                                                       restarts=self.config.fetch_restarts)
+                # The array is a peer: a fetch that never ends must not hold the LUN and a build slot.
+                async with asyncio.timeout(self.config.fetch_timeout_s):
+                    return await mapsources.get(topology.map_source).fetch(self.system.open_path(path.device),
+                                                                           restarts=self.config.fetch_restarts)
+            except TimeoutError:
+                raise FetchTimeoutError(topology.wwid, self.config.fetch_timeout_s) from None
             except SwitchAgentError as exc:
                 LOG.warning("%s: page map fetch over %s failed: %s", topology.wwid, path.device, exc)
                 last = exc
@@ -348,13 +418,11 @@ class Orchestrator:
         switch above keeps its region map.
         """
         assert lun.stack is not None
-        dm = self.system.dm
         for leg, paths, old_paths in zip(plan.legs, plan.leg_paths, lun.stack.plan.leg_paths):
             if paths == old_paths:
                 continue
-            await asyncio.to_thread(dm.table_load, leg.name, list(leg.targets))
-            await asyncio.to_thread(dm.device_resume, leg.name, udev_flags=leg.udev_flags, noflush=True,
-                                    wait_for_udev=False)
+            await _through(swap_table, self.system.dm, leg.uuid, list(leg.targets), udev_flags=leg.udev_flags,
+                           noflush=True)
             LOG.info("%s: %s now prefers %s (fallback %s)", lun.wwid, leg.name, " ".join(paths[0]) or "-",
                      " ".join(paths[1]) or "-")
         lun.stack.plan = plan
@@ -366,13 +434,13 @@ class Orchestrator:
         messages = dmswitch.encode_region_mappings(page_map.owners, previous=lun.stack.kernel_map,
                                                    max_message_bytes=self.config.max_message_bytes)
         try:
-            await self._send(lun, plan.switch_name, messages)
+            await self._send(lun, plan.switch_uuid, messages)
         except SwitchAgentError:
             # Messages are not atomic: after a rejected one we no longer know what the kernel
             # holds, so send the whole map.
             lun.stack.kernel_map = np.full(page_map.total_pages, -1, dtype=page_map.owners.dtype)
             LOG.warning("%s: diff upload failed; sending the whole map", lun.wwid)
-            await self._send(lun, plan.switch_name, dmswitch.encode_region_mappings(
+            await self._send(lun, plan.switch_uuid, dmswitch.encode_region_mappings(
                 page_map.owners, max_message_bytes=self.config.max_message_bytes))
         lun.stack = RoutedStack(plan, _after_upload(page_map.owners), page_map, self.clock())
         LOG.info("%s: map generation %d applied (%d messages)", lun.wwid, page_map.generation, len(messages))
@@ -384,6 +452,7 @@ class Orchestrator:
         `release_slot` gives up the LUN's max_parallel_luns slot once only waiting for udev remains.
         """
         created: list[str] = []
+        """uuids of the devices this build made: every change to a device addresses it by its uuid."""
         # Encoding a whole map is the install's biggest CPU cost (seconds for the seed's 1.5M pages
         # under TCG): do it in a thread while the kernel and udev build the devices, and keep
         # the event loop free for the other LUNs meanwhile.
@@ -398,7 +467,7 @@ class Orchestrator:
             leg_devs = list(results)
             switch_dev = await self._create(plan.switch_spec(leg_devs), created)
             messages = await encoding
-            await self._send(lun, plan.switch_name, messages)
+            await self._send(lun, plan.switch_uuid, messages)
             await self._point_top_at(plan, switch_dev, release_slot)
         except SwitchAgentError:
             await self._remove_all(reversed(created))
@@ -413,13 +482,13 @@ class Orchestrator:
         LOG.info("%s: routed as /dev/mapper/%s (epoch %d, %d members, %d regions of %d sectors, %d messages)",
                  lun.wwid, plan.top_name, plan.epoch, len(plan.legs), plan.region_count,
                  plan.region_size_sectors, len(messages))
-        stale = dict(lun.leftovers)  # name -> "sw" or "leg"
+        stale = dict(lun.leftovers)  # uuid -> "sw" or "leg"
         if old is not None:
-            stale |= {old.plan.switch_name: "sw", **{leg.name: "leg" for leg in old.plan.legs}}
-        for name in (plan.switch_name, *(leg.name for leg in plan.legs)):
-            stale.pop(name, None)
+            stale |= {old.plan.switch_uuid: "sw", **{leg.uuid: "leg" for leg in old.plan.legs}}
+        for uuid in (plan.switch_uuid, *(leg.uuid for leg in plan.legs)):
+            stale.pop(uuid, None)
         # Switches hold legs: remove them first.
-        await self._remove_all(sorted(stale, key=lambda name: stale[name] == "leg"))
+        await self._remove_all(sorted(stale, key=lambda uuid: stale[uuid] == "leg"))
         lun.leftovers.clear()
 
     async def _encode_whole_map(self, plan: StackPlan, page_map: PageMap) -> list[str]:
@@ -432,66 +501,62 @@ class Orchestrator:
     async def _create(self, spec: DeviceSpec, created: list[str]) -> str:
         dm = self.system.dm
         await asyncio.to_thread(dm.device_create, spec.name, spec.uuid)
-        created.append(spec.name)
-        await asyncio.to_thread(dm.table_load, spec.name, list(spec.targets))
+        created.append(spec.uuid)
+        await asyncio.to_thread(dm.table_load, None, list(spec.targets), uuid=spec.uuid)
         # Legs and switch are used by major:minor and hidden from other rules: nothing
         # waits on their /dev/mapper nodes, so neither do we.
-        await asyncio.to_thread(dm.device_resume, spec.name, udev_flags=spec.udev_flags, wait_for_udev=False)
-        info = await asyncio.to_thread(dm.device_info, spec.name)
+        await asyncio.to_thread(dm.device_resume, uuid=spec.uuid, udev_flags=spec.udev_flags, wait_for_udev=False)
+        info = await asyncio.to_thread(dm.device_info, uuid=spec.uuid)
         return f"{info.major}:{info.minor}"
 
     async def _point_top_at(self, plan: StackPlan, switch_dev: str,
                             release_slot: Callable[[], None] = lambda: None) -> None:
         dm = self.system.dm
         targets = list(plan.top_targets(switch_dev))
-        existing = {d.name for d in await asyncio.to_thread(dm.list_devices)}
-        if plan.top_name not in existing:
+        existing = {d.uuid for d in await asyncio.to_thread(dm.list_devices)}
+        if plan.top_uuid not in existing:
             await asyncio.to_thread(dm.device_create, plan.top_name, plan.top_uuid)
             try:
-                await asyncio.to_thread(dm.table_load, plan.top_name, targets)
+                await asyncio.to_thread(dm.table_load, None, targets, uuid=plan.top_uuid)
                 # The new node's resume waits for udev (up to 30 s while it works through many LUNs
                 # appearing at once). The building is done: let another LUN build meanwhile;
                 # this LUN's own lock stays held until its device is there.
                 release_slot()
-                await self._waiting_for_udev(dm.device_resume, plan.top_name)
+                await self._waiting_for_udev(dm.device_resume, uuid=plan.top_uuid)
             except SwitchAgentError:
-                await self._remove_all([plan.top_name], wait_for_udev=True)
+                await self._remove_all([plan.top_uuid], wait_for_udev=True)
                 raise
             return
-        # Loading only fills the inactive slot; resume swaps it in under suspend, so
-        # in-flight I/O drains to the old switch and new I/O meets the new one.
-        await asyncio.to_thread(dm.table_load, plan.top_name, targets)
-        await asyncio.to_thread(dm.device_suspend, plan.top_name)
         # The node exists and keeps its name: udev's change event needs no waiting for, and
         # under load waiting cost seconds of the lock the next change needs.
-        await asyncio.to_thread(dm.device_resume, plan.top_name, wait_for_udev=False)
+        await _through(swap_table, dm, plan.top_uuid, targets)
 
     async def _waiting_for_udev(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A blocking dm call that waits for udev, in the udev-wait threads."""
         return await asyncio.get_running_loop().run_in_executor(
             self._udev_waits, functools.partial(call, *args, **kwargs))
 
-    async def _send(self, lun: LunState, switch_name: str, messages: list[str]) -> None:
+    async def _send(self, lun: LunState, switch_uuid: str, messages: list[str]) -> None:
         dm = self.system.dm
         for message in messages:
-            await asyncio.to_thread(dm.target_message, switch_name, 0, message)
+            await asyncio.to_thread(dm.target_message, None, 0, message, uuid=switch_uuid)
             lun.messages_sent += 1
             lun.message_bytes_sent += len(message)
 
-    async def _remove_all(self, names, *, wait_for_udev: bool = False) -> None:
-        """Best effort: try every device, log every failure.
+    async def _remove_all(self, uuids, *, wait_for_udev: bool = False) -> None:
+        """Best effort: try every device (by uuid), log every failure.
 
         Switches and legs are hidden from udev's rules and used by major:minor
         only, so their removal does not wait for udev unless asked.
         """
-        for name in names:
+        for uuid in uuids:
             try:
                 if wait_for_udev:
-                    await self._waiting_for_udev(self.system.dm.device_remove, name, wait_for_udev=True)
+                    await self._waiting_for_udev(self.system.dm.device_remove, uuid=uuid, wait_for_udev=True)
                 else:
-                    await asyncio.to_thread(self.system.dm.device_remove, name, wait_for_udev=False)
+                    await asyncio.to_thread(self.system.dm.device_remove, uuid=uuid, wait_for_udev=False)
             except SwitchAgentError as exc:
-                LOG.warning("could not remove %s: %s", name, exc)
+                LOG.warning("could not remove %s: %s", uuid, exc)
 
     def legs_to_check(self, lun: LunState, events: dict[str, int] | None) -> list[str]:
         """The legs whose status may show a failed path, given every dm device's event_nr now.
@@ -524,13 +589,14 @@ class Orchestrator:
         still_failed = 0
         dm = self.system.dm
         async with lun.lock:
-            current = {leg.name for leg in lun.stack.plan.legs}
+            legs = {leg.name: leg for leg in lun.stack.plan.legs}
+            current = set(legs)
             for name in set(lun.leg_events) - current:  # legs of an earlier epoch
                 del lun.leg_events[name]
             lun.failed_legs &= current
             # One hop to a worker for all of them: a hop costs more CPU under TCG than the ioctl,
             # and on a kernel without event numbers a poll round now and then reads every leg.
-            statuses = await asyncio.to_thread(_leg_statuses, dm, self.legs_to_check(lun, events))
+            statuses = await asyncio.to_thread(_leg_statuses, dm, [legs[n] for n in self.legs_to_check(lun, events)])
             for leg_name, status in statuses.items():
                 try:
                     if isinstance(status, SwitchAgentError):
@@ -551,7 +617,8 @@ class Orchestrator:
                         failed_here += 1
                         continue
                     try:
-                        await asyncio.to_thread(dm.target_message, leg_name, 0, f"reinstate_path {state.dev}")
+                        await asyncio.to_thread(dm.target_message, None, 0, f"reinstate_path {state.dev}",
+                                                uuid=legs[leg_name].uuid)
                     except SwitchAgentError as exc:
                         LOG.warning("%s: reinstating %s in %s failed: %s", wwid, state.dev, leg_name, exc)
                         failed_here += 1
@@ -588,11 +655,16 @@ class Orchestrator:
     def find(self, ref: str) -> LunState:
         """A LUN by wwid, multipath map name, routed device name, or /dev path."""
         ref = ref.removeprefix("/dev/mapper/").removeprefix("/dev/")
+        # A routed device's own name first: after a multipath alias swap the template would name another LUN's.
+        for lun in self.luns.values():
+            if lun.stack and ref == lun.stack.plan.top_name:
+                return lun
         for lun in self.luns.values():
             names = {lun.wwid}
             if lun.topology:
-                names |= {lun.topology.mpath_name, lun.topology.mpath_device,
-                          top_name_for(self.config, lun.topology)}
+                names |= {lun.topology.mpath_name, lun.topology.mpath_device}
+                if not lun.stack:
+                    names.add(top_name_for(self.config, lun.topology))
             if ref in names:
                 return lun
         raise LunNotFoundError(f"{ref}: no such array LUN (try `switch-agent status`)")
@@ -610,6 +682,11 @@ class Orchestrator:
             record["multipath"] = lun.topology.mpath_name
             record["warnings"] = lun.topology.warnings()
             record["map_source"] = lun.topology.map_source
+            wanted = top_name_for(self.config, lun.topology)
+            if lun.stack and lun.stack.plan.top_name != wanted:
+                record["warnings"].append(
+                    f"the routed device keeps its name {lun.stack.plan.top_name}; device_name now gives {wanted} "
+                    "(the multipath alias changed?): it is renamed only when rebuilt after removal by hand")
         if lun.stack:
             stack = lun.stack
             record.update(device=f"/dev/mapper/{stack.plan.top_name}", generation=stack.page_map.generation,
@@ -633,8 +710,10 @@ class Orchestrator:
             raise LunNotFoundError(f"{lun.wwid}: not routed yet")
         stack = lun.stack
         page_bytes = stack.page_map.page_size_sectors * 512
-        if not 0 <= byte_offset < lun.topology.size_sectors * 512:
-            raise ValueError(f"offset {byte_offset} is outside the LUN (0..{lun.topology.size_sectors * 512 - 1})")
+        # The routed size, not the paths': after a grow that failed to route, the switch is the old size.
+        routed_bytes = stack.plan.size_sectors * 512
+        if not 0 <= byte_offset < routed_bytes:
+            raise ValueError(f"offset {byte_offset} is outside the routed device (0..{routed_bytes - 1})")
         page = byte_offset // page_bytes
         owner = stack.page_map.owner_of_page(page)
         path_index = int(stack.kernel_map[page])
@@ -690,15 +769,74 @@ def _after_upload(owners: np.ndarray) -> np.ndarray:
     return owners
 
 
-def _leg_statuses(dm: Any, names: list[str]) -> dict[str, Any]:
-    """Each leg's DM_TABLE_STATUS targets, or the error reading it gave (in a worker thread)."""
+def _leg_statuses(dm: Any, legs: list[DeviceSpec]) -> dict[str, Any]:
+    """Each leg's DM_TABLE_STATUS targets, or the error reading it gave, by leg name (in a worker thread)."""
     statuses: dict[str, Any] = {}
-    for name in names:
+    for leg in legs:
         try:
-            statuses[name] = dm.table_status(name)
+            statuses[leg.name] = dm.table_status(uuid=leg.uuid)
         except SwitchAgentError as exc:
-            statuses[name] = exc
+            statuses[leg.name] = exc
     return statuses
+
+
+def _resume_suspended(dm: Any, uuids: list[str]) -> dict[str, SwitchAgentError]:
+    """Resume (their live tables) those of `uuids` that are suspended; the ones that stay suspended and why."""
+    stuck: dict[str, SwitchAgentError] = {}
+    for uuid in uuids:
+        try:
+            if not dm.device_info(uuid=uuid).suspended:
+                continue
+            LOG.warning("%s: found suspended; resuming its live table", uuid)
+            resume_as_it_was(dm, uuid)
+        except SwitchAgentError as exc:
+            stuck[uuid] = exc
+    return stuck
+
+
+def swap_table(dm: Any, uuid: str, targets: list, *, udev_flags: int = 0, noflush: bool = False) -> None:
+    """Load `targets` into a live device and swap them in (one resume: suspend, swap, resume).
+
+    Whatever fails, the device is not left suspended: a failed swap leaves it
+    suspended with its new table dropped (dm-ioctl.c do_resume), so the old
+    table is resumed. If even that fails, DeviceLeftSuspendedError says so.
+    Blocking: run it in a worker thread, to its end (`_through`).
+    """
+    dm.table_load(None, targets, uuid=uuid)
+    try:
+        dm.device_resume(uuid=uuid, udev_flags=udev_flags, noflush=noflush, wait_for_udev=False)
+    except SwitchAgentError:
+        resume_as_it_was(dm, uuid, udev_flags=udev_flags, noflush=noflush)
+        raise
+
+
+def resume_as_it_was(dm: Any, uuid: str, *, udev_flags: int = 0, noflush: bool = False) -> None:
+    """Drop any inactive table and resume the live one; DeviceLeftSuspendedError when the kernel refuses."""
+    try:
+        dm.table_clear(uuid=uuid)
+    except SwitchAgentError as exc:
+        LOG.debug("%s: clearing the inactive table: %s", uuid, exc)
+    try:
+        dm.device_resume(uuid=uuid, udev_flags=udev_flags, noflush=noflush, wait_for_udev=False)
+    except SwitchAgentError as exc:
+        LOG.error("%s: left suspended: %s", uuid, exc)
+        raise DeviceLeftSuspendedError(uuid, exc) from exc
+
+
+async def _through(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A blocking call in a worker thread that runs to its end even when the caller is cancelled.
+
+    A table swap cancelled half-way (SIGTERM mid-reconcile) must still resume
+    its device: the thread goes on, and asyncio.run joins it before the daemon exits.
+    """
+    work = asyncio.ensure_future(asyncio.to_thread(call, *args, **kwargs))
+    work.add_done_callback(_log_unawaited_failure)
+    return await asyncio.shield(work)
+
+
+def _log_unawaited_failure(work: asyncio.Future) -> None:
+    if not work.cancelled() and work.exception() is not None:
+        LOG.debug("kernel call finished with %s", work.exception())
 
 
 async def _poll_round(work: list[tuple[str, Any, list[Any]]]) -> dict[str, int | None]:

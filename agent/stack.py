@@ -129,8 +129,12 @@ def parse_owned_uuid(uuid: str) -> OwnedUuid | None:
     return None
 
 
-def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: int) -> StackPlan:
-    """Turn what discovery found and the array's map into the stack to build."""
+def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: int,
+               top_name: str | None = None) -> StackPlan:
+    """Turn what discovery found and the array's map into the stack to build.
+
+    `top_name`: the routed device's name when it exists already (it keeps it); else the template's.
+    """
     wwid = topology.wwid
     usable = [p for p in topology.paths if p.usable]
     if not usable:
@@ -140,7 +144,7 @@ def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: 
     if page_map.total_pages != region_count:
         raise PlanError(wwid, f"the array's map has {page_map.total_pages} pages of {page} sectors, "
                               f"the LUN's {topology.size_sectors} sectors need {region_count}")
-    top = top_name_for(config, topology)
+    top = top_name or top_name_for(config, topology)
     # The config holds dm's counted argument lists ("round-robin 0", "1 queue_if_no_path").
     selector, _count, *selector_args = config.path_selector.split()
     features = config.leg_features.split()[1:]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -87,21 +88,37 @@ class FakeDeviceMapper:
 
     devices: dict[str, FakeDmDevice] = field(default_factory=dict)
     log: list[tuple[str, str]] = field(default_factory=list)
-    fail: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(operation, device name prefix) -> errno to fail with, once."""
+    fail: dict[tuple[str, str], int | list[int]] = field(default_factory=dict)
+    """(operation, device name prefix, or exact name + "$") -> errno to fail with, once (or a list: one per call)."""
+    hold: dict[str, threading.Event] = field(default_factory=dict)
+    """Device name -> event: a call that suspends that device waits for the event, the device suspended."""
+    holding: threading.Event = field(default_factory=threading.Event)
+    """Set while a call waits in `hold`."""
     _next_minor: int = 10
 
     def _check_fail(self, op: str, name: str) -> None:
         for (fop, prefix), code in list(self.fail.items()):
-            if fop == op and name.startswith(prefix):
-                del self.fail[(fop, prefix)]
-                raise DmIoctlError(DmCommand.TABLE_LOAD if op == "load" else DmCommand.DEV_CREATE, name, code,
-                                   f"injected {errno.errorcode[code]}")
+            if fop == op and (name == prefix[:-1] if prefix.endswith("$") else name.startswith(prefix)):
+                codes = code if isinstance(code, list) else [code]
+                code = codes.pop(0)
+                if not codes:
+                    del self.fail[(fop, prefix)]
+                command = {"load": DmCommand.TABLE_LOAD, "suspend": DmCommand.DEV_SUSPEND,
+                           "resume": DmCommand.DEV_SUSPEND}.get(op, DmCommand.DEV_CREATE)
+                raise DmIoctlError(command, name, code, f"injected {errno.errorcode[code]}")
 
-    def _owned(self, name: str, command: DmCommand) -> FakeDmDevice:
-        device = self.devices.get(name)
+    def _find(self, name: str | None, uuid: str | None, command: DmCommand) -> FakeDmDevice:
+        """By name or by uuid, as the dm ioctls address a device (exactly one of them)."""
+        assert (name is None) != (uuid is None), "give exactly one of name or uuid"
+        device = self.devices.get(name) if name is not None else next(
+            (d for d in list(self.devices.values()) if d.uuid == uuid), None)
         if device is None:
-            raise DmIoctlError(command, name, errno.ENXIO, "No such device or address")
+            raise DmIoctlError(command, name or uuid, errno.ENXIO, "No such device or address")
+        return device
+
+    def _owned(self, name: str | None, command: DmCommand, uuid: str | None = None) -> FakeDmDevice:
+        device = self._find(name, uuid, command)
+        name = device.name
         if not device.uuid.startswith(UUID_PREFIX):
             raise NotOwnedError(command, name, device.uuid, UUID_PREFIX)
         return device
@@ -121,10 +138,11 @@ class FakeDeviceMapper:
         self._next_minor += 1
         return self.device_info(name)
 
-    def table_load(self, name: str, targets):
+    def table_load(self, name: str | None, targets, *, uuid: str | None = None):
+        device = self._owned(name, DmCommand.TABLE_LOAD, uuid)
+        name = device.name
         self.log.append(("load", name))
         self._check_fail("load", name)
-        device = self._owned(name, DmCommand.TABLE_LOAD)
         for _start, _length, kind, params in targets:
             for dev in _devices_in(kind, params):
                 if dev.startswith("253:") and not any(d.dev == dev for d in list(self.devices.values())):
@@ -134,13 +152,29 @@ class FakeDeviceMapper:
         device.inactive = [tuple(t) for t in targets]
         return self.device_info(name)
 
-    def device_suspend(self, name: str, **_):
-        self.log.append(("suspend", name))
-        self._owned(name, DmCommand.DEV_SUSPEND).suspended = True
+    def device_suspend(self, name: str | None = None, *, uuid: str | None = None, **_):
+        device = self._owned(name, DmCommand.DEV_SUSPEND, uuid)
+        self.log.append(("suspend", device.name))
+        self._check_fail("suspend", device.name)
+        device.suspended = True
+        self._held(device)
 
-    def device_resume(self, name: str, *, udev_flags: int = 0, wait_for_udev: bool = True, **_):
-        self.log.append(("resume", name))
-        device = self._owned(name, DmCommand.DEV_SUSPEND)
+    def device_resume(self, name: str | None = None, *, uuid: str | None = None, udev_flags: int = 0,
+                      wait_for_udev: bool = True, **_):
+        device = self._owned(name, DmCommand.DEV_SUSPEND, uuid)
+        self.log.append(("resume", device.name))
+        if device.inactive is not None:
+            # dm-ioctl.c do_resume: the device is suspended before the swap, and a failed
+            # swap leaves it suspended, its new table dropped.
+            device.suspended = True
+            self._held(device)
+            try:
+                self._check_fail("resume", device.name)
+            except DmIoctlError:
+                device.inactive = None
+                raise
+        else:
+            self._check_fail("resume", device.name)
         if device.inactive is not None:
             device.live, device.inactive = device.inactive, None
             device.failed = set()
@@ -155,19 +189,30 @@ class FakeDeviceMapper:
         device.suspended = False
         device.udev_flags = udev_flags
 
-    def device_remove(self, name: str, **_):
+    def _held(self, device: FakeDmDevice) -> None:
+        release = self.hold.get(device.name)
+        if release is not None:
+            self.holding.set()
+            assert release.wait(timeout=30), f"{device.name}: held suspended for 30 s"
+
+    def table_clear(self, name: str | None = None, *, uuid: str | None = None):
+        device = self._owned(name, DmCommand.TABLE_CLEAR, uuid)
+        self.log.append(("clear", device.name))
+        device.inactive = None
+        return self.device_info(device.name)
+
+    def device_remove(self, name: str | None = None, *, uuid: str | None = None, **_):
+        device = self._owned(name, DmCommand.DEV_REMOVE, uuid)
+        name = device.name
         self.log.append(("remove", name))
-        device = self._owned(name, DmCommand.DEV_REMOVE)
         for other in list(self.devices.values()):
             if other.live and any(device.dev in _devices_in(t[2], t[3]) for t in other.live):
                 raise DmIoctlError(DmCommand.DEV_REMOVE, name, errno.EBUSY, f"held by {other.name}")
         del self.devices[name]
 
-    def device_info(self, name: str):
-        device = self.devices.get(name)
-        if device is None:
-            raise DmIoctlError(DmCommand.DEV_STATUS, name, errno.ENXIO, "No such device or address")
-        return SimpleNamespace(name=name, uuid=device.uuid, major=253, minor=device.minor,
+    def device_info(self, name: str | None = None, *, uuid: str | None = None):
+        device = self._find(name, uuid, DmCommand.DEV_STATUS)
+        return SimpleNamespace(name=device.name, uuid=device.uuid, major=253, minor=device.minor,
                                suspended=device.suspended)
 
     def list_devices(self):
@@ -176,10 +221,10 @@ class FakeDeviceMapper:
         return [SimpleNamespace(name=d.name, uuid=d.uuid, major=253, minor=d.minor, event_nr=d.event_nr)
                 for d in list(self.devices.values())]
 
-    def table_status(self, name: str):
+    def table_status(self, name: str | None = None, *, uuid: str | None = None):
         """STATUSTYPE_INFO of a multipath leg, as dm-mpath.c prints it (round-robin: no per-path args)."""
-        self.log.append(("status", name))
-        device = self.devices[name]
+        device = self._find(name, uuid, DmCommand.TABLE_STATUS)
+        self.log.append(("status", device.name))
         start, length, kind, params = device.live[0]
         assert kind == "multipath"
         groups = _mpath_groups(params)
@@ -191,9 +236,10 @@ class FakeDeviceMapper:
         return [SimpleNamespace(start_sector=start, length_sectors=length, target_type=kind,
                                 params=" ".join(words))]
 
-    def target_message(self, name: str, sector: int, message: str):
+    def target_message(self, name: str | None, sector: int, message: str, *, uuid: str | None = None):
+        device = self._owned(name, DmCommand.TARGET_MSG, uuid)
+        name = device.name
         self.log.append(("message", name))
-        device = self._owned(name, DmCommand.TARGET_MSG)
         verb, _, dev = message.partition(" ")
         if verb in ("fail_path", "reinstate_path") and device.live and device.live[0][2] == "multipath":
             if dev not in _devices_in("multipath", device.live[0][3]):
@@ -290,6 +336,8 @@ class FakeSystem:
                 self.add_path(k)
         self.wwid = self.lu.identity.wwid
         self.mpath_present = True
+        self.alias = self.wwid
+        """multipathd's name for the map (user_friendly_names or an alias in multipath.conf)."""
         self.rescans: list[str] = []
         self.rescan_follows_array = True
         self.map_size_bytes: int | None = None
@@ -326,7 +374,7 @@ class FakeSystem:
     async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
         if not self.mpath_present:
             return []
-        return [MpathMap(self.wwid, self.wwid, "dm-0", self.mpath_size_bytes // 512,
+        return [MpathMap(self.wwid, self.alias, "dm-0", self.mpath_size_bytes // 512,
                          tuple((n, self.devs[n]) for n in self.paths if n not in self.not_in_mpath),
                          None if self.map_size_bytes is None else self.map_size_bytes // 512)]
 

@@ -243,11 +243,11 @@ def test_rejected_diff_message_falls_back_to_a_full_upload(tmp_path):
     real = system.dm.target_message
     calls = []
 
-    def flaky(name, sector, message):
+    def flaky(name, sector, message, **kw):
         calls.append(message)
         if len(calls) == 1:
-            real(name, sector, message.split(" ")[0] + " " + message.split(" ")[1] + " zz:zz")
-        return real(name, sector, message)
+            real(name, sector, message.split(" ")[0] + " " + message.split(" ")[1] + " zz:zz", **kw)
+        return real(name, sector, message, **kw)
 
     system.dm.target_message = flaky
     reconcile(orch, system.wwid)
@@ -496,9 +496,9 @@ def test_a_lun_waiting_for_udev_on_its_new_top_device_frees_its_build_slot(tmp_p
     udev_done = threading.Event()
     resume = system.dm.device_resume
 
-    def busy_udev(name, *, wait_for_udev=True, **kw):
+    def busy_udev(name=None, *, wait_for_udev=True, **kw):
         resume(name, wait_for_udev=wait_for_udev, **kw)
-        if wait_for_udev and name == f"switch-{first}":
+        if wait_for_udev and system.dm.device_info(name, uuid=kw.get("uuid")).name == f"switch-{first}":
             udev_done.wait(timeout=10)  # udev still busy with the first LUN's new node
     system.dm.device_resume = busy_udev
 
@@ -538,7 +538,7 @@ def test_a_failed_full_upload_after_a_failed_diff_leaves_the_next_reconcile_send
     system.volume.move_pages(0.05)
     real = system.dm.target_message
 
-    def broken(name, sector, message):
+    def broken(name, sector, message, **kw):
         raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EIO, "injected")
 
     system.dm.target_message = broken
