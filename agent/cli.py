@@ -196,29 +196,32 @@ def run_daemon(args: argparse.Namespace, config, socket_path: Path) -> int:
 
 
 def render(command: str, result: Any) -> str:
-    """Human-readable output, in the spirit of `multipath -ll`."""
+    """Human-readable output of the daemon's JSON answer, in the spirit of `multipath -ll`."""
+    from agent.reporting import Location, LunStatus
+
     if command == "locate":
-        where = result["member"] if result["member"] is not None else "no member (unallocated page)"
-        return (f"{result['wwid']} offset {result['offset']}: page {result['page']} -> {where}"
-                f" via {result['leg'] or '-'} ({', '.join(result['paths']) or 'no own path'})")
-    records = result if isinstance(result, list) else [result]
+        where = Location.from_json(result)
+        member = where.member if where.member is not None else "no member (unallocated page)"
+        return (f"{where.wwid} offset {where.offset}: page {where.page} -> {member}"
+                f" via {where.leg or '-'} ({', '.join(where.paths) or 'no own path'})")
+    records = [LunStatus.from_json(r) for r in (result if isinstance(result, list) else [result])]
     if not records:
         return "no array LUNs found"
     return "\n".join(_render_lun(r) for r in records)
 
 
-def _render_lun(r: dict[str, Any]) -> str:
-    lines = [f"{r['wwid']} {r['state']} {r['device'] or '(not routed)'}"]
-    if r.get("generation") is not None:
-        lines.append(f"  map generation {r['generation']}, {r['pages']} pages of "
-                     f"{r['page_size_bytes'] // (1024 * 1024)} MiB, age {r['map_age_s']} s"
-                     + (f", {r['unallocated_pages']} unallocated" if r.get("unallocated_pages") else ""))
-    for m in r.get("members", []):
-        paths = " ".join(f"{p['device']}({p['state']})" for p in m["paths"]) or "no paths"
-        lines.append(f"  member {m['name']} (id {m['member_id']}): {m['pages']} pages, {paths}")
-    if r.get("last_error"):
-        lines.append(f"  last error: {r['last_error']}")
-    for warning in r.get("warnings", []):
+def _render_lun(r) -> str:
+    lines = [f"{r.wwid} {r.state} {r.device or '(not routed)'}"]
+    if r.generation is not None:
+        lines.append(f"  map generation {r.generation}, {r.pages} pages of "
+                     f"{r.page_size_bytes // (1024 * 1024)} MiB, age {r.map_age_s} s"
+                     + (f", {r.unallocated_pages} unallocated" if r.unallocated_pages else ""))
+    for m in r.members:
+        paths = " ".join(f"{p.device}({p.state})" for p in m.paths) or "no paths"
+        lines.append(f"  member {m.name} (id {m.member_id}): {m.pages} pages, {paths}")
+    if r.last_error:
+        lines.append(f"  last error: {r.last_error}")
+    for warning in r.warnings:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
 

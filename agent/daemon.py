@@ -19,9 +19,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from agent import control
 from agent.config import Config
-from agent.events import Trigger, classify
+from agent.events import Trigger, TriggerKind, classify
 from agent.kernel.udev import UdevEventsLostError
-from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator, System
+from agent.discovery import LunNotFoundError, NotOurArrayError
+from agent.lun import State
+from agent.orchestrator import Orchestrator, System
 from protocol.errors import SwitchAgentError
 
 LOG = logging.getLogger(__name__)
@@ -211,22 +213,22 @@ class Daemon:
 
     async def _on_trigger(self, trigger: Trigger) -> None:
         LOG.debug("udev: %s", trigger)
-        if trigger.kind in ("mpath-ready", "path-event") and trigger.wwid:
+        if trigger.kind in (TriggerKind.MPATH_READY, TriggerKind.PATH_EVENT) and trigger.wwid:
             self.scheduler.trigger(trigger.wwid, trigger.kind)
-            if trigger.kind == "path-event":
+            if trigger.kind == TriggerKind.PATH_EVENT:
                 self.scheduler.heal(trigger.wwid, delay_s=self.config.debounce_s)
-        elif trigger.kind == "leg-path-event" and trigger.wwid:
+        elif trigger.kind == TriggerKind.LEG_PATH_EVENT and trigger.wwid:
             # A path just failed under I/O: give it a moment before the first probe.
             self.scheduler.heal(trigger.wwid, delay_s=self.config.retry_initial_s)
-        elif trigger.kind == "path-added":
+        elif trigger.kind == TriggerKind.PATH_ADDED:
             # A returning or new member's disk: into its leg now, not after multipathd's reload.
             # In a task: a login brings many disks, each a few sysfs reads, and other events wait.
             self._background(self._offer_path(trigger.detail))
-        elif trigger.kind == "mpath-gone" and trigger.wwid in self.orchestrator.luns:
+        elif trigger.kind == TriggerKind.MPATH_GONE and trigger.wwid in self.orchestrator.luns:
             LOG.warning("%s: multipath map removed; the routed device stays until removed by hand",
                         trigger.wwid)
-            self.orchestrator.luns[trigger.wwid].state = "no-multipath"
-        elif trigger.kind == "unit-attention" and trigger.scsi_sys_path:
+            self.orchestrator.luns[trigger.wwid].state = State.NO_MULTIPATH
+        elif trigger.kind == TriggerKind.UNIT_ATTENTION and trigger.scsi_sys_path:
             devices = set(await self.system.block_devices_of_scsi(trigger.scsi_sys_path))
             luns = [lun for lun in self.orchestrator.luns.values()
                     if lun.topology and devices & {p.device for p in lun.topology.paths}]
@@ -292,14 +294,14 @@ class Daemon:
         command = request["command"]
         orch = self.orchestrator
         if command == "status":
-            return [orch.status(lun) for lun in sorted(orch.luns.values(), key=lambda lun: lun.wwid)]
+            return [orch.status(lun).to_json() for lun in sorted(orch.luns.values(), key=lambda lun: lun.wwid)]
         if command == "show":
-            return orch.status(orch.find(_text(request, "lun")))
+            return orch.status(orch.find(_text(request, "lun"))).to_json()
         if command == "locate":
             offset = request.get("offset")
             if not isinstance(offset, int) or isinstance(offset, bool):
                 raise ValueError("offset must be an integer number of bytes")
-            return orch.locate(orch.find(_text(request, "lun")), offset)
+            return orch.locate(orch.find(_text(request, "lun")), offset).to_json()
         if command == "trigger":
             # From the udev rule: schedule and return at once; udev must not wait on us.
             if isinstance(request.get("scsi_device"), str):
@@ -315,7 +317,7 @@ class Daemon:
             except LunNotFoundError:
                 wwid = await self._wwid_from_system(ref)
             lun = await self.scheduler.run_now(wwid)
-            return orch.status(lun)
+            return orch.status(lun).to_json()
         raise ValueError(f"unknown command {command!r}")
 
     async def _wwid_from_system(self, ref: str) -> str:

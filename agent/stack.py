@@ -14,6 +14,7 @@ load resets its region map to round-robin (drivers/md/dm-switch.c).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from agent.config import UUID_PREFIX, Config
@@ -92,41 +93,65 @@ def top_name_for(config: Config, topology: Topology) -> str:
     return config.device_name.format(wwid=topology.wwid, mpath=topology.mpath_name)
 
 
-def top_uuid_for(wwid: str) -> str:
-    """The routed device's uuid: our prefix, so we only ever touch our own."""
-    return f"{UUID_PREFIX}top-{wwid}"
-
-
 def is_owned_uuid(uuid: str) -> bool:
     """True for any device this agent created."""
     return uuid.startswith(UUID_PREFIX)
 
 
+class DeviceKind(enum.StrEnum):
+    """The three kinds of device the agent makes, as their uuids name them."""
+
+    TOP = "top"
+    SWITCH = "sw"
+    LEG = "leg"
+
+
 @dataclass(frozen=True)
 class OwnedUuid:
-    """What one of our uuids says: top-<wwid>, sw-<epoch>-<wwid> or leg-<k>-<epoch>-<wwid>."""
+    """One of our device uuids: top-<wwid>, sw-<epoch>-<wwid> or leg-<k>-<epoch>-<wwid>, after our prefix.
 
-    kind: str
+    Built here and parsed here only: the uuid is how every change finds its device.
+    """
+
+    kind: DeviceKind
     wwid: str
     epoch: int | None = None
+    leg: int | None = None
 
+    @classmethod
+    def top(cls, wwid: str) -> OwnedUuid:
+        return cls(DeviceKind.TOP, wwid)
 
-def parse_owned_uuid(uuid: str) -> OwnedUuid | None:
-    """Decode one of our device uuids; None for anybody else's (or a garbled one)."""
-    if not is_owned_uuid(uuid):
-        return None
-    kind, _, rest = uuid[len(UUID_PREFIX):].partition("-")
-    dashes_before_wwid = {"top": 0, "sw": 1, "leg": 2}
-    if kind not in dashes_before_wwid:
-        return None
-    parts = rest.split("-", dashes_before_wwid[kind])
-    if kind == "top" and rest:
-        return OwnedUuid("top", rest)
-    if kind == "sw" and len(parts) == 2 and parts[0].isdigit() and parts[1]:
-        return OwnedUuid("sw", parts[1], int(parts[0]))
-    if kind == "leg" and len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and parts[2]:
-        return OwnedUuid("leg", parts[2], int(parts[1]))
-    return None
+    @classmethod
+    def switch(cls, epoch: int, wwid: str) -> OwnedUuid:
+        return cls(DeviceKind.SWITCH, wwid, epoch)
+
+    @classmethod
+    def of_leg(cls, leg: int, epoch: int, wwid: str) -> OwnedUuid:
+        return cls(DeviceKind.LEG, wwid, epoch, leg)
+
+    @property
+    def uuid(self) -> str:
+        numbers = {DeviceKind.TOP: (), DeviceKind.SWITCH: (self.epoch,), DeviceKind.LEG: (self.leg, self.epoch)}
+        return "-".join((f"{UUID_PREFIX}{self.kind}", *map(str, numbers[self.kind]), self.wwid))
+
+    @classmethod
+    def parse(cls, uuid: str) -> OwnedUuid | None:
+        """Decode one of our device uuids; None for anybody else's (or a garbled one)."""
+        if not is_owned_uuid(uuid):
+            return None
+        kind, _, rest = uuid[len(UUID_PREFIX):].partition("-")
+        numbers = {"top": 0, "sw": 1, "leg": 2}.get(kind)
+        if numbers is None:
+            return None
+        *digits, wwid = rest.split("-", numbers)
+        if not wwid or len(digits) != numbers or not all(d.isdigit() for d in digits):
+            return None
+        if kind == DeviceKind.TOP:
+            return cls.top(wwid)
+        if kind == DeviceKind.SWITCH:
+            return cls.switch(int(digits[0]), wwid)
+        return cls.of_leg(int(digits[0]), int(digits[1]), wwid)
 
 
 def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: int,
@@ -159,11 +184,11 @@ def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: 
         groups = [g for g in (own, other) if g]
         line = dmswitch.multipath_table(topology.size_sectors, groups, selector, selector_args=selector_args,
                                         features=features)
-        legs.append(DeviceSpec(f"{top}-leg{k}-{epoch}", f"{UUID_PREFIX}leg-{k}-{epoch}-{wwid}",
+        legs.append(DeviceSpec(f"{top}-leg{k}-{epoch}", OwnedUuid.of_leg(k, epoch, wwid).uuid,
                                (_split(line),), HIDDEN_UDEV_FLAGS))
         leg_paths.append((own, other))
     return StackPlan(wwid, epoch, topology.size_sectors, page, region_count, tuple(legs), tuple(leg_paths),
-                     f"{top}-sw{epoch}", f"{UUID_PREFIX}sw-{epoch}-{wwid}", top, top_uuid_for(wwid))
+                     f"{top}-sw{epoch}", OwnedUuid.switch(epoch, wwid).uuid, top, OwnedUuid.top(wwid).uuid)
 
 
 def _split(line: str) -> Target:

@@ -14,7 +14,7 @@ from agent.kernel.dm import DeviceMapper
 from agent.kernel.sgio import ScsiDevice
 from agent.kernel.sysfs import Sysfs, SysfsError
 from agent.kernel.udev import PyudevSource, UdevMonitor
-from agent.orchestrator import MpathMap, NewPath
+from agent.topology import MpathMap, NewPath
 
 LOG = logging.getLogger(__name__)
 

@@ -1,8 +1,36 @@
-"""What the host sees of one array LUN: its multipath map, its paths, and each path's member."""
+"""What the host sees of one array LUN: its multipath map, its paths, and each path's member.
+
+Plain data, filled in by agent.system (the kernel) and agent.discovery (the array).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MpathMap:
+    """multipathd's map of one LUN, as sysfs shows it."""
+
+    wwid: str
+    name: str
+    device: str
+    size_sectors: int
+    slaves: tuple[tuple[str, str], ...]
+    """(kernel name, major:minor) of each path device."""
+    map_size_sectors: int | None = None
+    """multipathd's map's own size; lags size_sectors after a grow until `multipathd resize map`."""
+
+
+@dataclass(frozen=True)
+class NewPath:
+    """A SCSI disk the kernel just announced, as a candidate path of one LUN."""
+
+    device: str
+    dev: str
+    wwid: str
+    """The LUN it belongs to, in multipath's naming (what MpathMap.wwid holds)."""
+    size_sectors: int
 
 
 @dataclass(frozen=True)

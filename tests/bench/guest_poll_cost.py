@@ -26,7 +26,7 @@ from agent import mapsources
 from agent.config import Config
 from agent.kernel import sgio
 from agent.mapsource import poll_map_header
-from agent.orchestrator import _poll_round
+from agent.health import poll_round
 from agent.system import RealSystem
 from protocol import pagemap
 from tests.guest import agentlib
@@ -55,7 +55,7 @@ async def measure(count: int) -> dict[str, dict[str, float]]:
 
     async def round_in_one_thread(n: int) -> None:
         work = [(str(i), mapsources.get("page-map"), [path.blocking()]) for i in range(n)]
-        answers = await loop.run_in_executor(hop, asyncio.run, _poll_round(work))
+        answers = await loop.run_in_executor(hop, asyncio.run, poll_round(work))
         assert None not in answers.values(), "a poll failed"
 
     async def hop_per_command(n: int) -> None:

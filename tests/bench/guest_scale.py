@@ -197,21 +197,21 @@ class Instrumented:
         self.marks: dict[str, float] = {}
         self.messages: list[str] = []
         orch = self.orch
-        fetch, send = orch._fetch_map, orch._send
+        fetch, send = orch.discovery.fetch_map, orch.applier._send
 
         async def fetch_map(topology):
             result = await fetch(topology)
             self.marks["map_in_memory"] = time.perf_counter()
             return result
 
-        async def send_messages(lun, switch_name, messages):
+        async def send_messages(lun, switch_uuid, messages):
             self.marks["send_start"] = time.perf_counter()
             self.messages = list(messages)
-            await send(lun, switch_name, messages)
+            await send(lun, switch_uuid, messages)
             self.marks["send_end"] = time.perf_counter()
 
-        orch._fetch_map = fetch_map
-        orch._send = send_messages
+        orch.discovery.fetch_map = fetch_map
+        orch.applier._send = send_messages
 
     async def reconcile(self, wwid: str) -> dict:
         self.marks.clear()

@@ -30,7 +30,7 @@ import time
 import pytest
 
 from agent.kernel.dm import DeviceMapper
-from agent.stack import parse_owned_uuid
+from agent.stack import OwnedUuid
 from tests.array import initiator
 from tests.guest.agentlib import (RESULTS, AgentDaemon, array, array_info, install_udev_rule,
                                   login_and_wait_routed, our_uuids, quiesce, remove_our_devices,
@@ -133,7 +133,7 @@ def markdown_table(measured: dict[str, dict]) -> str:
 def assert_no_leaks() -> None:
     """Exactly one top, one switch and one leg per member, all of the live epoch."""
     lun = status()[0]
-    owned = [parse_owned_uuid(u) for u in our_uuids().values()]
+    owned = [OwnedUuid.parse(u) for u in our_uuids().values()]
     kinds = sorted(o.kind for o in owned)
     assert kinds == ["leg"] * len(lun["members"]) + ["sw", "top"], our_uuids()
     assert {o.epoch for o in owned if o.kind != "top"} == {lun["epoch"]}, our_uuids()
@@ -284,7 +284,7 @@ def test_daemon_killed_during_resize_then_restarted(rig):
     seen = {}
 
     def new_epoch_devices() -> list[str]:
-        owned = (parse_owned_uuid(d.uuid) for d in dm.list_devices())
+        owned = (OwnedUuid.parse(d.uuid) for d in dm.list_devices())
         return sorted(f"{o.kind}{o.epoch}" for o in owned if o and o.epoch and o.epoch > old_epoch)
 
     def change(io):

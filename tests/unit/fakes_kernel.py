@@ -20,7 +20,7 @@ import numpy as np
 from agent.config import UUID_PREFIX
 from agent.kernel.dm import DmCommand, DmIoctlError, NotOwnedError
 from agent.kernel.sgio import ScsiCommandError
-from agent.orchestrator import MpathMap, NewPath
+from agent.topology import MpathMap, NewPath
 from protocol import dmswitch, scsi
 from protocol.errors import DmSwitchMessageError
 from tests.array.lu import LogicalUnit, LuIdentity

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from agent.kernel.sgio import ScsiCommandError
-from agent.orchestrator import MpathMap
+from agent.topology import MpathMap
 from protocol import scsi
 from tests.unit.fakes_kernel import FakeDeviceMapper
 

@@ -8,7 +8,8 @@ import pytest
 
 from agent import mapsources
 from agent.config import ArrayMatch, Config, ConfigError, config_from_mapping
-from agent.orchestrator import NotOurArrayError, Orchestrator
+from agent.discovery import NotOurArrayError
+from agent.orchestrator import Orchestrator
 from protocol.errors import ValueRangeError
 from protocol.pagemap import UNALLOCATED
 from tests.unit.fakes_kernel import FakeSystem
@@ -151,7 +152,7 @@ def test_every_region_goes_to_its_optimized_group(make_lun):
         owner = int(page_map.owners[region])
         if owner != UNALLOCATED:
             assert groups == {ids[owner]}, f"region {region}"
-    assert orch.status(lun)["map_source"] == "referrals"
+    assert orch.status(lun).map_source == "referrals"
 
 
 def test_a_lio_lun_is_ours_only_when_configured():

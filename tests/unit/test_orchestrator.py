@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from agent.config import Config, config_from_mapping
-from agent.orchestrator import LunNotFoundError, NotOurArrayError, Orchestrator
+from agent.discovery import LunNotFoundError, NotOurArrayError
+from agent.orchestrator import Orchestrator
 from agent.stack import HIDDEN_UDEV_FLAGS
 from agent.kernel.dm import DmCommand, DmIoctlError
 from protocol.errors import SwitchAgentError
@@ -210,7 +211,7 @@ def test_a_dead_path_is_reported_and_its_member_uses_the_others(tmp_path):
     system, orch = make(tmp_path, members=3, paths_per_member=1)
     system.paths["sdc"].broken = True  # member 1's only path
     lun = reconcile(orch, system.wwid)
-    status = orch.status(lun)
+    status = orch.status(lun).to_json()
     member1 = next(m for m in status["members"] if m["member_id"] == lun.stack.page_map.members[1].member_id)
     assert member1["paths"] == []  # no path answered as member 1
     assert any(p.device == "sdc" and not p.usable for p in lun.topology.paths)
@@ -221,12 +222,12 @@ def test_a_dead_path_is_reported_and_its_member_uses_the_others(tmp_path):
 def test_status_and_locate_agree_with_the_array(tmp_path):
     system, orch = make(tmp_path, layout="random")
     lun = reconcile(orch, system.wwid)
-    status = orch.status(lun)
+    status = orch.status(lun).to_json()
     assert status["state"] == "routed" and status["device"] == f"/dev/mapper/{top_name(system)}"
     assert sum(m["pages"] for m in status["members"]) == system.volume.total_pages
     rng = np.random.default_rng(3)
     for offset in rng.integers(0, system.volume.size_bytes, size=100):
-        where = orch.locate(lun, int(offset))
+        where = orch.locate(lun, int(offset)).to_json()
         owner = system.volume.owner_of_offset(int(offset))
         assert where["member"] == owner.name
         assert {system.member_of_dev(system.devs[p]) for p in where["paths"]} == {owner.number}
@@ -331,7 +332,7 @@ def test_a_new_disk_of_the_lun_joins_its_leg_before_multipathd_has_it(tmp_path):
     system.not_in_mpath.clear()  # multipathd caught up: a plain path, nothing reloaded
     loads = len(system.dm.log)
     assert len(reconcile(orch, system.wwid).stack.plan.leg_paths[2][0]) == 2
-    assert system.dm.log[loads:] == [] and orch._new_paths == {}
+    assert system.dm.log[loads:] == [] and orch.discovery._new_paths == {}
 
 
 def test_a_new_disk_is_not_taken_when_it_is_gone_or_shows_another_size(tmp_path):
@@ -349,7 +350,7 @@ def test_a_new_disk_is_not_taken_when_it_is_gone_or_shows_another_size(tmp_path)
 
     system.describe_path = mid_resize
     lun = reconcile(orch, system.wwid)
-    assert {p.device for p in lun.topology.paths} == {"sdb", "sdc", "sdd"} and orch._new_paths == {}
+    assert {p.device for p in lun.topology.paths} == {"sdb", "sdc", "sdd"} and orch.discovery._new_paths == {}
 
 
 def test_early_paths_off_leaves_new_disks_to_multipathd(tmp_path):
@@ -382,11 +383,11 @@ def test_a_disk_of_another_lun_or_before_routing_is_not_offered(tmp_path):
 def test_status_warns_when_multipathds_map_lags_its_paths(tmp_path):
     system, orch = make(tmp_path, size_bytes=2 * 1024 * MiB)
     lun = reconcile(orch, system.wwid)
-    assert orch.status(lun)["warnings"] == []
+    assert orch.status(lun).to_json()["warnings"] == []
     system.resize(3 * 1024 * MiB)
     system.map_size_bytes = 2 * 1024 * MiB  # the array grew; nobody ran `multipathd resize map`
     lun = reconcile(orch, system.wwid)
-    (warning,) = orch.status(lun)["warnings"]
+    (warning,) = orch.status(lun).to_json()["warnings"]
     assert f"multipathd resize map {system.wwid}" in warning
     assert system.misrouted_pages(top_name(system)) == 0  # routing follows the paths regardless
 
@@ -395,7 +396,7 @@ def test_a_whole_map_is_encoded_off_the_event_loop(tmp_path, monkeypatch):
     """Seconds of encoding for a big map must not stall the other LUNs' events and the control socket."""
     import threading
 
-    from agent import orchestrator as orch_mod
+    from agent import apply as orch_mod
 
     system, orch = make(tmp_path)
     real = orch_mod.dmswitch.encode_region_mappings
@@ -418,7 +419,7 @@ def test_a_whole_map_is_encoded_off_the_event_loop(tmp_path, monkeypatch):
 
 
 def test_an_encoding_failure_on_first_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    from agent import orchestrator as orch_mod
+    from agent import apply as orch_mod
     from protocol.errors import EncodeError
 
     system, orch = make(tmp_path)
@@ -555,7 +556,7 @@ def test_a_failed_full_upload_after_a_failed_diff_leaves_the_next_reconcile_send
 
 
 def test_whole_map_encodes_run_at_most_two_at_once(tmp_path, monkeypatch):
-    from agent import orchestrator as orchestrator_module
+    from agent import apply as orchestrator_module
     from protocol import dmswitch
 
     system = ManyLunSystem(6, tmp_path=tmp_path, members=3, paths_per_member=1)

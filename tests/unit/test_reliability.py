@@ -15,7 +15,9 @@ import pytest
 from agent.config import Config
 from agent.daemon import Daemon, DaemonTaskError, watchdog_interval
 from agent.kernel.udev import UdevMonitor
-from agent.orchestrator import DeviceLeftSuspendedError, InternalError, LunNotFoundError, Orchestrator
+from agent.discovery import LunNotFoundError
+from agent.dm_async import DeviceLeftSuspendedError
+from agent.orchestrator import InternalError, Orchestrator
 from agent.stack import PlanError
 from protocol.errors import SwitchAgentError
 from tests.unit.fakes_kernel import MiB, FakeSystem, ManyLunSystem
@@ -62,7 +64,7 @@ def test_swapped_multipath_aliases_never_point_a_routed_device_at_the_other_lun(
         assert paths_reached(system, top_of(system)) <= set(system.devs.values())
         assert system.misrouted_pages(top_of(system)) == 0
     assert (top_of(a), top_of(b)) == ("switch-db", "switch-logs")
-    warnings = restarted.status(restarted.luns[a.wwid])["warnings"]
+    warnings = restarted.status(restarted.luns[a.wwid]).warnings
     assert any("keeps its name switch-db" in w and "switch-logs" in w for w in warnings)
     assert restarted.find("switch-db").wwid == a.wwid and restarted.find("switch-logs").wwid == b.wwid
 
@@ -138,7 +140,7 @@ def test_a_device_that_cannot_be_resumed_is_reported_suspended_until_it_is(tmp_p
         reconcile(orch, system.wwid)
     lun = orch.luns[system.wwid]
     assert system.dm.devices[top].suspended
-    assert lun.state == "suspended" and orch.status(lun)["state"] == "suspended"
+    assert lun.state == "suspended" and orch.status(lun).to_json()["state"] == "suspended"
     assert "SUSPENDED" in lun.last_error
     lun = reconcile(orch, system.wwid)
     assert lun.state == "routed" and not system.dm.devices[top].suspended
@@ -205,7 +207,7 @@ def test_locate_after_a_grow_that_failed_to_route_stays_inside_the_routed_device
     with pytest.raises(SwitchAgentError):
         reconcile(orch, system.wwid)
     lun = orch.luns[system.wwid]
-    assert orch.locate(lun, 2 * 1024 * MiB - 1)["page"] == 2 * 1024 // 16 - 1
+    assert orch.locate(lun, 2 * 1024 * MiB - 1).page == 2 * 1024 // 16 - 1
     with pytest.raises(ValueError, match="outside the routed device"):
         orch.locate(lun, 2 * 1024 * MiB + 5 * 16 * MiB)
 

@@ -10,7 +10,7 @@ import pytest
 
 from agent.config import Config
 from agent.kernel.dm import DeviceEntry
-from agent.orchestrator import NewPath
+from agent.topology import NewPath
 from agent.system import RealSystem
 
 

@@ -1,0 +1,184 @@
+"""Applying a LUN's planned stack to the kernel: a new epoch beside the live one, or only what changed.
+
+Two ways, as the orchestrator decides:
+
+- same shape (size, regions, legs): reload the legs whose paths changed in
+  place, and send the live switch only the regions whose owner changed;
+- otherwise: build and fully program a new switch and legs (a new epoch),
+  point the top device at it under suspend, then remove the old epoch.
+  A switch's table load resets its map to round-robin, so the routed device
+  never serves I/O through a half-programmed switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import numpy as np
+
+from agent.config import Config
+from agent.dm_async import AsyncDeviceMapper
+from agent.lun import LunState, RoutedStack
+from agent.stack import OwnedUuid, PlanError, StackPlan, top_name_for
+from agent.topology import Topology
+from protocol import dmswitch
+from protocol.errors import SwitchAgentError
+from protocol.pagemap import PageMap
+
+LOG = logging.getLogger(__name__)
+
+WHOLE_MAP_ENCODES = 2
+"""Whole-map encodes at once. Each needs ~85 bytes per page of temporaries (8.5 MiB for 100k
+pages) and holds the GIL most of the time: more than two at once cost memory, not time."""
+
+
+class PlanApplier:
+    """Puts StackPlans into the kernel through the async dm facade; records what it holds on the LunState."""
+
+    def __init__(self, config: Config, dm: AsyncDeviceMapper, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.dm = dm
+        self.clock = clock
+        self._encodes = asyncio.Semaphore(WHOLE_MAP_ENCODES)
+
+    async def claim_top_name(self, topology: Topology) -> str:
+        """The routed device's name for a new epoch: its own if it exists, else the template's if free.
+
+        The device is found by its uuid (top-<wwid>), never by name: with
+        device_name = "switch-{mpath}" two LUNs whose multipath aliases were
+        swapped would otherwise take each other's routed devices.
+        """
+        wanted = top_name_for(self.config, topology)
+        uuid = OwnedUuid.top(topology.wwid).uuid
+        devices = await self.dm.list_devices()
+        own = next((d.name for d in devices if d.uuid == uuid), None)
+        if own is not None:
+            return own
+        holder = next((d for d in devices if d.name == wanted), None)
+        if holder is not None:
+            raise PlanError(topology.wwid, f"the routed device's name {wanted} is taken by another device "
+                                           f"(uuid {holder.uuid or '-'}); left untouched: rename one of the "
+                                           "multipath aliases or change device_name")
+        return wanted
+
+    async def reload_changed_legs(self, lun: LunState, plan: StackPlan) -> None:
+        """Paths came or went: give the affected legs their new path groups, in place.
+
+        Only the leg's own table is swapped (noflush, as multipathd reloads its
+        maps, so queued I/O moves to the new table instead of failing); the
+        switch above keeps its region map.
+        """
+        assert lun.stack is not None
+        for leg, paths, old_paths in zip(plan.legs, plan.leg_paths, lun.stack.plan.leg_paths):
+            if paths == old_paths:
+                continue
+            await self.dm.swap_table(leg.uuid, leg.targets, udev_flags=leg.udev_flags, noflush=True)
+            LOG.info("%s: %s now prefers %s (fallback %s)", lun.wwid, leg.name, " ".join(paths[0]) or "-",
+                     " ".join(paths[1]) or "-")
+        lun.stack.plan = plan
+
+    async def update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
+        """Same legs, same geometry: send only the regions whose owner changed."""
+        assert lun.stack is not None
+        # A -1 in `previous` is a region whose kernel value we do not know: it is sent if allocated.
+        messages = dmswitch.encode_region_mappings(page_map.owners, previous=lun.stack.kernel_map,
+                                                   max_message_bytes=self.config.max_message_bytes)
+        try:
+            await self._send(lun, plan.switch_uuid, messages)
+        except SwitchAgentError:
+            # Messages are not atomic: after a rejected one we no longer know what the kernel
+            # holds, so send the whole map.
+            lun.stack.kernel_map = np.full(page_map.total_pages, -1, dtype=page_map.owners.dtype)
+            LOG.warning("%s: diff upload failed; sending the whole map", lun.wwid)
+            await self._send(lun, plan.switch_uuid, dmswitch.encode_region_mappings(
+                page_map.owners, max_message_bytes=self.config.max_message_bytes))
+        lun.stack = RoutedStack(plan, _after_upload(page_map.owners), page_map, self.clock())
+        LOG.info("%s: map generation %d applied (%d messages)", lun.wwid, page_map.generation, len(messages))
+
+    async def build_and_swap(self, lun: LunState, plan: StackPlan, page_map: PageMap,
+                             release_slot: Callable[[], None] = lambda: None) -> None:
+        """Build and fully program a new switch, then point the top device at it.
+
+        `release_slot` gives up the LUN's max_parallel_luns slot once only waiting for udev remains.
+        """
+        created: list[str] = []
+        """uuids of the devices this build made: every change to a device addresses it by its uuid."""
+        # Encoding a whole map is the install's biggest CPU cost: do it in a thread while the kernel
+        # and udev build the devices, and keep the event loop free for the other LUNs meanwhile.
+        encoding = asyncio.ensure_future(self._encode_whole_map(plan, page_map))
+        try:
+            # Legs side by side: most of a leg's time is udev's, and udev works on them in parallel.
+            results = await asyncio.gather(*(self._create(spec, created) for spec in plan.legs),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            switch_dev = await self._create(plan.switch_spec(list(results)), created)
+            messages = await encoding
+            await self._send(lun, plan.switch_uuid, messages)
+            await self._point_top_at(plan, switch_dev, release_slot)
+        except SwitchAgentError:
+            await self.dm.remove(reversed(created))
+            raise
+        finally:
+            if not encoding.done():
+                encoding.cancel()  # the thread finishes on its own; nobody waits for its result
+            elif not encoding.cancelled():
+                encoding.exception()  # retrieved, so asyncio does not log it as never seen
+        old = lun.stack
+        lun.stack = RoutedStack(plan, _after_upload(page_map.owners), page_map, self.clock())
+        LOG.info("%s: routed as /dev/mapper/%s (epoch %d, %d members, %d regions of %d sectors, %d messages)",
+                 lun.wwid, plan.top_name, plan.epoch, len(plan.legs), plan.region_count,
+                 plan.region_size_sectors, len(messages))
+        stale = dict(lun.leftovers)  # uuid -> "sw" or "leg"
+        if old is not None:
+            stale |= {old.plan.switch_uuid: "sw", **{leg.uuid: "leg" for leg in old.plan.legs}}
+        for uuid in (plan.switch_uuid, *(leg.uuid for leg in plan.legs)):
+            stale.pop(uuid, None)
+        # Switches hold legs: remove them first.
+        await self.dm.remove(sorted(stale, key=lambda uuid: stale[uuid] == "leg"))
+        lun.leftovers.clear()
+
+    async def _encode_whole_map(self, plan: StackPlan, page_map: PageMap) -> list[str]:
+        async with self._encodes:
+            return await asyncio.to_thread(
+                dmswitch.encode_region_mappings, page_map.owners,
+                previous=dmswitch.round_robin(plan.region_count, len(plan.legs)),
+                max_message_bytes=self.config.max_message_bytes)
+
+    async def _create(self, spec, created: list[str]) -> str:
+        dev = await self.dm.create_and_load(spec)
+        created.append(spec.uuid)
+        return dev
+
+    async def _point_top_at(self, plan: StackPlan, switch_dev: str, release_slot: Callable[[], None]) -> None:
+        targets = plan.top_targets(switch_dev)
+        if plan.top_uuid not in {d.uuid for d in await self.dm.list_devices()}:
+            # The new node's resume waits for udev (up to 30 s while it works through many LUNs
+            # appearing at once). The building is done: let another LUN build meanwhile;
+            # this LUN's own lock stays held until its device is there.
+            await self.dm.create_visible(plan.top_name, plan.top_uuid, targets, before_udev_wait=release_slot)
+            return
+        # The node exists and keeps its name: udev's change event needs no waiting for, and
+        # waiting would hold the lock the next change needs.
+        await self.dm.swap_table(plan.top_uuid, targets)
+
+    async def _send(self, lun: LunState, switch_uuid: str, messages: list[str]) -> None:
+        for message in messages:
+            await self.dm.message(switch_uuid, message)
+            lun.messages_sent += 1
+            lun.message_bytes_sent += len(message)
+
+
+def _after_upload(owners: np.ndarray) -> np.ndarray:
+    """What the switch holds after an upload of `owners`: known where allocated.
+
+    Unallocated pages may have been filled with any path by the encoder, so
+    they stay unknown (-1) and are sent again once they get an owner. That
+    is `owners` itself (UNALLOCATED is -1): shared, read-only, not copied,
+    as with many LUNs the copy was half of what the daemon kept.
+    """
+    owners.flags.writeable = False
+    return owners

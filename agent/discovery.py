@@ -1,0 +1,177 @@
+"""From a LUN's multipath map to what the array says of it: its paths' members, and its page map.
+
+The kernel side comes from the System (sysfs, SG_IO); the array side from
+the configured map source (agent.mapsources). Nothing here changes a device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Mapping
+
+from agent import mapsource, mapsources
+from agent.config import ArrayMatch, Config
+from agent.lun import LunState
+from agent.stack import PlanError
+from agent.topology import MpathMap, PathInfo, Topology
+from protocol.errors import DecodeError, SwitchAgentError
+from protocol.pagemap import PageMap
+
+if TYPE_CHECKING:
+    from agent.orchestrator import System
+
+LOG = logging.getLogger(__name__)
+
+
+class LunNotFoundError(SwitchAgentError):
+    """No array LUN matches what the user named."""
+
+
+class NotOurArrayError(SwitchAgentError):
+    """The LUN's INQUIRY vendor/product matches no configured array."""
+
+
+class FetchTimeoutError(SwitchAgentError):
+    """The whole page-map fetch took longer than fetch_timeout_s (a slow or hostile array)."""
+
+    def __init__(self, wwid: str, timeout_s: float) -> None:
+        self.wwid = wwid
+        self.timeout_s = timeout_s
+        super().__init__(f"{wwid}: the map fetch did not finish within {timeout_s:g} s (fetch_timeout_s)")
+
+
+class Discovery:
+    """Finds a LUN's paths (multipathd's and the kernel's newer ones), their members, and its map."""
+
+    def __init__(self, config: Config, system: System) -> None:
+        self.config = config
+        self.system = system
+        self._new_paths: dict[str, set[str]] = {}
+        """wwid -> disks the kernel announced for it that multipathd's map does not hold yet."""
+
+    async def offer_path(self, device: str, luns: Mapping[str, LunState]) -> str | None:
+        """A new SCSI disk appeared: if it is a path of a LUN we route, remember it for that LUN.
+
+        Returns the LUN's wwid when the disk is news to it (its reconcile then
+        gives the disk to the member's leg), else None. multipathd takes the
+        same disk into its map seconds later under load; until then the
+        member's I/O would go on being forwarded by the array.
+        """
+        if not self.config.early_paths:
+            return None
+        routed = {wwid for wwid, lun in luns.items() if lun.topology is not None}
+        path = await self.system.describe_path(device, routed) if routed else None
+        lun = luns.get(path.wwid) if path else None
+        if path is None or lun is None or lun.topology is None:
+            return None
+        offered = self._new_paths.setdefault(path.wwid, set())
+        if device in offered or any(p.device == device and p.dev == path.dev for p in lun.topology.paths):
+            return None  # the kernel's and udev's event of the same disk, or a path we hold
+        offered.add(device)
+        LOG.info("%s: new path %s (%s); taking it before multipathd's map has it", path.wwid, device, path.dev)
+        return path.wwid
+
+    async def find_mpath(self, wwid: str) -> MpathMap:
+        """multipathd's map of the LUN, with the disks the kernel announced for it since."""
+        for mpath in await self.system.find_mpath_maps(wwid):
+            if mpath.wwid == wwid:
+                return await self._with_new_paths(mpath)
+        raise LunNotFoundError(f"{wwid}: no multipath map for this LUN")
+
+    async def _with_new_paths(self, mpath: MpathMap) -> MpathMap:
+        """multipathd's map plus the LUN's announced disks it does not hold yet (re-checked now)."""
+        names = self._new_paths.get(mpath.wwid, set())
+        names -= {device for device, _ in mpath.slaves}  # multipathd has them: plain paths now
+        extra = []
+        for device in sorted(names):
+            path = await self.system.describe_path(device)
+            # Same LUN and size only: a disk still showing an old size (mid-resize) waits for multipathd.
+            if path is None or path.wwid != mpath.wwid or path.size_sectors != mpath.size_sectors:
+                names.discard(device)
+                continue
+            extra.append((device, path.dev))
+        if not names:
+            self._new_paths.pop(mpath.wwid, None)
+        return dataclasses.replace(mpath, slaves=mpath.slaves + tuple(extra)) if extra else mpath
+
+    async def discover(self, mpath: MpathMap) -> Topology:
+        """Ask every path which member it lands on; the first answer also says whose array it is."""
+        found: dict[str, PathInfo] = {}
+        source: mapsources.MapSource | None = None
+        slaves = list(mpath.slaves)
+        while slaves and source is None:
+            device, dev = slaves.pop(0)
+            try:
+                scsi_path = self.system.open_path(device)
+                inquiry = await mapsource.read_inquiry(scsi_path)
+                array = self._our_array(inquiry.vendor, inquiry.product)
+                if array is None:
+                    raise NotOurArrayError(f"{mpath.wwid}: {inquiry.vendor!r} {inquiry.product!r} "
+                                           "matches no configured array")
+                source = await mapsources.choose(array.map_source, scsi_path)
+            except NotOurArrayError:
+                raise
+            except SwitchAgentError as exc:
+                found[device] = _unusable(mpath.wwid, device, dev, exc)
+                continue
+            found[device] = await self._identify(source, mpath.wwid, device, dev)
+        if source is not None:
+            # The rest side by side: one path after another cost seconds of a page move's convergence.
+            for info in await asyncio.gather(*(self._identify(source, mpath.wwid, device, dev)
+                                               for device, dev in slaves)):
+                found[info.device] = info
+        paths = tuple(found[device] for device, _ in mpath.slaves if device in found)
+        return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, paths,
+                        mpath.map_size_sectors, source.name if source else "page-map")
+
+    async def _identify(self, source: mapsources.MapSource, wwid: str, device: str, dev: str) -> PathInfo:
+        try:
+            member_id, member_name = await source.identify(self.system.open_path(device))
+        except SwitchAgentError as exc:
+            return _unusable(wwid, device, dev, exc)
+        return PathInfo(device, dev, member_id, member_name)
+
+    def _our_array(self, vendor: str, product: str) -> ArrayMatch | None:
+        return next((a for a in self.config.arrays if vendor.strip() == a.vendor and product.strip() == a.product),
+                    None)
+
+    async def fetch_map(self, topology: Topology) -> PageMap:
+        """Fetch through the first usable path; fall back to the next on a transport error."""
+        last: SwitchAgentError | None = None
+        for path in topology.paths:
+            if not path.usable:
+                continue
+            try:
+                # The array is a peer: a fetch that never ends must not hold the LUN and a build slot.
+                async with asyncio.timeout(self.config.fetch_timeout_s):
+                    return await mapsources.get(topology.map_source).fetch(self.system.open_path(path.device),
+                                                                           restarts=self.config.fetch_restarts)
+            except TimeoutError:
+                raise FetchTimeoutError(topology.wwid, self.config.fetch_timeout_s) from None
+            except SwitchAgentError as exc:
+                LOG.warning("%s: page map fetch over %s failed: %s", topology.wwid, path.device, exc)
+                last = exc
+                # A map that failed to decode is the array's answer, not the path's: don't retry it elsewhere.
+                if isinstance(exc, DecodeError):
+                    raise
+        raise last or PlanError(topology.wwid, "no usable path to fetch the page map")
+
+    async def rescan_paths(self, devices: list[str], wwid: str = "-") -> None:
+        """Make the kernel re-read each path's capacity (it does not on CAPACITY DATA HAS CHANGED).
+
+        Side by side: each rescan is a round of SCSI commands. A path that
+        fails is logged and left to the next reconcile.
+        """
+        results = await asyncio.gather(*(self.system.rescan_path(d) for d in devices), return_exceptions=True)
+        for device, result in zip(devices, results):
+            if isinstance(result, SwitchAgentError):
+                LOG.warning("%s: rescan of %s failed: %s", wwid, device, result)
+            elif isinstance(result, BaseException):
+                raise result
+
+
+def _unusable(wwid: str, device: str, dev: str, exc: SwitchAgentError) -> PathInfo:
+    LOG.warning("%s: path %s unusable: %s", wwid, device, exc)
+    return PathInfo(device, dev, None, usable=False, error=str(exc))

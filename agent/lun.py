@@ -1,0 +1,66 @@
+"""What the daemon knows about each LUN: its state, what it found, and what the kernel holds for it."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.stack import StackPlan
+from agent.topology import Topology
+from protocol.pagemap import PageMap
+
+
+class State(enum.StrEnum):
+    """Where a LUN stands (what `status` shows first)."""
+
+    DISCOVERING = "discovering"
+    """Seen, not routed yet."""
+    ADOPTING = "adopting"
+    """Devices of an earlier daemon found at start; its first reconcile rebuilds them."""
+    ROUTED = "routed"
+    """The routed device serves I/O (a later failure keeps it so, with last_error set)."""
+    ERROR = "error"
+    """Never routed: last_error says why; retried with backoff."""
+    SUSPENDED = "suspended"
+    """A device of its stack could not be resumed: its I/O waits (last_error says which)."""
+    NO_MULTIPATH = "no-multipath"
+    """multipathd's map went away; the routed device stays until removed by hand."""
+
+
+@dataclass
+class RoutedStack:
+    """What the kernel holds for a routed LUN, kept because dm-switch cannot report its map."""
+
+    plan: StackPlan
+    kernel_map: np.ndarray
+    """Path number of every region as the live switch holds it; -1 where we do not know."""
+    page_map: PageMap
+    fetched_at: float
+
+
+@dataclass
+class LunState:
+    """Everything the daemon knows about one LUN; what `status` shows."""
+
+    wwid: str
+    state: State = State.DISCOVERING
+    topology: Topology | None = None
+    stack: RoutedStack | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    failures: int = 0
+    epoch: int = 0
+    messages_sent: int = 0
+    message_bytes_sent: int = 0
+    last_reconcile: dict[str, float] = field(default_factory=dict)
+    """Seconds the last successful reconcile spent discovering, fetching and in the kernel."""
+    leftovers: dict[str, str] = field(default_factory=dict)
+    """Switches and legs an earlier daemon left (restart, kill -9), uuid -> kind: removed after the next build."""
+    leg_events: dict[str, int] = field(default_factory=dict)
+    """Each leg's dm event_nr when its status was last read (DM_LIST_DEVICES of that round)."""
+    failed_legs: set[str] = field(default_factory=set)
+    """Legs whose status showed a failed path the last time it was read."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
