@@ -45,13 +45,15 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Generator, Generic, TypeVar
 
 from protocol.errors import DecodeError, SwitchAgentError
+from protocol.pagemap import GET_PAGE_MAP_OPCODE
 from protocol.scsi.constants import Opcode, ScsiStatus, ServiceActionIn16
 from protocol.scsi.sense import Sense, decode_sense
 
 LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # <scsi/sg.h>
 SG_IO = 0x2285
@@ -65,7 +67,6 @@ SENSE_BUFFER_BYTES = 96
 """SCSI_SENSE_BUFFERSIZE: the most sense the kernel keeps, so the most SG_IO returns."""
 DEFAULT_TIMEOUT_MS = 30_000
 MAX_CDB_BYTES = 32
-GET_PAGE_MAP_OPCODE = 0xC8  # docs/protocol.md; kept local so the kernel corner needs no codec
 
 # include/scsi/scsi_status.h, enum scsi_host_status
 HOST_STATUS_NAMES = {
@@ -482,14 +483,25 @@ class ScsiDevice:
         return f"ScsiDevice({self.path!r})"
 
 
+class _Finished(Generic[_T]):
+    """An awaitable of a value that is already there."""
+
+    def __init__(self, value: _T) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, _T]:
+        return self.value
+        yield  # a generator, as __await__ must be; never reached
+
+
 class BlockingScsiDevice:
     """A ScsiDevice whose ``execute`` runs the ioctl in the calling thread, blocking it.
 
     For a worker thread that runs many commands on an event loop of its own
-    (the daemon's poll round): each hop to a worker and back costs about 2.6 ms
-    of CPU under QEMU's TCG, more than the SG_IO itself (1.7 ms), and a round
-    with 64 LUNs made it most of the idle daemon's CPU. Never on the daemon's
-    loop: a stuck path blocks the thread that asked.
+    (the daemon's poll round): a hop to a worker and back per command cost
+    more CPU than the SG_IO itself, and with many LUNs most of the idle
+    daemon's (docs/benchmarks.md). Never on the daemon's loop: a stuck path
+    blocks the thread that asked.
     """
 
     def __init__(self, device: ScsiDevice) -> None:
@@ -499,13 +511,17 @@ class BlockingScsiDevice:
     async def max_transfer_bytes(self) -> int:
         return await self.device.max_transfer_bytes()
 
-    async def execute(
+    def execute(
         self, cdb: bytes, *, data_in_length: int = 0, data_out: bytes | None = None,
         timeout_ms: int | None = None,
-    ) -> ScsiResult:
-        """Send one CDB in this thread and return its result or raise a ScsiError."""
+    ) -> Awaitable[ScsiResult]:
+        """Send one CDB now, blocking this thread; raise a ScsiError, or return the result as a finished awaitable.
+
+        Not a coroutine on purpose: the command has run when this returns. The
+        awaitable only lets the map sources' async code (``await path.execute``) drive it unchanged.
+        """
         _, call = self.device._command(cdb, data_in_length, data_out, timeout_ms)
-        return call()
+        return _Finished(call())
 
     def __repr__(self) -> str:
         return f"BlockingScsiDevice({self.device.path!r})"
