@@ -43,7 +43,7 @@ class RealSystem:
         One DM_LIST_DEVICES names every dm device with its uuid, so sysfs is
         read only for multipathd's maps, and those reads go out side by side:
         a reconcile runs this each time, and under load every sysfs read costs
-        worker-thread round trips (1.4 s for one map of 3 paths one after another).
+        worker-thread round trips (docs/benchmarks.md, "Measurements behind the code").
         """
         wanted = MPATH_UUID_PREFIX + wwid if wwid else None
         entries = [e for e in await asyncio.to_thread(self.dm.list_devices)
@@ -86,8 +86,8 @@ class RealSystem:
         """Whether the path's /dev node is still the one our fd was opened on (devtmpfs makes a new one per disk).
 
         One stat of the node's path against what the fd was opened on: every poll
-        round asks this for 64 paths, and under TCG a path join and an fstat more
-        each time were a quarter of the idle daemon's Python time.
+        round asks this for every path, and more work here showed in the idle
+        daemon's profile (docs/benchmarks.md, "Measurements behind the code").
         """
         try:
             node = os.stat(scsi.path)
