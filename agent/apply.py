@@ -21,7 +21,7 @@ import numpy as np
 from agent.config import Config
 from agent.dm_async import AsyncDeviceMapper
 from agent.lun import LunState, RoutedStack
-from agent.stack import OwnedUuid, PlanError, StackPlan, top_name_for
+from agent.stack import DeviceSpec, OwnedUuid, PlanError, StackPlan, top_name_for
 from agent.topology import Topology
 from protocol import dmswitch
 from protocol.errors import SwitchAgentError
@@ -53,7 +53,7 @@ class PlanApplier:
         wanted = top_name_for(self.config, topology)
         uuid = OwnedUuid.top(topology.wwid).uuid
         devices = await self.dm.list_devices()
-        own = next((d.name for d in devices if d.uuid == uuid), None)
+        own: str | None = next((d.name for d in devices if d.uuid == uuid), None)
         if own is not None:
             return own
         holder = next((d for d in devices if d.name == wanted), None)
@@ -112,10 +112,12 @@ class PlanApplier:
             # Legs side by side: most of a leg's time is udev's, and udev works on them in parallel.
             results = await asyncio.gather(*(self._create(spec, created) for spec in plan.legs),
                                            return_exceptions=True)
+            leg_devs = []
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-            switch_dev = await self._create(plan.switch_spec(list(results)), created)
+                leg_devs.append(result)
+            switch_dev = await self._create(plan.switch_spec(leg_devs), created)
             messages = await encoding
             await self._send(lun, plan.switch_uuid, messages)
             await self._point_top_at(plan, switch_dev, release_slot)
@@ -148,7 +150,7 @@ class PlanApplier:
                 previous=dmswitch.round_robin(plan.region_count, len(plan.legs)),
                 max_message_bytes=self.config.max_message_bytes)
 
-    async def _create(self, spec, created: list[str]) -> str:
+    async def _create(self, spec: DeviceSpec, created: list[str]) -> str:
         dev = await self.dm.create_and_load(spec)
         created.append(spec.uuid)
         return dev

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from agent import control
 from agent.config import Config
@@ -130,7 +130,7 @@ class Daemon:
         self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep)
         self.sleep = sleep
         self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.failure: DaemonTaskError | None = None
         """Why the daemon stopped by itself (a long-lived task died), else None."""
 
@@ -170,7 +170,7 @@ class Daemon:
         if self.failure is not None:
             raise self.failure
 
-    def _supervise(self, task: asyncio.Task) -> None:
+    def _supervise(self, task: asyncio.Task[Any]) -> None:
         """A long-lived task that ends before stop() takes the daemon down: systemd restarts it whole."""
         if task.cancelled() or self._stop.is_set():
             return
@@ -250,7 +250,7 @@ class Daemon:
         for wwid in wwids:
             self.scheduler.trigger(wwid, "unit attention CAPACITY_DATA_HAS_CHANGED")
 
-    def _background(self, coro) -> None:
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)  # a reference, or the loop may drop the task half-way
         task.add_done_callback(self._tasks.discard)
@@ -270,11 +270,11 @@ class Daemon:
             # Without event numbers (a kernel before 4.14, or no list) every leg is read, but
             # only every few rounds: a path failure must not stay unseen for good.
             check_legs = events is not None or rounds % FULL_LEG_CHECK_EVERY == 0
-            luns = [lun for lun in self.orchestrator.luns.values() if lun.stack and lun.topology]
-            generations = await self.orchestrator.poll_generations(luns)
-            for lun in luns:
+            routed = [(lun, lun.stack) for lun in self.orchestrator.luns.values() if lun.stack and lun.topology]
+            generations = await self.orchestrator.poll_generations([lun for lun, _ in routed])
+            for lun, stack in routed:
                 # None (no path answered) differs too: reconcile finds out and reports why.
-                if generations[lun.wwid] != lun.stack.page_map.generation:
+                if generations[lun.wwid] != stack.page_map.generation:
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
                 if check_legs and self.orchestrator.legs_to_check(lun, events):
                     self.scheduler.heal(lun.wwid, events=events)

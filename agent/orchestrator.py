@@ -100,8 +100,9 @@ class Orchestrator:
                 lun.epoch = max(lun.epoch, owned.epoch or 0)
             LOG.info("%s: adopting %s", owned.wwid, device.name)
         # A daemon killed mid-swap (kill -9) may have left a device suspended: its I/O waits until resumed.
-        for uuid, error in (await self.dm.resume_suspended([d.uuid for d, _ in ours])).items():
-            lun = self.luns[OwnedUuid.parse(uuid).wwid]
+        wwid_of = {device.uuid: owned.wwid for device, owned in ours}
+        for uuid, error in (await self.dm.resume_suspended(list(wwid_of))).items():
+            lun = self.luns[wwid_of[uuid]]
             lun.state, lun.last_error, lun.last_error_at = State.SUSPENDED, str(error), self.clock()
         return sorted(self.luns)
 

@@ -64,7 +64,8 @@ class LunStatus:
     unallocated_pages: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        return plain
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LunStatus:
@@ -92,7 +93,8 @@ class Location:
     paths: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        return plain
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Location:

@@ -10,7 +10,7 @@ from typing import Container
 
 from agent.config import UUID_PREFIX, Config
 from agent.events import MPATH_UUID_PREFIX
-from agent.kernel.dm import DeviceMapper
+from agent.kernel.dm import DeviceEntry, DeviceMapper
 from agent.kernel.sgio import ScsiDevice
 from agent.kernel.sysfs import Sysfs, SysfsError
 from agent.kernel.udev import PyudevSource, UdevMonitor
@@ -55,7 +55,7 @@ class RealSystem:
                 self._paths.pop(name).close()
         return maps
 
-    async def _read_map(self, entry) -> MpathMap | None:
+    async def _read_map(self, entry: DeviceEntry) -> MpathMap | None:
         kernel_name = f"dm-{entry.minor}"
         try:
             dm_slaves, dm_size = await asyncio.gather(self.sysfs.slaves(kernel_name),

@@ -315,7 +315,7 @@ def sg_io(
         raise ScsiCommandError(*common, cdb=cdb, sense_bytes=sense_bytes)
 
     data = b""
-    if data_in_length:
+    if data_in_length and data_buf is not None:
         got = min(max(data_in_length - max(resid, 0), 0), data_in_length)
         data = ctypes.string_at(data_buf, got)  # not .raw: that copies the whole buffer first
     if debug:
@@ -418,7 +418,7 @@ class ScsiDevice:
         work.add_done_callback(functools.partial(self._finished, loop, dup))
         return await asyncio.wrap_future(work)
 
-    def _finished(self, loop: asyncio.AbstractEventLoop, dup: int, work: concurrent.futures.Future) -> None:
+    def _finished(self, loop: asyncio.AbstractEventLoop, dup: int, work: concurrent.futures.Future[Any]) -> None:
         """In the worker (or the canceller): the device is free again; a command never run closes its fd."""
         if work.cancelled():
             os.close(dup)

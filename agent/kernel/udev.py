@@ -161,7 +161,8 @@ class PyudevSource:
 
     def fileno(self) -> int:
         """The netlink socket's fd."""
-        return self._monitor.fileno()
+        fd: int = self._monitor.fileno()
+        return fd
 
     def poll(self) -> UdevEvent | None:
         """The next event, or None if none is waiting."""
@@ -179,7 +180,7 @@ class PyudevSource:
 
     def close(self) -> None:
         """Drop the monitor (pyudev closes the socket when the monitor is freed)."""
-        self._monitor = None  # type: ignore[assignment]
+        self._monitor = None
 
 
 class UdevMonitor:
