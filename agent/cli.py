@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import control
-from agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from agent.config import DEFAULT_CONFIG_PATH, ConfigError, check_config, load_config
 from protocol.errors import SwitchAgentError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
@@ -167,13 +167,15 @@ def run_daemon(args: argparse.Namespace, config, socket_path: Path) -> int:
 
     overrides: dict[str, Any] = {"socket_path": socket_path}
     if args.poll_interval is not None:
-        if args.poll_interval <= 0:
-            print("switch-agent: --poll-interval must be > 0", file=sys.stderr)
-            return EXIT_USAGE
         overrides["poll_interval_s"] = args.poll_interval
     if args.log_level:
         overrides["log_level"] = args.log_level
     config = replace(config, **overrides)
+    try:
+        check_config(config, "command line")  # the file's rules for flags too: --poll-interval nan is no interval
+    except ConfigError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     # journald stamps each line itself; anywhere else a time is worth having.
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,

@@ -7,7 +7,9 @@ typo in a storage daemon's config should stop it at start, loudly.
 
 from __future__ import annotations
 
+import math
 import re
+import string
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -77,8 +79,11 @@ class Config:
 
 
 _SCALARS = {f.name: f.type for f in fields(Config) if f.name != "arrays"}
+_SECONDS = tuple(name for name, kind in _SCALARS.items() if kind in ("float", float))
+MAX_SECONDS = 86400.0
+"""A day: any longer is a typo (and SG_IO's timeout is a 32-bit count of milliseconds)."""
+DEVICE_NAME_FIELDS = ("wwid", "mpath")
 MAP_SOURCES = ("page-map", "referrals", "auto")
-_NAME_OK = re.compile(r"^[A-Za-z0-9_.{}+-]+$")
 
 
 def load_config(path: Path | None = None, *, required: bool = False) -> Config:
@@ -111,7 +116,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "config") -> Conf
         else:
             raise ConfigError(source, key, "unknown key")
     config = replace(Config(), **values)
-    _check(config, source)
+    check_config(config, source)
     return config
 
 
@@ -143,21 +148,21 @@ def _coerce(source: str, key: str, value: Any, kind: Any) -> Any:
     raise ConfigError(source, key, f"must be {getattr(kind, '__name__', kind)}, got {type(value).__name__} {value!r}")
 
 
-def _check(config: Config, source: str) -> None:
-    positive = ("poll_interval_s", "debounce_s", "retry_initial_s", "retry_max_s", "scsi_timeout_s",
-                "fetch_timeout_s")
-    for name in positive:
-        if getattr(config, name) <= 0:
-            raise ConfigError(source, name, "must be > 0")
+def check_config(config: Config, source: str) -> None:
+    """Raise ConfigError for the first value the daemon could not run with (flags are checked here too)."""
+    for name in _SECONDS:
+        # nan and inf are TOML floats; nan passes any comparison, and asyncio.sleep(nan) never wakes.
+        value = getattr(config, name)
+        if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+            raise ConfigError(source, name, f"must be a finite number of seconds, > 0 and <= {MAX_SECONDS:.0f}; "
+                                            f"got {value!r}")
     if config.max_parallel_luns < 1:
         raise ConfigError(source, "max_parallel_luns", "must be >= 1")
     if config.fetch_restarts < 0:
         raise ConfigError(source, "fetch_restarts", "must be >= 0")
     if not 256 <= config.max_message_bytes <= 1 << 20:
         raise ConfigError(source, "max_message_bytes", "must be 256..1048576")
-    if not _NAME_OK.match(config.device_name) or not ("{wwid}" in config.device_name or "{mpath}" in config.device_name):
-        raise ConfigError(source, "device_name",
-                          "must use only letters, digits and _.+- and contain {wwid} or {mpath}")
+    _check_template(config.device_name, source)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(source, "log_level", "must be debug, info, warning or error")
     selector = config.path_selector.split()
@@ -165,6 +170,21 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(source, "path_selector", 'must be a selector name and its counted arguments, e.g. "round-robin 0"')
     if not _counted(config.leg_features.split()):
         raise ConfigError(source, "leg_features", 'must be a counted dm feature list, e.g. "0" or "1 queue_if_no_path"')
+
+
+def _check_template(template: str, source: str) -> None:
+    """Format it once now: "{x}", "{0}" or "{wwid.upper}" would otherwise fail (or worse) at the first LUN."""
+    try:
+        names = {field for _literal, field, _spec, _conv in string.Formatter().parse(template) if field is not None}
+        sample = template.format(wwid="36001405abcdef", mpath="mpatha")
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ConfigError(source, "device_name", f"not a valid template: {type(exc).__name__}: {exc}") from None
+    if not names <= set(DEVICE_NAME_FIELDS) or not names:
+        # "{wwid.upper}" formats fine, to a method's repr; "{{wwid}}" to the same name for every LUN.
+        raise ConfigError(source, "device_name", f"fields {sorted(names)}: only {{wwid}} and {{mpath}} "
+                                                 "are filled in, and one of them must be")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", sample):
+        raise ConfigError(source, "device_name", f"gives {sample!r}: a name must be letters, digits and _.+- only")
 
 
 def _counted(args: list[str]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,41 @@ def test_bad_config_names_the_key(data, key):
     with pytest.raises(ConfigError) as info:
         config_from_mapping(data)
     assert info.value.key == key
+
+
+DURATIONS = [f.name for f in fields(Config) if f.type == "float"]
+
+
+def test_the_duration_keys_are_the_ones_checked_below():
+    assert set(DURATIONS) == {"poll_interval_s", "debounce_s", "retry_initial_s", "retry_max_s", "scsi_timeout_s",
+                              "fetch_timeout_s"}
+
+
+@pytest.mark.parametrize("literal", ["nan", "+nan", "-nan", "inf", "+inf", "-inf", "86401.0", "0.0", "-1.5"])
+@pytest.mark.parametrize("key", DURATIONS)
+def test_durations_must_be_finite_positive_and_at_most_a_day(tmp_path, key, literal):
+    path = tmp_path / "c.toml"
+    path.write_text(f"{key} = {literal}\n")  # TOML has nan and inf literals: they must not slip through
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key and "finite" in info.value.problem
+
+
+def test_a_day_is_the_longest_duration():
+    assert config_from_mapping({name: 86400 for name in DURATIONS}).poll_interval_s == 86400.0
+
+
+@pytest.mark.parametrize("name", ["s-{wwid}{x}", "{wwid}{}", "{wwid}{0}", "{wwid.upper}", "{mpath.real}-{wwid}",
+                                  "{wwid}}", "x{wwid}{", "{{wwid}}", "{{x}}-{wwid}"])
+def test_device_name_templates_are_formatted_at_load(name):
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"device_name": name})
+    assert info.value.key == "device_name"
+
+
+@pytest.mark.parametrize("name", ["switch-{wwid}", "{mpath}", "sw.{wwid}+{mpath}", "a_b-{mpath}.2"])
+def test_device_name_templates_that_work(name):
+    assert config_from_mapping({"device_name": name}).device_name == name
 
 
 def test_bad_toml_syntax_is_a_config_error(tmp_path):
@@ -207,6 +243,17 @@ def test_trigger_is_silent_without_daemon_and_refuses_odd_arguments(tmp_path, ca
     assert cli.main(["--socket", sock, "trigger", "mpath-36001405aa"]) == cli.EXIT_OK
     assert cli.main(["--socket", sock, "trigger", "mpath-$(reboot)"]) == cli.EXIT_USAGE
     assert cli.main(["--socket", sock, "trigger", "--scsi-device", "/devices/../../etc"]) == cli.EXIT_USAGE
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "86401"])
+def test_the_poll_interval_flag_is_checked_like_the_file(tmp_path, capsys, value):
+    empty = tmp_path / "c.toml"
+    empty.write_text("")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a socket nobody can bind: a daemon let through stops there, it never runs
+    argv = ["--config", str(empty), "--socket", str(blocked / "control.sock"), "daemon", f"--poll-interval={value}"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "command line: poll_interval_s: must be a finite number" in capsys.readouterr().err
 
 
 def test_bad_config_file_is_a_usage_error(tmp_path, capsys):
