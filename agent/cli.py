@@ -138,19 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-_UDEV_ARG = re.compile(r"^[A-Za-z0-9_.:/+-]{1,512}$")
-
-
 def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
     """Fire and forget, with arguments checked: they come from udev, i.e. from device data."""
-    value = args.scsi_device or args.lun
-    if not _UDEV_ARG.match(value) or ".." in value:
-        print(f"switch-agent: refusing suspicious argument {value!r}", file=sys.stderr)
-        return EXIT_USAGE
-    request = {"command": "trigger", **({"scsi_device": "/sys" + value.removeprefix("/sys")}
-                                        if args.scsi_device else {"lun": value})}
+    request = {"command": "trigger", **({"scsi_device": "/sys" + args.scsi_device.removeprefix("/sys")}
+                                        if args.scsi_device else {"lun": args.lun})}
     try:
+        control.check_trigger(request)
         control.request(socket_path, request, timeout_s=2.0)
+    except control.SuspiciousArgumentError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except control.DaemonNotRunningError:
         return EXIT_OK
     except control.ControlError as exc:

@@ -2,19 +2,29 @@
 
 The socket lives in a root-only directory, is itself mode 0600, and the
 server also checks the peer's uid (SO_PEERCRED): only root may ask the
-agent to do anything.
+agent to do anything. A lock file beside it (<socket>.lock, flock) makes
+the daemon the only one: a second one stops with DaemonAlreadyRunningError
+and leaves the first one's socket alone.
 
     request:  {"command": "refresh", "lun": "36001405..."}
     answer:   {"ok": true, "result": {...}}  or  {"ok": false, "error": "...", "kind": "LunNotFoundError"}
+
+Every request that arrives gets an answer, errors included; a client that
+sends nothing within READ_TIMEOUT_S gets a timeout answer, and one beyond
+MAX_CLIENTS connections at once a busy answer, so no client holds a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -24,6 +34,10 @@ from protocol.errors import SwitchAgentError
 LOG = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
+READ_TIMEOUT_S = 10.0
+"""A client has this long to send its request line, and again to take its answer."""
+MAX_CLIENTS = 128
+"""Connections served at once (udev runs `trigger` from many workers); more are answered busy."""
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
@@ -39,53 +53,220 @@ class DaemonNotRunningError(ControlError):
     """Nothing listens on the control socket."""
 
 
-async def serve(path: Path, handler: Handler, *, allowed_uid: int = 0) -> asyncio.AbstractServer:
-    """Listen on `path`; each connection's request goes to `handler`, errors become answers."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    if path.is_socket():
-        path.unlink()  # left by a daemon that died; we hold the only pid that may serve it now
+class DaemonAlreadyRunningError(ControlError):
+    """Another daemon holds the control socket's lock file; `holder_pid` is the pid it wrote there."""
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, lock_path: Path, holder_pid: int | None) -> None:
+        self.lock_path = lock_path
+        self.holder_pid = holder_pid
+        who = f"pid {holder_pid}" if holder_pid else "another process"
+        super().__init__(f"another switch-agent daemon ({who}) holds {lock_path}; "
+                         "stop it first (`systemctl stop switch-agent`)", type(self).__name__)
+
+
+class ControlSocketError(ControlError):
+    """The socket's directory or path is not safe to serve from: names the path and the problem."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"control socket {path}: {problem}", type(self).__name__)
+
+
+class SuspiciousArgumentError(ControlError):
+    """A `trigger` argument (device data, via udev) that is not a plain wwid or sysfs path."""
+
+    def __init__(self, what: str, value: object) -> None:
+        self.what = what
+        self.value = value
+        super().__init__(f"refusing suspicious {what} {repr(value)[:80]}", type(self).__name__)
+
+
+_UDEV_ARGUMENT = re.compile(r"[A-Za-z0-9_.:/+-]{1,512}")
+
+
+def check_trigger(request: dict[str, Any]) -> tuple[str, str]:
+    """A `trigger` request's ("lun", wwid) or ("scsi_device", /sys/devices/... path), or SuspiciousArgumentError.
+
+    Its argument comes from udev, i.e. from device data: the CLI checks it
+    before sending and the daemon again on receipt, both here.
+    """
+    what = "scsi_device" if "scsi_device" in request else "lun"
+    value = request.get(what)
+    if not (isinstance(value, str) and _UDEV_ARGUMENT.fullmatch(value) and ".." not in value
+            and (what == "lun" or value.startswith("/sys/devices/"))):
+        raise SuspiciousArgumentError(what, value)
+    return what, value
+
+
+class ControlServer:
+    """The listening socket and the lock that makes it ours: closing removes the socket, then frees the lock."""
+
+    def __init__(self, server: asyncio.AbstractServer, path: Path, directory_fd: int, lock_fd: int) -> None:
+        self.server = server
+        self.path = path
+        self._directory_fd: int | None = directory_fd
+        self._lock_fd = lock_fd
+
+    def close(self) -> None:
+        self.server.close()
+
+    async def wait_closed(self) -> None:
+        """Wait for the listener to close, then remove the socket while still holding the lock."""
+        await self.server.wait_closed()
+        if self._directory_fd is None:
+            return
         try:
-            answer = await _answer(reader, writer, handler, allowed_uid)
-            writer.write(json.dumps(answer).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            LOG.debug("control connection dropped: %s", exc)
-        finally:
-            writer.close()
+            os.unlink(self.path.name, dir_fd=self._directory_fd)
+        except FileNotFoundError:
+            pass
+        os.close(self._lock_fd)
+        os.close(self._directory_fd)
+        self._directory_fd = None
 
+    async def __aenter__(self) -> ControlServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def serve(path: Path, handler: Handler, *, allowed_uid: int = 0, read_timeout_s: float = READ_TIMEOUT_S,
+                max_clients: int = MAX_CLIENTS) -> ControlServer:
+    """Listen on `path`; each connection's request goes to `handler`, errors become answers."""
+    directory_fd = _open_directory(path.parent)
+    try:
+        lock_fd = _lock(path, directory_fd)
+    except BaseException:
+        os.close(directory_fd)
+        raise
+    try:
+        server = await _listen(path, directory_fd, _connection_handler(handler, allowed_uid, read_timeout_s,
+                                                                       max_clients))
+    except BaseException:
+        os.close(lock_fd)
+        os.close(directory_fd)
+        raise
+    return ControlServer(server, path, directory_fd, lock_fd)
+
+
+def _open_directory(directory: Path) -> int:
+    """The socket's directory, made if missing, as an fd: a real directory of ours, never a symlink's target."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        problem = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise ControlSocketError(directory, f"its directory {problem}; it must be a real directory") from None
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        raise ControlSocketError(directory, f"its directory belongs to uid {owner}, not to the daemon's "
+                                            f"uid {os.geteuid()}")
+    os.fchmod(fd, 0o700)  # on the fd: the directory we checked, whatever its path points to by now
+    return fd
+
+
+def _lock(path: Path, directory_fd: int) -> int:
+    """Take <socket>.lock (flock, never waiting) and write our pid in it, or DaemonAlreadyRunningError."""
+    name = path.name + ".lock"
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=directory_fd)
+    except OSError as exc:
+        raise ControlSocketError(path.with_name(name), exc.strerror or str(exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).strip()
+        os.close(fd)
+        raise DaemonAlreadyRunningError(path.with_name(name), int(holder) if holder.isdigit() else None) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+async def _listen(path: Path, directory_fd: int, on_connect) -> asyncio.AbstractServer:
+    """Bind `path` (a dead daemon's socket removed first: we hold the lock) with mode 0600 from the start."""
+    try:
+        old = os.stat(path.name, dir_fd=directory_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(old.st_mode):
+            raise ControlSocketError(path, "exists and is not a socket")
+        os.unlink(path.name, dir_fd=directory_fd)
     old_umask = os.umask(0o177)
     try:
-        server = await asyncio.start_unix_server(on_connect, path=str(path), limit=MAX_REQUEST_BYTES)
+        return await asyncio.start_unix_server(on_connect, path=str(path), limit=MAX_REQUEST_BYTES)
+    except OSError as exc:
+        raise ControlSocketError(path, exc.strerror or str(exc)) from None
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
-    return server
 
 
-async def _answer(reader, writer, handler: Handler, allowed_uid: int) -> dict[str, Any]:
+def _connection_handler(handler: Handler, allowed_uid: int, read_timeout_s: float, max_clients: int):
+    active = 0
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active
+        if active >= max_clients:
+            # Answered without reading: the slot is free again at once.
+            writer.write(_encode(_error("ControlBusyError", f"{max_clients} requests in progress; try again")))
+            writer.close()
+            return
+        active += 1
+        try:
+            answer = await _answer(reader, writer, handler, allowed_uid, read_timeout_s)
+            writer.write(_encode(answer))
+            await asyncio.wait_for(writer.drain(), read_timeout_s)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            LOG.debug("control connection dropped: %s", exc)
+        finally:
+            active -= 1
+            writer.close()
+
+    return on_connect
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "kind": kind, "error": message}
+
+
+def _encode(answer: dict[str, Any]) -> bytes:
     try:
-        line = await reader.readuntil(b"\n")
+        return json.dumps(answer).encode() + b"\n"
+    except (TypeError, ValueError, RecursionError) as exc:
+        LOG.error("control answer not encodable: %s", exc)
+        return json.dumps(_error("InternalError", f"answer not encodable: {exc}")).encode() + b"\n"
+
+
+async def _answer(reader, writer, handler: Handler, allowed_uid: int, read_timeout_s: float) -> dict[str, Any]:
+    try:
+        line = await asyncio.wait_for(reader.readuntil(b"\n"), read_timeout_s)
     except asyncio.LimitOverrunError:
-        return {"ok": False, "kind": "ControlError", "error": "request too long"}
+        return _error("ControlError", "request too long")
+    except TimeoutError:
+        return _error("ControlTimeoutError", f"no request within {read_timeout_s:g} s")
     # Read first, then refuse: a client that gets its answer sees why.
     sock = writer.get_extra_info("socket")
     _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     if uid != allowed_uid:
         LOG.warning("control request from uid %d refused", uid)
-        return {"ok": False, "kind": "PermissionError", "error": "only root may talk to switch-agent"}
+        return _error("PermissionError", "only root may talk to switch-agent")
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
             raise ValueError("a request is an object with a string 'command'")
-    except ValueError as exc:
-        return {"ok": False, "kind": "ControlError", "error": f"bad request: {exc}"}
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past Python's stack
+        return _error("ControlError", f"bad request: {type(exc).__name__}: {str(exc)[:200]}")
     try:
         return {"ok": True, "result": await handler(request)}
     except (SwitchAgentError, ValueError, KeyError) as exc:
-        return {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
+        return _error(type(exc).__name__, str(exc))
+    except Exception as exc:  # a bug: the client still gets an answer, the log gets the traceback
+        LOG.exception("control request %r failed", request.get("command"))
+        return _error("InternalError", f"internal error ({type(exc).__name__}); see the daemon's log")
 
 
 def request(path: Path, message: dict[str, Any], *, timeout_s: float = 300.0) -> Any:
@@ -101,10 +282,16 @@ def request(path: Path, message: dict[str, Any], *, timeout_s: float = 300.0) ->
                 "start it with `systemctl start switch-agent` or `switch-agent daemon`") from exc
         except PermissionError as exc:
             raise ControlError(f"{path}: permission denied; switch-agent needs root") from exc
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered (busy) and closed before we sent: the answer is waiting to be read
         data = b""
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break  # closed with our request unread; what it wrote before is all there is
             if not chunk:
                 break
             data += chunk
@@ -112,8 +299,12 @@ def request(path: Path, message: dict[str, Any], *, timeout_s: float = 300.0) ->
         raise ControlError(f"the daemon did not answer within {timeout_s:.0f} s") from exc
     finally:
         sock.close()
+    if not data:
+        raise ControlError(f"the daemon closed {path} without an answer")
     try:
         answer = json.loads(data)
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
     except ValueError as exc:
         raise ControlError(f"garbled answer from the daemon: {data[:200]!r}") from exc
     if not answer.get("ok"):

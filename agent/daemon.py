@@ -304,11 +304,12 @@ class Daemon:
             return orch.locate(orch.find(_text(request, "lun")), offset).to_json()
         if command == "trigger":
             # From the udev rule: schedule and return at once; udev must not wait on us.
-            if isinstance(request.get("scsi_device"), str):
-                await self._on_trigger(Trigger("unit-attention", scsi_sys_path=request["scsi_device"],
-                                               detail="udev rule"))
+            # Checked as the CLI checks it: anyone root can send any bytes here, not only the CLI.
+            what, value = control.check_trigger(request)
+            if what == "scsi_device":
+                await self._on_trigger(Trigger("unit-attention", scsi_sys_path=value, detail="udev rule"))
             else:
-                self.scheduler.trigger(_text(request, "lun").removeprefix("mpath-"), "udev rule")
+                self.scheduler.trigger(value.removeprefix("mpath-"), "udev rule")
             return {"scheduled": True}
         if command == "refresh":
             ref = _text(request, "lun")
