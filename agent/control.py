@@ -152,19 +152,24 @@ async def serve(path: Path, handler: Handler, *, allowed_uid: int = 0, read_time
 
 
 def _open_directory(directory: Path) -> int:
-    """The socket's directory, made if missing, as an fd: a real directory of ours, never a symlink's target."""
+    """The socket's directory, made 0700 if missing, as an fd: a real directory, ours and only ours, not a symlink."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         problem = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
         raise ControlSocketError(directory, f"its directory {problem}; it must be a real directory") from None
-    owner = os.fstat(fd).st_uid
-    if owner != os.geteuid():
+    st = os.fstat(fd)
+    problem = None
+    if st.st_uid != os.geteuid():
+        problem = f"its directory belongs to uid {st.st_uid}, not to the daemon's uid {os.geteuid()}"
+    elif st.st_mode & 0o077:
+        # Made here it is 0700; one open to others is shared (/run itself?), and not ours to chmod.
+        problem = (f"its directory is open to others (mode {stat.S_IMODE(st.st_mode):o}); "
+                   "give the socket a directory of its own, e.g. /run/switch-agent")
+    if problem:
         os.close(fd)
-        raise ControlSocketError(directory, f"its directory belongs to uid {owner}, not to the daemon's "
-                                            f"uid {os.geteuid()}")
-    os.fchmod(fd, 0o700)  # on the fd: the directory we checked, whatever its path points to by now
+        raise ControlSocketError(directory, problem)
     return fd
 
 
