@@ -39,6 +39,7 @@ READ_TIMEOUT_S = 10.0
 MAX_CLIENTS = 128
 """Connections served at once (udev runs `trigger` from many workers); more are answered busy."""
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+OnConnect = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class ControlError(SwitchAgentError):
@@ -191,7 +192,7 @@ def _lock(path: Path, directory_fd: int) -> int:
     return fd
 
 
-async def _listen(path: Path, directory_fd: int, on_connect) -> asyncio.AbstractServer:
+async def _listen(path: Path, directory_fd: int, on_connect: OnConnect) -> asyncio.AbstractServer:
     """Bind `path` (a dead daemon's socket removed first: we hold the lock) with mode 0600 from the start."""
     try:
         old = os.stat(path.name, dir_fd=directory_fd, follow_symlinks=False)
@@ -210,7 +211,7 @@ async def _listen(path: Path, directory_fd: int, on_connect) -> asyncio.Abstract
         os.umask(old_umask)
 
 
-def _connection_handler(handler: Handler, allowed_uid: int, read_timeout_s: float, max_clients: int):
+def _connection_handler(handler: Handler, allowed_uid: int, read_timeout_s: float, max_clients: int) -> OnConnect:
     active = 0
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -246,7 +247,8 @@ def _encode(answer: dict[str, Any]) -> bytes:
         return json.dumps(_error("InternalError", f"answer not encodable: {exc}")).encode() + b"\n"
 
 
-async def _answer(reader, writer, handler: Handler, allowed_uid: int, read_timeout_s: float) -> dict[str, Any]:
+async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler, allowed_uid: int,
+                  read_timeout_s: float) -> dict[str, Any]:
     try:
         line = await asyncio.wait_for(reader.readuntil(b"\n"), read_timeout_s)
     except asyncio.LimitOverrunError:
