@@ -166,7 +166,6 @@ class Daemon:
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
             await self.scheduler.close()
             await server.wait_closed()
-            self.config.socket_path.unlink(missing_ok=True)
         if self.failure is not None:
             raise self.failure
 
