@@ -6,11 +6,12 @@ in the daemon, an emulator-backed fake in the host tests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
 from protocol import pagemap, scsi
-from protocol.errors import GenerationChangedError, SwitchAgentError
+from protocol.errors import CapacityMismatchError, GenerationChangedError, SwitchAgentError
 from protocol.pagemap import MemberIdentity, PageMap, PageMapHeader
 
 LOG = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class ScsiPath(Protocol):
 
 
 UNIT_ATTENTION_RETRIES = 8
+READ_CAPACITY_16_LENGTH = 32
+OFF_LOOP_DECODE_BYTES = 256 * 1024
+"""A GET PAGE MAP answer larger than this is decoded in a worker thread: a 16 MiB chunk holds
+64M entries, and decoding it on the event loop would stall every other LUN."""
 
 
 async def _data_in(path: ScsiPath, cdb: bytes, length: int) -> bytes:
@@ -88,6 +93,12 @@ async def read_member_identity(path: ScsiPath) -> MemberIdentity:
     return pagemap.decode_member_identity_vpd(data)
 
 
+async def read_capacity(path: ScsiPath) -> scsi.ReadCapacity16Data:
+    """READ CAPACITY(16): the LUN's blocks and logical block length, as the array says now."""
+    cdb = scsi.build_read_capacity_16_cdb(READ_CAPACITY_16_LENGTH)
+    return scsi.decode_read_capacity_16(await _data_in(path, cdb, READ_CAPACITY_16_LENGTH))
+
+
 async def poll_map_header(path: ScsiPath) -> PageMapHeader:
     """The 64-byte GET PAGE MAP: generation and geometry, cheaply."""
     size = pagemap.HEADER_FIXED_BYTES
@@ -98,18 +109,29 @@ async def poll_map_header(path: ScsiPath) -> PageMapHeader:
 async def fetch_page_map(path: ScsiPath, *, restarts: int) -> PageMap:
     """The whole map in chunks of the path's maximum transfer, all of one generation.
 
-    Starts over when the array changes the map mid-fetch, at most `restarts`
-    times; then the last GenerationChangedError goes to the caller.
+    READ CAPACITY(16) over the same path comes first: the first chunk's
+    geometry must cover exactly that capacity, in pages of whole logical
+    blocks, before anything is allocated (protocol.pagemap.PageMapAssembler).
+    Starts over when the array changes the map mid-fetch (or its capacity
+    between the two), at most `restarts` times; then the last error goes to
+    the caller.
     """
     allocation = min(await path.max_transfer_bytes(), pagemap.MAX_ALLOCATION_LENGTH)
     for attempt in range(restarts + 1):
-        assembler = pagemap.PageMapAssembler()
         try:
+            capacity = await read_capacity(path)
+            assembler = pagemap.PageMapAssembler(capacity_bytes=capacity.capacity_bytes,
+                                                 logical_block_bytes=capacity.block_length_bytes,
+                                                 allocation_length=allocation)
             while not assembler.complete:
                 cdb = pagemap.build_get_page_map_cdb(assembler.next_page, allocation)
                 data = await _data_in(path, cdb, allocation)
-                assembler.add(pagemap.decode_page_map_response(data))
-        except GenerationChangedError as exc:
+                if len(data) > OFF_LOOP_DECODE_BYTES:
+                    chunk = await asyncio.to_thread(pagemap.decode_page_map_response, data)
+                else:
+                    chunk = pagemap.decode_page_map_response(data)
+                assembler.add(chunk)
+        except (GenerationChangedError, CapacityMismatchError) as exc:
             if attempt == restarts:
                 raise
             LOG.info("%s: page map changed during the fetch (%s); starting over", path.name, exc)

@@ -8,6 +8,7 @@
           ├── ValueRangeError       a field holds a value it may not hold
           ├── GenerationChangedError  the array's map changed mid-fetch
           ├── ChunkOverlapError     page-map chunks overlap or leave a gap
+          ├── CapacityMismatchError  a page map's pages do not cover the LUN READ CAPACITY reports
           └── UnroutableLayoutError  a referrals layout dm-switch regions cannot carry
      └── EncodeError                a caller asked us to build something invalid
      └── DmSwitchMessageError       a set_region_mappings message the kernel rejects
@@ -56,6 +57,13 @@ class GenerationChangedError(DecodeError):
 
 class ChunkOverlapError(DecodeError):
     """A page-map chunk starts somewhere other than where the previous one ended."""
+
+
+class CapacityMismatchError(DecodeError):
+    """A page map's TOTAL PAGES x PAGE SIZE does not cover the LUN's capacity (READ CAPACITY(16)).
+
+    Also what a resize between the two commands looks like: the fetch starts over.
+    """
 
 
 class UnroutableLayoutError(DecodeError):

@@ -16,6 +16,7 @@ from crc32c import crc32c
 
 from protocol.errors import (
     BadMagicError,
+    CapacityMismatchError,
     ChecksumError,
     ChunkOverlapError,
     EncodeError,
@@ -37,6 +38,14 @@ MEMBER_NAME_BYTES = 28
 TRAILER_BYTES = 4
 MAX_ALLOCATION_LENGTH = (1 << 24) - 1
 MAX_MEMBERS = 255
+MAX_PAGES = 1 << 25
+"""More pages than this is refused before anything is allocated: 32M pages cost 32-64 MiB of
+owners here and a vmalloc'd region table in the kernel; the seed's largest volume is 1.5M pages."""
+MAX_LUN_BYTES = 2**63 - 1
+"""The kernel holds a block device's size in bytes as a loff_t (signed 64 bits): no LUN is larger."""
+CHUNK_SLACK = 4
+"""An array may answer fewer entries than the allocation holds (a transfer limit of its own), down to
+1/CHUNK_SLACK of it on average: a fetch takes at most CHUNK_SLACK times the full chunks, plus CHUNK_SLACK."""
 
 UNALLOCATED = -1
 """Decoded owner of a page no member owns yet (the wire's all-ones entry)."""
@@ -329,9 +338,27 @@ class PageMapAssembler:
 
     Raises GenerationChangedError when a chunk describes another map (the
     caller starts over) and ChunkOverlapError when it is not the next one.
+    The first chunk's geometry is checked before anything is allocated: at
+    most `max_pages` pages; with `capacity_bytes` (READ CAPACITY(16) of the
+    same path) exactly the pages that cover it (CapacityMismatchError), of a
+    whole number of `logical_block_bytes`; with `allocation_length`, at most
+    CHUNK_SLACK times the chunks a full answer needs (an array trickling one
+    entry per chunk is stopped).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, capacity_bytes: int | None = None, logical_block_bytes: int = 512,
+                 allocation_length: int | None = None, max_pages: int = MAX_PAGES) -> None:
+        if capacity_bytes is not None and not 0 <= capacity_bytes <= MAX_LUN_BYTES:
+            raise ValueRangeError(_CODEC, "LUN capacity", f"0..{MAX_LUN_BYTES} bytes (the kernel's loff_t)",
+                                  capacity_bytes)
+        if logical_block_bytes < 512 or logical_block_bytes % 512:
+            raise ValueRangeError(_CODEC, "logical block length", "a multiple of 512 bytes", logical_block_bytes)
+        self._capacity_bytes = capacity_bytes
+        self._block_bytes = logical_block_bytes
+        self._allocation_length = allocation_length
+        self._max_pages = max_pages
+        self._max_chunks: int | None = None
+        self._chunks = 0
         self._first: PageMapHeader | None = None
         self._owners: np.ndarray | None = None
         self._next_page = 0
@@ -350,11 +377,16 @@ class PageMapAssembler:
         """Append one decoded chunk."""
         header = chunk.header
         if self._first is None:
+            self._check_geometry(header)
             self._first = header
             self._owners = np.empty(header.total_pages, dtype=owners_dtype(header.member_count))
         elif not header.same_map_as(self._first):
             raise GenerationChangedError(_CODEC, "map generation/geometry",
                                          self._first.generation, header.generation)
+        self._chunks += 1
+        if self._max_chunks is not None and self._chunks > self._max_chunks:
+            raise ValueRangeError(_CODEC, "chunks", f"<= {self._max_chunks} for {header.total_pages} pages",
+                                  self._chunks)
         if header.first_page != self._next_page:
             raise ChunkOverlapError(_CODEC, "first page", self._next_page, header.first_page)
         if header.entry_count == 0 and not self.complete:
@@ -362,6 +394,23 @@ class PageMapAssembler:
         assert self._owners is not None
         self._owners[header.first_page : header.first_page + header.entry_count] = chunk.entries
         self._next_page += header.entry_count
+
+    def _check_geometry(self, header: PageMapHeader) -> None:
+        """The first chunk's claims, against the LUN, before they size anything."""
+        total, page_bytes = header.total_pages, header.page_size_sectors * 512
+        if page_bytes % self._block_bytes:
+            raise ValueRangeError(_CODEC, "page size",
+                                  f"a multiple of the LUN's {self._block_bytes}-byte logical block", page_bytes)
+        if self._capacity_bytes is not None and total != -(-self._capacity_bytes // page_bytes):
+            raise CapacityMismatchError(
+                _CODEC, "total pages", f"{-(-self._capacity_bytes // page_bytes)} pages of {page_bytes} bytes "
+                f"for the LUN's {self._capacity_bytes} bytes", total)
+        if total > self._max_pages:
+            raise ValueRangeError(_CODEC, "total pages", f"<= {self._max_pages}", total)
+        if self._allocation_length is not None:
+            per_chunk = (self._allocation_length - header.header_length - TRAILER_BYTES) * 8 // header.bits_per_entry
+            if per_chunk > 0:
+                self._max_chunks = CHUNK_SLACK * -(-total // per_chunk) + CHUNK_SLACK
 
     def result(self) -> PageMap:
         """The assembled map; only once complete."""

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from protocol import pagemap as pm
 from protocol.errors import (
     BadMagicError,
+    CapacityMismatchError,
     ChecksumError,
     ChunkOverlapError,
     DecodeError,
@@ -22,6 +23,7 @@ from protocol.errors import (
     ValueRangeError,
 )
 
+MiB = 1 << 20
 MEMBERS3 = (pm.Member(11, "member-a"), pm.Member(22, "member-b"), pm.Member(33, "member-c"))
 
 
@@ -342,3 +344,55 @@ def test_decoded_owners_are_as_narrow_as_the_member_count_allows(count, dtype):
     page_map = fetch(owners, 1 << 16, mem=members(count))
     assert page_map.owners.dtype == dtype
     assert np.array_equal(page_map.owners, owners)
+
+
+# -- the first chunk's geometry, checked before it sizes anything (issue #13) ---------------------
+
+def forged(total: int, *, page: int = 2048) -> pm.PageMapChunk:
+    buf = bytearray(respond([0, 1, 2], 0, 4096, page=page))
+    struct.pack_into(">Q", buf, 24, total)
+    return pm.decode_page_map_response(resign(buf))
+
+
+def test_more_pages_than_the_cap_are_refused_before_allocating():
+    with pytest.raises(ValueRangeError, match="total pages") as info:
+        pm.PageMapAssembler().add(forged(2**40))  # was numpy's MemoryError: untyped, nothing recorded
+    assert info.value.got == 2**40
+    pm.PageMapAssembler(max_pages=3).add(forged(3))
+
+
+@pytest.mark.parametrize("capacity, ok", [(3 * MiB, True), (3 * MiB - 512, True), (2 * MiB, False),
+                                          (3 * MiB + 512, False)])
+def test_the_pages_must_cover_exactly_the_luns_capacity(capacity, ok):
+    asm = pm.PageMapAssembler(capacity_bytes=capacity)
+    if ok:
+        asm.add(forged(3))  # 3 pages of 1 MiB; the last may be partial
+        assert asm.complete
+    else:
+        with pytest.raises(CapacityMismatchError, match="total pages"):
+            asm.add(forged(3))
+
+
+@pytest.mark.parametrize("block, page_sectors, ok", [(4096, 8, True), (4096, 16, True), (4096, 4, False),
+                                                     (4096, 12, False), (512, 1, True)])
+def test_pages_are_whole_logical_blocks(block, page_sectors, ok):
+    asm = pm.PageMapAssembler(capacity_bytes=3 * page_sectors * 512, logical_block_bytes=block)
+    if ok:
+        asm.add(forged(3, page=page_sectors))
+    else:
+        with pytest.raises(ValueRangeError, match="page size"):
+            asm.add(forged(3, page=page_sectors))
+
+
+def test_a_lun_past_a_loff_t_is_refused():
+    with pytest.raises(ValueRangeError, match="capacity"):
+        pm.PageMapAssembler(capacity_bytes=2**64 * 512)
+
+
+def test_chunks_are_capped_by_what_the_allocation_holds():
+    owners = np.zeros(1000, dtype=np.int16)
+    asm = pm.PageMapAssembler(allocation_length=64 + 96 + 4 + 250)  # 1000 entries a chunk at 2 bits
+    with pytest.raises(ValueRangeError, match="chunks") as info:
+        while True:  # the array answers 10 entries a chunk
+            asm.add(pm.decode_page_map_response(respond(owners, asm.next_page, 64 + 96 + 4 + 3)))
+    assert info.value.got == 2 * pm.CHUNK_SLACK + 1
