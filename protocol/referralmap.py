@@ -27,19 +27,20 @@ from typing import Sequence
 import numpy as np
 
 from protocol.errors import UnroutableLayoutError, ValueRangeError
-from protocol.pagemap import UNALLOCATED, Member, PageMap, owners_dtype
+from protocol.pagemap import MAX_LUN_BYTES, MAX_PAGES, UNALLOCATED, Member, PageMap, owners_dtype
 from protocol.scsi.constants import AluaState
 from protocol.scsi.referrals import UserDataSegmentReferral
 
 __all__ = ["MAX_REGIONS", "MAX_REGION_SECTORS", "optimized_group", "referral_region_map", "referrals_generation"]
 
 _CODEC = "REPORT REFERRALS layout"
-MAX_REGIONS = 1 << 25
-"""More regions than this is refused: 32M regions cost 64 MiB of owners here and a
-vmalloc'd table in the kernel; the vendor protocol's largest volume is 1.5M pages."""
+MAX_REGIONS = MAX_PAGES
+"""More regions than this is refused (the page map's own cap, protocol.pagemap.MAX_PAGES)."""
 MAX_REGION_SECTORS = 2**32 - 1
 """dm-switch's region_size is an unsigned int (switch_ctr)."""
 MAX_MEMBERS = 255
+_DIVISOR_BLOCK = 1 << 20
+"""Divisor candidates tried per numpy step (8 MiB of int64)."""
 
 
 def optimized_group(segment: UserDataSegmentReferral) -> int:
@@ -65,31 +66,38 @@ def referral_region_map(segments: Sequence[UserDataSegmentReferral], *, capacity
     """The region map of a LUN of `capacity_blocks` blocks from its referral descriptors.
 
     Raises ValueRangeError for descriptors that contradict each other or the
-    LUN (past its end, overlapping), UnroutableLayoutError when no dm-switch
-    region size fits the layout within `max_regions`.
+    LUN (past its end, overlapping) and for a LUN no kernel can hold,
+    UnroutableLayoutError when no dm-switch region size fits the layout within
+    `max_regions`. Every input is the array's: the work is bounded by
+    `max_regions` whatever it says (under a second), and no error but these escapes.
     """
     if block_bytes < 512 or block_bytes % 512:
         raise ValueRangeError(_CODEC, "logical block length", "a multiple of 512", block_bytes)
     if capacity_blocks < 1:
         raise ValueRangeError(_CODEC, "capacity", ">= 1 block", capacity_blocks)
+    if capacity_blocks * block_bytes > MAX_LUN_BYTES:
+        raise ValueRangeError(_CODEC, "capacity", f"<= {MAX_LUN_BYTES} bytes (the kernel's loff_t)",
+                              f"{capacity_blocks} blocks of {block_bytes} bytes")
     if not segments:
         raise ValueRangeError(_CODEC, "segments", "at least one user data segment", 0)
-    first = np.fromiter((s.first_lba for s in segments), dtype=np.uint64, count=len(segments))
-    last = np.fromiter((s.last_lba for s in segments), dtype=np.uint64, count=len(segments))
-    groups = np.fromiter((optimized_group(s) for s in segments), dtype=np.int64, count=len(segments))
+    # Python ints until every value is known to lie within the LUN: the wire's 64-bit LBAs
+    # (2^64-1, first + size) overflow numpy's uint64 and int64.
     tiled = segment_multiplier > 0 and segment_size_blocks > 0
+    period = segment_size_blocks * segment_multiplier if tiled else capacity_blocks
     if tiled:
-        period = segment_size_blocks * segment_multiplier
-        ends = first + np.uint64(segment_size_blocks)  # LIO's data path: size, not LAST LBA
-        limit, what = min(period, capacity_blocks), f"within the period of {period} blocks (size x multiplier)"
+        ends_py = [s.first_lba + segment_size_blocks for s in segments]  # LIO's data path: size, not LAST LBA
+        what = f"within the period of {period} blocks (size x multiplier)"
     else:
-        period = capacity_blocks
-        ends = last + np.uint64(1)
-        limit, what = capacity_blocks, f"<= the LUN's {capacity_blocks} blocks"
-    bad = np.flatnonzero(ends > np.uint64(limit))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueRangeError(_CODEC, f"segment {i} ({int(first[i])}..{int(ends[i]) - 1})", what, int(ends[i]))
+        ends_py = [s.last_lba + 1 for s in segments]
+        what = f"<= the LUN's {capacity_blocks} blocks"
+    # A period at or past the LUN's end never repeats: paint at most the LUN's regions.
+    period = min(period, capacity_blocks)
+    for i, (s, end) in enumerate(zip(segments, ends_py)):
+        if not s.first_lba < end <= period:
+            raise ValueRangeError(_CODEC, f"segment {i} ({s.first_lba}..{end - 1})", what, end)
+    first = np.fromiter((s.first_lba for s in segments), dtype=np.int64, count=len(segments))
+    ends = np.array(ends_py, dtype=np.int64)
+    groups = np.fromiter((optimized_group(s) for s in segments), dtype=np.int64, count=len(segments))
     order = np.argsort(first, kind="stable")
     overlap = np.flatnonzero(first[order][1:] < ends[order][:-1])
     if overlap.size:
@@ -98,11 +106,11 @@ def referral_region_map(segments: Sequence[UserDataSegmentReferral], *, capacity
                               f"{int(first[b])} < {int(ends[a])}")
 
     # Region size: every boundary (the LUN's end excepted) must fall on a region edge.
-    edges = np.concatenate([first, ends, np.array([period], dtype=np.uint64)])
-    edges = edges[(edges != 0) & (edges != np.uint64(capacity_blocks))].astype(np.int64)
+    edges = np.concatenate([first, ends, np.array([period], dtype=np.int64)])
+    edges = edges[(edges != 0) & (edges != capacity_blocks)]
     region_blocks = int(np.gcd.reduce(edges)) if edges.size else capacity_blocks
     sectors_per_block = block_bytes // 512
-    region_blocks = _fit_region_size(region_blocks, sectors_per_block)
+    region_blocks = _fit_region_size(region_blocks, sectors_per_block, capacity_blocks, max_regions)
     region_count = -(-capacity_blocks // region_blocks)
     if region_count > max_regions:
         raise UnroutableLayoutError(
@@ -116,25 +124,39 @@ def referral_region_map(segments: Sequence[UserDataSegmentReferral], *, capacity
     dtype = owners_dtype(int(members.size))
     owner_of_segment = np.where(groups >= 0, np.searchsorted(members, groups), UNALLOCATED).astype(dtype)
 
-    # Paint one period, then repeat it over the LUN.
+    # Paint one period (at most region_count regions), then repeat it over the LUN.
     period_regions = -(-period // region_blocks)
     pattern = np.full(period_regions, UNALLOCATED, dtype=dtype)
-    starts = (first // np.uint64(region_blocks)).astype(np.int64)
-    stops = (-(-ends.astype(np.int64) // region_blocks))
+    starts = first // region_blocks
+    stops = -(-ends // region_blocks)
     lengths = stops - starts
     if lengths.sum():
         offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
         pattern[np.arange(int(lengths.sum())) + offsets] = np.repeat(owner_of_segment, lengths)
-    owners = np.resize(pattern, region_count) if tiled else pattern[:region_count].copy()
+    owners = np.resize(pattern, region_count) if period_regions < region_count else pattern[:region_count].copy()
     return PageMap(generation=generation, page_size_sectors=region_blocks * sectors_per_block,
                    members=tuple(Member(int(g), f"tpg{int(g)}") for g in members), owners=owners)
 
 
-def _fit_region_size(region_blocks: int, sectors_per_block: int) -> int:
-    """The largest divisor of `region_blocks` whose size in sectors dm-switch accepts."""
+def _fit_region_size(region_blocks: int, sectors_per_block: int, capacity_blocks: int, max_regions: int) -> int:
+    """The largest divisor of `region_blocks` whose size in sectors dm-switch accepts.
+
+    Candidates are region_blocks // k for k = 2, 3, ...; only those that leave at most
+    `max_regions` regions count, so at most about `max_regions` of them are tried,
+    in numpy blocks (a prime near 2^32 once took minutes one by one). None fits:
+    UnroutableLayoutError.
+    """
     if region_blocks * sectors_per_block <= MAX_REGION_SECTORS:
         return region_blocks
-    k = -(-region_blocks * sectors_per_block // MAX_REGION_SECTORS)
-    while region_blocks % k:
-        k += 1
-    return region_blocks // k
+    k_first = -(-region_blocks * sectors_per_block // MAX_REGION_SECTORS)
+    smallest = -(-capacity_blocks // max_regions)  # a smaller region needs too many
+    k_last = region_blocks // smallest
+    for k0 in range(k_first, k_last + 1, _DIVISOR_BLOCK):
+        ks = np.arange(k0, min(k0 + _DIVISOR_BLOCK, k_last + 1), dtype=np.int64)
+        hits = np.flatnonzero(region_blocks % ks == 0)
+        if hits.size:
+            return region_blocks // int(ks[hits[0]])
+    raise UnroutableLayoutError(
+        _CODEC, "region size",
+        f"a divisor of {region_blocks} blocks (the segment boundaries' gcd) of at most {MAX_REGION_SECTORS} "
+        f"sectors leaving <= {max_regions} regions for {capacity_blocks} blocks", "none")

@@ -11,6 +11,7 @@ REFERRALS answers stands in for one, so a poll is those two commands.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from agent import mapsource
@@ -24,7 +25,6 @@ LOG = logging.getLogger(__name__)
 
 VPD_FIRST_LENGTH = 512
 RTPG_LENGTH = 4096
-READ_CAPACITY_16_LENGTH = 32
 # RETURN DATA LENGTH is 16 bits (SBC-3; LIO writes bytes 2-3): the whole answer fits in this.
 REFERRALS_MAX_LENGTH = 4 + 0xFFFF
 
@@ -78,11 +78,12 @@ class ReferralsSource:
 
     async def fetch(self, path: ScsiPath, *, restarts: int) -> PageMap:
         layout, data, generation = await self._answers(path)
-        cdb = scsi.build_read_capacity_16_cdb(READ_CAPACITY_16_LENGTH)
-        capacity = scsi.decode_read_capacity_16(await mapsource.data_in(path, cdb, READ_CAPACITY_16_LENGTH))
-        result = referral_region_map(
-            data.segments, capacity_blocks=capacity.block_count, block_bytes=capacity.block_length_bytes,
-            segment_size_blocks=layout.user_data_segment_size_blocks,
+        capacity = await mapsource.read_capacity(path)
+        # The array's numbers decide how much work this is: off the event loop (bounded
+        # by MAX_REGIONS, but up to ~0.1 s and tens of MiB).
+        result = await asyncio.to_thread(
+            referral_region_map, data.segments, capacity_blocks=capacity.block_count,
+            block_bytes=capacity.block_length_bytes, segment_size_blocks=layout.user_data_segment_size_blocks,
             segment_multiplier=layout.user_data_segment_multiplier, generation=generation)
         LOG.debug("%s: %d referral segments -> %d regions of %d sectors over groups %s", path.name,
                   len(data.segments), result.total_pages, result.page_size_sectors,

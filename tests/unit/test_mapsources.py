@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import numpy as np
 import pytest
 
-from agent import mapsources
+from agent import mapsource, mapsources
 from agent.config import ArrayMatch, Config, ConfigError, config_from_mapping
 from agent.discovery import NotOurArrayError
 from agent.orchestrator import Orchestrator
-from protocol.errors import ValueRangeError
+from protocol import pagemap
+from protocol.errors import CapacityMismatchError, DecodeError, UnroutableLayoutError, ValueRangeError
 from protocol.pagemap import UNALLOCATED
-from tests.unit.fakes_kernel import FakeSystem
+from tests.unit.fakes_hostile import forge_page_map, hostile_paths, is_get_page_map, is_read_capacity_16, read_capacity_16
+from tests.unit.fakes_kernel import MiB as MIB, FakeSystem
 from tests.unit.fakes_referrals import FakeLioLun, FakeLioPath, FakeLioSystem, segment
 
 LIO = ArrayMatch("LIO-ORG", "FILEIO", "referrals")
@@ -188,3 +192,131 @@ def test_an_unroutable_layout_keeps_the_routing_there_is():
         run(orch.reconcile(system.wwid))
     assert {n: d.live for n, d in system.dm.devices.items()} == before
     assert orch.luns[system.wwid].state == "routed" and "overlap" in orch.luns[system.wwid].last_error
+
+
+# -- a hostile array: bounded work, off the event loop, typed errors (issue #13) ------------------
+
+async def _with_heartbeat(coro, tick: float = 0.01):
+    """Run `coro` beside a ticker; returns (its result or exception, the longest gap between ticks)."""
+    loop = asyncio.get_running_loop()
+    gaps = [0.0]
+
+    async def ticker():
+        last = loop.time()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # let the ticker start its clock
+    try:
+        outcome = await coro
+    except Exception as exc:  # noqa: BLE001 - the test asserts on it
+        outcome = exc
+    task.cancel()
+    return outcome, max(gaps)
+
+
+@pytest.mark.parametrize("boundary, capacity, block_bytes, error", [
+    (2**32 - 5, 2**33, 1024, UnroutableLayoutError),   # prime: took ~9 minutes on the loop
+    (2**54 - 33, 2**54 - 1, 512, UnroutableLayoutError),  # the worst search a loff_t-sized LUN allows
+    (2**61 - 1, 2**62, 512, ValueRangeError),           # never ended; a LUN no kernel holds
+    (5, 2**64, 512, ValueRangeError),                   # READ CAPACITY(16) RETURNED LBA 2^64-1
+], ids=["prime 2^32-5", "prime 2^54-33", "2^61-1", "capacity 2^64"])
+def test_a_hostile_referrals_layout_never_stalls_the_event_loop(boundary, capacity, block_bytes, error):
+    lun = FakeLioLun(capacity_blocks=capacity, block_bytes=block_bytes, groups=(1, 2),
+                     segments=[segment(0, boundary - 1, 1, (1, 2)), segment(boundary, capacity - 1, 2, (1, 2))])
+    outcome, gap = run(_with_heartbeat(mapsources.get("referrals").fetch(FakeLioPath(lun, 1, "sdb"), restarts=0)))
+    assert isinstance(outcome, error), outcome
+    assert gap < 0.2
+
+
+def page_map_system(tmp_path, **kw) -> FakeSystem:
+    """A 64-page LUN (64 MiB in 1 MiB pages) whose paths a test can make hostile."""
+    system = FakeSystem(tmp_path=tmp_path / "s", size_bytes=64 * MIB, page_size_bytes=kw.pop("page", MIB), **kw)
+    hostile_paths(system)
+    return system
+
+
+def test_a_forged_page_count_is_refused_before_anything_is_allocated(tmp_path):
+    import tracemalloc
+
+    path = page_map_system(tmp_path).open_path("sdb")
+    path.rewrite = lambda cdb, data: forge_page_map(data, total_pages=2**40) if is_get_page_map(cdb) else data
+    tracemalloc.start()
+    try:
+        with pytest.raises(CapacityMismatchError, match="total pages") as info:
+            run(mapsource.fetch_page_map(path, restarts=1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(info.value, DecodeError) and info.value.got == 2**40  # numpy's MemoryError before
+    assert peak < 1 << 20
+    assert path.commands == 2 * 2  # READ CAPACITY + one chunk, twice (a resize looks the same: one restart)
+
+
+def test_a_map_trickled_one_entry_per_chunk_is_stopped(tmp_path):
+    path = page_map_system(tmp_path).open_path("sdb")
+
+    def one_entry(cdb, data):
+        if not is_get_page_map(cdb):
+            return data
+        start = pagemap.parse_get_page_map_cdb(cdb).start_page
+        one = pagemap.encode_page_map_response(np.zeros(1, dtype=np.int8), generation=1, page_size_sectors=2048,
+                                               members=(pagemap.Member(1, "m"),), start_page=0,
+                                               allocation_length=4096)
+        return forge_page_map(one, first_page=start, total_pages=2**31)
+
+    path.rewrite = one_entry
+    with pytest.raises(DecodeError):  # 2^31 pages of 1 MiB are not this 64 MiB LUN
+        run(mapsource.fetch_page_map(path, restarts=0))
+    assert path.commands == 2  # made 111k commands in 3 s and went on
+
+    # The right page count, but the array answers 4 entries a chunk to an allocation that holds 64 MiB of them.
+    path.rewrite = None
+    path.commands = 0
+    path.rewrite_cdb = lambda cdb: pagemap.build_get_page_map_cdb(
+        pagemap.parse_get_page_map_cdb(cdb).start_page, 64 + 3 * 32 + 1 + 4) if is_get_page_map(cdb) else cdb
+    with pytest.raises(ValueRangeError, match="chunks") as info:
+        run(mapsource.fetch_page_map(path, restarts=0))
+    assert info.value.got == pagemap.CHUNK_SLACK * 1 + pagemap.CHUNK_SLACK + 1 and path.commands == 1 + info.value.got
+
+
+def test_a_4kn_lun_needs_pages_of_whole_blocks(tmp_path):
+    def four_kn(cdb, data):
+        if not is_read_capacity_16(cdb):
+            return data
+        return read_capacity_16(64 * MIB // 4096, 4096)
+
+    system = page_map_system(tmp_path, page=2048)  # pages of 4 sectors: half a 4 KiB block
+    system.open_path("sdb").rewrite = four_kn
+    with pytest.raises(ValueRangeError, match="page size") as info:
+        run(mapsource.fetch_page_map(system.open_path("sdb"), restarts=0))
+    assert info.value.got == 2048
+
+    system = page_map_system(tmp_path / "b", page=8192)  # two whole 4 KiB blocks a page: fine
+    system.open_path("sdb").rewrite = four_kn
+    page_map = run(mapsource.fetch_page_map(system.open_path("sdb"), restarts=0))
+    assert page_map.total_pages == 64 * MIB // 8192 and page_map.page_size_sectors == 16
+
+
+def test_a_large_page_map_chunk_is_decoded_off_the_event_loop(tmp_path):
+    # 4M pages of 512 bytes at 2 bits: a 1 MiB chunk; decoding it on the loop stalled every other LUN.
+    system = FakeSystem(tmp_path=tmp_path / "s", size_bytes=2 * 1024 * MIB, page_size_bytes=512)
+    path = system.open_path("sdb")
+    path.max_transfer = 4 * MIB
+    decoded_in = []
+    real = pagemap.decode_page_map_response
+
+    def spy(data):
+        decoded_in.append(threading.current_thread() is threading.main_thread())
+        return real(data)
+
+    pagemap.decode_page_map_response = spy
+    try:
+        page_map = run(mapsource.fetch_page_map(path, restarts=0))
+    finally:
+        pagemap.decode_page_map_response = real
+    assert page_map.total_pages == 4 * 1024 * 1024 and decoded_in == [False]

@@ -147,3 +147,66 @@ def test_every_block_routes_to_its_segments_optimized_group(layout):
     for s in segs:
         expected[s.first_lba:s.last_lba + 1] = optimized_group(s)
     assert (per_block == expected).all()
+
+
+# -- what a hostile array can send (issue #13: every byte of every answer is untrusted) ----------
+
+@pytest.mark.parametrize("boundary, capacity, block_bytes", [
+    (2**32 - 5, 2**33, 1024),       # a prime: region size 1 block, 2^33 regions
+    (2**54 - 33, 2**54 - 1, 512),   # the largest prime below 2^54 on the largest LUN a kernel holds
+], ids=["prime 2^32-5", "prime 2^54-33"])
+def test_a_prime_boundary_is_refused_in_bounded_time(boundary, capacity, block_bytes):
+    segs = [segment(0, boundary - 1, 1, GROUPS), segment(boundary, capacity - 1, 2, GROUPS)]
+    t = time.perf_counter()
+    with pytest.raises(UnroutableLayoutError, match="region"):
+        referral_region_map(segs, capacity_blocks=capacity, block_bytes=block_bytes)
+    assert time.perf_counter() - t < 1.0  # one candidate at a time took ~9 minutes for 2^32-5
+
+
+def test_a_large_boundary_that_fits_after_division_still_converts():
+    # gcd 3 x 2^32 blocks of 1 KiB is too big for dm-switch; its divisor 2^31 x 3 / 2 fits.
+    segs = [segment(0, 3 * 2**32 - 1, 1, GROUPS), segment(3 * 2**32, 2**34 - 1, 2, GROUPS)]
+    m = referral_region_map(segs, capacity_blocks=2**34, block_bytes=1024)
+    assert m.page_size_sectors <= MAX_REGION_SECTORS and (3 * 2**32 * 2) % m.page_size_sectors == 0
+    assert owners_by_group(m)[:2] == [1, 1] and owners_by_group(m)[-1] == 2
+
+
+@pytest.mark.parametrize("capacity, block_bytes", [
+    (2**64, 512),        # READ CAPACITY(16) with RETURNED LBA 2^64-1
+    (2**62, 512),        # a boundary at 2^61-1 needs a LUN past 2^61 blocks
+    (2**53 + 1, 1024),   # one block past what a loff_t holds
+])
+def test_a_lun_no_kernel_can_hold_is_refused(capacity, block_bytes):
+    segs = [segment(0, 2**61 - 2, 1, GROUPS), segment(2**61 - 1, capacity - 1, 2, GROUPS)]
+    with pytest.raises(ValueRangeError, match="capacity"):
+        referral_region_map(segs, capacity_blocks=capacity, block_bytes=block_bytes)
+
+
+@pytest.mark.parametrize("segs, size, multiplier", [
+    ([segment(0, 5, 1, GROUPS), segment(6, 2**64 - 1, 2, GROUPS)], 0, 0),    # last LBA + 1 wraps uint64
+    ([segment(2**64 - 1, 2**64 - 1, 1, GROUPS)], 2, 3),                      # first + size wraps
+    ([segment(2**63, 2**63, 1, GROUPS)], 0, 0),                              # past int64
+    ([segment(0, 0, 1, GROUPS), segment(2**64 - 2, 2**64 - 1, 2, GROUPS)], 2**32 - 1, 2**32 - 1),
+])
+def test_lbas_at_the_wire_s_limits_are_a_typed_error(segs, size, multiplier):
+    with pytest.raises(ValueRangeError, match="segment"):
+        referral_region_map(segs, capacity_blocks=1024, block_bytes=512, segment_size_blocks=size,
+                            segment_multiplier=multiplier)
+
+
+@pytest.mark.parametrize("multiplier", [2**28, 2**32 - 1])
+def test_a_huge_multiplier_paints_no_more_than_the_lun(multiplier):
+    import tracemalloc
+
+    segs = [segment(0, 0, 1, GROUPS), segment(3, 3, 2, GROUPS)]  # size 1: blocks 0 and 3 of each period
+    tracemalloc.start()
+    try:
+        m = referral_region_map(segs, capacity_blocks=1024, block_bytes=512, segment_size_blocks=1,
+                                segment_multiplier=multiplier)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # painting the period (2^28 regions) took 548 MiB
+    # The period is past the LUN's end: the pattern never repeats within it.
+    assert m.total_pages == 1024 and owners_by_group(m)[:5] == [1, -1, -1, 2, -1]
+    assert set(owners_by_group(m)[4:]) == {-1}
