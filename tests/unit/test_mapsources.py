@@ -270,6 +270,7 @@ def test_a_map_trickled_one_entry_per_chunk_is_stopped(tmp_path):
         return forge_page_map(one, first_page=start, total_pages=2**31)
 
     path.rewrite = one_entry
+    path.rewrite_cdb = lambda cdb: pagemap.build_get_page_map_cdb(0, 4096) if is_get_page_map(cdb) else cdb
     with pytest.raises(DecodeError):  # 2^31 pages of 1 MiB are not this 64 MiB LUN
         run(mapsource.fetch_page_map(path, restarts=0))
     assert path.commands == 2  # made 111k commands in 3 s and went on
