@@ -15,7 +15,8 @@ from agent.orchestrator import Orchestrator
 from protocol import pagemap
 from protocol.errors import CapacityMismatchError, DecodeError, UnroutableLayoutError, ValueRangeError
 from protocol.pagemap import UNALLOCATED
-from tests.unit.fakes_hostile import forge_page_map, hostile_paths, is_get_page_map, is_read_capacity_16, read_capacity_16
+from tests.unit.fakes_hostile import (forge_page_map, hostile_paths, is_get_page_map, is_read_capacity_16,
+                                      read_capacity_16)
 from tests.unit.fakes_kernel import MiB as MIB, FakeSystem
 from tests.unit.fakes_referrals import FakeLioLun, FakeLioPath, FakeLioSystem, segment
 
