@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from agent import mapsource, mapsources
+from agent.mapsources import referrals as referrals_source
 from agent.config import ArrayMatch, Config, ConfigError, config_from_mapping
 from agent.discovery import NotOurArrayError
 from agent.orchestrator import Orchestrator
@@ -226,12 +227,27 @@ async def _with_heartbeat(coro, tick: float = 0.01):
     (2**61 - 1, 2**62, 512, ValueRangeError),           # never ended; a LUN no kernel holds
     (5, 2**64, 512, ValueRangeError),                   # READ CAPACITY(16) RETURNED LBA 2^64-1
 ], ids=["prime 2^32-5", "prime 2^54-33", "2^61-1", "capacity 2^64"])
-def test_a_hostile_referrals_layout_never_stalls_the_event_loop(boundary, capacity, block_bytes, error):
+def test_a_hostile_referrals_layout_never_stalls_the_event_loop(boundary, capacity, block_bytes, error,
+                                                                monkeypatch):
     lun = FakeLioLun(capacity_blocks=capacity, block_bytes=block_bytes, groups=(1, 2),
                      segments=[segment(0, boundary - 1, 1, (1, 2)), segment(boundary, capacity - 1, 2, (1, 2))])
+    converted_on_loop = _spy_thread(monkeypatch, referrals_source, "referral_region_map")
     outcome, gap = run(_with_heartbeat(mapsources.get("referrals").fetch(FakeLioPath(lun, 1, "sdb"), restarts=0)))
     assert isinstance(outcome, error), outcome
-    assert gap < 0.2
+    assert gap < 0.2 and converted_on_loop == [False]
+
+
+def _spy_thread(monkeypatch, module, name: str) -> list[bool]:
+    """Replace module.name with itself plus a record of whether each call ran on the main (loop) thread."""
+    calls: list[bool] = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
 
 
 def page_map_system(tmp_path, **kw) -> FakeSystem:
@@ -304,21 +320,11 @@ def test_a_4kn_lun_needs_pages_of_whole_blocks(tmp_path):
     assert page_map.total_pages == 64 * MIB // 8192 and page_map.page_size_sectors == 16
 
 
-def test_a_large_page_map_chunk_is_decoded_off_the_event_loop(tmp_path):
+def test_a_large_page_map_chunk_is_decoded_off_the_event_loop(tmp_path, monkeypatch):
     # 4M pages of 512 bytes at 2 bits: a 1 MiB chunk; decoding it on the loop stalled every other LUN.
     system = FakeSystem(tmp_path=tmp_path / "s", size_bytes=2 * 1024 * MIB, page_size_bytes=512)
     path = system.open_path("sdb")
     path.max_transfer = 4 * MIB
-    decoded_in = []
-    real = pagemap.decode_page_map_response
-
-    def spy(data):
-        decoded_in.append(threading.current_thread() is threading.main_thread())
-        return real(data)
-
-    pagemap.decode_page_map_response = spy
-    try:
-        page_map = run(mapsource.fetch_page_map(path, restarts=0))
-    finally:
-        pagemap.decode_page_map_response = real
-    assert page_map.total_pages == 4 * 1024 * 1024 and decoded_in == [False]
+    decoded_on_loop = _spy_thread(monkeypatch, pagemap, "decode_page_map_response")
+    page_map = run(mapsource.fetch_page_map(path, restarts=0))
+    assert page_map.total_pages == 4 * 1024 * 1024 and decoded_on_loop == [False]
