@@ -11,7 +11,8 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Mapping
 
-from agent import mapsource, mapsources
+from agent import mapsources
+from agent.scsipath import read_inquiry
 from agent.config import ArrayMatch, Config
 from agent.lun import LunState
 from agent.stack import PlanError
@@ -105,7 +106,7 @@ class Discovery:
             device, dev = slaves.pop(0)
             try:
                 scsi_path = self.system.open_path(device)
-                inquiry = await mapsource.read_inquiry(scsi_path)
+                inquiry = await read_inquiry(scsi_path)
                 array = self._our_array(inquiry.vendor, inquiry.product)
                 if array is None:
                     raise NotOurArrayError(f"{mpath.wwid}: {inquiry.vendor!r} {inquiry.product!r} "

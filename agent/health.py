@@ -14,7 +14,8 @@ import concurrent.futures
 import logging
 from typing import TYPE_CHECKING, Any
 
-from agent import mapsource, mapsources
+from agent import mapsources
+from agent.scsipath import path_answers
 from agent.dm_async import AsyncDeviceMapper
 from agent.lun import LunState
 from protocol.errors import SwitchAgentError
@@ -83,7 +84,7 @@ class PathHealth:
                     if state.active:
                         continue
                     device = by_dev.get(state.dev)
-                    if device is None or not await mapsource.path_answers(self.system.open_path(device)):
+                    if device is None or not await path_answers(self.system.open_path(device)):
                         failed_here += 1
                         continue
                     try:

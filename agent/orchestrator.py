@@ -22,7 +22,6 @@ import logging
 import time
 from typing import Callable, Container, Protocol
 
-from agent import mapsource
 from agent.apply import PlanApplier
 from agent.config import Config
 from agent.discovery import Discovery, LunNotFoundError, NotOurArrayError
@@ -30,6 +29,7 @@ from agent.dm_async import AsyncDeviceMapper, DeviceLeftSuspendedError, SyncDevi
 from agent.health import PathHealth
 from agent.lun import LunState, State
 from agent.reporting import Location, LunStatus, find_lun, locate, lun_status
+from agent.scsipath import PollablePath
 from agent.stack import DeviceKind, OwnedUuid, plan_stack
 from agent.topology import MpathMap, NewPath, Topology
 from protocol.errors import SwitchAgentError
@@ -51,7 +51,7 @@ class System(Protocol):
         """Every multipathd map (DM_UUID mpath-*) present now; with `wwid`, only that LUN's."""
         ...
 
-    def open_path(self, device: str) -> mapsource.ScsiPath:
+    def open_path(self, device: str) -> PollablePath:
         """A SCSI path to send commands through."""
         ...
 

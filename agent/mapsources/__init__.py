@@ -9,44 +9,25 @@
 Each configured array says which to use (`map_source` in the config), or
 "auto": VPD page 0x00 is asked, and 0xC0 picks page-map, else 0xB3 picks
 referrals (when the device also lists the Extended INQUIRY page, its R_SUP
-bit must be set: LIO lists 0xB3 on every LUN, with or without an lba_map). The orchestrator only sees the MapSource protocol below.
+bit must be set: LIO lists 0xB3 on every LUN, with or without an lba_map). The orchestrator only sees
+the MapSource protocol (base.py); this module is the registry.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from agent import mapsource
-from agent.mapsource import ScsiPath
+from agent.mapsources.base import MapSource
+from agent.mapsources.pagemap import PageMapSource
 from agent.mapsources.referrals import ReferralsSource
-from agent.mapsources.vendor import PageMapSource
-from protocol import pagemap, scsi
+from agent.scsipath import ScsiPath, data_in
+from protocol import scsi
+from protocol.pagemap import MEMBER_IDENTITY_VPD
 from protocol.errors import SwitchAgentError
-from protocol.pagemap import PageMap
 
 __all__ = ["MapSource", "NoMapSourceError", "SOURCES", "SETTINGS", "choose", "get"]
 
 
 class NoMapSourceError(SwitchAgentError):
     """`auto` found neither the vendor page map nor referrals on the LUN."""
-
-
-class MapSource(Protocol):
-    """What the orchestrator needs of a map protocol."""
-
-    name: str
-
-    async def identify(self, path: ScsiPath) -> tuple[int, str]:
-        """(member id, member name) of the member / port group this path lands on."""
-        ...
-
-    async def fetch(self, path: ScsiPath, *, restarts: int) -> PageMap:
-        """The LUN's whole region map, owners indexing its members (UNALLOCATED = don't care)."""
-        ...
-
-    async def poll_generation(self, path: ScsiPath) -> int:
-        """Cheaply: a number that changes when the map does (compared with PageMap.generation)."""
-        ...
 
 
 SOURCES: dict[str, MapSource] = {source.name: source for source in (PageMapSource(), ReferralsSource())}
@@ -61,7 +42,7 @@ _R_SUP = 0x10  # Extended INQUIRY Data VPD byte 8 bit 4 (SPC-4 7.8.7): referrals
 async def _referrals_supported(path: ScsiPath) -> bool:
     cdb = scsi.build_inquiry_cdb(evpd=True, page_code=scsi.VpdPageCode.EXTENDED_INQUIRY_DATA,
                                  allocation_length_bytes=EXTENDED_INQUIRY_LENGTH)
-    raw = await mapsource.data_in(path, cdb, EXTENDED_INQUIRY_LENGTH)
+    raw = await data_in(path, cdb, EXTENDED_INQUIRY_LENGTH)
     payload = scsi.decode_vpd_page(raw, scsi.VpdPageCode.EXTENDED_INQUIRY_DATA).payload
     return len(payload) > 4 and bool(payload[4] & _R_SUP)
 
@@ -77,8 +58,8 @@ async def choose(setting: str, path: ScsiPath) -> MapSource:
         return SOURCES[setting]
     cdb = scsi.build_inquiry_cdb(evpd=True, page_code=scsi.VpdPageCode.SUPPORTED_VPD_PAGES,
                                  allocation_length_bytes=VPD_LIST_LENGTH)
-    pages = scsi.decode_supported_vpd_pages(await mapsource.data_in(path, cdb, VPD_LIST_LENGTH)).page_codes
-    if pagemap.MEMBER_IDENTITY_VPD in pages:
+    pages = scsi.decode_supported_vpd_pages(await data_in(path, cdb, VPD_LIST_LENGTH)).page_codes
+    if MEMBER_IDENTITY_VPD in pages:
         return SOURCES["page-map"]
     if scsi.VpdPageCode.REFERRALS in pages:
         # LIO lists 0xB3 on every LUN (target_core_spc.c evpd_handlers) but sets R_SUP in the

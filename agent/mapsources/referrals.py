@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from agent import mapsource
-from agent.mapsource import ScsiPath
+from agent.scsipath import ScsiPath, data_in, read_capacity
 from protocol import scsi
 from protocol.errors import TruncatedError, ValueRangeError
 from protocol.pagemap import PageMap
@@ -34,7 +33,7 @@ async def _vpd(path: ScsiPath, page: int, decode):
     length = VPD_FIRST_LENGTH
     for _ in range(2):
         cdb = scsi.build_inquiry_cdb(evpd=True, page_code=page, allocation_length_bytes=length)
-        raw = await mapsource.data_in(path, cdb, length)
+        raw = await data_in(path, cdb, length)
         try:
             return decode(raw), raw
         except TruncatedError as exc:
@@ -60,7 +59,7 @@ class ReferralsSource:
         if port is None:
             raise ValueRangeError("VPD page 0x83", "target port designators",
                                   "a target port group or relative target port designator", "neither")
-        raw = await mapsource.data_in(path, scsi.build_report_target_port_groups_cdb(RTPG_LENGTH), RTPG_LENGTH)
+        raw = await data_in(path, scsi.build_report_target_port_groups_cdb(RTPG_LENGTH), RTPG_LENGTH)
         for group in scsi.decode_report_target_port_groups(raw).groups:
             if port in group.relative_target_port_ids:
                 return group.target_port_group_id
@@ -70,7 +69,7 @@ class ReferralsSource:
     async def _answers(self, path: ScsiPath) -> tuple[scsi.ReferralsVpd, scsi.ReportReferralsData, int]:
         layout, layout_raw = await _vpd(path, scsi.VpdPageCode.REFERRALS, scsi.decode_referrals_vpd)
         length = min(await path.max_transfer_bytes(), REFERRALS_MAX_LENGTH)
-        raw = await mapsource.data_in(path, scsi.build_report_referrals_cdb(0, length), length)
+        raw = await data_in(path, scsi.build_report_referrals_cdb(0, length), length)
         data = scsi.decode_report_referrals(raw)
         declared = 4 + int.from_bytes(raw[2:4], "big")
         page_length = 4 + int.from_bytes(layout_raw[2:4], "big")
@@ -78,7 +77,7 @@ class ReferralsSource:
 
     async def fetch(self, path: ScsiPath, *, restarts: int) -> PageMap:
         layout, data, generation = await self._answers(path)
-        capacity = await mapsource.read_capacity(path)
+        capacity = await read_capacity(path)
         # The array's numbers decide how much work this is: off the event loop (bounded
         # by MAX_REGIONS, but up to ~0.1 s and tens of MiB).
         result = await asyncio.to_thread(

@@ -25,7 +25,7 @@ from typing import Callable
 from agent import mapsources
 from agent.config import Config
 from agent.kernel import sgio
-from agent.mapsource import poll_map_header
+from agent.mapsources.pagemap import poll_map_header
 from agent.health import poll_round
 from agent.system import RealSystem
 from protocol import pagemap

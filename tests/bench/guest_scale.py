@@ -5,7 +5,7 @@
 Started by tests/bench/scale.py (host). Measures, on the rig's one LUN (the
 seed's 22.5 TiB at 15 MiB pages over 3 members):
 
-- fetch: the agent's GET PAGE MAP fetch (mapsource.fetch_page_map through
+- fetch: the agent's GET PAGE MAP fetch (agent.mapsources.pagemap.fetch_page_map through
   SG_IO, decode and CRCs included) beside `sg_raw` sending the same CDBs;
 - install: the agent's own pipeline (agent.orchestrator.Orchestrator over
   agent.system.RealSystem) from the map in memory to routed, beside
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import mapsource
+from agent.mapsources import pagemap as mapsource
 from agent import orchestrator as orch_mod
 from agent.config import Config
 from agent.kernel import dm as dmk

@@ -110,7 +110,7 @@ def test_many_lun_rows() -> None:
     assert memory.note.endswith("before any LUN (Python, numpy, the daemon's threads) VmRSS 40.0 MiB with "
                                 "4 threads, 200 threads at the end")
     assert "limited by" not in scale_lib.build_rows({"many_luns": m})[2].note  # no profile, no claim
-    m["idle_profile"] = {"samples": 100, "innermost": [], "on_stack": [["poll_map_header (agent/mapsource.py)", 47]]}
+    m["idle_profile"] = {"samples": 100, "innermost": [], "on_stack": [["poll_map_header (agent/mapsources/pagemap.py)", 47]]}
     assert scale_lib.build_rows({"many_luns": m})[2].note.endswith(
         "limited by the polls themselves, one GET PAGE MAP per LUN per interval under TCG: "
         "in 47 of 100 py-spy samples of the idle daemon")

@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from agent import mapsource, mapsources
+from agent import mapsources
+from agent.mapsources import pagemap as mapsource
 from agent.mapsources import referrals as referrals_source
 from agent.config import ArrayMatch, Config, ConfigError, config_from_mapping
 from agent.discovery import NotOurArrayError

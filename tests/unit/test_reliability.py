@@ -20,6 +20,7 @@ from agent.dm_async import DeviceLeftSuspendedError
 from agent.orchestrator import InternalError, Orchestrator
 from agent.stack import PlanError
 from protocol.errors import SwitchAgentError
+from protocol.pagemap import PageMapAssembler
 from tests.unit.fakes_kernel import MiB, FakeSystem, ManyLunSystem
 from tests.unit.fakes_udev import FakeUdevSource, scsi_ua_event
 from tests.unit.test_daemon import config, routed, until
@@ -166,7 +167,7 @@ def test_an_unexpected_exception_is_a_typed_error_on_the_lun(tmp_path, monkeypat
     def out_of_memory(*_args, **_kw):
         raise MemoryError("forged page count")
 
-    monkeypatch.setattr("agent.mapsource.pagemap.PageMapAssembler.add", out_of_memory)
+    monkeypatch.setattr(PageMapAssembler, "add", out_of_memory)
     with pytest.raises(InternalError, match="MemoryError"):
         reconcile(orch, system.wwid)
     lun = orch.luns[system.wwid]
@@ -181,7 +182,7 @@ def test_a_fetch_that_never_ends_is_abandoned_after_fetch_timeout_s(tmp_path, mo
         while True:  # an array answering one entry at a time, forever
             await asyncio.sleep(0.01)
 
-    monkeypatch.setattr("agent.mapsources.vendor.mapsource.fetch_page_map", trickle)
+    monkeypatch.setattr("agent.mapsources.pagemap.fetch_page_map", trickle)
     with pytest.raises(SwitchAgentError, match="fetch_timeout_s"):
         reconcile(orch, system.wwid)
     assert orch.luns[system.wwid].state == "error" and not orch.luns[system.wwid].lock.locked()

@@ -1,0 +1,86 @@
+"""The open vendor protocol (docs/protocol.md) as a map source: VPD 0xC0 and GET PAGE MAP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent.scsipath import ScsiPath, data_in, read_capacity
+from protocol import pagemap, scsi
+from protocol.errors import CapacityMismatchError, GenerationChangedError
+from protocol.pagemap import MemberIdentity, PageMap, PageMapHeader
+
+LOG = logging.getLogger(__name__)
+
+VPD_LENGTH = 255
+OFF_LOOP_DECODE_BYTES = 256 * 1024
+"""A GET PAGE MAP answer larger than this is decoded in a worker thread: a 16 MiB chunk holds
+64M entries, and decoding it on the event loop would stall every other LUN."""
+
+
+class PageMapSource:
+    """Member from VPD 0xC0, map from GET PAGE MAP, generation from its 64-byte header."""
+
+    name = "page-map"
+
+    async def identify(self, path: ScsiPath) -> tuple[int, str]:
+        identity = await read_member_identity(path)
+        return identity.member_id, identity.name
+
+    async def fetch(self, path: ScsiPath, *, restarts: int) -> PageMap:
+        return await fetch_page_map(path, restarts=restarts)
+
+    async def poll_generation(self, path: ScsiPath) -> int:
+        return (await poll_map_header(path)).generation
+
+
+async def read_member_identity(path: ScsiPath) -> MemberIdentity:
+    """VPD page 0xC0: which member this path lands on."""
+    cdb = scsi.build_inquiry_cdb(evpd=True, page_code=pagemap.MEMBER_IDENTITY_VPD,
+                                 allocation_length_bytes=VPD_LENGTH)
+    data = await data_in(path, cdb, VPD_LENGTH)
+    return pagemap.decode_member_identity_vpd(data)
+
+
+async def poll_map_header(path: ScsiPath) -> PageMapHeader:
+    """The 64-byte GET PAGE MAP: generation and geometry, cheaply."""
+    size = pagemap.HEADER_FIXED_BYTES
+    data = await data_in(path, pagemap.build_get_page_map_cdb(0, size), size)
+    return pagemap.decode_page_map_header(data)
+
+
+async def fetch_page_map(path: ScsiPath, *, restarts: int) -> PageMap:
+    """The whole map in chunks of the path's maximum transfer, all of one generation.
+
+    READ CAPACITY(16) over the same path comes first: the first chunk's
+    geometry must cover exactly that capacity, in pages of whole logical
+    blocks, before anything is allocated (protocol.pagemap.PageMapAssembler).
+    Starts over when the array changes the map mid-fetch (or its capacity
+    between the two), at most `restarts` times; then the last error goes to
+    the caller.
+    """
+    allocation = min(await path.max_transfer_bytes(), pagemap.MAX_ALLOCATION_LENGTH)
+    for attempt in range(restarts + 1):
+        try:
+            capacity = await read_capacity(path)
+            assembler = pagemap.PageMapAssembler(capacity_bytes=capacity.capacity_bytes,
+                                                 logical_block_bytes=capacity.block_length_bytes,
+                                                 allocation_length=allocation)
+            while not assembler.complete:
+                cdb = pagemap.build_get_page_map_cdb(assembler.next_page, allocation)
+                data = await data_in(path, cdb, allocation)
+                if len(data) > OFF_LOOP_DECODE_BYTES:
+                    chunk = await asyncio.to_thread(pagemap.decode_page_map_response, data)
+                else:
+                    chunk = pagemap.decode_page_map_response(data)
+                assembler.add(chunk)
+        except (GenerationChangedError, CapacityMismatchError) as exc:
+            if attempt == restarts:
+                raise
+            LOG.info("%s: page map changed during the fetch (%s); starting over", path.name, exc)
+            continue
+        result = assembler.result()
+        LOG.debug("%s: fetched page map generation %d, %d pages", path.name, result.generation,
+                  result.total_pages)
+        return result
+    raise AssertionError("unreachable")
