@@ -1,0 +1,53 @@
+#!/bin/sh
+# The host unit tests against Debian 12's own libraries: python3-numpy,
+# python3-crc32c, python3-aiofiles and python3-pyudev as the Debian package
+# depends on them, under Debian's /usr/bin/python3.
+#
+# A venv (.venv-debian) made with --system-site-packages sees Debian's
+# dist-packages; only the test tools (pytest, hypothesis) come from PyPI.
+# The script checks that each library really is Debian's copy before it runs
+# the tests, so a PyPI wheel cannot stand in for it.
+# Idempotent; installs the Debian packages if missing (needs root).
+# Usage: sh tests/debian-versions.sh [pytest args]
+set -eu
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+VENV=$REPO/.venv-debian
+die() { printf 'debian-versions: ERROR: %s\n' "$*" >&2; exit 1; }
+
+PKGS="python3 python3-venv python3-numpy python3-crc32c python3-aiofiles python3-pyudev"
+MISSING=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || MISSING="$MISSING $p"
+done
+if [ -n "$MISSING" ]; then
+    [ "$(id -u)" = 0 ] || die "missing Debian packages (run as root to install them):$MISSING"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $MISSING >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $MISSING >/dev/null
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+# The test extra of pyproject.toml (neither pulls in a library checked below).
+"$VENV/bin/python" -c 'import pytest, hypothesis' 2>/dev/null ||
+    "$VENV/bin/pip" install -q "pytest>=8" "hypothesis>=6.100"
+
+"$VENV/bin/python" - <<'PY' || die "a library is not Debian's own copy (see above)"
+import importlib, importlib.metadata, subprocess, sys
+bad = False
+for module, deb in (("numpy", "python3-numpy"), ("crc32c", "python3-crc32c"),
+                    ("aiofiles", "python3-aiofiles"), ("pyudev", "python3-pyudev")):
+    where = importlib.import_module(module).__file__
+    version = importlib.metadata.version(module)
+    debver = subprocess.run(["dpkg-query", "-W", "-f=${Version}", deb], capture_output=True, text=True).stdout
+    ours = where.startswith("/usr/lib/python3/dist-packages/")
+    bad |= not ours
+    print(f"debian-versions: {module} {version} ({deb} {debver}) from {where}" + ("" if ours else "  <- NOT Debian's"))
+sys.exit(1 if bad else 0)
+PY
+
+cd "$REPO"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/unit "$@"
