@@ -9,8 +9,20 @@
 #
 # Idempotent: missing build dependencies are installed with apt-get (needs
 # root); a second run rebuilds from scratch in build/deb/.
-# Usage: sh packaging/build-deb.sh          exit 1 if lintian reports an error
+# Usage: sh packaging/build-deb.sh [--check-install]
+#   exit 1 if the build fails or lintian reports an error.
+#   --check-install: then install the .deb with apt into a fresh Debian 12
+#   root (mmdebstrap, ~1 min, needs root): its dependencies resolve from
+#   Debian alone, the files land where they belong, the command runs, and a
+#   purge removes the conffile.
 set -eu
+
+CHECK_INSTALL=no
+case "${1:-}" in
+    --check-install) CHECK_INSTALL=yes ;;
+    "") ;;
+    *) printf 'usage: sh packaging/build-deb.sh [--check-install]\n' >&2; exit 2 ;;
+esac
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 say() { printf 'build-deb: %s\n' "$*"; }
@@ -24,19 +36,7 @@ command -v dpkg-query >/dev/null 2>&1 || die "not a Debian system (no dpkg-query
 PKGS="build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
       python3-setuptools python3-aiofiles python3-crc32c python3-hypothesis python3-numpy
       python3-pytest python3-pyudev lintian"
-MISSING=""
-for p in $PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || MISSING="$MISSING $p"
-done
-if [ -n "$MISSING" ]; then
-    [ "$(id -u)" = 0 ] || die "missing build dependencies (run as root to install them):$MISSING"
-    say "installing:$MISSING"
-    # An empty package list (a fresh container) needs one update first.
-    if ! apt-get install -y -qq --no-install-recommends $MISSING >/dev/null 2>&1; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $MISSING >/dev/null
-    fi
-fi
+sh "$REPO/packaging/apt-ensure.sh" $PKGS
 
 # --- 2. the source tree --------------------------------------------------------
 VERSION=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
@@ -72,3 +72,46 @@ say "lintian dist/$DEB:"
 lintian "$REPO/dist/$DEB" 2>&1 | grep -v '^running with root privileges' || true
 lintian --fail-on error "$REPO/dist/$DEB" >/dev/null 2>&1 || die "lintian reports errors"
 say "lintian: no errors"
+
+[ "$CHECK_INSTALL" = yes ] || exit 0
+
+# --- 5. install into a throw-away Debian 12 root ---------------------------------
+[ "$(id -u)" = 0 ] || die "--check-install needs root (mmdebstrap --mode=root)"
+sh "$REPO/packaging/apt-ensure.sh" mmdebstrap
+# This machine's own Debian sources if it has them, else mmdebstrap's default mirror.
+SOURCES=/etc/apt/sources.list.d/debian.sources
+[ -f "$SOURCES" ] || SOURCES=""
+cat > "$BUILD/check-in-root.sh" <<'CHECK'
+set -eu
+fail() { printf 'check-install: FAILED: %s\n' "$*" >&2; exit 1; }
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "/tmp/$1" >/dev/null 2>&1 ||
+    fail "apt-get install ./$1"
+printf 'check-install: %s\n' "$(dpkg-query -W -f='installed ${Package} ${Version}, Depends: ${Depends}' switch-agent)"
+for f in /usr/bin/switch-agent /lib/systemd/system/switch-agent.service /lib/udev/rules.d/90-switch-agent.rules \
+         /etc/switch-agent/switch-agent.toml /usr/share/man/man8/switch-agent.8.gz \
+         /usr/share/man/man5/switch-agent.toml.5.gz; do
+    [ -f "$f" ] || fail "$f is missing"
+done
+dpkg-query -W -f='${Conffiles}' switch-agent | grep -q ' /etc/switch-agent/switch-agent.toml ' ||
+    fail "/etc/switch-agent/switch-agent.toml is not a conffile"
+! ls /etc/systemd/system/*.wants/switch-agent.service >/dev/null 2>&1 || fail "the unit was enabled on install"
+switch-agent --help >/dev/null || fail "switch-agent --help"
+python3 -c 'import agent.daemon, agent.system, agent.orchestrator, agent.kernel.udev, protocol.pagemap' ||
+    fail "the daemon's modules do not import"
+# Reads the conffile, finds no daemon: exit status 3.
+rc=0; switch-agent status >/dev/null 2>&1 || rc=$?
+[ "$rc" = 3 ] || fail "switch-agent status exited $rc, not 3 (no daemon)"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq switch-agent >/dev/null 2>&1 || fail "apt-get purge"
+[ ! -e /etc/switch-agent/switch-agent.toml ] && [ ! -e /usr/bin/switch-agent ] || fail "purge left files"
+echo "check-install: ok (files in place, conffile, unit not enabled, --help, status exit 3, purge clean)"
+CHECK
+say "installing dist/$DEB into a fresh bookworm root (mmdebstrap)"
+if mmdebstrap --variant=apt --mode=root --quiet \
+        --customize-hook="copy-in $REPO/dist/$DEB $BUILD/check-in-root.sh /tmp" \
+        --customize-hook="chroot \"\$1\" sh /tmp/check-in-root.sh $DEB" \
+        bookworm /dev/null $SOURCES > "$BUILD/check-install.log" 2>&1; then
+    grep '^check-install:' "$BUILD/check-install.log"
+else
+    grep -E '^check-install:|^E:' "$BUILD/check-install.log" >&2 || tail -20 "$BUILD/check-install.log" >&2
+    die "the package does not install and work in a fresh Debian 12 root (log: $BUILD/check-install.log)"
+fi

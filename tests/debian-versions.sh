@@ -16,17 +16,7 @@ VENV=$REPO/.venv-debian
 die() { printf 'debian-versions: ERROR: %s\n' "$*" >&2; exit 1; }
 
 PKGS="python3 python3-venv python3-numpy python3-crc32c python3-aiofiles python3-pyudev"
-MISSING=""
-for p in $PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || MISSING="$MISSING $p"
-done
-if [ -n "$MISSING" ]; then
-    [ "$(id -u)" = 0 ] || die "missing Debian packages (run as root to install them):$MISSING"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $MISSING >/dev/null 2>&1; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $MISSING >/dev/null
-    fi
-fi
+sh "$REPO/packaging/apt-ensure.sh" $PKGS
 
 if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
