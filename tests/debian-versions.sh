@@ -5,8 +5,9 @@
 #
 # A venv (.venv-debian) made with --system-site-packages sees Debian's
 # dist-packages; only the test tools (pytest, hypothesis) come from PyPI.
-# The script checks that each library really is Debian's copy before it runs
-# the tests, so a PyPI wheel cannot stand in for it.
+# The script checks that each library really is Debian's copy, and that
+# pyproject.toml's floors accept it (pip would install nothing else), before
+# it runs the tests, so a PyPI wheel cannot stand in for it.
 # Idempotent; installs the Debian packages if missing (needs root).
 # Usage: sh tests/debian-versions.sh [pytest args]
 set -eu
@@ -15,7 +16,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$REPO/.venv-debian
 die() { printf 'debian-versions: ERROR: %s\n' "$*" >&2; exit 1; }
 
-PKGS="python3 python3-venv python3-numpy python3-crc32c python3-aiofiles python3-pyudev"
+PKGS="python3 python3-venv python3-setuptools python3-numpy python3-crc32c python3-aiofiles python3-pyudev"
 sh "$REPO/packaging/apt-ensure.sh" $PKGS
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -38,6 +39,14 @@ for module, deb in (("numpy", "python3-numpy"), ("crc32c", "python3-crc32c"),
     print(f"debian-versions: {module} {version} ({deb} {debver}) from {where}" + ("" if ours else "  <- NOT Debian's"))
 sys.exit(1 if bad else 0)
 PY
+
+# pyproject.toml's floors accept these versions: pip would add nothing but
+# switch-agent itself (too high a floor shows as "Would install numpy-...").
+WOULD=$("$VENV/bin/pip" install --dry-run --no-build-isolation "$REPO" 2>/dev/null | grep '^Would install') ||
+    die "pip install --dry-run $REPO failed"
+printf 'debian-versions: pip: %s\n' "$WOULD"
+printf '%s\n' "$WOULD" | grep -Eq '^Would install switch-agent-[^ ]+$' ||
+    die "pyproject.toml's floors reject Debian's libraries"
 
 cd "$REPO"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/unit "$@"
