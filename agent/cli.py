@@ -10,11 +10,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import control
-from agent.config import DEFAULT_CONFIG_PATH, ConfigError, check_config, load_config
+from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_config, load_config
 from protocol.errors import SwitchAgentError
+
+if TYPE_CHECKING:  # the records pull numpy in: the CLI imports them only when it renders
+    from agent.reporting import LunStatus
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
@@ -57,7 +60,8 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(text.strip())
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4096, 64M, 10G)")
-    return int(match.group(1)) * 1024 ** "_KMGTP".index(match.group(2).upper() or "_")
+    exponent = "_KMGTP".index(match.group(2).upper() or "_")
+    return int(match.group(1)) * (1 << (10 * exponent))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +160,7 @@ def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
     return EXIT_OK
 
 
-def run_daemon(args: argparse.Namespace, config, socket_path: Path) -> int:
+def run_daemon(args: argparse.Namespace, config: Config, socket_path: Path) -> int:
     from dataclasses import replace
 
     from agent.daemon import Daemon, install_signal_handlers, limit_malloc_arenas
@@ -209,11 +213,11 @@ def render(command: str, result: Any) -> str:
     return "\n".join(_render_lun(r) for r in records)
 
 
-def _render_lun(r) -> str:
+def _render_lun(r: LunStatus) -> str:
     lines = [f"{r.wwid} {r.state} {r.device or '(not routed)'}"]
     if r.generation is not None:
         lines.append(f"  map generation {r.generation}, {r.pages} pages of "
-                     f"{r.page_size_bytes // (1024 * 1024)} MiB, age {r.map_age_s} s"
+                     f"{(r.page_size_bytes or 0) // (1024 * 1024)} MiB, age {r.map_age_s} s"
                      + (f", {r.unallocated_pages} unallocated" if r.unallocated_pages else ""))
     for m in r.members:
         paths = " ".join(f"{p.device}({p.state})" for p in m.paths) or "no paths"

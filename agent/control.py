@@ -158,10 +158,10 @@ def _open_directory(directory: Path) -> int:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        problem = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
-        raise ControlSocketError(directory, f"its directory {problem}; it must be a real directory") from None
+        why = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise ControlSocketError(directory, f"its directory {why}; it must be a real directory") from None
     st = os.fstat(fd)
-    problem = None
+    problem: str | None = None
     if st.st_uid != os.geteuid():
         problem = f"its directory belongs to uid {st.st_uid}, not to the daemon's uid {os.geteuid()}"
     elif st.st_mode & 0o077:

@@ -306,7 +306,7 @@ class Daemon:
             # Checked as the CLI checks it: anyone root can send any bytes here, not only the CLI.
             what, value = control.check_trigger(request)
             if what == "scsi_device":
-                await self._on_trigger(Trigger("unit-attention", scsi_sys_path=value, detail="udev rule"))
+                await self._on_trigger(Trigger(TriggerKind.UNIT_ATTENTION, scsi_sys_path=value, detail="udev rule"))
             else:
                 self.scheduler.trigger(value.removeprefix("mpath-"), "udev rule")
             return {"scheduled": True}

@@ -45,7 +45,10 @@ class InternalError(SwitchAgentError):
 class System(Protocol):
     """The kernel as the orchestrator needs it."""
 
-    dm: SyncDeviceMapper
+    @property
+    def dm(self) -> SyncDeviceMapper:
+        """The blocking dm ioctl layer (the orchestrator drives it through AsyncDeviceMapper)."""
+        ...
 
     async def find_mpath_maps(self, wwid: str | None = None) -> list[MpathMap]:
         """Every multipathd map (DM_UUID mpath-*) present now; with `wwid`, only that LUN's."""

@@ -21,7 +21,10 @@ INQUIRY_LENGTH = 96
 
 
 class ScsiResultLike(Protocol):
-    data_in: bytes
+    @property
+    def data_in(self) -> bytes:
+        """What the device sent."""
+        ...
 
 
 class ScsiPath(Protocol):

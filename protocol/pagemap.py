@@ -188,7 +188,7 @@ def pack_entries(owners: np.ndarray, bits: int) -> bytes:
     padded[: values.size] = values
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits)
     packed = np.bitwise_or.reduce(padded.reshape(-1, per_byte) << shifts, axis=1)
-    return packed.astype(np.uint8).tobytes()
+    return bytes(packed.astype(np.uint8).tobytes())
 
 
 def owners_dtype(member_count: int) -> np.dtype:

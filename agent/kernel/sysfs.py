@@ -213,7 +213,8 @@ class Sysfs:
             if exc.errno in (errno.ENODEV, errno.ENXIO):
                 raise SysfsMissingError(path, f"device gone ({os.strerror(exc.errno)})") from exc
             raise SysfsError(path, f"read failed: {os.strerror(exc.errno or 0)}") from exc
-        return text.rstrip("\n")
+        stripped: str = text.rstrip("\n")
+        return stripped
 
     async def write_attr(self, value: str, *parts: str) -> None:
         """Write one attribute (e.g. ``"1"`` to a scsi_device's ``rescan``)."""
@@ -262,7 +263,8 @@ class Sysfs:
         LOG.debug("sysfs resolve %s", path)
         if not await _lexists(path):
             raise SysfsMissingError(path, "no such link")
-        return await _realpath(path)
+        resolved: str = await _realpath(path)
+        return resolved
 
     # -- block devices ---------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable, TypeVar
 
 from agent.scsipath import ScsiPath, data_in, read_capacity
 from protocol import scsi
@@ -21,6 +22,7 @@ from protocol.pagemap import PageMap
 from protocol.referralmap import referral_region_map, referrals_generation
 
 LOG = logging.getLogger(__name__)
+_Page = TypeVar("_Page")
 
 VPD_FIRST_LENGTH = 512
 RTPG_LENGTH = 4096
@@ -28,7 +30,7 @@ RTPG_LENGTH = 4096
 REFERRALS_MAX_LENGTH = 4 + 0xFFFF
 
 
-async def _vpd(path: ScsiPath, page: int, decode):
+async def _vpd(path: ScsiPath, page: int, decode: Callable[[bytes], _Page]) -> tuple[_Page, bytes]:
     """A VPD page, asked again with the length it needs when the first answer was cut short."""
     length = VPD_FIRST_LENGTH
     for _ in range(2):

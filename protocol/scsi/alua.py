@@ -126,7 +126,7 @@ def decode_report_target_port_groups(data: Buffer) -> ReportTargetPortGroupsData
             offset = 8
         elif data_format != 0:
             raise ValueRangeError(_CODEC, "FORMAT TYPE", "0 or 1", data_format)
-    groups = []
+    groups: list[TargetPortGroupDescriptor] = []
     while offset < total:
         name = f"group {len(groups)}"
         if offset + _GROUP.size > total:

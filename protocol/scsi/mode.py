@@ -160,7 +160,7 @@ def _decode_body(codec: str, raw: bytes, header_size: int, total: int, descripto
             blocks, high, low = _SHORT_DESCRIPTOR.unpack_from(raw, offset)
             length = (high << 16) | low
         descriptors.append(BlockDescriptor(blocks, length))
-    pages = []
+    pages: list[ModePage] = []
     offset = header_size + descriptor_length
     while offset < total:
         field = f"page {len(pages)}"

@@ -68,7 +68,7 @@ class ReportReferralsData:
     segments: tuple[UserDataSegmentReferral, ...]
 
 
-def encode_referral_descriptors(segments: tuple[UserDataSegmentReferral, ...] | list,
+def encode_referral_descriptors(segments: tuple[UserDataSegmentReferral, ...] | list[UserDataSegmentReferral],
                                 codec: str = _CODEC) -> bytes:
     """The concatenated user data segment referral descriptors, without any header."""
     out = bytearray()
@@ -94,7 +94,7 @@ def encode_referral_descriptors(segments: tuple[UserDataSegmentReferral, ...] | 
 def decode_referral_descriptors(body: bytes, codec: str = _CODEC
                                 ) -> tuple[UserDataSegmentReferral, ...]:
     """Decode descriptors filling exactly ``body``; an overrun is ValueRangeError."""
-    segments = []
+    segments: list[UserDataSegmentReferral] = []
     offset = 0
     while offset < len(body):
         field = f"segment {len(segments)}"
@@ -108,7 +108,7 @@ def decode_referral_descriptors(body: bytes, codec: str = _CODEC
                                   f"{count * _GROUP.size} bytes", len(body) - offset)
         if last < first:
             raise ValueRangeError(codec, f"{field} LAST LBA", f">= {first}", last)
-        groups = []
+        groups: list[ReferralTargetPortGroup] = []
         for _ in range(count):
             state, tpg = _GROUP.unpack_from(body, offset)
             offset += _GROUP.size

@@ -418,7 +418,7 @@ def encode_device_identification_vpd(page: DeviceIdentificationVpd, *,
 def decode_device_identification_vpd(data: Buffer) -> DeviceIdentificationVpd:
     """Host side: split VPD 0x83 into designators; a descriptor overrunning the page raises."""
     payload = decode_vpd_page(data, VpdPageCode.DEVICE_IDENTIFICATION).payload
-    designators = []
+    designators: list[Designator] = []
     offset = 0
     while offset < len(payload):
         field = f"designator {len(designators)}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from agent.kernel.sgio import ScsiCommandError
-from agent.topology import MpathMap
+from agent.topology import MpathMap, NewPath
 from protocol import scsi
 from tests.unit.fakes_kernel import FakeDeviceMapper
 
@@ -135,6 +135,13 @@ class FakeLioSystem:
 
     async def rescan_path(self, device: str) -> None:
         return None
+
+    async def describe_path(self, device: str, luns=None) -> NewPath | None:
+        """As the kernel describes one of the LUN's disks (all of them are in multipathd's map here)."""
+        if device not in self.paths or (luns is not None and self.wwid not in luns):
+            return None
+        size = self.lun.capacity_blocks * self.lun.block_bytes // 512
+        return NewPath(device, self.devs[device], self.wwid, size)
 
     def group_of_dev(self, dev: str) -> int:
         name = next(n for n, d in self.devs.items() if d == dev)
