@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from protocol.errors import UnroutableLayoutError, ValueRangeError
-from protocol.pagemap import MAX_LUN_BYTES, MAX_PAGES, UNALLOCATED, Member, PageMap, owners_dtype
+from protocol.pagemap import MAX_LUN_BYTES, MAX_MEMBERS, MAX_PAGES, UNALLOCATED, Member, PageMap, owners_dtype
 from protocol.scsi.constants import AluaState
 from protocol.scsi.referrals import UserDataSegmentReferral
 
@@ -38,7 +38,6 @@ MAX_REGIONS = MAX_PAGES
 """More regions than this is refused (the page map's own cap, protocol.pagemap.MAX_PAGES)."""
 MAX_REGION_SECTORS = 2**32 - 1
 """dm-switch's region_size is an unsigned int (switch_ctr)."""
-MAX_MEMBERS = 255
 _DIVISOR_BLOCK = 1 << 20
 """Divisor candidates tried per numpy step (8 MiB of int64)."""
 
