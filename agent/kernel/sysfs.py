@@ -12,6 +12,11 @@ What is read, and from where (paths relative to the root, normally ``/sys``):
   scsi_device named ``sessionN`` holding ``iscsi_session/sessionN/{targetname,tpgt}``
   and ``connectionN:M/iscsi_connection/connectionN:M/{persistent_address,
   persistent_port}`` (``drivers/scsi/scsi_transport_iscsi.c``);
+- every iSCSI session: ``class/iscsi_session/sessionN`` links to
+  ``devices/.../hostH/sessionN/iscsi_session/sessionN``, which also holds ``state``
+  (``LOGGED_IN``, ``FAILED``, ``FREE``: ``iscsi_session_state_name()``),
+  ``recovery_tmo`` and ``ifacename`` (the open-iscsi iface iscsid logged in over);
+  the session's disks are ``sessionN/targetH:C:T/H:C:T:L/block/sdX``;
 - ``dev/block/M:m`` -> the block device with that number.
 
 Sizes in ``size`` files are always 512-byte sectors, whatever the logical block
@@ -32,7 +37,7 @@ import errno
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import aiofiles
@@ -50,6 +55,8 @@ _lexists = aiofiles.os.wrap(os.path.lexists)
 _HCTL = re.compile(r"^(\d+):(\d+):(\d+):(\d+)$")
 _SESSION = re.compile(r"^session\d+$")
 _CONNECTION = re.compile(r"^connection\d+:\d+$")
+_TARGET = re.compile(r"^target\d+:\d+:\d+$")
+_HOST = re.compile(r"^host\d+$")
 
 
 class SysfsError(SwitchAgentError):
@@ -145,9 +152,19 @@ class Portal:
         return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
 
 
+SESSION_LOGGED_IN = "LOGGED_IN"
+"""``state`` of a session that carries I/O; ``FAILED`` (iscsid is reconnecting) and ``FREE``
+(being set up or torn down) are the kernel's other two (``iscsi_session_state_name()``)."""
+
+
 @dataclass(frozen=True)
 class IscsiSession:
-    """The iSCSI session a SCSI device belongs to."""
+    """One iSCSI session: the one a SCSI device belongs to, or one of ``Sysfs.iscsi_sessions()``.
+
+    ``state``, ``recovery_tmo_s``, ``iface_name``, ``host`` and ``disks`` are read only by
+    ``Sysfs.iscsi_sessions()`` / ``Sysfs.iscsi_session_by_id()``; the per-disk lookup
+    (``ScsiDisk.iscsi``) leaves them at None / () to keep a path's discovery cheap.
+    """
 
     session: str
     """``sessionN``."""
@@ -155,11 +172,26 @@ class IscsiSession:
     tpgt: int | None
     portals: tuple[Portal, ...]
     """One per connection, in connection-name order (nearly always exactly one)."""
+    state: str | None = None
+    """``LOGGED_IN``, ``FAILED`` or ``FREE`` (SESSION_LOGGED_IN); None if not read."""
+    recovery_tmo_s: int | None = None
+    """The replacement timeout: seconds a FAILED session queues I/O before failing it."""
+    iface_name: str | None = None
+    """The open-iscsi iface the session was made over (``default``, ``iface0`` ...)."""
+    host: int | None = None
+    """The SCSI host number of the session (``hostH`` above it)."""
+    disks: tuple[str, ...] = ()
+    """Kernel names of the sd disks on the session, sorted."""
 
     @property
     def portal(self) -> Portal | None:
         """The first connection's portal, or None when no connection is up."""
         return self.portals[0] if self.portals else None
+
+    @property
+    def sid(self) -> int:
+        """The session id iscsiadm's ``-r`` takes: N of ``sessionN``."""
+        return int(self.session[len("session"):])
 
 
 @dataclass(frozen=True)
@@ -364,12 +396,43 @@ class Sysfs:
             probe = os.path.dirname(probe)
         if session_dir is None:
             return None
-        session = os.path.basename(session_dir)
-        target_name = await self.read_attr(session_dir, "iscsi_session", session, "targetname")
+        return await self._session_at(session_dir, detail=False)
+
+    async def iscsi_session_names(self) -> list[str]:
+        """Every ``sessionN`` under ``class/iscsi_session``, in numeric order (none: no sessions,
+        or iscsi_transport not loaded)."""
         try:
-            tpgt: int | None = await self.read_int(session_dir, "iscsi_session", session, "tpgt")
+            names = await self.list_dir("class", "iscsi_session")
         except SysfsMissingError:
-            tpgt = None
+            return []
+        return sorted((n for n in names if _SESSION.match(n)), key=lambda n: int(n[len("session"):]))
+
+    async def iscsi_session_by_id(self, sid: int | str) -> IscsiSession:
+        """Session ``sid`` (``3`` or ``"session3"``) with its state, iface, host and disks."""
+        name = sid if isinstance(sid, str) else f"session{sid}"
+        if not _SESSION.match(name):
+            raise ValueError(f"not an iSCSI session name: {sid!r}")
+        real = await self.resolve("class", "iscsi_session", name)
+        # class/iscsi_session/sessionN -> .../hostH/sessionN/iscsi_session/sessionN
+        return await self._session_at(os.path.dirname(os.path.dirname(real)), detail=True)
+
+    async def iscsi_sessions(self) -> list[IscsiSession]:
+        """Every iSCSI session with its state, iface, host and disks; one that goes away while
+        being read (logged out meanwhile) is left out."""
+        found = []
+        for name in await self.iscsi_session_names():
+            try:
+                found.append(await self.iscsi_session_by_id(name))
+            except SysfsMissingError as exc:
+                LOG.debug("iSCSI %s went away while listing: %s", name, exc)
+        return found
+
+    async def _session_at(self, session_dir: str, *, detail: bool) -> IscsiSession:
+        """Read the session whose device directory (``.../hostH/sessionN``) is ``session_dir``."""
+        session = os.path.basename(session_dir)
+        attrs = (session_dir, "iscsi_session", session)
+        target_name = await self.read_attr(*attrs, "targetname")
+        tpgt = await self._optional_int(*attrs, "tpgt")
         portals = []
         for entry in await self.list_dir(session_dir):
             if not _CONNECTION.match(entry):
@@ -378,7 +441,52 @@ class Sysfs:
             address = await self.read_attr(*conn, "persistent_address")
             port = await self.read_int(*conn, "persistent_port")
             portals.append(Portal(address, port))
-        return IscsiSession(session=session, target_name=target_name, tpgt=tpgt, portals=tuple(portals))
+        found = IscsiSession(session=session, target_name=target_name, tpgt=tpgt, portals=tuple(portals))
+        if not detail:
+            return found
+        host_dir = os.path.basename(os.path.dirname(session_dir))
+        return replace(
+            found,
+            state=await self.read_attr(*attrs, "state"),
+            recovery_tmo_s=await self._optional_int(*attrs, "recovery_tmo"),
+            iface_name=await self._optional_attr(*attrs, "ifacename"),
+            host=int(host_dir[4:]) if _HOST.match(host_dir) else None,
+            disks=await self._session_disks(session_dir),
+        )
+
+    async def _session_disks(self, session_dir: str) -> tuple[str, ...]:
+        """The sd disks under ``sessionN/targetH:C:T/H:C:T:L/block/``."""
+        disks = []
+        for target in await self.list_dir(session_dir):
+            if not _TARGET.match(target):
+                continue
+            for lun in await self.list_dir(session_dir, target):
+                if not _HCTL.match(lun):
+                    continue
+                try:
+                    disks.extend(await self.list_dir(session_dir, target, lun, "block"))
+                except SysfsMissingError:
+                    pass  # a LUN with no block device (yet), e.g. still being scanned
+        return tuple(sorted(disks))
+
+    async def _optional_attr(self, *parts: str) -> str | None:
+        """An attribute a transport may leave out (or fail to read: ``ENOTCONN`` while the
+        connection is down): None instead of an error."""
+        try:
+            text = await self.read_attr(*parts)
+        except SysfsError:
+            return None
+        return text or None
+
+    async def _optional_int(self, *parts: str) -> int | None:
+        """A decimal attribute that may be missing; garbled is still an error."""
+        text = await self._optional_attr(*parts)
+        if text is None:
+            return None
+        try:
+            return int(text.strip(), 10)
+        except ValueError as exc:
+            raise SysfsGarbledError(self.path(*parts), f"expected a decimal integer, got {text!r}") from exc
 
     async def scsi_disk(self, name: str) -> ScsiDisk:
         """What sysfs says about sd device ``name``."""
