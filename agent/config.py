@@ -7,11 +7,14 @@ typo in a storage daemon's config should stop it at start, loudly.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import os
 import re
+import stat
 import string
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,31 @@ class Config:
     """Give a routed LUN's new path (a member added, sessions back) to its member's leg as soon as the
     kernel announces the disk, seconds before multipathd's map has it; false: multipathd's paths only
     (when multipath.conf blacklists some paths of the array on purpose)."""
+    # -- session management (docs/sessions.md) --
+    sessions_per_member: int = 2
+    """Sessions to each member that owns pages of a volume (eql.conf MaxConnectionsPerMember)."""
+    sessions_per_idle_member: int = 0
+    """Sessions to each member of a volume that owns none of its pages."""
+    max_sessions_per_volume: int = 6
+    """All sessions of one volume (MaxDevicesPerMpioSession), shared out page owners first."""
+    max_sessions_per_host: int = 1024
+    """All iSCSI sessions of the host (MaxMpioSession): no login beyond it."""
+    ifaces: tuple[str, ...] = ("default",)
+    """open-iscsi ifaces (``iscsiadm -m iface``) the sessions are spread over."""
+    include_networks: tuple[str, ...] = ()
+    """If any: only portals (and iface addresses) in these networks are used."""
+    exclude_networks: tuple[str, ...] = ()
+    """Portals (and iface addresses) in these networks are never used."""
+    manage_existing_sessions: bool = False
+    """Also log out sessions the agent did not make (when a member has too many, or left)."""
+    login_retry_initial_s: float = 15.0
+    login_retry_max_s: float = 300.0
+    """After a failed login, the same portal and iface wait retry_initial, doubling up to retry_max."""
+    iscsiadm_timeout_s: float = 60.0
+    """Longest one iscsiadm command may take (it is killed after)."""
+    chap_credentials_file: Path | None = None
+    """A root-only (0600, owned by root) TOML file with ``username``/``password`` (and optionally
+    ``username_in``/``password_in``) written into the node records the agent logs in with."""
 
 
 _SCALARS = {f.name: f.type for f in fields(Config) if f.name != "arrays"}
@@ -111,6 +139,8 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "config") -> Conf
         name = key.replace("-", "_")
         if name == "arrays":
             values["arrays"] = _parse_arrays(value, source)
+        elif name in _SESSION_SHAPES:
+            values[name] = _coerce_session_key(source, key, name, value)
         elif name in _SCALARS:
             values[name] = _coerce(source, key, value, _SCALARS[name])
         else:
@@ -170,6 +200,7 @@ def check_config(config: Config, source: str) -> None:
         raise ConfigError(source, "path_selector", 'must be a selector name and its counted arguments, e.g. "round-robin 0"')
     if not _counted(config.leg_features.split()):
         raise ConfigError(source, "leg_features", 'must be a counted dm feature list, e.g. "0" or "1 queue_if_no_path"')
+    _check_sessions(config, source)
 
 
 def _check_template(template: str, source: str) -> None:
@@ -191,3 +222,105 @@ def _counted(args: list[str]) -> bool:
     """dm argument lists carry their own count first: "0", "1 queue_if_no_path"."""
     return (bool(args) and args[0].isdigit() and int(args[0]) == len(args) - 1
             and all(re.fullmatch(r"[A-Za-z0-9_-]+", w) for w in args))
+
+
+# -- session management ----------------------------------------------------------
+
+_SESSION_SHAPES = ("ifaces", "include_networks", "exclude_networks", "chap_credentials_file")
+"""Session keys that are not plain scalars: lists of strings, and an optional path."""
+IFACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_CHAP_KEYS = ("username", "password", "username_in", "password_in")
+
+
+def _coerce_session_key(source: str, key: str, name: str, value: Any) -> Any:
+    if name == "chap_credentials_file":
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(source, key, "must be an absolute path")
+        return Path(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, key, f"must be a list of strings, got {type(value).__name__}")
+    return tuple(value)
+
+
+def _check_sessions(config: Config, source: str) -> None:
+    if not 1 <= config.sessions_per_member <= 32:
+        raise ConfigError(source, "sessions_per_member", "must be 1..32")
+    if not 0 <= config.sessions_per_idle_member <= config.sessions_per_member:
+        raise ConfigError(source, "sessions_per_idle_member", "must be 0..sessions_per_member")
+    for name in ("max_sessions_per_volume", "max_sessions_per_host"):
+        if getattr(config, name) < 1:
+            raise ConfigError(source, name, "must be >= 1")
+    # login_retry_*_s and iscsiadm_timeout_s are floats: check_config holds them to (0, MAX_SECONDS]
+    if config.login_retry_max_s < config.login_retry_initial_s:
+        raise ConfigError(source, "login_retry_max_s", "must be >= login_retry_initial_s")
+    if not config.ifaces:
+        raise ConfigError(source, "ifaces", 'must name at least one open-iscsi iface (e.g. "default")')
+    for iface in config.ifaces:
+        if not IFACE_NAME.match(iface):
+            raise ConfigError(source, "ifaces", f"{iface!r} is not an open-iscsi iface name")
+    if len(set(config.ifaces)) != len(config.ifaces):
+        raise ConfigError(source, "ifaces", "names an iface twice")
+    for name in ("include_networks", "exclude_networks"):
+        for network in getattr(config, name):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(source, name, f"{network!r} is not an IPv4/IPv6 network "
+                                                '(e.g. "10.1.0.0/16" or "fd00::/64")') from None
+
+
+@dataclass(frozen=True)
+class ChapCredentials:
+    """CHAP credentials for the node records; the secrets never show in repr or str."""
+
+    username: str = field(repr=False)
+    password: str = field(repr=False)
+    username_in: str | None = field(default=None, repr=False)
+    password_in: str | None = field(default=None, repr=False)
+    """Mutual CHAP: the target's name and secret (both or neither)."""
+
+    def __str__(self) -> str:
+        return "CHAP credentials" + (" (mutual)" if self.username_in is not None else "")
+
+
+def load_chap_credentials(path: Path, *, owner_uid: int = 0) -> ChapCredentials:
+    """Read ``chap_credentials_file``: a regular file (no symlink) owned by ``owner_uid`` (root)
+    that nobody else may read or write (mode 0600 or stricter), holding TOML ``username = ...``,
+    ``password = ...`` and optionally ``username_in``/``password_in``. No error names a value."""
+    source = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(source, "chap_credentials_file", f"cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(source, "chap_credentials_file", "is not a regular file")
+        if st.st_uid != owner_uid:
+            raise ConfigError(source, "chap_credentials_file", f"must be owned by uid {owner_uid}, not {st.st_uid}")
+        if st.st_mode & 0o077:
+            raise ConfigError(source, "chap_credentials_file",
+                              f"mode {stat.S_IMODE(st.st_mode):04o} lets others read or write it: chmod 600")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            raw = f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        # the decoder's message can quote the text: say only that it does not parse
+        raise ConfigError(source, "syntax", "not valid UTF-8 TOML") from None
+    unknown = sorted(set(data) - set(_CHAP_KEYS))
+    if unknown:
+        raise ConfigError(source, unknown[0], f"unknown key (allowed: {', '.join(_CHAP_KEYS)})")
+    for key in _CHAP_KEYS:
+        value = data.get(key)
+        if value is None and key in ("username_in", "password_in"):
+            continue
+        if not isinstance(value, str) or not value or any(c in value for c in "\n\r\0"):
+            raise ConfigError(source, key, "must be a non-empty one-line string")
+    if ("username_in" in data) != ("password_in" in data):
+        raise ConfigError(source, "username_in", "username_in and password_in go together")
+    return ChapCredentials(data["username"], data["password"], data.get("username_in"), data.get("password_in"))

@@ -270,3 +270,40 @@ def test_sysfs_sessions_none_and_vanishing(fake: FakeIscsiadm, sysroot: Path) ->
     assert session.recovery_tmo_s is None and session.iface_name is None
     with pytest.raises(ValueError):
         run(sysfs.iscsi_session_by_id("../session1"))
+
+
+def test_chap_credentials_file(tmp_path: Path) -> None:
+    import os
+
+    from agent.config import ConfigError, load_chap_credentials
+    uid = os.geteuid()
+    path = tmp_path / "chap.toml"
+    path.write_text(f'username = "host-user"\npassword = "{PASSWORD}"\n')
+    path.chmod(0o600)
+    creds = load_chap_credentials(path, owner_uid=uid)
+    assert (creds.username, creds.password, creds.username_in) == ("host-user", PASSWORD, None)
+    assert PASSWORD not in repr(creds) and PASSWORD not in str(creds)
+
+    def refused(key: str, match: str, owner: int = uid) -> None:
+        with pytest.raises(ConfigError, match=match) as err:
+            load_chap_credentials(path, owner_uid=owner)
+        assert err.value.key == key and PASSWORD not in str(err.value)
+
+    path.chmod(0o640)
+    refused("chap_credentials_file", "chmod 600")
+    path.chmod(0o600)
+    refused("chap_credentials_file", "owned by uid", owner=uid + 1)
+    path.write_text(f'username = "host-user"\npassword = {PASSWORD}\n')  # unquoted: not TOML
+    refused("syntax", "not valid")
+    path.write_text(f'username = "host-user"\npassword = "{PASSWORD}"\nusername_in = "array"\n')
+    refused("username_in", "go together")
+    path.write_text('username = "host-user"\npassword = ""\n')
+    refused("password", "non-empty")
+    path.write_text(f'user = "host-user"\npassword = "{PASSWORD}"\n')
+    refused("user", "unknown key")
+    link = tmp_path / "link.toml"
+    link.symlink_to(path)
+    with pytest.raises(ConfigError, match="cannot open"):
+        load_chap_credentials(link, owner_uid=uid)
+    with pytest.raises(ConfigError, match="cannot open"):
+        load_chap_credentials(tmp_path / "missing.toml", owner_uid=uid)
