@@ -173,8 +173,9 @@ class Reason(enum.StrEnum):
 class Login:
     """Log in ``count`` sessions to ``member_id`` at ``portal`` over ``iface``.
 
-    ``via_sid`` is a logged-in session of ours on the same portal and iface: ``iscsiadm -m session
-    -r via_sid -o new`` adds one; without it, the first comes from the node record's login.
+    ``via_sid`` is a session on the same portal and iface (logged in and ours if there is one):
+    ``iscsiadm -m session -r via_sid -o new`` adds one beside it (a node-record login would fail
+    with ISCSI_ERR_SESS_EXISTS); without it, the first comes from the node record's login.
     Stop at the first failure of the action and record it (LoginFailure).
     """
 
@@ -459,8 +460,13 @@ def _plan_logins(members: list[_Member], ifaces: list[str], settings: SessionSet
         if taken:
             reason = Reason.JOIN if m.joining else Reason.REPLACE if m.misplaced else Reason.SHORT
             for key, count in Counter(taken).items():
-                via = next((s.sid for s in m.placed if s.ours and s.state == SESSION_LOGGED_IN
-                            and s.iface == key.iface and _portal_key(s.portal) == _portal_key(key.portal)), None)
+                there = [s for s in m.sessions if s.iface == key.iface
+                         and _portal_key(s.portal) == _portal_key(key.portal)]
+                # logged in and ours first; any will do: the node record is shared anyway (its login
+                # would fail with SESS_EXISTS), -o new reads target, portal and iface from sysfs even
+                # for a FAILED session, and the new sid is the caller's to record as ours
+                via = min(there, key=lambda s: (s.state != SESSION_LOGGED_IN, not s.ours, s.sid)).sid \
+                    if there else None
                 logins.append(Login(mid, key.portal, key.iface, count, reason, via))
         missing = short[mid] - len(taken)
         if missing <= 0:

@@ -11,7 +11,12 @@ parsed here is SendTargets discovery's, which sysfs does not have.
 Exit codes are open-iscsi's ``ISCSI_ERR_*`` (``include/iscsi_err.h``) and map to
 the typed errors below. ``-o new`` on a session (``-m session -r SID -o new``:
 one more session over the same node record and iface) is in open-iscsi since
-2.0-873 and in Debian 12's 2.1.8.
+2.0-873 and in Debian 12's 2.1.8. What 2.1.8 answered against LIO in the VM rig:
+a node record already logged in, 15; a gone session id, 22 (not 2); a portal
+that refuses or cannot be routed to, 11 for discovery (after ``reopen_max``
+connect retries) and 8 for a login; a target the portal does not have, 8 (LIO
+drops the connection); CHAP offered to a target without authentication, 19; a
+bad setting name or value, 7; an unknown iface, 3.
 
 Secrets (CHAP): iscsiadm takes node-record values only as ``-v VALUE``, so a
 password is an argv element of the (root) iscsiadm process for the few
@@ -27,7 +32,7 @@ Errors::
           ├── IscsiadmTimeoutError     it ran past its timeout (killed; returncode None)
           ├── IscsiadmMissingError     no iscsiadm binary
           ├── IscsiadmOutputError      it succeeded but printed what we cannot parse
-          ├── IscsiNotFoundError       2, 21: no such session / node record / target
+          ├── IscsiNotFoundError       2, 21, 22: no such session / node record / target
           ├── IscsiSessionExistsError  15: that node record is already logged in
           ├── IscsiConnectError        4, 8, 11: portal unreachable, connect or PDU timed out
           ├── IscsiLoginError          5, 19: the target refused the login
@@ -144,7 +149,8 @@ class IscsiadmOutputError(IscsiadmError):
 
 
 class IscsiNotFoundError(IscsiadmError):
-    """No such session, node record, target or portal (ISCSI_ERR_SESS_NOT_FOUND, _NO_OBJS_FOUND)."""
+    """No such session, node record, target or portal (ISCSI_ERR_SESS_NOT_FOUND, _NO_OBJS_FOUND,
+    _SYSFS_LOOKUP: open-iscsi 2.1.8 says "Could not get session info for sid N" with 22)."""
 
 
 class IscsiSessionExistsError(IscsiadmError):
@@ -175,6 +181,7 @@ class IscsiInvalidError(IscsiadmError):
 _ERROR_BY_CODE: dict[int, type[IscsiadmError]] = {
     IscsiErr.SESS_NOT_FOUND: IscsiNotFoundError,
     IscsiErr.NO_OBJS_FOUND: IscsiNotFoundError,
+    IscsiErr.SYSFS_LOOKUP: IscsiNotFoundError,  # 2.1.8's answer to -m session -r SID for a gone SID
     IscsiErr.SESS_EXISTS: IscsiSessionExistsError,
     IscsiErr.TRANS: IscsiConnectError,
     IscsiErr.TRANS_TIMEOUT: IscsiConnectError,

@@ -4,7 +4,7 @@
 argv the way iscsiadm does (``-m node -T -p -I -o/-n/-v``, ``--login``,
 ``--logout``, ``-m session -r SID -o new``, ``-m discovery -t sendtargets``),
 keeps node records and sessions, answers with iscsiadm's exit codes
-(``ISCSI_ERR_*``) and messages, and -- given a ``sysfs_root`` -- lays every
+(``ISCSI_ERR_*``) and messages as open-iscsi 2.1.8 gave them against LIO in the VM rig, and -- given a ``sysfs_root`` -- lays every
 session out where the kernel does (``write_session_tree``), so the sysfs reader
 sees what the fake did. Every argv is recorded in ``calls``.
 """
@@ -26,6 +26,14 @@ USAGE_NODE_KEYS = {
     "node.session.auth.authmethod", "node.session.auth.username", "node.session.auth.password",
     "node.session.auth.username_in", "node.session.auth.password_in", "node.conn[0].timeo.login_timeout",
 }
+
+
+LOGIN_ERRORS = {
+    IscsiErr.TRANS_TIMEOUT: "connection timed out",
+    IscsiErr.FATAL_LOGIN: "encountered non-retryable iSCSI login failure",
+    IscsiErr.LOGIN_AUTH_FAILED: "iSCSI login failed due to authorization failure",
+}
+"""iscsi_err_to_str() of the login failures the fake reports."""
 
 
 @dataclass
@@ -186,9 +194,11 @@ class FakeIscsiadm:
             return self._fail(IscsiErr.INVAL, "iscsiadm: discovery mode: option '-t' and '-p' are required")
         offered = [t for t in self.targets.values() if portal in t.portals]
         if portal in self.unreachable or not offered:
-            return self._fail(IscsiErr.TRANS, f"iscsiadm: cannot make connection to {portal.address}: "
-                                              "Connection refused\niscsiadm: Could not perform SendTargets "
-                                              "discovery: encountered connection failure")
+            # 2.1.8 retries the connect reopen_max times, then reports ISCSI_ERR_PDU_TIMEOUT
+            refused = f"iscsiadm: cannot make connection to {portal.address}: Connection refused\n"
+            return self._fail(IscsiErr.PDU_TIMEOUT, refused * 6 + "iscsiadm: connection login retries "
+                              "(reopen_max) 5 exceeded\niscsiadm: Could not perform SendTargets discovery: "
+                              "iSCSI PDU timed out")
         lines = [f"{p},{tpgt} {t.name}" for t in self.targets.values() for p, tpgt in t.portals.items()]
         if opts.get("o") != "nonpersistent":
             for t in self.targets.values():
@@ -221,17 +231,22 @@ class FakeIscsiadm:
             del self.records[key]
             return self._ok()
         if "login" in flags:
-            if any((s.target, s.portal, s.iface) == key for s in self.sessions.values()):
-                return self._fail(IscsiErr.SESS_EXISTS, f"iscsiadm: default: 1 session requested, but 1 "
-                                                        f"already present.\niscsiadm: Could not log into all portals")
+            present = sum(1 for s in self.sessions.values() if (s.target, s.portal, s.iface) == key)
+            wanted = int(self.records[key].get("node.session.nr_sessions", "1"))
+            if present >= wanted:
+                return self._fail(IscsiErr.SESS_EXISTS, f"iscsiadm: {iface}: {wanted} session requested, but "
+                                                        f"{present} already present.\n"
+                                                        "iscsiadm: Could not log into all portals")
             code = self._login_check(target, portal, self.records[key])
             if code is not None:
-                return self._fail(code, f"iscsiadm: Could not login to {rec}.\n"
-                                        f"iscsiadm: initiator reported error ({int(code)} - {code.name})\n"
-                                        "iscsiadm: Could not log into all portals")
-            for _ in range(int(self.records[key].get("node.session.nr_sessions", "1"))):
+                return RunResult(int(code), f"Logging in to {rec}\n",
+                                 f"iscsiadm: Could not login to {rec}.\niscsiadm: initiator reported error "
+                                 f"({int(code)} - {LOGIN_ERRORS[code]})\niscsiadm: Could not log into all portals\n")
+            many = " (multiple)" if wanted - present > 1 else ""
+            for _ in range(wanted - present):
                 self._start(target, portal, iface)
-            return self._ok(f"Logging in to {rec}\nLogin to {rec} successful.\n")
+            return self._ok(f"Logging in to {rec}{many}\n" * (wanted - present)
+                            + f"Login to {rec} successful.\n" * (wanted - present))
         if "logout" in flags:
             ours = [s for s in self.sessions.values() if (s.target, s.portal, s.iface) == key]
             if not ours:
@@ -247,32 +262,38 @@ class FakeIscsiadm:
         if not sid_text.isdigit():
             return self._fail(IscsiErr.INVAL, f"iscsiadm: invalid session id {sid_text!r}")
         session = self.sessions.get(int(sid_text))
-        if session is None:
-            return self._fail(IscsiErr.SESS_NOT_FOUND, f"iscsiadm: Could not get session{sid_text} info: "
-                                                       "No such file or directory")
+        if session is None:  # 2.1.8 answers 22 (ISCSI_ERR_SYSFS_LOOKUP) here, not 2
+            return self._fail(IscsiErr.SYSFS_LOOKUP, "iscsiadm: could not read session targetname: 5\n"
+                                                     f"iscsiadm: Could not get session info for sid {sid_text}")
         if opts.get("o") == "new":
             record = self.records.get((session.target, session.portal, session.iface))
             if record is None:
                 return self._fail(IscsiErr.NO_OBJS_FOUND, "iscsiadm: No records found")
+            rec = f"[iface: {session.iface}, target: {session.target}, portal: " \
+                  f"{session.portal.address},{session.portal.port}]"
             code = self._login_check(session.target, session.portal, record)
             if code is not None:
-                return self._fail(code, f"iscsiadm: Could not login new session ({int(code)} - {code.name})")
-            new = self._start(session.target, session.portal, session.iface)
-            return self._ok(f"Login to [iface: {new.iface}, target: {new.target}, portal: "
-                            f"{new.portal.address},{new.portal.port}] successful.\n")
+                return RunResult(int(code), f"Logging in to {rec} (multiple)\n",
+                                 f"iscsiadm: Could not login to {rec}.\niscsiadm: initiator reported error "
+                                 f"({int(code)} - {LOGIN_ERRORS[code]})\n")
+            self._start(session.target, session.portal, session.iface)
+            return self._ok(f"Logging in to {rec} (multiple)\nLogin to {rec} successful.\n")
         if "logout" in flags:
             self._end(session)
-            return self._ok(f"Logout of [sid: {session.sid}] successful.\n")
+            rec = f"[sid: {session.sid}, target: {session.target}, portal: " \
+                  f"{session.portal.address},{session.portal.port}]"
+            return self._ok(f"Logging out of session {rec}\nLogout of {rec} successful.\n")
         return self._fail(IscsiErr.INVAL, "iscsiadm: no operation given")
 
     # -- the "kernel" ------------------------------------------------------------
 
     def _login_check(self, target: str, portal: Portal, record: dict[str, str]) -> IscsiErr | None:
-        if portal in self.unreachable:
-            return IscsiErr.TRANS_TIMEOUT
+        """What open-iscsi 2.1.8 reported against LIO in the VM rig."""
         t = self.targets.get(target)
-        if t is None or portal not in t.portals:
-            return IscsiErr.FATAL_LOGIN  # the target answers "target not found"
+        if portal in self.unreachable or t is None or portal not in t.portals:
+            return IscsiErr.TRANS_TIMEOUT  # LIO drops a login to a target it does not have: 8, not 19
+        if t.chap is None and record.get("node.session.auth.authmethod") == "CHAP":
+            return IscsiErr.FATAL_LOGIN  # CHAP offered to a target without authentication
         if t.chap is not None:
             given = (record.get("node.session.auth.username"), record.get("node.session.auth.password"))
             if record.get("node.session.auth.authmethod") != "CHAP" or given != t.chap:

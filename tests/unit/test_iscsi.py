@@ -120,16 +120,22 @@ def test_exit_codes_map_to_typed_errors(fake: FakeIscsiadm) -> None:
         run(adm.node_login(TARGET, P0))
     with pytest.raises(IscsiNotFoundError) as err:
         run(adm.session_logout(99))
-    assert err.value.code is IscsiErr.SESS_NOT_FOUND
+    assert err.value.code is IscsiErr.SYSFS_LOOKUP and "sid 99" in err.value.detail
     run(adm.node_new("iqn.2026-11.org.example:nope", P0))
-    with pytest.raises(IscsiLoginError) as err:
+    with pytest.raises(IscsiConnectError) as err:  # what LIO makes of a target it does not have
         run(adm.node_login("iqn.2026-11.org.example:nope", P0))
+    assert err.value.code is IscsiErr.TRANS_TIMEOUT and "connection timed out" in str(err.value)
+    run(adm.node_new(TARGET, P1))
+    run(adm.node_update(TARGET, P1, "node.session.auth.authmethod", "CHAP"))
+    with pytest.raises(IscsiLoginError) as err:  # CHAP offered, the target wants none
+        run(adm.node_login(TARGET, P1))
     assert err.value.code is IscsiErr.FATAL_LOGIN and not isinstance(err.value, IscsiAuthError)
     with pytest.raises(IscsiInvalidError):
         run(adm.node_update(TARGET, P0, "node.session.no_such_thing", "1"))
     fake.unreachable.add(P1)
-    with pytest.raises(IscsiConnectError):
+    with pytest.raises(IscsiConnectError) as err:
         run(adm.discovery_sendtargets(P1))
+    assert err.value.code is IscsiErr.PDU_TIMEOUT
     for err_type in (IscsiNotFoundError, IscsiLoginError, IscsiConnectError):
         assert issubclass(err_type, IscsiadmError)
 

@@ -138,15 +138,21 @@ def test_spread_counts_sessions_already_there() -> None:
     assert [a.iface for a in plan.logins] == ["eth1", "eth2"]
 
 
-def test_second_session_over_a_pair_goes_via_an_existing_one_of_ours() -> None:
+def test_second_session_over_a_pair_goes_via_an_existing_one() -> None:
     s = Sessions()
-    first = s.add(0, held=True)
-    plan = plan_sessions([member(0)], s.all, CONFIG, host_sessions=1)
-    assert plan.logins == (Login(0, portal(0), "default", 1, Reason.SHORT, via_sid=first.sid),)
-    s2 = Sessions()
-    s2.add(0, ours=False)
-    (login,) = plan_sessions([member(0)], s2.all, CONFIG, host_sessions=1).logins
-    assert login.via_sid is None  # never clone someone else's session: its node record is not ours
+    theirs = s.add(0, ours=False)
+    plan = plan_sessions([member(0)], s.all, replace(CONFIG, sessions_per_member=3), host_sessions=1)
+    # the node record is logged in already: only -o new beside an existing session adds one
+    assert plan.logins == (Login(0, portal(0), "default", 2, Reason.SHORT, via_sid=theirs.sid),)
+    mine = s.add(0)
+    (login,) = plan_sessions([member(0)], s.all, replace(CONFIG, sessions_per_member=3), host_sessions=2).logins
+    assert login.via_sid == mine.sid  # ours preferred
+    failed = Sessions()
+    down = failed.add(0, state="FAILED")
+    (login,) = plan_sessions([member(0)], failed.all, CONFIG, host_sessions=1).logins
+    assert login.via_sid == down.sid  # the record is still "logged in": only -o new adds one
+    (login,) = plan_sessions([member(1)], [], CONFIG, host_sessions=0).logins
+    assert login.via_sid is None  # nothing there: the node record's own login
 
 
 def test_include_and_exclude_networks() -> None:
