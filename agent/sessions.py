@@ -44,7 +44,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from agent.kernel.sysfs import SESSION_LOGGED_IN, Portal
+from agent.kernel.iscsi import DEFAULT_IFACE
+from agent.kernel.sysfs import SESSION_LOGGED_IN, IscsiSession, Portal
+from protocol.errors import SwitchAgentError
+
+
+class MemberListError(SwitchAgentError):
+    """The member list cannot be planned for: ``member_id`` and what is wrong with it (a member
+    listed twice, a portal two members claim). Nothing is logged in or out."""
+
+    def __init__(self, member_id: int, problem: str) -> None:
+        self.member_id = member_id
+        self.problem = problem
+        super().__init__(f"member {member_id}: {problem}")
 
 
 class SessionSettings(Protocol):
@@ -93,6 +105,13 @@ class SessionView:
     ``manage_existing_sessions``."""
     held_by_legs: bool
     """A leg (live or being built) holds one of its sd disks: it may not be logged out yet."""
+
+    @classmethod
+    def from_sysfs(cls, session: IscsiSession, *, ours: bool, held_by_legs: bool) -> SessionView:
+        """The view of a session ``Sysfs.iscsi_sessions()`` read (a transport that shows no
+        ``ifacename`` used open-iscsi's default iface)."""
+        return cls(session.sid, session.portal, session.iface_name or DEFAULT_IFACE, session.state or "",
+                   ours, held_by_legs)
 
 
 class LoginKey(NamedTuple):
@@ -175,8 +194,9 @@ class Login:
 
     ``via_sid`` is a session on the same portal and iface (logged in and ours if there is one):
     ``iscsiadm -m session -r via_sid -o new`` adds one beside it (a node-record login would fail
-    with ISCSI_ERR_SESS_EXISTS); without it, the first comes from the node record's login.
-    Stop at the first failure of the action and record it (LoginFailure).
+    with ISCSI_ERR_SESS_EXISTS); without it, the first comes from the node record's login and the
+    rest go ``-o new`` beside the session it made. Stop at the first failure of the action and
+    record it (LoginFailure).
     """
 
     member_id: int
@@ -309,12 +329,16 @@ def plan_sessions(
     networks = _Networks(settings.include_networks, settings.exclude_networks)
     addresses = iface_addresses or {}
     ifaces = [i for i in dict.fromkeys(settings.ifaces) if networks.allows(addresses.get(i))]
-    ids = [m.member_id for m in members]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"member ids repeat: {ids}")
-
-    state = {m.member_id: _Member(m, [p for p in m.portals if networks.allows(p.address)]) for m in members}
-    by_portal = {_portal_key(p): m.member_id for m in members for p in m.portals}
+    state: dict[int, _Member] = {}
+    by_portal: dict[tuple[str, int] | None, int] = {}
+    for m in members:
+        if m.member_id in state:
+            raise MemberListError(m.member_id, "the member is listed twice")
+        state[m.member_id] = _Member(m, [p for p in m.portals if networks.allows(p.address)])
+        for p in m.portals:
+            other = by_portal.setdefault(_portal_key(p), m.member_id)
+            if other != m.member_id:
+                raise MemberListError(m.member_id, f"portal {p} is member {other}'s too")
     strays: list[SessionView] = []
     for s in sorted(sessions, key=lambda s: s.sid):
         if s.portal is None:
@@ -394,7 +418,7 @@ def plan_sessions(
             member_id=m.view.member_id, want=m.want, logged_in=m.logged_in,
             failed=sum(1 for s in m.placed if s.state != SESSION_LOGGED_IN),
             not_ours=sum(1 for s in m.sessions if not s.ours), misplaced=len(m.misplaced),
-            last_error=_last_error(m.portals, ifaces, failures))
+            last_error=_last_error(m.portals, failures))
         for m in sorted(state.values(), key=lambda m: m.view.member_id))
     return Plan(tuple(actions), tuple(release), tuple(deferred), join_first, summary)
 
@@ -513,8 +537,7 @@ def _pick_surplus(candidates: list[SessionView], count: int) -> list[SessionView
     return chosen
 
 
-def _last_error(portals: Iterable[Portal], ifaces: Iterable[str],
-                failures: Mapping[LoginKey, LoginFailure]) -> str | None:
+def _last_error(portals: Iterable[Portal], failures: Mapping[LoginKey, LoginFailure]) -> str | None:
     keys = {_portal_key(p) for p in portals}
     mine = [f for k, f in failures.items() if _portal_key(k.portal) in keys]
     return max(mine, key=lambda f: f.last_attempt_s).error if mine else None

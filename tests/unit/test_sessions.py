@@ -14,6 +14,7 @@ from agent.sessions import (
     LoginFailure,
     LoginKey,
     Logout,
+    MemberListError,
     MemberView,
     Reason,
     Release,
@@ -297,9 +298,14 @@ def test_retry_delay_is_exponential_and_capped() -> None:
     assert retry_at_s(f, 15.0, 300.0) == 90.0 and retry_at_s(None, 15.0, 300.0) == float("-inf")
 
 
-def test_repeated_member_ids_are_refused() -> None:
-    with pytest.raises(ValueError):
+def test_bad_member_lists_are_refused_typed() -> None:
+    with pytest.raises(MemberListError, match="listed twice") as err:
         plan_sessions([member(0), member(0)], [], CONFIG, host_sessions=0)
+    assert err.value.member_id == 0
+    shared = MemberView(1, (Portal("10.0.0.1", 3260),), True)  # member 0's portal
+    with pytest.raises(MemberListError, match="member 0's too") as err:
+        plan_sessions([member(0), shared], [], CONFIG, host_sessions=0)
+    assert err.value.member_id == 1
 
 
 def test_config_session_keys_and_defaults() -> None:
@@ -333,3 +339,56 @@ def test_config_session_keys_and_defaults() -> None:
         with pytest.raises(ConfigError) as err:
             config_from_mapping(data)
         assert err.value.key == key, data
+
+
+def test_plans_run_by_iscsiadm_converge_and_stay(tmp_path) -> None:
+    """The pieces together: sysfs -> plan -> iscsiadm (the fake) -> sysfs, round after round."""
+    import asyncio
+
+    from agent.kernel.iscsi import Iscsiadm
+    from agent.kernel.sysfs import Sysfs
+    from tests.unit.fakes_iscsi import FakeIscsiadm, FakeTarget
+
+    target = "iqn.2026-11.org.example:vol0"
+    members = [member(0), member(1), member(2, owns=False)]
+    fake = FakeIscsiadm([FakeTarget(target, {m.portals[0]: m.member_id + 1 for m in members})],
+                        sysfs_root=tmp_path / "sys")
+    adm, sysfs = Iscsiadm(fake), Sysfs(tmp_path / "sys")
+    ours: set[int] = set()
+
+    async def one_round():
+        found = [x for x in await sysfs.iscsi_sessions() if x.target_name == target]
+        views = [SessionView.from_sysfs(x, ours=x.sid in ours, held_by_legs=False) for x in found]
+        plan = plan_sessions(members, views, CONFIG, host_sessions=len(found))
+        for action in plan.actions:
+            if isinstance(action, Logout):
+                await adm.session_logout(action.sid)
+                continue
+            via = action.via_sid
+            for _ in range(action.count):
+                before = {x.sid for x in await sysfs.iscsi_sessions()}
+                if via is None:
+                    await adm.node_new(target, action.portal, iface=action.iface)
+                    await adm.node_login(target, action.portal, iface=action.iface)
+                else:
+                    await adm.session_new(via)
+                (made,) = {x.sid for x in await sysfs.iscsi_sessions()} - before
+                ours.add(made)
+                via = made if via is None else via
+        return plan
+
+    async def scenario():
+        await adm.node_new(target, portal(0))
+        await adm.node_login(target, portal(0))  # the administrator's one login
+        first = await one_round()
+        assert first.join_first == {1}
+        second = await one_round()
+        assert second.actions == () and second.deferred == ()
+        per_member = sorted((m.member_id, m.logged_in) for m in second.members)
+        assert per_member == [(0, 2), (1, 2), (2, 0)]
+        fake.kill_session(max(ours))  # killed by hand: the next round restores it
+        assert [a.count for a in (await one_round()).logins] == [1]
+        assert (await one_round()).actions == ()
+
+    asyncio.run(scenario())
+    assert 1 not in ours and len(ours) == 4  # the administrator's session is not ours
