@@ -21,11 +21,14 @@ from pathlib import Path
 from agent.kernel.iscsi import IscsiErr, RunResult
 from agent.kernel.sysfs import Portal
 
-USAGE_NODE_KEYS = {
+NODE_SETTINGS = {
     "node.startup", "node.session.nr_sessions", "node.session.timeo.replacement_timeout",
     "node.session.auth.authmethod", "node.session.auth.username", "node.session.auth.password",
     "node.session.auth.username_in", "node.session.auth.password_in", "node.conn[0].timeo.login_timeout",
+    "node.session.initial_login_retry_max",
 }
+"""Node-record settings the fake accepts (open-iscsi has many more; others answer 7 as it does to a
+name it does not know)."""
 
 
 LOGIN_ERRORS = {
@@ -221,7 +224,7 @@ class FakeIscsiadm:
             return self._fail(IscsiErr.NO_OBJS_FOUND, "iscsiadm: No records found")
         if op == "update":
             name, value = opts.get("n"), opts.get("v")
-            if name not in USAGE_NODE_KEYS or value is None:
+            if name not in NODE_SETTINGS or value is None:
                 return self._fail(IscsiErr.INVAL, f"iscsiadm: Cannot modify {name}. Invalid param name.")
             self.records[key][name] = value
             return self._ok()
