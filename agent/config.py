@@ -103,7 +103,8 @@ class Config:
     """Longest one iscsiadm command may take (it is killed after)."""
     chap_credentials_file: Path | None = None
     """A root-only (0600, owned by root) TOML file with ``username``/``password`` (and optionally
-    ``username_in``/``password_in``) written into the node records the agent logs in with."""
+    ``username_in``/``password_in``) written into the node records the agent logs in with; None
+    (``""`` in the file): no CHAP."""
 
 
 _SCALARS = {f.name: f.type for f in fields(Config) if f.name != "arrays"}
@@ -234,8 +235,10 @@ _CHAP_KEYS = ("username", "password", "username_in", "password_in")
 
 def _coerce_session_key(source: str, key: str, name: str, value: Any) -> Any:
     if name == "chap_credentials_file":
+        if value == "":
+            return None  # TOML has no null: the packaged file spells "no CHAP" as ""
         if not isinstance(value, str) or not value.startswith("/"):
-            raise ConfigError(source, key, "must be an absolute path")
+            raise ConfigError(source, key, 'must be an absolute path, or "" for none')
         return Path(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(source, key, f"must be a list of strings, got {type(value).__name__}")

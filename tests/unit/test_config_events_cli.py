@@ -55,7 +55,7 @@ DURATIONS = [f.name for f in fields(Config) if f.type == "float"]
 
 def test_the_duration_keys_are_the_ones_checked_below():
     assert set(DURATIONS) == {"poll_interval_s", "debounce_s", "retry_initial_s", "retry_max_s", "scsi_timeout_s",
-                              "fetch_timeout_s"}
+                              "fetch_timeout_s", "login_retry_initial_s", "login_retry_max_s", "iscsiadm_timeout_s"}
 
 
 @pytest.mark.parametrize("literal", ["nan", "+nan", "-nan", "inf", "+inf", "-inf", "86401.0", "0.0", "-1.5"])

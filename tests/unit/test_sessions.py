@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -317,6 +318,8 @@ def test_config_session_keys_and_defaults() -> None:
                              "include_networks": ["10.0.0.0/8", "fd00::/64"], "exclude_networks": ["10.9.0.0/16"],
                              "chap_credentials_file": "/etc/switch-agent/chap.toml"})
     assert c.ifaces == ("eth1", "eth2") and c.include_networks == ("10.0.0.0/8", "fd00::/64")
+    assert c.chap_credentials_file == Path("/etc/switch-agent/chap.toml")
+    assert config_from_mapping({"chap_credentials_file": ""}).chap_credentials_file is None
     bad = [
         ({"sessions_per_member": 0}, "sessions_per_member"),
         ({"sessions_per_idle_member": 3}, "sessions_per_idle_member"),
@@ -330,6 +333,7 @@ def test_config_session_keys_and_defaults() -> None:
         ({"exclude_networks": ["lan"]}, "exclude_networks"),
         ({"login_retry_initial_s": float("nan")}, "login_retry_initial_s"),
         ({"login_retry_max_s": float("inf")}, "login_retry_max_s"),
+        ({"chap_credentials_file": 7}, "chap_credentials_file"),
         ({"login_retry_initial_s": 30.0, "login_retry_max_s": 10.0}, "login_retry_max_s"),
         ({"iscsiadm_timeout_s": 0}, "iscsiadm_timeout_s"),
         ({"chap_credentials_file": "chap.toml"}, "chap_credentials_file"),
