@@ -42,8 +42,9 @@ import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
+from agent.config import Config
 from agent.kernel.iscsi import DEFAULT_IFACE
 from agent.kernel.sysfs import SESSION_LOGGED_IN, IscsiSession, Portal
 from protocol.errors import SwitchAgentError
@@ -57,21 +58,6 @@ class MemberListError(SwitchAgentError):
         self.member_id = member_id
         self.problem = problem
         super().__init__(f"member {member_id}: {problem}")
-
-
-class SessionSettings(Protocol):
-    """The configuration keys the policy reads (agent.config.Config has them all)."""
-
-    sessions_per_member: int
-    sessions_per_idle_member: int
-    max_sessions_per_volume: int
-    max_sessions_per_host: int
-    ifaces: tuple[str, ...]
-    include_networks: tuple[str, ...]
-    exclude_networks: tuple[str, ...]
-    manage_existing_sessions: bool
-    login_retry_initial_s: float
-    login_retry_max_s: float
 
 
 # -- input -----------------------------------------------------------------------
@@ -312,7 +298,7 @@ class _Member:
 def plan_sessions(
     members: Sequence[MemberView],
     sessions: Sequence[SessionView],
-    settings: SessionSettings,
+    settings: Config,
     *,
     host_sessions: int,
     failures: Mapping[LoginKey, LoginFailure] | None = None,
@@ -441,7 +427,7 @@ def _share_volume_cap(members: list[_Member], cap: int) -> None:
                 budget -= 1
 
 
-def _plan_logins(members: list[_Member], ifaces: list[str], settings: SessionSettings, host_sessions: int,
+def _plan_logins(members: list[_Member], ifaces: list[str], settings: Config, host_sessions: int,
                  failures: Mapping[LoginKey, LoginFailure], now_s: float) -> tuple[list[Login], list[Deferred]]:
     """Logins for every member short of its want, within the host cap: one per member per
     round (page owners first), each to the member's least used iface and portal not in backoff."""
@@ -507,7 +493,7 @@ def _plan_logins(members: list[_Member], ifaces: list[str], settings: SessionSet
 
 def _next_key(m: _Member, ifaces: list[str], taken: list[LoginKey], iface_load: Counter[str],
               failures: Mapping[LoginKey, LoginFailure], now_s: float,
-              settings: SessionSettings) -> tuple[LoginKey, bool]:
+              settings: Config) -> tuple[LoginKey, bool]:
     """The member's least used (iface, portal) not in backoff, and True; when every one is in
     backoff, the one that frees up first, and False."""
     per_iface = Counter(s.iface for s in m.placed) + Counter(k.iface for k in taken)
