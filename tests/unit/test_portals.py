@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 
@@ -10,7 +11,9 @@ from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import portals as agent_portals
 from protocol import portals as pp
+from protocol import scsi
 from protocol.errors import (
     BadMagicError,
     ChecksumError,
@@ -19,6 +22,7 @@ from protocol.errors import (
     TruncatedError,
     ValueRangeError,
 )
+from tests.unit.fakes_kernel import FakeArrayPath, FakeSystem, MiB
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
@@ -222,3 +226,104 @@ def test_largest_page_fits_a_vpd_page():
     data = pp.encode_member_portals_vpd(pp.MemberPortalsPage(1, members))
     assert len(data) <= pp.MAX_PAGE_BYTES
     assert len(pp.decode_member_portals_vpd(data).members) == pp.MAX_MEMBERS
+
+
+# -- host side: reading the page over a path (agent/portals.py) ----------------------------
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_reader_gets_every_member_through_one_path_after_add_member(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path, members=3, paths_per_member=1)
+    system.volume.add_member()
+    path = system.open_path("sdb")
+    found = run(agent_portals.read_member_portals(path))
+    assert [(m.member_id, m.portals[0].iscsiadm_portal, m.portals[0].portal_group_tag) for m in found] == [
+        (1, "127.0.0.1:3260", 1), (2, "127.0.0.2:3260", 2), (3, "127.0.0.3:3260", 3),
+        (4, "127.0.0.4:3260", 4)]
+    page = run(agent_portals.read_member_portals_page(path))
+    assert page.generation == system.volume.generation
+
+
+def test_reader_says_none_for_an_array_without_the_page(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path, members=2, paths_per_member=1)
+    system.lu.member_portals = False
+    path = system.open_path("sdb")
+    assert run(agent_portals.read_member_portals(path)) is None
+    assert path.commands == 1  # VPD 0x00 only: the page is never asked for
+
+
+def test_reader_reads_a_long_page_again_at_its_own_length(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path, size_bytes=64 * MiB, page_size_bytes=MiB, members=60,
+                        paths_per_member=1)
+    path = system.open_path("sdb")
+    assert pp.page_length([1] * 60) > agent_portals.FIRST_READ_LENGTH
+    found = run(agent_portals.read_member_portals(path))
+    assert len(found) == 60 and found[-1].portals[0].iscsiadm_portal == "127.0.0.60:3260"
+    assert path.commands == 3
+
+
+class DamagingPath(FakeArrayPath):
+    """A path whose VPD 0xC1 answers arrive with one byte flipped (a bad array or link)."""
+
+    async def execute(self, cdb, *, data_in_length=0, data_out=None):
+        result = await super().execute(cdb, data_in_length=data_in_length, data_out=data_out)
+        if cdb[0] == scsi.Opcode.INQUIRY and cdb[1] & 1 and cdb[2] == pp.MEMBER_PORTALS_VPD:
+            data = bytearray(result.data_in)
+            data[24] ^= 0x40
+            result.data_in = bytes(data)
+        return result
+
+
+def test_reader_raises_the_codecs_typed_error_on_a_damaged_page(tmp_path):
+    system = FakeSystem(tmp_path=tmp_path, members=2, paths_per_member=1)
+    with pytest.raises(ChecksumError):
+        run(agent_portals.read_member_portals(DamagingPath(system.lu, 0, "sdz")))
+
+
+# -- referrals arrays: SendTargets matched to RTPG's groups -------------------------------
+
+IQN = "iqn.2026-11.org.switch-agent:lio-referrals"
+
+
+def st_record(tag: int, address: str | None = None, target: str = IQN) -> agent_portals.SendTargetsRecord:
+    return agent_portals.SendTargetsRecord(address or f"127.0.0.{tag}", 3260, tag, target)
+
+
+def placed(match: agent_portals.PortalMatch) -> dict[int, list[tuple[str, int, int]]]:
+    return {m.member_id: [(p.iscsiadm_portal, p.portal_group_tag, p.relative_target_port) for p in m.portals]
+            for m in match.members}
+
+
+def test_match_uses_what_paths_observed_and_tags_when_they_agree():
+    records = [st_record(1), st_record(2), st_record(3), st_record(3, "fd00::3"),
+               st_record(1, "10.9.9.9", target="iqn.other:target")]
+    match = agent_portals.match_sendtargets(records, IQN, {1: [1], 2: [2], 3: [3]}, observed={1: 1})
+    assert placed(match) == {1: [("127.0.0.1:3260", 1, 1)], 2: [("127.0.0.2:3260", 2, 2)],
+                             3: [("127.0.0.3:3260", 3, 3), ("[fd00::3]:3260", 3, 3)]}
+    assert match.unmatched == () and match.reasons == ()
+
+
+def test_match_does_not_guess_when_ports_are_not_the_tags():
+    # LIO numbered the ports in another order: tag 1 is relative port 5.
+    records = [st_record(1), st_record(2), st_record(3)]
+    match = agent_portals.match_sendtargets(records, IQN, {10: [5], 20: [6], 30: [7]}, observed={1: 5})
+    assert placed(match) == {10: [("127.0.0.1:3260", 1, 5)]}
+    assert match.unmatched == (st_record(2), st_record(3))
+    assert any("127.0.0.2:3260,2" in r for r in match.reasons)
+    assert any("target port group 20: no portal" in r for r in match.reasons)
+
+
+def test_match_without_any_observation_places_nothing():
+    match = agent_portals.match_sendtargets([st_record(1), st_record(2)], IQN, {1: [1], 2: [2]}, observed={})
+    assert match.members == () and len(match.unmatched) == 2
+
+
+def test_match_reports_a_port_rtpg_does_not_list_and_a_bad_address():
+    match = agent_portals.match_sendtargets([st_record(1), st_record(4), st_record(2, "not-an-ip")], IQN,
+                                            {1: [1], 2: [2]}, observed={1: 1})
+    assert placed(match) == {1: [("127.0.0.1:3260", 1, 1)]}
+    assert match.unmatched == (st_record(4),)
+    assert any("relative target port 4 is in no target port group" in r for r in match.reasons)
+    assert any("not-an-ip" in r and "not an IP address" in r for r in match.reasons)
