@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from agent import scsipath
 from agent.scsipath import ScsiPath
 from protocol import portals, scsi
-from protocol.errors import TruncatedError
+from protocol.errors import DecodeError, TruncatedError
 from protocol.portals import MemberPortals, MemberPortalsPage, Portal
 
 LOG = logging.getLogger(__name__)
@@ -93,6 +94,27 @@ class PortalMatch:
     """One line per portal not placed, and per group with no portal, for status."""
 
 
+_TAG_SUFFIX = re.compile(r",t,0x([0-9a-fA-F]{1,4})$")
+
+
+def observed_port(ids: scsi.DeviceIdentificationVpd) -> tuple[int, int] | None:
+    """(portal group tag, relative target port) of the path that answered this VPD 0x83, if it says both.
+
+    iSCSI names a target port ``<target name>,t,0x<tag>`` (the SCSI name
+    string designator, association target port, that LIO sends): so a
+    path tells its tag without sysfs.
+    """
+    rtp = ids.relative_target_port_id()
+    for designator in ids.find(scsi.DesignatorType.SCSI_NAME_STRING, scsi.Association.TARGET_PORT):
+        try:
+            match = _TAG_SUFFIX.search(designator.scsi_name)
+        except DecodeError:
+            continue
+        if match and rtp:
+            return int(match.group(1), 16), rtp
+    return None
+
+
 def match_sendtargets(records: Iterable[SendTargetsRecord], target: str,
                       groups: Mapping[int, Sequence[int]],
                       observed: Mapping[int, int]) -> PortalMatch:
@@ -101,7 +123,7 @@ def match_sendtargets(records: Iterable[SendTargetsRecord], target: str,
     `records` are SendTargets answers (other targets' are ignored); `groups`
     is RTPG's target port group id -> relative target port ids; `observed`
     is portal group tag -> relative target port, as read from VPD 0x83 on a
-    path logged in through that tag (sysfs ``tpgt``). An iSCSI portal group
+    path logged in through that tag (``observed_port``, or sysfs ``tpgt``). An iSCSI portal group
     is one SCSI target port, so a tag has one relative target port:
 
     1. a tag observed on a path: that path's relative target port (certain);

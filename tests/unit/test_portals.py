@@ -327,3 +327,23 @@ def test_match_reports_a_port_rtpg_does_not_list_and_a_bad_address():
     assert match.unmatched == (st_record(4),)
     assert any("relative target port 4 is in no target port group" in r for r in match.reasons)
     assert any("not-an-ip" in r and "not an IP address" in r for r in match.reasons)
+
+
+# LIO's VPD 0x83 on the path through TPG 1 of the lio-referrals rig (sg_inq -p 0x83 -H, 2026-12-06), shortened
+# to the target-port designators: relative target port 1, target port group 1, "<iqn>,t,0x0001".
+LIO_VPD83_TPG1 = bytes.fromhex(
+    "00830048"
+    "51940004 00000001"
+    "51950004 00000001"
+    "53980034") + b"iqn.2026-11.org.switch-agent:lio-referrals,t,0x0001".ljust(0x34, b"\0")
+
+
+def test_observed_port_reads_the_tag_from_the_target_port_name():
+    ids = scsi.decode_device_identification_vpd(LIO_VPD83_TPG1)
+    assert agent_portals.observed_port(ids) == (1, 1)
+    # The emulator names no target port: its paths tell their tag through sysfs only.
+    assert agent_portals.observed_port(scsi.DeviceIdentificationVpd((
+        scsi.relative_target_port_designator(2), scsi.target_port_group_designator(2)))) is None
+    other = scsi.DeviceIdentificationVpd((scsi.relative_target_port_designator(7),
+                                          scsi.scsi_name_string_designator(f"{IQN},t,0x00ff")))
+    assert agent_portals.observed_port(other) == (255, 7)
