@@ -115,7 +115,9 @@ def test_one_path_tells_every_members_portal() -> None:
     assert page.generation == state["generation"]
     assert read_with_agent(device) == page.members
     # sg_inq's view for the record (it prints an unknown vendor page in hex).
-    (RESULTS / "sg_inq_0xc1.txt").write_text(run("sg_inq", "-p", "0xc1", device).stdout)
+    shown = run("sg_inq", "-p", "0xc1", device, check=False)
+    (RESULTS / "sg_inq_0xc1.txt").write_text(f"$ sg_inq -p 0xc1 {device}  -> {shown.returncode}\n"
+                                             f"{shown.stdout}{shown.stderr}")
 
 
 def test_sendtargets_lists_the_same_portals_with_their_tags() -> None:
