@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 from agent import scsipath
 from agent.scsipath import ScsiPath
 from protocol import portals, scsi
-from protocol.errors import DecodeError, TruncatedError
+from protocol.errors import DecodeError, TruncatedError, ValueRangeError
 from protocol.portals import MemberPortals, MemberPortalsPage, Portal
 
 LOG = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ async def read_member_portals(path: ScsiPath) -> tuple[MemberPortals, ...] | Non
 
 @dataclass(frozen=True)
 class SendTargetsRecord:
-    """One line of ``iscsiadm -m discovery -t st``: ``ADDR:PORT,TPGT TARGET``."""
+    """One line of ``iscsiadm -m discovery -t st``: ``ADDR:PORT,TPGT TARGET`` (IPv6 without brackets here)."""
 
     address: str
     port: int
@@ -92,6 +92,29 @@ class PortalMatch:
     """Portals of the target whose group is unknown: a login there tells (VPD 0x83)."""
     reasons: tuple[str, ...]
     """One line per portal not placed, and per group with no portal, for status."""
+
+
+_SENDTARGETS_LINE = re.compile(r"^(?P<address>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5}),"
+                               r"(?P<tpgt>\d{1,5}) (?P<target>\S+)$")
+
+
+def parse_sendtargets(text: str) -> tuple[SendTargetsRecord, ...]:
+    """``iscsiadm -m discovery -t st`` output, one record per line (docs/referrals.md shows it).
+
+    A line of another shape is a ValueRangeError naming it: iscsiadm's
+    format changed, and guessing would log in somewhere else.
+    """
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _SENDTARGETS_LINE.match(line.strip())
+        if match is None or not 0 < int(match["port"]) < 1 << 16 or int(match["tpgt"]) >= 1 << 16:
+            raise ValueRangeError("iscsiadm SendTargets output", f"line {number}",
+                                  "ADDR:PORT,TPGT TARGET", line)
+        records.append(SendTargetsRecord(match["address"].strip("[]"), int(match["port"]),
+                                         int(match["tpgt"]), match["target"]))
+    return tuple(records)
 
 
 _TAG_SUFFIX = re.compile(r",t,0x([0-9a-fA-F]{1,4})$")
@@ -144,7 +167,7 @@ def match_sendtargets(records: Iterable[SendTargetsRecord], target: str,
             continue
         where = f"{record.address}:{record.port},{record.tpgt}"
         try:
-            address = ipaddress.ip_address(record.address.strip("[]"))
+            address = ipaddress.ip_address(record.address)
         except ValueError:
             reasons.append(f"{where}: not an IP address")
             continue

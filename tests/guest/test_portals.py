@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -39,7 +38,6 @@ if os.environ.get("SWITCH_AGENT_LOGIN") != "first":
     pytest.skip("needs the rig's --login first", allow_module_level=True)
 
 MEMBERS = int(os.environ.get("SWITCH_AGENT_MEMBERS", "3"))
-SENDTARGETS = re.compile(r"^(?P<address>\S+):(?P<port>\d+),(?P<tpgt>\d+) (?P<target>\S+)$")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,12 +122,7 @@ def test_sendtargets_lists_the_same_portals_with_their_tags() -> None:
     state = info()
     out = run("iscsiadm", "-m", "discovery", "-t", "st", "-p", "127.0.0.1").stdout
     (RESULTS / "sendtargets.txt").write_text(out)
-    records = []
-    for line in out.splitlines():
-        match = SENDTARGETS.match(line)
-        assert match, f"unexpected SendTargets line {line!r}"
-        records.append(agent_portals.SendTargetsRecord(match["address"], int(match["port"]),
-                                                       int(match["tpgt"]), match["target"]))
+    records = agent_portals.parse_sendtargets(out)
     assert sorted((r.address, r.port, r.tpgt, r.target) for r in records) == sorted(
         (m["portal"].split(":")[0], 3260, m["tpg_tag"], state["iqn"]) for m in state["members"])
     # The referrals-array rule over the same portals: the one path observed tag 1's port.

@@ -347,3 +347,24 @@ def test_observed_port_reads_the_tag_from_the_target_port_name():
     other = scsi.DeviceIdentificationVpd((scsi.relative_target_port_designator(7),
                                           scsi.scsi_name_string_designator(f"{IQN},t,0x00ff")))
     assert agent_portals.observed_port(other) == (255, 7)
+
+
+def test_parse_sendtargets_reads_iscsiadms_lines():
+    # As the guest printed it (docs/referrals.md), plus an IPv6 portal in iscsiadm's brackets.
+    text = ("127.0.0.1:3260,1 iqn.2026-11.org.switch-agent:lio-referrals\n"
+            "127.0.0.2:3260,2 iqn.2026-11.org.switch-agent:lio-referrals\n"
+            "[fd00::3]:3261,3 iqn.2026-11.org.switch-agent:lio-referrals\n\n")
+    records = agent_portals.parse_sendtargets(text)
+    assert records == (st_record(1), st_record(2),
+                       agent_portals.SendTargetsRecord("fd00::3", 3261, 3, IQN))
+    match = agent_portals.match_sendtargets(records, IQN, {1: [1], 2: [2], 3: [3]}, observed={1: 1})
+    assert placed(match)[3] == [("[fd00::3]:3261", 3, 3)]
+
+
+@pytest.mark.parametrize("line", ["127.0.0.1:3260 iqn.x", "127.0.0.1,1 iqn.x", "127.0.0.1:0,1 iqn.x",
+                                  "127.0.0.1:3260,70000 iqn.x", "iscsiadm: No portals found",
+                                  "127.0.0.1:3260,1 iqn.x trailing"])
+def test_parse_sendtargets_refuses_other_shapes(line):
+    with pytest.raises(ValueRangeError) as info:
+        agent_portals.parse_sendtargets(f"127.0.0.2:3260,2 {IQN}\n{line}\n")
+    assert info.value.field == "line 2"
