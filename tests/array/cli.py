@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.array import control, initiator
+from tests.array.lio import CHAP_ENV, Chap, parse_chap
 from tests.array.errors import ControlError, EmulatorError, InitiatorError
 
 # As tests/array/layouts.py names them; not imported from there, so the CLI
@@ -63,8 +64,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "tests.array", "_serve", "--members", str(args.members),
             "--layout", args.layout, "--size", str(args.size), "--page-size", str(args.page_size),
             "--seed", str(args.seed), "--luns", str(args.luns)]
+    if args.no_member_portals:
+        argv.append("--no-member-portals")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                SWEMU_RUN_DIR=str(run_dir))
+    env.pop(CHAP_ENV, None)
+    chap = _chap(args)
+    if chap is not None:  # through the environment: the server's argv is world-readable
+        env[CHAP_ENV] = f"{chap.userid}:{chap.password}"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    cwd=REPO_ROOT, env=env, start_new_session=True)
@@ -82,6 +89,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     info = control.request(run_dir, "info")
     _emit(args, info, _format_info(info))
     return 0
+
+
+def _chap(args: argparse.Namespace) -> Chap | None:
+    """The --chap / --chap-file credentials, or None."""
+    if getattr(args, "chap_file", None):
+        try:
+            return parse_chap(Path(args.chap_file).read_text())
+        except OSError as exc:
+            raise ControlError(f"cannot read the CHAP file {args.chap_file}: {exc.strerror}") from exc
+    return parse_chap(args.chap) if getattr(args, "chap", None) else None
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -250,8 +267,10 @@ def cmd_login(args: argparse.Namespace) -> int:
     initiator.discover(members[wanted[0]]["portal"].split(":")[0])
     # Each LUN costs the login's SCAN (INQUIRYs, capacity, udev) seconds under TCG.
     extra = LOGIN_S_PER_LUN * max(len(info.get("luns", [])) - 1, 0)
+    chap = _chap(args)
     for number in wanted:
-        initiator.login(info["iqn"], members[number]["portal"].split(":")[0], timeout=120.0 + extra)
+        initiator.login(info["iqn"], members[number]["portal"].split(":")[0], timeout=120.0 + extra,
+                        chap=chap)
     initiator.wait_for_devices(info["iqn"], wanted, timeout=60.0 + extra)
     full = _full_info()
     _emit(args, full, _format_info(full))
@@ -271,9 +290,11 @@ def cmd_logout(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tests.array.server import ServerConfig, run
 
+    chap = os.environ.get(CHAP_ENV)
     return run(ServerConfig(run_dir=control.run_dir(), members=args.members, layout=args.layout,
                             size_bytes=args.size, page_size_bytes=args.page_size, seed=args.seed,
-                            luns=args.luns))
+                            luns=args.luns, chap=parse_chap(chap) if chap else None,
+                            member_portals=not args.no_member_portals))
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -298,8 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="random layouts and page moves")
         p.add_argument("--luns", type=_positive, default=1,
                        help="volumes, each LUN i of every member; LUN 0 follows the control commands")
+        p.add_argument("--no-member-portals", action="store_true",
+                       help="do not offer VPD 0xC1 (a protocol-1.0 array: hosts cannot manage its sessions)")
 
-    geometry(add("up", cmd_up, "start the array and return once every backstore is serving"))
+    def credentials(p: argparse.ArgumentParser, what: str) -> None:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--chap", metavar="USER:PASSWORD", help=f"{what} (test credentials only: "
+                           "a command line is visible to every user)")
+        group.add_argument("--chap-file", metavar="PATH", help="the same, read from a file holding USER:PASSWORD")
+
+    up = add("up", cmd_up, "start the array and return once every backstore is serving")
+    geometry(up)
+    credentials(up, "every member's TPG requires one-way CHAP with these credentials")
     add("down", cmd_down, "flush multipath, log out, delete the LIO objects, stop the server").add_argument(
         "--force", action="store_true", help="also delete LIO leftovers when no server answers")
     add("info", cmd_info, "volume, members, their path devices and the multipath map")
@@ -313,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "member", type=int, help="member number k (m<k>)")
     login = add("login", cmd_login, "iscsiadm discovery and login (all members or one)")
     login.add_argument("--member", type=int)
+    credentials(login, "write these CHAP credentials into the node records before logging in")
     add("logout", cmd_logout, "log out of one member's portal").add_argument("--member", type=int, required=True)
     corrupt = add("corrupt-next-map", cmd_corrupt, "damage the next GET PAGE MAP response(s)")
     corrupt.add_argument("kind", choices=("bad-crc", "truncated", "entry-out-of-range", "generation-churn"))

@@ -83,15 +83,29 @@ def discover(portal_ip: str) -> None:
     _run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", f"{portal_ip}:{PORT}"])
 
 
-def login(target: str, portal_ip: str, timeout: float = 120.0) -> None:
+def node_settings(chap=None) -> list[tuple[str, str]]:
+    """The node-record settings login writes: a short replacement timeout, and CHAP when given.
+
+    `chap` is a tests.array.lio.Chap (test credentials: they pass through
+    iscsiadm's command line, which the agent itself never does).
+    """
+    settings = [("node.session.timeo.replacement_timeout", str(REPLACEMENT_TIMEOUT_S))]
+    if chap is not None:
+        settings += [("node.session.auth.authmethod", "CHAP"),
+                     ("node.session.auth.username", chap.userid),
+                     ("node.session.auth.password", chap.password)]
+    return settings
+
+
+def login(target: str, portal_ip: str, timeout: float = 120.0, *, chap=None) -> None:
     """Log in to one member's portal (after discovery made its node record).
 
     iscsiadm returns once iscsid has scanned the session's LUNs: allow
     more `timeout` for many LUNs.
     """
     node = ["iscsiadm", "-m", "node", "-T", target, "-p", f"{portal_ip}:{PORT}"]
-    _run(node + ["-o", "update", "-n", "node.session.timeo.replacement_timeout",
-                 "-v", str(REPLACEMENT_TIMEOUT_S)])
+    for name, value in node_settings(chap):
+        _run(node + ["-o", "update", "-n", name, "-v", value])
     result = _run(node + ["--login"], check=False, timeout=timeout)
     # 15 = ISCSI_ERR_SESS_EXISTS: already logged in is fine.
     if result.returncode not in (0, 15):

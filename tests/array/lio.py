@@ -3,7 +3,9 @@
 A TCMU command does not say which target port it came in on, so each member
 gets its own user backstore, exported only through its own TPG (tag k+1)
 and portal (127.0.0.(k+1):3260): the uio device a command arrives on names
-the member. All backstores carry the same unit serial (`wwn`).
+the member. All backstores carry the same unit serial (`wwn`). With `chap`
+every TPG requires one-way CHAP (demo-mode auth: authentication=1 and the
+TPG's auth/userid, auth/password); SendTargets discovery stays open.
 
 Order matters at teardown (docs/emulator.md): sessions must be gone before
 portals are deleted, or the kernel can hang in iscsit_reset_np_thread; the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
@@ -37,7 +40,33 @@ CONTROL = "nl_reply_supported=-1"
 SMALL_RING_CONTROL = CONTROL + ",cmd_ring_size_mb=1,max_data_area_mb=16"
 _EXTRA_VOLUME = re.compile(r"vol\d+_m\d+")
 
+CHAP_ENV = "SWEMU_CHAP"
+"""How `up` hands the server its CHAP credentials: off the process's argv."""
+MAX_CHAP_FIELD = 255  # LIO's auth/userid and auth/password hold up to 255 characters
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chap:
+    """CHAP credentials every member's TPG requires (one-way: the initiator proves itself)."""
+
+    userid: str
+    password: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Chap(userid={self.userid!r}, password=<{len(self.password)} characters>)"
+
+
+def parse_chap(text: str) -> Chap:
+    """``USER:PASSWORD`` (split at the first colon): printable ASCII, no blanks, 1-255 characters each."""
+    userid, sep, password = text.strip().partition(":")
+    for name, value in (("user", userid), ("password", password)):
+        if not sep or not 1 <= len(value) <= MAX_CHAP_FIELD or not value.isascii() \
+                or not value.isprintable() or any(c.isspace() for c in value):
+            raise LioError(f"CHAP {name}: expected USER:PASSWORD, printable ASCII without blanks, "
+                           f"1-{MAX_CHAP_FIELD} characters each")
+    return Chap(userid, password)
 
 
 def member_config(volume: str, number: int) -> str:
@@ -59,7 +88,7 @@ class LioArray:
     """Creates and deletes the LIO objects of one emulated volume."""
 
     def __init__(self, *, iqn: str = DEFAULT_IQN, volume: str = "vol0", serial: str,
-                 control: str = CONTROL) -> None:
+                 control: str = CONTROL, chap: Chap | None = None) -> None:
         import rtslib_fb  # only in the guest: the host has no configfs
 
         # rtslib's RTSRoot insists on its dbroot directory existing, though we save nothing.
@@ -69,6 +98,7 @@ class LioArray:
         self.volume = volume
         self.serial = serial
         self.control = control
+        self.chap = chap
         self._target = None
 
     def _storage_name(self, number: int) -> str:
@@ -99,6 +129,11 @@ class LioArray:
             tpg = rts.TPG(self._require_target(), number + 1, mode="create")
             for name, value in DEMO_MODE_ATTRIBUTES:
                 tpg.set_attribute(name, value)
+            if self.chap is not None:
+                # Demo mode's generated ACLs authenticate with the TPG's own auth/ credentials.
+                tpg.chap_userid = self.chap.userid
+                tpg.chap_password = self.chap.password
+                tpg.set_attribute("authentication", 1)
             rts.NetworkPortal(tpg, f"127.0.0.{number + 1}", PORT, mode="create")
             rts.LUN(tpg, 0, storage)
             tpg.enable = True

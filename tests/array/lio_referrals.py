@@ -1,7 +1,7 @@
 """LIO's own REPORT REFERRALS, set up for the agent to read: no emulator, the kernel answers.
 
     python -m tests.array.lio_referrals up --members N --size BYTES --lba-map SPEC
-    python -m tests.array.lio_referrals login | logout | down [--force]
+    python -m tests.array.lio_referrals login [--first] | logout | down [--force]
     python -m tests.array.lio_referrals set-map SPEC      # rewrite the lba_map only
     python -m tests.array.lio_referrals stats [--json]    # per-port counters
 
@@ -179,9 +179,9 @@ def _create(rts, members: int, size_bytes: int, text: str) -> None:
                        "(left over? python -m tests.array.lio_referrals down --force)") from exc
 
 
-def login(timeout_s: float = 60.0) -> list[initiator.Session]:
-    """Discover through port 1, log in to every port, wait for each session's sd device."""
-    members = _state()["members"]
+def login(timeout_s: float = 60.0, *, first_only: bool = False) -> list[initiator.Session]:
+    """Discover through port 1, log in to every port (or port 1 only), wait for each session's sd device."""
+    members = 1 if first_only else _state()["members"]
     initiator.discover("127.0.0.1")
     for k in range(1, members + 1):
         initiator.login(IQN, f"127.0.0.{k}")
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--members", type=int, required=True)
     u.add_argument("--size", type=parse_size, required=True)
     u.add_argument("--lba-map", required=True)
-    sub.add_parser("login")
+    sub.add_parser("login").add_argument("--first", action="store_true",
+                                         help="port 1 only: the group login a host starts from")
     sub.add_parser("logout")
     d = sub.add_parser("down")
     d.add_argument("--force", action="store_true", help="do not log out first (nothing is logged in)")
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             segments = up(args.members, args.size, args.lba_map)
             print(f"LIO referrals array up: {args.members} port groups, {len(segments)} segments")
         elif args.command == "login":
-            sessions = login()
+            sessions = login(first_only=args.first)
             print("logged in: " + ", ".join(f"tpgt {s.tpgt} -> {' '.join(s.devices)}" for s in sessions))
         elif args.command == "logout":
             logout()

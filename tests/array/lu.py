@@ -9,7 +9,9 @@ next command, except INQUIRY, REPORT LUNS and REQUEST SENSE (SAM-5 5.14),
 gets the pending unit attention once.
 
 Codecs come from protocol/scsi (CDBs, INQUIRY/VPD, capacity, mode, sense)
-and protocol/pagemap.py (GET PAGE MAP, VPD 0xC0).
+and protocol/pagemap.py (GET PAGE MAP, VPD 0xC0), protocol/portals.py (VPD 0xC1,
+every member's portals, unless built with member_portals=False: a
+protocol-1.0 array).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
-from protocol import pagemap, scsi
+from protocol import pagemap, portals, scsi
 from protocol.errors import DecodeError
 from protocol.scsi import AdditionalSense as Asc
 from protocol.scsi import Opcode, ScsiStatus, SenseKey
@@ -98,8 +100,10 @@ class LuIdentity:
 class LogicalUnit:
     """Answers SCSI commands arriving at any member, against one volume and one store."""
 
-    def __init__(self, volume: ArrayVolume, store: SparseStore, identity: LuIdentity) -> None:
+    def __init__(self, volume: ArrayVolume, store: SparseStore, identity: LuIdentity, *,
+                 member_portals: bool = True) -> None:
         self.volume = volume
+        self.member_portals = member_portals
         self.store = store
         self.identity = identity
         self._handlers: dict[int, Callable[[int, bytes, bytes | memoryview], bytes | memoryview]] = {
@@ -200,6 +204,9 @@ class LogicalUnit:
         pages[0xB1] = lambda: scsi.encode_vpd_page(0xB1, (1).to_bytes(2, "big").ljust(60, b"\0"))
         pages[pagemap.MEMBER_IDENTITY_VPD] = lambda: pagemap.encode_member_identity_vpd(
             pagemap.MemberIdentity(state.member_id, self.volume.generation, state.name))
+        if self.member_portals:
+            pages[portals.MEMBER_PORTALS_VPD] = lambda: portals.encode_member_portals_vpd(
+                self.volume.member_portals())
         return pages
 
     # -- capacity and mode pages ---------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from protocol.scsi import ScsiStatus, Sense, SenseKey, encode_sense
 from tests.array import control
 from tests.array.errors import ArrayStateError, ControlError
-from tests.array.lio import CONTROL, SMALL_RING_CONTROL, LioArray, load_modules
+from tests.array.lio import CONTROL, SMALL_RING_CONTROL, Chap, LioArray, load_modules
 from tests.array.lu import LogicalUnit, LuIdentity
 from tests.array.ring import Completion, RingCommand
 from tests.array.store import SparseStore
@@ -50,6 +50,10 @@ class ServerConfig:
     volume_name: str = "vol0"
     luns: int = 1
     """Volumes served, each as LUN i of every member (vol0 is LUN 0); see ExtraLun."""
+    chap: Chap | None = None
+    """CHAP every member's TPG requires; None: no authentication."""
+    member_portals: bool = True
+    """False: no VPD 0xC1 (a protocol-1.0 array, whose sessions a host cannot manage)."""
 
 
 @dataclass
@@ -80,11 +84,12 @@ class ArrayServer:
         shutil.rmtree(data_dir, ignore_errors=True)  # a new volume reads as zeros
         self.store = SparseStore(data_dir, config.size_bytes)
         self.identity = LuIdentity.for_volume(config.volume_name)
-        self.lu = LogicalUnit(self.volume, self.store, self.identity)
+        self.lu = LogicalUnit(self.volume, self.store, self.identity, member_portals=config.member_portals)
         if config.luns < 1:
             raise ArrayStateError(f"LUN count must be at least 1, got {config.luns}")
         self.lio = LioArray(volume=config.volume_name, serial=self.identity.serial,
-                            control=SMALL_RING_CONTROL if config.luns > 1 else CONTROL)
+                            control=SMALL_RING_CONTROL if config.luns > 1 else CONTROL,
+                            chap=config.chap)
         self.devices: dict[int, TcmuDevice] = {}
         self.extra_luns = [self._extra_lun(i, data_dir) for i in range(1, config.luns)]
         self.extra_devices: dict[tuple[int, int], TcmuDevice] = {}
@@ -101,7 +106,8 @@ class ArrayServer:
                              layout=c.layout, seed=c.seed + index)
         store = SparseStore(data_dir / f"lun{index}", c.size_bytes)
         identity = LuIdentity.for_volume(f"vol{index}")
-        return ExtraLun(index, f"vol{index}", volume, store, identity, LogicalUnit(volume, store, identity))
+        lu = LogicalUnit(volume, store, identity, member_portals=c.member_portals)
+        return ExtraLun(index, f"vol{index}", volume, store, identity, lu)
 
     def _single_lun_only(self, what: str) -> None:
         if self.extra_luns:
@@ -276,6 +282,8 @@ class ArrayServer:
         info.update(wwid=self.identity.wwid, serial=self.identity.serial, iqn=self.lio.iqn,
                     volume=self.config.volume_name, run_dir=str(self.config.run_dir),
                     retired=sorted(self.volume.retired), pid=os.getpid(),
+                    chap_user=self.config.chap.userid if self.config.chap else None,
+                    member_portals=self.config.member_portals,
                     luns=[{"lun": 0, "volume": self.config.volume_name, "wwid": self.identity.wwid}]
                     + [{"lun": e.index, "volume": e.name, "wwid": e.identity.wwid} for e in self.extra_luns])
         for member in info["members"]:  # type: ignore[union-attr]

@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import ipaddress
+
 from protocol.pagemap import UNALLOCATED, Member
+from protocol.portals import MemberPortals, MemberPortalsPage, Portal
 from tests.array import layouts
 from tests.array.errors import ArrayStateError
 
 BLOCK_BYTES = 512
 """Logical block size the array reports (sectors, as docs/protocol.md counts)."""
+ISCSI_PORT = 3260
+"""Every member's portal listens here (tests/array/lio.py PORT)."""
 
 ASC_CAPACITY_DATA_HAS_CHANGED = (0x2A, 0x09)
 ASC_INQUIRY_DATA_HAS_CHANGED = (0x3F, 0x03)
@@ -75,6 +80,16 @@ class ArrayMember:
     def portal_ip(self) -> str:
         """The member's own loopback portal address."""
         return f"127.0.0.{self.number + 1}"
+
+    @property
+    def tpg_tag(self) -> int:
+        """The iSCSI portal group tag of the member's TPG (tests/array/lio.py)."""
+        return self.number + 1
+
+    def portals(self) -> MemberPortals:
+        """VPD 0xC1's record: target port group = member id, one portal."""
+        return MemberPortals(self.member_id, self.member_id, (Portal(
+            ipaddress.IPv4Address(self.portal_ip), ISCSI_PORT, self.tpg_tag, self.relative_port),))
 
 
 @dataclass
@@ -153,6 +168,10 @@ class ArrayVolume:
     def page_map_members(self) -> list[Member]:
         """The member table of GET PAGE MAP, in index order."""
         return [Member(m.member_id, m.name) for m in self.members]
+
+    def member_portals(self) -> MemberPortalsPage:
+        """VPD 0xC1: every live member's portals (a retired one is leaving: not listed)."""
+        return MemberPortalsPage(self.generation, tuple(m.portals() for m in self.members))
 
     def owner_of_offset(self, offset: int) -> ArrayMember | None:
         """The member owning the page holding byte `offset`, None when unallocated."""
@@ -310,7 +329,7 @@ class ArrayVolume:
             "change_times": list(self.change_times),
             "members": [
                 {"number": m.number, "member_id": m.member_id, "name": m.name,
-                 "portal": f"{m.portal_ip}:3260", "tpg_tag": m.number + 1,
+                 "portal": f"{m.portal_ip}:{ISCSI_PORT}", "tpg_tag": m.tpg_tag,
                  "pages": int(counts[i])}
                 for i, m in enumerate(self.members)
             ],

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from protocol import pagemap, scsi
+from protocol import pagemap, portals, scsi
 from protocol.errors import ChecksumError, DecodeError, TruncatedError, ValueRangeError
 from protocol.scsi import ScsiStatus, SenseKey
 from tests.array.lu import PRODUCT, VENDOR, LogicalUnit, LuIdentity, ScsiResult
@@ -53,7 +53,71 @@ def test_inquiry_truncated_to_allocation_length(lu) -> None:
 
 def test_supported_vpd_pages(lu) -> None:
     data = ok(lu.handle(0, scsi.build_inquiry_cdb(evpd=True, page_code=0, allocation_length_bytes=255)))
-    assert scsi.decode_supported_vpd_pages(data).page_codes == (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xC0)
+    assert scsi.decode_supported_vpd_pages(data).page_codes == (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xC0, 0xC1)
+
+
+# -- VPD 0xC1 member portals ----------------------------------------------------------
+
+def member_portals(lu: LogicalUnit, member: int, length: int = 1024) -> portals.MemberPortalsPage:
+    cdb = scsi.build_inquiry_cdb(evpd=True, page_code=portals.MEMBER_PORTALS_VPD,
+                                 allocation_length_bytes=length)
+    return portals.decode_member_portals_vpd(ok(lu.handle(member, cdb)))
+
+
+def listed(page: portals.MemberPortalsPage) -> list[tuple[int, int, str, int, int]]:
+    return [(m.member_id, m.target_port_group, p.iscsiadm_portal, p.portal_group_tag,
+             p.relative_target_port) for m in page.members for p in m.portals]
+
+
+def test_member_portals_list_every_member_the_same_on_every_path(lu) -> None:
+    pages = [member_portals(lu, m) for m in range(3)]
+    assert pages[0] == pages[1] == pages[2]
+    assert pages[0].generation == lu.volume.generation
+    assert listed(pages[0]) == [(1, 1, "127.0.0.1:3260", 1, 1), (2, 2, "127.0.0.2:3260", 2, 2),
+                                (3, 3, "127.0.0.3:3260", 3, 3)]
+
+
+def test_member_portals_agree_with_each_paths_own_identity(lu) -> None:
+    page = member_portals(lu, 0)
+    for number in range(3):
+        cdb = scsi.build_inquiry_cdb(evpd=True, page_code=0x83, allocation_length_bytes=255)
+        vpd83 = scsi.decode_device_identification_vpd(ok(lu.handle(number, cdb)))
+        record = next(m for m in page.members if m.target_port_group == vpd83.target_port_group_id())
+        assert record.portals[0].relative_target_port == vpd83.relative_target_port_id()
+        assert str(record.portals[0].address) == lu.volume.member(number).portal_ip
+
+
+def test_member_portals_follow_add_and_remove_member(lu) -> None:
+    new = lu.volume.add_member()
+    page = member_portals(lu, new.number)
+    assert [m.member_id for m in page.members] == [1, 2, 3, 4]
+    assert listed(page)[-1] == (4, 4, "127.0.0.4:3260", 4, 4)
+    lu.volume.remove_member(1)
+    # The retired member still answers while it drains, with the list it is no longer in.
+    for number in (0, 1, 3):
+        page = member_portals(lu, number)
+        assert [m.member_id for m in page.members] == [1, 3, 4]
+        assert page.generation == lu.volume.generation
+
+
+def test_member_portals_truncated_to_allocation_length_says_the_full_length(lu) -> None:
+    cdb = scsi.build_inquiry_cdb(evpd=True, page_code=portals.MEMBER_PORTALS_VPD, allocation_length_bytes=24)
+    data = ok(lu.handle(0, cdb))
+    assert len(data) == 24
+    with pytest.raises(TruncatedError) as info:
+        portals.decode_member_portals_vpd(data)
+    assert info.value.expected == portals.page_length([1, 1, 1])
+    assert len(member_portals(lu, 0, info.value.expected).members) == 3
+
+
+def test_protocol_1_0_array_neither_lists_nor_answers_member_portals(tmp_path) -> None:
+    volume = ArrayVolume(size_bytes=8 * MIB, page_size_bytes=MIB, members=2)
+    old = LogicalUnit(volume, SparseStore(tmp_path, volume.size_bytes), LuIdentity.for_volume("vol0"),
+                      member_portals=False)
+    data = ok(old.handle(0, scsi.build_inquiry_cdb(evpd=True, page_code=0, allocation_length_bytes=255)))
+    assert portals.MEMBER_PORTALS_VPD not in scsi.decode_supported_vpd_pages(data).page_codes
+    cdb = scsi.build_inquiry_cdb(evpd=True, page_code=portals.MEMBER_PORTALS_VPD, allocation_length_bytes=255)
+    assert sense_of(old.handle(0, cdb)) == (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)
 
 
 def test_serial_and_naa_shared_ports_distinct(lu) -> None:

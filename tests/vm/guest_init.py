@@ -9,8 +9,9 @@ Sequence (every wait polls against a deadline):
   1. load the kernel modules, mount configfs, make sure udevd runs;
   2. loopback portal addresses 127.0.0.2..N, iscsid (tuned for tests),
      multipathd (find_multipaths no + tests/array/multipath.conf);
-  3. `python -m tests.array up ...` and, unless --no-login, `... login`,
-     then wait until multipathd has built a map with N active paths;
+  3. `python -m tests.array up ...` and, unless --no-login, `... login`
+     (`--member 0` with --login first), then wait until multipathd has built
+     a map with N active paths (1 with --login first);
   4. run COMMAND from the repository root, streaming its output;
   5. tear down in the order that does not hang: non-multipath dm devices,
      multipath -F, `python -m tests.array down` (logout, portals), any
@@ -100,6 +101,9 @@ class Rig:
         self.venv_bin = Path(self.cfg["venv_bin"])
         self.python = str(self.venv_bin / "python")
         self.members = int(self.cfg["members"])
+        # --login first: only member 0's portal (the group login); the map has that one path.
+        self.login_first = self.cfg.get("login", "all") == "first"
+        self.map_paths = 1 if self.login_first else self.members
         self.t0 = time.monotonic()
         self.timings: dict[str, float] = {}
         self.stage = "start"
@@ -145,6 +149,7 @@ class Rig:
             "SWITCH_AGENT_RESULTS": str(self.results),
             "SWITCH_AGENT_LOG_DIR": str(self.results),
             "SWITCH_AGENT_MEMBERS": str(self.members),
+            "SWITCH_AGENT_LOGIN": str(self.cfg.get("login", "all")),
             "SWITCH_AGENT_LUNS": str(self.cfg.get("luns", 1)),
             "SWITCH_AGENT_LAYOUT": str(self.cfg["layout"]),
             "SWITCH_AGENT_SIZE": str(self.cfg["size"]),
@@ -337,8 +342,9 @@ class Rig:
             self.say("--no-login: not logging in")
             return
         self.stage = "array login"
-        self.run([self.python, "-m", "tests.array", "login"], timeout=c["array_timeout"],
-                 log="array.log", what="python -m tests.array login")
+        first = ["--member", "0"] if self.login_first else []
+        self.run([self.python, "-m", "tests.array", "login", *first], timeout=c["array_timeout"],
+                 log="array.log", what="python -m tests.array login " + " ".join(first))
         self.array_state = "logged-in"
         self.mark("array_login")
         self.say("logged in; waiting for the multipath map")
@@ -347,7 +353,7 @@ class Rig:
     def wait_for_map(self) -> None:
         """After the login: multipathd's map with a path to every member, and udev settled."""
         self.stage = "multipath map"
-        m = self.wait_for(f"a multipath map (dm uuid mpath-*) with {self.members} active paths",
+        m = self.wait_for(f"a multipath map (dm uuid mpath-*) with {self.map_paths} active paths",
                           self.find_map, self.cfg["map_timeout"], 0.5)
         self.run(["udevadm", "settle", "-t", "30"], timeout=40, log="rig-commands.log")
         self.mpath = m
@@ -376,8 +382,9 @@ class Rig:
             self.say("--no-login: not logging in")
             return
         self.stage = "array login"
-        self.run([*module, "login"], timeout=c["array_timeout"], log="array.log",
-                 what="python -m tests.array.lio_referrals login")
+        first = ["--first"] if self.login_first else []
+        self.run([*module, "login", *first], timeout=c["array_timeout"], log="array.log",
+                 what="python -m tests.array.lio_referrals login " + " ".join(first))
         self.array_state = "logged-in"
         self.mark("array_login")
         self.wait_for_map()
@@ -393,11 +400,11 @@ class Rig:
             if not uuid.startswith("mpath-"):
                 continue
             slaves = sorted(p.name for p in (dm / "slaves").iterdir())
-            if len(slaves) != self.members:
+            if len(slaves) != self.map_paths:
                 continue
             st = subprocess.run(["dmsetup", "status", name], capture_output=True, text=True,
                                 timeout=10, stdin=subprocess.DEVNULL).stdout
-            if len(re.findall(r"\b\d+:\d+ A\b", st)) != self.members:
+            if len(re.findall(r"\b\d+:\d+ A\b", st)) != self.map_paths:
                 continue
             return {
                 "SWITCH_AGENT_MPATH_NAME": name,

@@ -1,7 +1,7 @@
 """Host side of the real-kernel VM rig.
 
     python -m tests.vm.run [--members N] [--luns N] [--layout striped|random|seed]
-        [--size BYTES] [--page-size BYTES] [--no-login] [--timeout S]
+        [--size BYTES] [--page-size BYTES] [--login all|first] [--no-login] [--timeout S]
         [--array emulator|lio-referrals] [--lba-map SPEC]
         [--memory 2G] [--results DIR] -- COMMAND [ARGS...]
 
@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lba-map", default="striped:64M",
                    help="with --array lio-referrals: the segments, as tests/array/lio_referrals.py "
                         "explains (default striped:64M)")
+    p.add_argument("--login", default="all", choices=["all", "first"],
+                   help="all: log in to every member's portal (default); first: only to member 0's, "
+                        "the group login a host starts from (the map waited for has one path)")
     p.add_argument("--no-login", action="store_true",
                    help="bring the array up but do not log in (no multipath map is waited for)")
     p.add_argument("--timeout", type=float, default=900,
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "page_size": args.page_size,
         "no_login": args.no_login,
+        "login": args.login,
         "array": args.array,
         "lba_map": args.lba_map,
         "timeout": args.timeout,

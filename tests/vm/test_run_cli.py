@@ -157,3 +157,10 @@ def test_sigterm_takes_the_vm_down(tmp_path: Path) -> None:
     assert "interrupted (SIGTERM): killing the VM" in out
     with pytest.raises(ProcessLookupError):
         os.kill(vm_pid, 0)
+
+
+def test_login_option_defaults_to_all() -> None:
+    assert run.parse_args(["--", "true"]).login == "all"
+    assert run.parse_args(["--login", "first", "--members", "3", "--", "true"]).login == "first"
+    with pytest.raises(SystemExit):
+        run.parse_args(["--login", "some", "--", "true"])
