@@ -1,7 +1,7 @@
 #!/bin/sh
 # The project's whole test run, as the README gives it and CI runs it:
 #   1. set up this machine (Debian packages, the venv) -- idempotent;
-#   2. host unit tests (pure logic, fakes for the kernel);
+#   2. the type checker, then host unit tests (pure logic, fakes for the kernel);
 #   3. guest tests: each boots a stock Debian kernel under QEMU and runs the
 #      real LIO target, open-iscsi, multipathd, udev and dm-switch.
 # Usage: sh tests/run.sh [--host-only]
@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 sh tests/vm/setup.sh
 PY=.venv/bin/python
 
+echo "== type check (mypy --strict on agent/ and protocol/, the fakes against their protocols)"
+"$PY" -m mypy
 echo "== host unit tests"
 "$PY" -m pytest -q tests/unit
 echo "== host tests of the VM rig itself (no VM)"
