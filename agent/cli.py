@@ -7,13 +7,13 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import control
 from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_config, load_config
+from agent.sizes import size_argument
 from protocol.errors import SwitchAgentError
 
 if TYPE_CHECKING:  # the records pull numpy in: the CLI imports them only when it renders
@@ -52,16 +52,8 @@ exit status: 0 success, 1 the daemon reported an error, 2 usage error,
 3 the daemon is not running.
 """
 
-_SIZE = re.compile(r"^(\d+)([KMGTP]?)(i?B)?$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "4096" or "10G" (K, M, G, T, P are powers of 1024)."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4096, 64M, 10G)")
-    exponent = "_KMGTP".index(match.group(2).upper() or "_")
-    return int(match.group(1)) * (1 << (10 * exponent))
+parse_size = size_argument()
+"""Bytes from "4096" or "10G" (K, M, G, T, P are powers of 1024), for argparse."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.sizes import size_argument
 from tests.array import control, initiator
 from tests.array.lio import CHAP_ENV, Chap, parse_chap
 from tests.array.errors import ControlError, EmulatorError, InitiatorError
@@ -33,13 +34,8 @@ EXTRA_BACKSTORE_S = 3.0
 LOGIN_S_PER_LUN = 6.0
 
 
-def _parse_size(text: str) -> int:
-    """Bytes, with an optional K/M/G/T (binary) suffix: 64M, 22.5T."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+_parse_size = size_argument(fractions=True, largest="T")
+"""Bytes, with an optional K/M/G/T (binary) suffix: 64M, 22.5T."""
 
 
 def _positive(text: str) -> int:

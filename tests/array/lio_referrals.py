@@ -34,12 +34,12 @@ import argparse
 import contextlib
 import json
 import warnings
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import sizes
 from tests.array import initiator
 from tests.array.errors import InitiatorError, LioError
 from tests.array.lio import DEMO_MODE_ATTRIBUTES, PORT, delete_target_and_storage
@@ -53,14 +53,8 @@ CONFIGFS = Path("/sys/kernel/config/target")
 STATE_FILE = Path("/run/switch-agent-lioref.json")
 LBA_MAP_MAX_BYTES = 4096  # a configfs attribute write is one page
 
-_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
-    if not m or int(m.group(1)) <= 0:
-        raise ValueError(f"not a positive size: {text!r}")
-    return int(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    return sizes.parse_size(text, minimum=1, largest="T")
 
 
 @dataclass(frozen=True)

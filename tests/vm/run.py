@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.sizes import size_argument
+
 REPO = Path(__file__).resolve().parents[2]
 GUEST_INIT = Path(__file__).resolve().with_name("guest_init.py")
 LOCK = os.environ.get("SWITCH_AGENT_VM_LOCK", "/tmp/switch-agent-vm.lock")
@@ -47,22 +49,14 @@ RIG_FAILURE = 125
 LOG_TAILS = ["rig.log", "dmesg.log", "array.log", "emulator.log", "multipathd.log",
              "iscsid.log", "rig-commands.log", "teardown.log"]
 
-_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class Terminated(Exception):
     """SIGTERM or SIGHUP while the VM runs."""
 
 
-def parse_size(text: str) -> int:
-    """'1073741824', '1G', '15M', '15MiB' -> bytes (binary multiples)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    n = int(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return n
+parse_size = size_argument(minimum=1, largest="T")
+"""'1073741824', '1G', '15M', '15MiB' -> bytes (binary multiples)."""
 
 
 def parser() -> argparse.ArgumentParser:
