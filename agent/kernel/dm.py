@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from protocol.dmtable import DmUdevFlags, Target
 from protocol.errors import SwitchAgentError
 
 LOG = logging.getLogger(__name__)
@@ -147,14 +148,8 @@ DM_NAME_LIST_FLAG_HAS_UUID = 1
 DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID = 2
 
 # udev cookie flags, high 16 bits of the cookie (lvm2 libdm/libdevmapper.h).
+# The flags themselves are protocol.dmtable.DmUdevFlags.
 DM_UDEV_FLAGS_SHIFT = 16
-DM_UDEV_DISABLE_DM_RULES_FLAG = 0x0001
-DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG = 0x0002
-DM_UDEV_DISABLE_DISK_RULES_FLAG = 0x0004
-DM_UDEV_DISABLE_OTHER_RULES_FLAG = 0x0008
-DM_UDEV_LOW_PRIORITY_FLAG = 0x0010
-DM_UDEV_DISABLE_LIBRARY_FALLBACK = 0x0020
-DM_UDEV_PRIMARY_SOURCE_FLAG = 0x0040
 #: DM_COOKIE_MAGIC (lvm2 libdm/libdm-common.c): semaphore key = MAGIC << 16 | base.
 DM_COOKIE_MAGIC = 0x0D4D
 
@@ -218,15 +213,6 @@ class DmArgumentError(DmError, ValueError):
 
 
 # --- values -------------------------------------------------------------------
-
-
-class Target(NamedTuple):
-    """One table line: ``<start> <length> <type> <params>``, in 512-byte sectors."""
-
-    start_sector: int
-    length_sectors: int
-    target_type: str
-    params: str
 
 
 @dataclass(frozen=True)
@@ -740,7 +726,7 @@ class DeviceMapper:
         # A flags-only cookie (base 0) still carries the flags to the rules; 95-dm-notify's
         # udevcomplete accepts it, and there is no semaphore to wait on.
         sync = self.udev if wait_for_udev else NoUdevSync()
-        cookie = sync.begin(DM_UDEV_PRIMARY_SOURCE_FLAG | udev_flags)
+        cookie = sync.begin(DmUdevFlags.PRIMARY_SOURCE | udev_flags)
         try:
             hdr, _ = self._ioctl(command, uuid=owned[0], flags=flags, event_nr=cookie.value,
                                  label=owned[1])
@@ -863,9 +849,8 @@ class DeviceMapper:
                       skip_lockfs: bool = False, wait_for_udev: bool = True) -> DeviceInfo:
         """``DM_DEV_SUSPEND`` without DM_SUSPEND_FLAG: swap in the inactive table and resume.
 
-        Sends a udev cookie with DM_UDEV_PRIMARY_SOURCE_FLAG plus ``udev_flags``
-        (e.g. DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG
-        for hidden legs) and returns after udev has handled the change event.
+        Sends a udev cookie with DmUdevFlags.PRIMARY_SOURCE plus ``udev_flags``
+        (e.g. DmUdevFlags.HIDDEN for legs) and returns after udev has handled the change event.
         With an inactive table the device is suspended first (``noflush`` and
         ``skip_lockfs`` apply). A dm-switch region table starts over here.
         ``wait_for_udev=False`` returns at once (for devices nobody opens by path).

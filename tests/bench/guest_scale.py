@@ -44,6 +44,7 @@ from agent.config import Config
 from agent.kernel import dm as dmk
 from agent.system import RealSystem
 from protocol import dmswitch
+from protocol.dmtable import SwitchParams
 from tests.bench import scale_lib
 
 RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
@@ -115,9 +116,7 @@ class ZeroSwitch:
             self.dm.device_resume(leg, wait_for_udev=False)
             info = self.dm.device_info(leg)
             devs.append(f"{info.major}:{info.minor}")
-        self.table = dmswitch.switch_table(size_sectors, region_sectors, devs)
-        start, length, ttype, params = self.table.split(" ", 3)
-        self.target = dmk.Target(int(start), int(length), ttype, params)
+        self.target = SwitchParams.build(size_sectors, region_sectors, devs).target()
         self.dm.device_create(self.name, f"{BENCH_PREFIX}{self.name}")
         self.reset()
 

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from agent.kernel import dm
+from protocol.dmtable import DmUdevFlags
 
 SUFFIX = f"swtest-{os.getpid()}"
 PREFIX = "SWAGENT-"
-HIDDEN = dm.DM_UDEV_DISABLE_DISK_RULES_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+HIDDEN = DmUdevFlags.DISABLE_DISK_RULES | DmUdevFlags.DISABLE_OTHER_RULES
 SECTORS = 64 * 1024 * 2  # 64 MiB legs
 REGION = 2048  # 1 MiB regions
 

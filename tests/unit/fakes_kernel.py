@@ -22,6 +22,7 @@ from agent.kernel.dm import DmCommand, DmIoctlError, NotOwnedError
 from agent.kernel.sgio import ScsiCommandError
 from agent.topology import MpathMap, NewPath
 from protocol import dmswitch, scsi
+from protocol.dmtable import SwitchParams
 from protocol.errors import DmSwitchMessageError
 from tests.array.lu import LogicalUnit, LuIdentity
 from tests.array.store import SparseStore
@@ -148,7 +149,7 @@ class FakeDeviceMapper:
                 if dev.startswith("253:") and not any(d.dev == dev for d in list(self.devices.values())):
                     raise DmIoctlError(DmCommand.TABLE_LOAD, name, errno.ENXIO, f"no device {dev}")
             if kind == "switch":
-                dmswitch.parse_switch_table(f"{_start} {_length} switch {params}")
+                SwitchParams.parse(f"{_start} {_length} switch {params}")
         device.inactive = [tuple(t) for t in targets]
         return self.device_info(name)
 
@@ -267,7 +268,7 @@ class FakeDeviceMapper:
         assert kind == "linear"
         switch = self.by_dev(params.split()[0])
         assert switch.live[0][2] == "switch" and not switch.suspended
-        legs = dmswitch.parse_switch_table(f"0 {switch.live[0][1]} switch {switch.live[0][3]}").devices
+        legs = SwitchParams.parse(f"0 {switch.live[0][1]} switch {switch.live[0][3]}").devices
         leg = self.by_dev(legs[int(switch.regions[region])])
         return _first_group_paths(leg.live[0][3])
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from agent.kernel import dm
+from protocol.dmtable import DmUdevFlags
 from protocol.errors import SwitchAgentError
 
 PREFIX = "SWAGENT-"
@@ -378,7 +379,7 @@ def test_flag_values_match_dm_ioctl_h():
     assert (dm.DM_READONLY_FLAG, dm.DM_SUSPEND_FLAG, dm.DM_STATUS_TABLE_FLAG) == (1, 2, 16)
     assert (dm.DM_BUFFER_FULL_FLAG, dm.DM_UEVENT_GENERATED_FLAG, dm.DM_UUID_FLAG) == (256, 8192, 16384)
     assert dm.DM_DATA_OUT_FLAG == 1 << 16 and dm.DM_QUERY_INACTIVE_TABLE_FLAG == 1 << 12
-    assert dm.DM_UDEV_PRIMARY_SOURCE_FLAG == 0x40 and dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG == 0x8
+    assert DmUdevFlags.PRIMARY_SOURCE == 0x40 and DmUdevFlags.DISABLE_OTHER_RULES == 0x8
 
 
 def test_interface_version_per_command(dmc, kernel):
@@ -622,18 +623,18 @@ def test_mutating_calls_are_addressed_by_the_checked_uuid(dmc, kernel):
 
 def test_resume_and_remove_carry_the_cookie_and_wait(dmc, kernel, udev):
     kernel.add("leg0", PREFIX + "leg0", inactive=[(0, 8, "zero", "")])
-    hidden = dm.DM_UDEV_DISABLE_DISK_RULES_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    hidden = DmUdevFlags.DISABLE_DISK_RULES | DmUdevFlags.DISABLE_OTHER_RULES
     info = dmc.device_resume("leg0", udev_flags=hidden)
     assert not info.suspended and info.active_present
     resume = kernel.calls[-1]
-    want = ((dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden) << 16) | 0x1234
+    want = ((DmUdevFlags.PRIMARY_SOURCE | hidden) << 16) | 0x1234
     assert resume.event_nr == want and not resume.flags & dm.DM_SUSPEND_FLAG
-    assert udev.log[0] == ("begin", dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden)
+    assert udev.log[0] == ("begin", DmUdevFlags.PRIMARY_SOURCE | hidden)
     assert udev.log[1][:2] == ("complete", want)
     assert udev.log[1][2] & dm.DM_UEVENT_GENERATED_FLAG
     assert dmc.device_remove("leg0") is True
     assert kernel.calls[-1].nr == 0x04
-    assert kernel.calls[-1].event_nr == (dm.DM_UDEV_PRIMARY_SOURCE_FLAG << 16) | 0x1234
+    assert kernel.calls[-1].event_nr == (DmUdevFlags.PRIMARY_SOURCE << 16) | 0x1234
     assert udev.log[-1][0] == "complete" and "leg0" not in kernel.devices
 
 
@@ -650,15 +651,15 @@ def test_failed_remove_cancels_the_cookie(dmc, kernel, udev):
 def test_no_udev_sync_sends_a_flags_only_cookie(kernel):
     dmc = dm.DeviceMapper(PREFIX, fd=-1, ioctl=kernel, udev=dm.NoUdevSync())
     kernel.add("sw0", PREFIX + "a", inactive=[(0, 8, "zero", "")])
-    dmc.device_resume("sw0", udev_flags=dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG)
+    dmc.device_resume("sw0", udev_flags=DmUdevFlags.DISABLE_OTHER_RULES)
     assert kernel.calls[-1].event_nr == 0x48 << 16
 
 
 def test_resume_without_waiting_sends_the_flags_and_never_touches_the_semaphores(dmc, kernel, udev):
     kernel.add("leg0", PREFIX + "leg0", inactive=[(0, 8, "zero", "")])
-    hidden = dm.DM_UDEV_DISABLE_DISK_RULES_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    hidden = DmUdevFlags.DISABLE_DISK_RULES | DmUdevFlags.DISABLE_OTHER_RULES
     dmc.device_resume("leg0", udev_flags=hidden, wait_for_udev=False)
-    assert kernel.calls[-1].event_nr == (dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden) << 16  # base 0
+    assert kernel.calls[-1].event_nr == (DmUdevFlags.PRIMARY_SOURCE | hidden) << 16  # base 0
     assert udev.log == []
 
 
@@ -729,7 +730,7 @@ def running_udev(tmp_path):
 
 
 def test_udev_sync_waits_for_udevcomplete(running_udev):
-    flags = dm.DM_UDEV_PRIMARY_SOURCE_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    flags = DmUdevFlags.PRIMARY_SOURCE | DmUdevFlags.DISABLE_OTHER_RULES
     cookie = running_udev.begin(flags)
     assert cookie.value >> 16 == flags and 0 < cookie.base <= 0xFFFF
     assert sem_of(cookie.value) == cookie.semid
@@ -744,7 +745,7 @@ def test_udev_sync_waits_for_udevcomplete(running_udev):
 
 
 def test_udev_sync_no_uevent_means_no_wait(running_udev):
-    cookie = running_udev.begin(dm.DM_UDEV_PRIMARY_SOURCE_FLAG)
+    cookie = running_udev.begin(DmUdevFlags.PRIMARY_SOURCE)
     t0 = time.monotonic()
     assert running_udev.complete(cookie, 0) is True
     assert time.monotonic() - t0 < 1
@@ -753,7 +754,7 @@ def test_udev_sync_no_uevent_means_no_wait(running_udev):
 
 def test_udev_sync_times_out_and_cleans_up(running_udev, caplog):
     running_udev.timeout = 0.2
-    cookie = running_udev.begin(dm.DM_UDEV_PRIMARY_SOURCE_FLAG)
+    cookie = running_udev.begin(DmUdevFlags.PRIMARY_SOURCE)
     assert running_udev.complete(cookie, dm.DM_UEVENT_GENERATED_FLAG) is False
     assert "did not complete" in caplog.text
     assert sem_of(cookie.value) == -1
@@ -761,7 +762,7 @@ def test_udev_sync_times_out_and_cleans_up(running_udev, caplog):
 
 def test_udev_sync_without_udev_is_flags_only(tmp_path):
     sync = dm.UdevSync(udev_control=str(tmp_path / "absent"))
-    cookie = sync.begin(dm.DM_UDEV_PRIMARY_SOURCE_FLAG)
+    cookie = sync.begin(DmUdevFlags.PRIMARY_SOURCE)
     assert cookie == dm.UdevCookie(0x40 << 16, None)
     assert sync.complete(cookie, dm.DM_UEVENT_GENERATED_FLAG) is True
 

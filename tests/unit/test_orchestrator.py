@@ -16,8 +16,8 @@ import pytest
 from agent.config import Config, config_from_mapping
 from agent.discovery import LunNotFoundError, NotOurArrayError
 from agent.orchestrator import Orchestrator
-from agent.stack import HIDDEN_UDEV_FLAGS
 from agent.kernel.dm import DmCommand, DmIoctlError
+from protocol.dmtable import DmUdevFlags
 from protocol.errors import SwitchAgentError
 from tests.unit.fakes_kernel import MiB, FakeSystem, ManyLunSystem
 
@@ -69,7 +69,7 @@ def test_legs_and_switch_are_hidden_from_other_udev_rules(tmp_path):
     reconcile(orch, system.wwid)
     for name, device in system.dm.devices.items():
         if device.uuid.startswith("SWAGENT-leg") or device.uuid.startswith("SWAGENT-sw"):
-            assert device.udev_flags == HIDDEN_UDEV_FLAGS, name
+            assert device.udev_flags == DmUdevFlags.HIDDEN, name
         if device.uuid.startswith("SWAGENT-top"):
             assert device.udev_flags == 0
 
