@@ -43,7 +43,7 @@ from agent import orchestrator as orch_mod
 from agent.config import Config
 from agent.kernel import dm as dmk
 from agent.system import RealSystem
-from protocol import dmswitch
+from protocol import dmswitch_encoder
 from protocol.dmtable import SwitchParams
 from tests.bench import scale_lib
 
@@ -304,18 +304,18 @@ def kernel_bounds(zero: ZeroSwitch, agent_messages: list[str], owners: np.ndarra
         times.append(zero.send_raw(agent_messages))
     res["agent_messages_s"] = scale_lib.summary(times)
     # The same map in fewer, bigger messages, up to what the kernel accepts.
-    rr = dmswitch.round_robin(owners.size, zero.paths)
+    rr = dmswitch_encoder.round_robin(owners.size, zero.paths)
     tried = []
     # The encoder caps a message at 64k tokens (MAX_MESSAGE_TOKENS); the last try lifts the cap
     # to find what the kernel itself refuses (its argv array is one kmalloc).
     for limit, tokens in ((1 << 18, None), (1 << 20, None), (4 << 20, None), (4 << 20, 1 << 20)):
-        saved = dmswitch.MAX_MESSAGE_TOKENS
+        saved = dmswitch_encoder.MAX_MESSAGE_TOKENS
         if tokens:
-            dmswitch.MAX_MESSAGE_TOKENS = tokens
+            dmswitch_encoder.MAX_MESSAGE_TOKENS = tokens
         try:
-            messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+            messages = dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
         finally:
-            dmswitch.MAX_MESSAGE_TOKENS = saved
+            dmswitch_encoder.MAX_MESSAGE_TOKENS = saved
         entry = {"limit": limit, "tokens": tokens or saved, "messages": len(messages),
                  "bytes": sum(map(len, messages)), "max_tokens": max(len(m.split()) for m in messages)}
         samples = []
@@ -340,25 +340,25 @@ def kernel_bounds(zero: ZeroSwitch, agent_messages: list[str], owners: np.ndarra
 
 def encode_costs(owners: np.ndarray, paths: int, repeat: int, limit: int) -> dict:
     """The agent's encoder alone on the install's map, and its runs-only plan (no match search) for scale."""
-    rr = dmswitch.round_robin(owners.size, paths)
+    rr = dmswitch_encoder.round_robin(owners.size, paths)
     res = {}
     prof = cProfile.Profile()
     prof.enable()
-    dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+    dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
     prof.disable()
     res["profile"] = profile_text(prof, RESULTS / "bench-encode.prof")
     for label in ("agent", "runs_only"):
-        saved = dmswitch._lz_plan
+        saved = dmswitch_encoder.lz_plan
         if label == "runs_only":
-            dmswitch._lz_plan = lambda *a, **k: None
+            dmswitch_encoder.lz_plan = lambda *a, **k: None
         try:
             samples = []
             for _ in range(repeat):
                 t0 = time.perf_counter()
-                messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+                messages = dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
                 samples.append(time.perf_counter() - t0)
         finally:
-            dmswitch._lz_plan = saved
+            dmswitch_encoder.lz_plan = saved
         res[label] = {"s": scale_lib.summary(samples), "messages": len(messages),
                       "bytes": sum(map(len, messages))}
     return res

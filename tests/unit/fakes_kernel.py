@@ -3,7 +3,7 @@
 - FakeArrayPath speaks SCSI to the emulator's own LogicalUnit (tests/array/lu.py),
   so the agent reads real GET PAGE MAP bytes through protocol/pagemap.py.
 - FakeDeviceMapper keeps tables per device, resets a switch to round-robin on
-  every table swap, and applies set_region_mappings with protocol.dmswitch's
+  every table swap, and applies set_region_mappings with protocol.dmswitch_oracle's
   kernel-faithful decoder — so a test can follow a sector down the stack and
   see which member's path it reaches.
 """
@@ -21,7 +21,9 @@ from agent.config import UUID_PREFIX
 from agent.kernel.dm import DmCommand, DmIoctlError, NotOwnedError
 from agent.kernel.sgio import ScsiCommandError
 from agent.topology import MpathMap, NewPath
-from protocol import dmswitch, scsi
+from protocol import scsi
+from protocol.dmswitch_encoder import round_robin
+from protocol.dmswitch_oracle import apply_region_mappings
 from protocol.dmtable import SwitchParams
 from protocol.errors import DmSwitchMessageError
 from tests.array.lu import LogicalUnit, LuIdentity
@@ -184,7 +186,7 @@ class FakeDeviceMapper:
                 # drivers/md/dm-switch.c: every constructor starts round-robin.
                 nr_paths, region = int(params.split()[0]), int(params.split()[1])
                 # int16 (paths <= 254): many-LUN benchmarks trace this process's memory, fakes included.
-                device.regions = dmswitch.round_robin(-(-length // region), nr_paths).astype(np.int16)
+                device.regions = round_robin(-(-length // region), nr_paths).astype(np.int16)
             else:
                 device.regions = None
         device.suspended = False
@@ -252,7 +254,7 @@ class FakeDeviceMapper:
             raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, "target does not take messages")
         nr_paths = int(device.live[0][3].split()[0])
         try:
-            dmswitch.apply_region_mappings(device.regions, message, nr_paths)
+            apply_region_mappings(device.regions, message, nr_paths)
         except DmSwitchMessageError as exc:
             raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, str(exc)) from exc
 
