@@ -42,9 +42,10 @@ from agent import mapsource
 from agent import orchestrator as orch_mod
 from agent.config import Config
 from agent.kernel import dm as dmk
+from agent.kernel import dm_abi, dm_errors
 from agent.system import RealSystem
 from protocol import dmswitch_encoder
-from protocol.dmtable import SwitchParams
+from protocol.dmtable import SwitchParams, Target
 from tests.bench import scale_lib
 
 RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
@@ -94,9 +95,9 @@ def remove_agent_devices(dm: dmk.DeviceMapper) -> None:
 
 def packed_target_msg(name: str, message: str) -> bytes:
     """One DM_TARGET_MSG ioctl buffer, as agent.kernel.dm builds it (sector 0)."""
-    payload = dmk._DM_TARGET_MSG.pack(0) + message.encode() + b"\0"
-    size = dmk.DM_IOCTL_SIZE + len(payload)
-    return dmk.pack_header(dmk.DmCommand.TARGET_MSG, data_size=size, name=name) + payload
+    payload = dm_abi.DM_TARGET_MSG.pack(0) + message.encode() + b"\0"
+    size = dm_abi.DM_IOCTL_SIZE + len(payload)
+    return dm_abi.pack_header(dm_abi.DmCommand.TARGET_MSG, data_size=size, name=name) + payload
 
 
 class ZeroSwitch:
@@ -112,7 +113,7 @@ class ZeroSwitch:
         devs = []
         for leg in self.legs:
             self.dm.device_create(leg, f"{BENCH_PREFIX}{leg}")
-            self.dm.table_load(leg, [dmk.Target(0, size_sectors, "zero", "")])
+            self.dm.table_load(leg, [Target(0, size_sectors, "zero", "")])
             self.dm.device_resume(leg, wait_for_udev=False)
             info = self.dm.device_info(leg)
             devs.append(f"{info.major}:{info.minor}")
@@ -129,7 +130,7 @@ class ZeroSwitch:
         """Seconds for the ioctls alone (buffers packed beforehand)."""
         bufs = [bytearray(packed_target_msg(self.name, m)) for m in messages]
         fd = self.dm._fd
-        request = dmk.DmCommand.TARGET_MSG.request
+        request = dm_abi.DmCommand.TARGET_MSG.request
         t0 = time.perf_counter()
         for buf in bufs:
             fcntl.ioctl(fd, request, buf)
@@ -139,7 +140,7 @@ class ZeroSwitch:
         for name in [self.name, *self.legs]:
             try:
                 self.dm.device_remove(name)
-            except dmk.DmError as exc:
+            except dm_errors.DmError as exc:
                 log(f"could not remove {name}: {exc}")
         self.dm.close()
 

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from agent.config import UUID_PREFIX
-from agent.kernel.dm import DmCommand, DmIoctlError, NotOwnedError
+from agent.kernel.dm_abi import DmCommand
+from agent.kernel.dm_errors import DmIoctlError, NotOwnedError
 from agent.kernel.sgio import ScsiCommandError
 from agent.topology import MpathMap, NewPath
 from protocol import scsi

@@ -16,7 +16,8 @@ import pytest
 from agent.config import Config, config_from_mapping
 from agent.discovery import LunNotFoundError, NotOurArrayError
 from agent.orchestrator import Orchestrator
-from agent.kernel.dm import DmCommand, DmIoctlError
+from agent.kernel.dm_abi import DmCommand
+from agent.kernel.dm_errors import DmIoctlError
 from protocol.dmtable import DmUdevFlags
 from protocol.errors import SwitchAgentError
 from tests.unit.fakes_kernel import MiB, FakeSystem, ManyLunSystem
