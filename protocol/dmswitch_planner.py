@@ -195,8 +195,8 @@ def _equal_symbols_table(b: int, k: int) -> np.ndarray:
     """For x = key1 ^ key2 of two packed K-grams, how many leading symbols agree (the lowest set bit // b)."""
     tbl = _CTZ_TABLES.get((b, k))
     if tbl is None:
-        # Trailing zeros by counting the all-zero low masks: integer ops only. (np.log2 over
-        # 65,536 values took 0.6 s under QEMU's TCG, where float maths is emulated.)
+        # Trailing zeros by counting the all-zero low masks: integer ops only, since
+        # float maths is emulated under QEMU's TCG (np.log2 cost: docs/benchmarks.md).
         x = np.arange(1 << 16, dtype=np.int32)
         ctz = np.zeros(1 << 16, dtype=np.int32)
         for bit in range(16):

@@ -232,7 +232,7 @@ class DeviceMapper:
         """``DM_LIST_DEVICES`` with DM_UUID_FLAG: every dm device's name, uuid, dev, event_nr."""
         _, data = self._ioctl(DmCommand.LIST_DEVICES, flags=DM_UUID_FLAG)
         # The same bytes as last time parse to the same list: the idle daemon lists every
-        # poll round, and parsing 400 devices costs 2 ms natively, ~100x that under TCG.
+        # poll round, and parsing hundreds of devices is not free (docs/benchmarks.md).
         # (One tuple, assigned at once: callers in several threads.)
         last = self._last_list
         if data != last[0]:
