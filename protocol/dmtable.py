@@ -3,9 +3,9 @@
 A table line is ``<start> <length> <target type> <params>`` in 512-byte
 sectors. The params classes (:class:`LinearParams`, :class:`SwitchParams`;
 dm-multipath's lives in :mod:`protocol.multipath` with its status parser)
-each validate what their constructor in the kernel would refuse
-(``build``, raising EncodeError) and render their params; a switch also
-parses what ``switch_status`` prints (``parse``, raising DecodeError).
+each refuse what the target's constructor in the kernel would refuse
+(``build``, raising EncodeError), render their params, and parse a table
+as the kernel or dmsetup prints it (``parse``, raising DecodeError).
 Kernel rules are quoted from ``drivers/md/dm-switch.c`` (target 1.1.0),
 ``drivers/md/dm-linear.c`` and ``drivers/md/dm-table.c``, and the target grammar is the kernel's
 Documentation/admin-guide/device-mapper/. Pure: nothing here touches a device.
@@ -146,6 +146,23 @@ def words_arg(values: object, what: str) -> list[str]:
     return [word_arg(v, what) for v in values]
 
 
+def whole_table(target_type: str, length_sectors: int | None, params: str) -> Target:
+    """A table of one target from sector 0; EncodeError if its length is unknown (params parsed bare)."""
+    if length_sectors is None:
+        raise EncodeError(f"a {target_type} target needs its length")
+    return Target(0, length_sectors, target_type, params)
+
+
+def split_params(line: str, target_type: str, codec: str) -> tuple[int | None, list[str]]:
+    """A table's params as words, and its length if ``line`` is a whole ``<start> <len> <type> ...`` line."""
+    words = line.split()
+    if len(words) >= 3 and words[2] == target_type:
+        if not (words[0].isdigit() and words[1].isdigit()):
+            raise ValueRangeError(codec, "start/length", "decimal sector numbers", " ".join(words[:2]))
+        return int(words[1]), words[3:]
+    return None, words
+
+
 # --------------------------------------------------------------------------
 # dm-linear
 # --------------------------------------------------------------------------
@@ -153,9 +170,13 @@ def words_arg(values: object, what: str) -> list[str]:
 
 @dataclass(frozen=True)
 class LinearParams:
-    """dm-linear's params ``<dev> <offset>`` (linear_ctr: offset is a decimal sector_t), for a target of ``length_sectors``."""
+    """dm-linear's params ``<dev> <offset>`` (linear_ctr: offset is a decimal sector_t).
 
-    length_sectors: int
+    ``length_sectors`` is the target's: ``build`` needs it, ``parse`` knows
+    it only from a whole line.
+    """
+
+    length_sectors: int | None
     device: str
     offset: int = 0
 
@@ -168,8 +189,23 @@ class LinearParams:
         return f"{self.device} {self.offset}"
 
     def target(self) -> Target:
-        """The whole table: one target from sector 0."""
-        return Target(0, self.length_sectors, "linear", self.render())
+        """The whole table: one target from sector 0 (needs the length ``build`` or ``parse`` saw)."""
+        return whole_table("linear", self.length_sectors, self.render())
+
+    @classmethod
+    def parse(cls, line: str) -> LinearParams:
+        """Parse ``<dev> <offset>``, bare or after ``<start> <len> linear``; DecodeError on anything else."""
+        codec = "dm-linear table"
+        length, words = split_params(line, "linear", codec)
+        if len(words) < 2:
+            raise TruncatedError(codec, "params", "<dev> <offset>", line)
+        if len(words) > 2:
+            raise ValueRangeError(codec, "params", "<dev> <offset>", line)
+        if DEV_RE.fullmatch(words[0]) is None:
+            raise ValueRangeError(codec, "device", "major:minor", words[0])
+        if not words[1].isdigit():
+            raise ValueRangeError(codec, "offset", "a decimal sector", words[1])
+        return cls(length, words[0], int(words[1]))
 
 
 # --------------------------------------------------------------------------
@@ -241,9 +277,7 @@ class SwitchParams:
 
     def target(self) -> Target:
         """The whole table: one target from sector 0 (needs the length ``build`` or ``parse`` saw)."""
-        if self.length_sectors is None:
-            raise EncodeError("a switch target needs its length")
-        return Target(0, self.length_sectors, "switch", self.render())
+        return whole_table("switch", self.length_sectors, self.render())
 
     @classmethod
     def parse(cls, line: str) -> SwitchParams:
@@ -254,13 +288,7 @@ class SwitchParams:
         prints it. Raises DecodeError subclasses on anything else.
         """
         codec = "dm-switch status"
-        words = line.split()
-        length = None
-        if len(words) >= 3 and words[2] == "switch":
-            if not (words[0].isdigit() and words[1].isdigit()):
-                raise ValueRangeError(codec, "start/length", "decimal sector numbers", " ".join(words[:2]))
-            length = int(words[1])
-            words = words[3:]
+        length, words = split_params(line, "switch", codec)
         if len(words) < 3:
             raise TruncatedError(codec, "header", "<num_paths> <region_size> 0", line)
         for name, w in zip(("num_paths", "region_size", "num_optional_args"), words[:3]):

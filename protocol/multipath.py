@@ -21,7 +21,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protocol.dmtable import Device, Target, check_int, check_length, device_arg, word_arg, words_arg
+from protocol.dmtable import (
+    DEV_RE,
+    Device,
+    Target,
+    check_int,
+    check_length,
+    device_arg,
+    split_params,
+    whole_table,
+    word_arg,
+    words_arg,
+)
 from protocol.errors import EncodeError, TruncatedError, ValueRangeError
 
 __all__ = ["PriorityGroup", "MultipathParams", "PathState", "parse_multipath_status"]
@@ -77,9 +88,13 @@ def _mpath_features(features: Sequence[str], queue_if_no_path: bool) -> list[str
 
 @dataclass(frozen=True)
 class MultipathParams:
-    """dm-multipath's params, validated: every group's selector and arguments filled in, devices as major:minor."""
+    """dm-multipath's params, validated: every group's selector and arguments filled in, devices as major:minor.
 
-    length_sectors: int
+    ``length_sectors`` is the target's: ``build`` needs it, ``parse`` knows
+    it only from a whole line.
+    """
+
+    length_sectors: int | None
     features: tuple[str, ...]
     hw_handler: tuple[str, ...]
     """The handler's name then its arguments; empty for none."""
@@ -160,11 +175,79 @@ class MultipathParams:
         return " ".join(parts)
 
     def target(self) -> Target:
-        """The whole table: one target from sector 0."""
-        return Target(0, self.length_sectors, "multipath", self.render())
+        """The whole table: one target from sector 0 (needs the length ``build`` or ``parse`` saw)."""
+        return whole_table("multipath", self.length_sectors, self.render())
+
+    @classmethod
+    def parse(cls, line: str) -> MultipathParams:
+        """Parse a multipath table: the bare params or a whole ``<start> <len> multipath ...`` line.
+
+        Follows the counts of multipath_ctr's grammar; raises DecodeError
+        subclasses on a short or malformed line. Every path of a group must
+        carry the same per-path arguments, as ``build`` writes them.
+        """
+        length, words = split_params(line, "multipath", _TABLE_CODEC)
+        table = _Words(words, _TABLE_CODEC)
+        features = table.counted("feature")
+        hw_handler = table.counted("hardware handler arg")
+        nr_groups = table.count("group count")
+        initial = table.count("initial group")
+        # multipath_ctr: no groups and group 0, or group 1..n.
+        if (nr_groups == 0) != (initial == 0) or initial > nr_groups:
+            raise ValueRangeError(_TABLE_CODEC, "initial group", f"1..{nr_groups}", initial)
+        groups = []
+        for n in range(1, nr_groups + 1):
+            selector = table.take(f"group {n} selector")
+            selector_args = table.counted(f"group {n} selector arg")
+            nr_paths = table.count(f"group {n} path count")
+            per_path = table.count(f"group {n} per-path arg count")
+            paths: list[str] = []
+            path_args: tuple[str, ...] | None = None
+            for _ in range(nr_paths):
+                dev = table.take(f"group {n} path device")
+                if DEV_RE.fullmatch(dev) is None:
+                    raise ValueRangeError(_TABLE_CODEC, f"group {n} path device", "major:minor", dev)
+                args = tuple(table.take(f"path {dev} arg") for _ in range(per_path))
+                if path_args is not None and args != path_args:
+                    raise ValueRangeError(_TABLE_CODEC, f"path {dev} args", " ".join(path_args), " ".join(args))
+                path_args = args
+                paths.append(dev)
+            groups.append(PriorityGroup(tuple(paths), selector, selector_args, path_args or ()))
+        table.end()
+        return cls(length, features, hw_handler, initial, tuple(groups))
 
 
 _CODEC = "dm-multipath status"
+_TABLE_CODEC = "dm-multipath table"
+
+
+class _Words:
+    """A line's words read front to back; a short or malformed line raises DecodeError naming what was missing."""
+
+    def __init__(self, words: list[str], codec: str) -> None:
+        self.words = words
+        self.codec = codec
+        self.pos = 0
+
+    def take(self, what: str) -> str:
+        if self.pos >= len(self.words):
+            raise TruncatedError(self.codec, what, "another word", f"end of line after {self.pos} words")
+        self.pos += 1
+        return self.words[self.pos - 1]
+
+    def count(self, what: str) -> int:
+        word = self.take(what)
+        if not word.isdigit():
+            raise ValueRangeError(self.codec, what, "a decimal count", word)
+        return int(word)
+
+    def counted(self, what: str) -> tuple[str, ...]:
+        """``<n> <word>...``: the n words."""
+        return tuple(self.take(what) for _ in range(self.count(f"{what} count")))
+
+    def end(self) -> None:
+        if self.pos != len(self.words):
+            raise ValueRangeError(self.codec, "line", f"{self.pos} words", f"{len(self.words)} words")
 
 
 @dataclass(frozen=True)
@@ -181,49 +264,33 @@ class PathState:
 
 def parse_multipath_status(params: str) -> list[PathState]:
     """Every path of a dm-multipath INFO status line, in table order."""
-    words = params.split()
-    pos = 0
-
-    def take(what: str) -> str:
-        nonlocal pos
-        if pos >= len(words):
-            raise TruncatedError(_CODEC, what, "another word", f"end of line after {pos} words")
-        pos += 1
-        return words[pos - 1]
-
-    def count(what: str) -> int:
-        word = take(what)
-        if not word.isdigit():
-            raise ValueRangeError(_CODEC, what, "a decimal count", word)
-        return int(word)
-
-    for _ in range(count("feature count")):
-        take("feature")
-    for _ in range(count("hardware handler count")):
-        take("hardware handler arg")
-    groups = count("group count")
-    count("next group")
+    line = _Words(params.split(), _CODEC)
+    for _ in range(line.count("feature count")):
+        line.take("feature")
+    for _ in range(line.count("hardware handler count")):
+        line.take("hardware handler arg")
+    groups = line.count("group count")
+    line.count("next group")
     paths: list[PathState] = []
     for group in range(1, groups + 1):
-        state = take(f"group {group} state")
+        state = line.take(f"group {group} state")
         if state not in ("A", "E", "D"):
             raise ValueRangeError(_CODEC, f"group {group} state", "A, E or D", state)
-        for _ in range(count(f"group {group} selector status count")):
-            take("selector status arg")
-        nr_paths = count(f"group {group} path count")
-        info_args = count(f"group {group} per-path selector args")
+        for _ in range(line.count(f"group {group} selector status count")):
+            line.take("selector status arg")
+        nr_paths = line.count(f"group {group} path count")
+        info_args = line.count(f"group {group} per-path selector args")
         for _ in range(nr_paths):
-            dev = take("path device")
+            dev = line.take("path device")
             major, _, minor = dev.partition(":")
             if not (major.isdigit() and minor.isdigit()):
                 raise ValueRangeError(_CODEC, "path device", "major:minor", dev)
-            flag = take(f"path {dev} state")
+            flag = line.take(f"path {dev} state")
             if flag not in ("A", "F"):
                 raise ValueRangeError(_CODEC, f"path {dev} state", "A or F", flag)
-            fails = count(f"path {dev} fail count")
+            fails = line.count(f"path {dev} fail count")
             for _ in range(info_args):
-                take("selector info arg")
+                line.take("selector info arg")
             paths.append(PathState(dev, group, flag == "A", fails))
-    if pos != len(words):
-        raise ValueRangeError(_CODEC, "line", f"{pos} words", f"{len(words)} words")
+    line.end()
     return paths

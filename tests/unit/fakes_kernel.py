@@ -25,8 +25,9 @@ from agent.topology import MpathMap, NewPath
 from protocol import scsi
 from protocol.dmswitch_encoder import round_robin
 from protocol.dmswitch_oracle import apply_region_mappings
-from protocol.dmtable import SwitchParams
+from protocol.dmtable import LinearParams, SwitchParams
 from protocol.errors import DmSwitchMessageError
+from protocol.multipath import MultipathParams
 from tests.array.lu import LogicalUnit, LuIdentity
 from tests.array.store import SparseStore
 from tests.array.volume import ArrayVolume
@@ -185,9 +186,9 @@ class FakeDeviceMapper:
             _start, length, kind, params = device.live[0]
             if kind == "switch":
                 # drivers/md/dm-switch.c: every constructor starts round-robin.
-                nr_paths, region = int(params.split()[0]), int(params.split()[1])
+                table = SwitchParams.parse(params)
                 # int16 (paths <= 254): many-LUN benchmarks trace this process's memory, fakes included.
-                device.regions = round_robin(-(-length // region), nr_paths).astype(np.int16)
+                device.regions = round_robin(-(-length // table.region_size), table.nr_paths).astype(np.int16)
             else:
                 device.regions = None
         device.suspended = False
@@ -269,40 +270,26 @@ class FakeDeviceMapper:
         top_dev = self.devices[top]
         (_s, _l, kind, params) = top_dev.live[0]
         assert kind == "linear"
-        switch = self.by_dev(params.split()[0])
+        switch = self.by_dev(LinearParams.parse(params).device)
         assert switch.live[0][2] == "switch" and not switch.suspended
-        legs = SwitchParams.parse(f"0 {switch.live[0][1]} switch {switch.live[0][3]}").devices
+        legs = SwitchParams.parse(switch.live[0][3]).devices
         leg = self.by_dev(legs[int(switch.regions[region])])
         return _first_group_paths(leg.live[0][3])
 
 
 def _devices_in(kind: str, params: str) -> list[str]:
-    words = params.split()
     if kind == "linear":
-        return [words[0]]
+        return [LinearParams.parse(params).device]
     if kind == "switch":
-        return words[3::2]
+        return list(SwitchParams.parse(params).devices)
     if kind == "multipath":
-        return [w for w in words if ":" in w]
+        return [dev for group in _mpath_groups(params) for dev in group]
     return []
 
 
 def _mpath_groups(params: str) -> list[tuple[str, ...]]:
     """Each priority group's paths, from a multipath table line's parameters."""
-    words = params.split()
-    i = 1 + int(words[0])          # features
-    i += 1 + int(words[i])         # hw handler
-    nr_groups = int(words[i])
-    i += 2                         # nr groups, initial group
-    groups = []
-    for _ in range(nr_groups):
-        i += 1                     # selector name
-        i += 1 + int(words[i])     # selector args
-        nr_paths, per_path = int(words[i]), int(words[i + 1])
-        i += 2
-        groups.append(tuple(words[i + k * (1 + per_path)] for k in range(nr_paths)))
-        i += nr_paths * (1 + per_path)
-    return groups
+    return [tuple(group.paths) for group in MultipathParams.parse(params).groups]
 
 
 def _sd_name(index: int) -> str:

@@ -75,3 +75,16 @@ def test_parse_switch_table_roundtrip():
 def test_parse_switch_table_rejects(params):
     with pytest.raises(DecodeError):
         SwitchParams.parse(params)
+
+
+def test_linear_table_parses_back():
+    built = LinearParams.build(100, (8, 16), 63)
+    assert LinearParams.parse(built.target().line()) == built
+    assert LinearParams.parse("8:16 63") == LinearParams(None, "8:16", 63)
+
+
+@pytest.mark.parametrize("line", ["", "8:16", "8:16 63 1", "sda 0", "8:16 -1", "x 100 linear 8:16 0",
+                                  "0 100 linear 8:16"])
+def test_linear_table_parse_rejects(line):
+    with pytest.raises(DecodeError):
+        LinearParams.parse(line)

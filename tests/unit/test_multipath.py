@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,7 +71,8 @@ def test_multipath_table_features_and_handler():
         "service-time 0 2 2 8:0 1 1 8:16 1 1"
     )
     # Asking twice for queue_if_no_path keeps one.
-    assert MultipathParams.build(1, [["8:0"]], features=["queue_if_no_path"], queue_if_no_path=True).target().line().startswith(
+    twice = MultipathParams.build(1, [["8:0"]], features=["queue_if_no_path"], queue_if_no_path=True)
+    assert twice.target().line().startswith(
         "0 1 multipath 1 queue_if_no_path 0 1 1"
     )
 
@@ -108,3 +111,35 @@ def test_multipath_table_rejects(kwargs):
     args.update(kwargs)
     with pytest.raises(EncodeError):
         MultipathParams.build(**args)
+
+
+BUILT = [
+    MultipathParams.build(2048, [["7:0"], ["7:1", (7, 2)]]),
+    MultipathParams.build(100, [["8:0", "8:16"]], "service-time", queue_if_no_path=True,
+                          features=["pg_init_retries", "50"], hw_handler="alua", path_args=("1", "1")),
+    MultipathParams.build(10, [PriorityGroup(["8:0"], selector="queue-length", path_args=("2",)), ["8:16"]],
+                          initial_group=2, selector_args=["x"]),
+]
+
+
+@pytest.mark.parametrize("built", BUILT)
+def test_multipath_table_parses_back(built):
+    assert MultipathParams.parse(built.target().line()) == built
+    assert MultipathParams.parse(built.render()) == dataclasses.replace(built, length_sectors=None)
+
+
+def test_multipath_table_without_groups_parses():
+    # multipath_ctr takes no groups with initial group 0 (a map whose paths are all gone).
+    assert MultipathParams.parse("1 queue_if_no_path 0 0 0").groups == ()
+
+
+@pytest.mark.parametrize(
+    "params",
+    ["", "0", "0 0", "x 0 1 1", "0 0 1 1 round-robin 0 1", "0 0 1 1 round-robin 0 1 1 8:0",
+     "0 0 1 2 round-robin 0 1 1 8:0 1", "0 0 0 1", "0 0 1 0 round-robin 0 1 1 8:0 1",
+     "0 0 1 1 round-robin 0 1 1 sda 1", "0 0 1 1 round-robin 0 2 1 8:0 1 8:16 2",
+     "0 0 1 1 round-robin 0 1 1 8:0 1 extra"],
+)
+def test_multipath_table_parse_rejects(params):
+    with pytest.raises(DecodeError):
+        MultipathParams.parse(params)
