@@ -23,7 +23,7 @@ from agent.dm_async import AsyncDeviceMapper
 from agent.lun import LunState, RoutedStack
 from agent.stack import DeviceSpec, OwnedUuid, PlanError, StackPlan, top_name_for
 from agent.topology import Topology
-from protocol import dmswitch
+from protocol import dmswitch_encoder
 from protocol.errors import SwitchAgentError
 from protocol.pagemap import PageMap
 
@@ -83,7 +83,7 @@ class PlanApplier:
         """Same legs, same geometry: send only the regions whose owner changed."""
         assert lun.stack is not None
         # A -1 in `previous` is a region whose kernel value we do not know: it is sent if allocated.
-        messages = dmswitch.encode_region_mappings(page_map.owners, previous=lun.stack.kernel_map,
+        messages = dmswitch_encoder.encode_region_mappings(page_map.owners, previous=lun.stack.kernel_map,
                                                    max_message_bytes=self.config.max_message_bytes)
         try:
             await self._send(lun, plan.switch_uuid, messages)
@@ -92,7 +92,7 @@ class PlanApplier:
             # holds, so send the whole map.
             lun.stack.kernel_map = np.full(page_map.total_pages, -1, dtype=page_map.owners.dtype)
             LOG.warning("%s: diff upload failed; sending the whole map", lun.wwid)
-            await self._send(lun, plan.switch_uuid, dmswitch.encode_region_mappings(
+            await self._send(lun, plan.switch_uuid, dmswitch_encoder.encode_region_mappings(
                 page_map.owners, max_message_bytes=self.config.max_message_bytes))
         lun.stack = RoutedStack(plan, _after_upload(page_map.owners), page_map, self.clock())
         LOG.info("%s: map generation %d applied (%d messages)", lun.wwid, page_map.generation, len(messages))
@@ -146,8 +146,8 @@ class PlanApplier:
     async def _encode_whole_map(self, plan: StackPlan, page_map: PageMap) -> list[str]:
         async with self._encodes:
             return await asyncio.to_thread(
-                dmswitch.encode_region_mappings, page_map.owners,
-                previous=dmswitch.round_robin(plan.region_count, len(plan.legs)),
+                dmswitch_encoder.encode_region_mappings, page_map.owners,
+                previous=dmswitch_encoder.round_robin(plan.region_count, len(plan.legs)),
                 max_message_bytes=self.config.max_message_bytes)
 
     async def _create(self, spec: DeviceSpec, created: list[str]) -> str:

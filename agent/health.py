@@ -19,7 +19,7 @@ from agent.scsipath import path_answers
 from agent.dm_async import AsyncDeviceMapper
 from agent.lun import LunState
 from protocol.errors import SwitchAgentError
-from protocol.mpath_status import parse_multipath_status
+from protocol.multipath import parse_multipath_status
 
 if TYPE_CHECKING:
     from agent.orchestrator import System

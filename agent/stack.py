@@ -19,19 +19,10 @@ from dataclasses import dataclass
 
 from agent.config import UUID_PREFIX, Config
 from agent.topology import Topology
-from protocol import dmswitch
+from protocol.dmtable import DmUdevFlags, LinearParams, SwitchParams, Target
 from protocol.errors import SwitchAgentError
+from protocol.multipath import MultipathParams
 from protocol.pagemap import PageMap
-
-# libdm udev flags (libdm/libdevmapper.h): keep legs and switch away from
-# blkid/LVM and other rules, so only the top device shows the volume's data.
-DM_UDEV_DISABLE_DISK_RULES_FLAG = 0x4
-DM_UDEV_DISABLE_OTHER_RULES_FLAG = 0x8
-HIDDEN_UDEV_FLAGS = DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG
-
-Target = tuple[int, int, str, str]
-"""(start sector, length in sectors, target type, parameters): one dm table line."""
-
 
 class PlanError(SwitchAgentError):
     """The LUN as found cannot be routed (no paths, geometry the map does not cover...)."""
@@ -49,7 +40,7 @@ class DeviceSpec:
     name: str
     uuid: str
     targets: tuple[Target, ...]
-    udev_flags: int = 0
+    udev_flags: DmUdevFlags = DmUdevFlags(0)
 
 
 @dataclass(frozen=True)
@@ -80,12 +71,12 @@ class StackPlan:
 
     def switch_spec(self, leg_devs: list[str]) -> DeviceSpec:
         """The switch over the legs once their major:minor are known."""
-        line = dmswitch.switch_table(self.size_sectors, self.region_size_sectors, leg_devs)
-        return DeviceSpec(self.switch_name, self.switch_uuid, (_split(line),), HIDDEN_UDEV_FLAGS)
+        target = SwitchParams.build(self.size_sectors, self.region_size_sectors, leg_devs).target()
+        return DeviceSpec(self.switch_name, self.switch_uuid, (target,), DmUdevFlags.HIDDEN)
 
     def top_targets(self, switch_dev: str) -> tuple[Target, ...]:
         """The top device's table: all of it, linear over the switch."""
-        return (_split(dmswitch.linear_table(self.size_sectors, switch_dev, 0)),)
+        return (LinearParams.build(self.size_sectors, switch_dev, 0).target(),)
 
 
 def top_name_for(config: Config, topology: Topology) -> str:
@@ -182,15 +173,10 @@ def plan_stack(config: Config, topology: Topology, page_map: PageMap, *, epoch: 
         own = tuple(p.dev for p in usable if p.member_id == member.member_id)
         other = tuple(p.dev for p in usable if p.member_id != member.member_id)
         groups = [g for g in (own, other) if g]
-        line = dmswitch.multipath_table(topology.size_sectors, groups, selector, selector_args=selector_args,
-                                        features=features)
+        target = MultipathParams.build(topology.size_sectors, groups, selector, selector_args=selector_args,
+                                       features=features).target()
         legs.append(DeviceSpec(f"{top}-leg{k}-{epoch}", OwnedUuid.of_leg(k, epoch, wwid).uuid,
-                               (_split(line),), HIDDEN_UDEV_FLAGS))
+                               (target,), DmUdevFlags.HIDDEN))
         leg_paths.append((own, other))
     return StackPlan(wwid, epoch, topology.size_sectors, page, region_count, tuple(legs), tuple(leg_paths),
                      f"{top}-sw{epoch}", OwnedUuid.switch(epoch, wwid).uuid, top, OwnedUuid.top(wwid).uuid)
-
-
-def _split(line: str) -> Target:
-    start, length, kind, params = line.split(" ", 3)
-    return int(start), int(length), kind, params

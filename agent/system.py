@@ -10,7 +10,8 @@ from typing import Container
 
 from agent.config import UUID_PREFIX, Config
 from agent.events import MPATH_UUID_PREFIX
-from agent.kernel.dm import DeviceEntry, DeviceMapper
+from agent.kernel.dm import DeviceMapper
+from agent.kernel.dm_abi import DeviceEntry
 from agent.kernel.sgio import ScsiDevice
 from agent.kernel.sysfs import Sysfs, SysfsError
 from agent.kernel.udev import PyudevSource, UdevMonitor

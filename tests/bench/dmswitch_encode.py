@@ -4,7 +4,7 @@ Run: ``python -m tests.bench.dmswitch_encode [--repeat N]``. Prints a table;
 asserts nothing. "per-run" is the naive encoding of the whole allocated map:
 ``idx:path`` at every run start plus ``R1,<len-1>`` for longer runs, cut
 into messages under the same limit. Every encoding is decoded with the
-oracle (protocol.dmswitch.apply_region_mappings) and checked.
+oracle (protocol.dmswitch_oracle.apply_region_mappings) and checked.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import time
 
 import numpy as np
 
-from protocol import dmswitch as ds
+from protocol.dmswitch_encoder import encode_region_mappings, round_robin
+from protocol.dmswitch_oracle import apply_region_mappings
+from protocol.dmtable import MESSAGE_NAME
 from tests.bench import maps
 
 LIMIT = 65536
-PREFIX = len(ds.MESSAGE_NAME) + 1
+PREFIX = len(MESSAGE_NAME) + 1
 
 
 def per_run_bytes(regions: np.ndarray, limit: int = LIMIT) -> int:
@@ -53,7 +55,7 @@ def per_run_bytes(regions: np.ndarray, limit: int = LIMIT) -> int:
 def verify(messages: list[str], regions: np.ndarray, start: np.ndarray, nr_paths: int) -> bool:
     table = start.astype(np.int64).copy()
     for m in messages:
-        ds.apply_region_mappings(table, m, nr_paths)
+        apply_region_mappings(table, m, nr_paths)
     alloc = regions >= 0
     return bool(np.array_equal(table[alloc], regions[alloc]))
 
@@ -71,7 +73,7 @@ def scenarios():
     """(name, regions, previous, kernel table before, nr_paths, goal) for each case."""
     seed = maps.seed_map(np.random.default_rng(2012))
     n = len(seed)
-    rr = ds.round_robin(n, 3)
+    rr = round_robin(n, 3)
     garbage = np.random.default_rng(99).integers(0, 3, n)
     stripe5 = maps.move_pages(maps.striped(n, 3), 0.05, 3, np.random.default_rng(5))
     moved = maps.move_pages(seed, 0.0, 3, np.random.default_rng(6), count=1000)
@@ -112,7 +114,7 @@ def main() -> None:
     head = ("case", "regions", "runs", "per-run B", "encoded B", "ratio", "msgs", "min ms", "med ms", "ok", "goal")
     rows = []
     for name, regions, previous, before, nr_paths, goal in scenarios():
-        msgs, times = timed(lambda: ds.encode_region_mappings(regions, previous=previous,
+        msgs, times = timed(lambda: encode_region_mappings(regions, previous=previous,
                                                               max_message_bytes=LIMIT), args.repeat)
         size = sum(len(m) for m in msgs)
         base = per_run_bytes(regions)

@@ -42,8 +42,10 @@ from agent.mapsources import pagemap as mapsource
 from agent import orchestrator as orch_mod
 from agent.config import Config
 from agent.kernel import dm as dmk
+from agent.kernel import dm_abi, dm_errors
 from agent.system import RealSystem
-from protocol import dmswitch
+from protocol import dmswitch_encoder
+from protocol.dmtable import SwitchParams, Target
 from tests.bench import scale_lib
 
 RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
@@ -93,9 +95,9 @@ def remove_agent_devices(dm: dmk.DeviceMapper) -> None:
 
 def packed_target_msg(name: str, message: str) -> bytes:
     """One DM_TARGET_MSG ioctl buffer, as agent.kernel.dm builds it (sector 0)."""
-    payload = dmk._DM_TARGET_MSG.pack(0) + message.encode() + b"\0"
-    size = dmk.DM_IOCTL_SIZE + len(payload)
-    return dmk.pack_header(dmk.DmCommand.TARGET_MSG, data_size=size, name=name) + payload
+    payload = dm_abi.DM_TARGET_MSG.pack(0) + message.encode() + b"\0"
+    size = dm_abi.DM_IOCTL_SIZE + len(payload)
+    return dm_abi.pack_header(dm_abi.DmCommand.TARGET_MSG, data_size=size, name=name) + payload
 
 
 class ZeroSwitch:
@@ -111,13 +113,11 @@ class ZeroSwitch:
         devs = []
         for leg in self.legs:
             self.dm.device_create(leg, f"{BENCH_PREFIX}{leg}")
-            self.dm.table_load(leg, [dmk.Target(0, size_sectors, "zero", "")])
+            self.dm.table_load(leg, [Target(0, size_sectors, "zero", "")])
             self.dm.device_resume(leg, wait_for_udev=False)
             info = self.dm.device_info(leg)
             devs.append(f"{info.major}:{info.minor}")
-        self.table = dmswitch.switch_table(size_sectors, region_sectors, devs)
-        start, length, ttype, params = self.table.split(" ", 3)
-        self.target = dmk.Target(int(start), int(length), ttype, params)
+        self.target = SwitchParams.build(size_sectors, region_sectors, devs).target()
         self.dm.device_create(self.name, f"{BENCH_PREFIX}{self.name}")
         self.reset()
 
@@ -130,7 +130,7 @@ class ZeroSwitch:
         """Seconds for the ioctls alone (buffers packed beforehand)."""
         bufs = [bytearray(packed_target_msg(self.name, m)) for m in messages]
         fd = self.dm._fd
-        request = dmk.DmCommand.TARGET_MSG.request
+        request = dm_abi.DmCommand.TARGET_MSG.request
         t0 = time.perf_counter()
         for buf in bufs:
             fcntl.ioctl(fd, request, buf)
@@ -140,7 +140,7 @@ class ZeroSwitch:
         for name in [self.name, *self.legs]:
             try:
                 self.dm.device_remove(name)
-            except dmk.DmError as exc:
+            except dm_errors.DmError as exc:
                 log(f"could not remove {name}: {exc}")
         self.dm.close()
 
@@ -305,18 +305,18 @@ def kernel_bounds(zero: ZeroSwitch, agent_messages: list[str], owners: np.ndarra
         times.append(zero.send_raw(agent_messages))
     res["agent_messages_s"] = scale_lib.summary(times)
     # The same map in fewer, bigger messages, up to what the kernel accepts.
-    rr = dmswitch.round_robin(owners.size, zero.paths)
+    rr = dmswitch_encoder.round_robin(owners.size, zero.paths)
     tried = []
     # The encoder caps a message at 64k tokens (MAX_MESSAGE_TOKENS); the last try lifts the cap
     # to find what the kernel itself refuses (its argv array is one kmalloc).
     for limit, tokens in ((1 << 18, None), (1 << 20, None), (4 << 20, None), (4 << 20, 1 << 20)):
-        saved = dmswitch.MAX_MESSAGE_TOKENS
+        saved = dmswitch_encoder.MAX_MESSAGE_TOKENS
         if tokens:
-            dmswitch.MAX_MESSAGE_TOKENS = tokens
+            dmswitch_encoder.MAX_MESSAGE_TOKENS = tokens
         try:
-            messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+            messages = dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
         finally:
-            dmswitch.MAX_MESSAGE_TOKENS = saved
+            dmswitch_encoder.MAX_MESSAGE_TOKENS = saved
         entry = {"limit": limit, "tokens": tokens or saved, "messages": len(messages),
                  "bytes": sum(map(len, messages)), "max_tokens": max(len(m.split()) for m in messages)}
         samples = []
@@ -341,25 +341,25 @@ def kernel_bounds(zero: ZeroSwitch, agent_messages: list[str], owners: np.ndarra
 
 def encode_costs(owners: np.ndarray, paths: int, repeat: int, limit: int) -> dict:
     """The agent's encoder alone on the install's map, and its runs-only plan (no match search) for scale."""
-    rr = dmswitch.round_robin(owners.size, paths)
+    rr = dmswitch_encoder.round_robin(owners.size, paths)
     res = {}
     prof = cProfile.Profile()
     prof.enable()
-    dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+    dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
     prof.disable()
     res["profile"] = profile_text(prof, RESULTS / "bench-encode.prof")
     for label in ("agent", "runs_only"):
-        saved = dmswitch._lz_plan
+        saved = dmswitch_encoder.lz_plan
         if label == "runs_only":
-            dmswitch._lz_plan = lambda *a, **k: None
+            dmswitch_encoder.lz_plan = lambda *a, **k: None
         try:
             samples = []
             for _ in range(repeat):
                 t0 = time.perf_counter()
-                messages = dmswitch.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+                messages = dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
                 samples.append(time.perf_counter() - t0)
         finally:
-            dmswitch._lz_plan = saved
+            dmswitch_encoder.lz_plan = saved
         res[label] = {"s": scale_lib.summary(samples), "messages": len(messages),
                       "bytes": sum(map(len, messages))}
     return res

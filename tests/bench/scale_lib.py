@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol import dmswitch
+from protocol.dmtable import MESSAGE_NAME
 
 BEGIN_MARK = "<!-- scale-bench:begin (written by python -m tests.bench.scale; edit there) -->"
 END_MARK = "<!-- scale-bench:end -->"
@@ -48,9 +48,9 @@ def naive_messages(owners: np.ndarray, limit: int = NAIVE_LIMIT, max_messages: i
     """
     starts, lengths = run_starts(owners)
     r = np.asarray(owners)
-    head = len(dmswitch.MESSAGE_NAME)
+    head = len(MESSAGE_NAME)
     out: list[str] = []
-    parts: list[str] = [dmswitch.MESSAGE_NAME]
+    parts: list[str] = [MESSAGE_NAME]
     used = head
     for s, ln in zip(starts.tolist(), lengths.tolist()):
         unit = f"{s:x}:{int(r[s]):x}" + (f" R1,{ln - 1:x}" if ln > 1 else "")
@@ -58,7 +58,7 @@ def naive_messages(owners: np.ndarray, limit: int = NAIVE_LIMIT, max_messages: i
             out.append(" ".join(parts))
             if max_messages is not None and len(out) >= max_messages:
                 return out
-            parts, used = [dmswitch.MESSAGE_NAME], head
+            parts, used = [MESSAGE_NAME], head
         parts.append(unit)
         used += 1 + len(unit)
     if len(parts) > 1:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.kernel import dm
+from agent.kernel import dm, dm_abi, dm_errors, dm_udev_sync
+from protocol.dmtable import DmUdevFlags, Target
 
 SUFFIX = f"swtest-{os.getpid()}"
 PREFIX = "SWAGENT-"
-HIDDEN = dm.DM_UDEV_DISABLE_DISK_RULES_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+HIDDEN = DmUdevFlags.DISABLE_DISK_RULES | DmUdevFlags.DISABLE_OTHER_RULES
 SECTORS = 64 * 1024 * 2  # 64 MiB legs
 REGION = 2048  # 1 MiB regions
 
@@ -45,7 +46,7 @@ def kernel_ready():
                    capture_output=True)
     try:
         dm.DeviceMapper(PREFIX).close()
-    except dm.DmUnavailableError as exc:
+    except dm_errors.DmUnavailableError as exc:
         pytest.skip(f"no device-mapper here ({exc}): run inside the VM rig")
 
 
@@ -87,7 +88,7 @@ def name(tag: str) -> str:
     return f"{SUFFIX}-{tag}"
 
 
-def make(dmc: dm.DeviceMapper, tag: str, targets, udev_flags: int = 0) -> dm.DeviceInfo:
+def make(dmc: dm.DeviceMapper, tag: str, targets, udev_flags: int = 0) -> dm_abi.DeviceInfo:
     dmc.device_create(name(tag), uuid(tag))
     dmc.table_load(name(tag), targets)
     return dmc.device_resume(name(tag), udev_flags=udev_flags)
@@ -107,7 +108,7 @@ def dmsetup_info(n: str) -> dict[str, str]:
 def our_cookie_semaphores() -> list[str]:
     """Keys of live dm cookie semaphores (DM_COOKIE_MAGIC << 16 | base) in /proc/sysvipc/sem."""
     lines = Path("/proc/sysvipc/sem").read_text().splitlines()[1:]
-    return [ln.split()[0] for ln in lines if (int(ln.split()[0]) >> 16) == dm.DM_COOKIE_MAGIC]
+    return [ln.split()[0] for ln in lines if (int(ln.split()[0]) >> 16) == dm_udev_sync.DM_COOKIE_MAGIC]
 
 
 def read_direct(path: str, offset: int, length: int = 4096) -> bytes:
@@ -131,7 +132,7 @@ def test_version_targets_and_udev(dmc):
         tname, ver = line.split()
         assert versions[tname] == tuple(int(x) for x in ver.lstrip("v").split("."))
     assert {"switch", "linear", "zero"} <= versions.keys()
-    assert isinstance(dmc.udev, dm.UdevSync) and dmc.udev.udev_running(), "udevd must run"
+    assert isinstance(dmc.udev, dm_udev_sync.UdevSync) and dmc.udev.udev_running(), "udevd must run"
 
 
 def test_zero_device_lifecycle_matches_dmsetup_and_udev_is_waited_for(dmc):
@@ -145,7 +146,7 @@ def test_zero_device_lifecycle_matches_dmsetup_and_udev_is_waited_for(dmc):
         assert not node.exists()
         loaded = dmc.table_load(n, [(0, 8192, "zero", "")])
         assert loaded.inactive_present and not loaded.active_present
-        assert dmc.table_status(n, table=True, inactive=True) == [dm.Target(0, 8192, "zero", "")]
+        assert dmc.table_status(n, table=True, inactive=True) == [Target(0, 8192, "zero", "")]
         resumed = dmc.device_resume(n)
         assert node.exists(), "resume returned before udev made /dev/mapper/<name>"
         assert not resumed.suspended and resumed.active_present and not resumed.inactive_present
@@ -162,9 +163,9 @@ def test_zero_device_lifecycle_matches_dmsetup_and_udev_is_waited_for(dmc):
         assert int(ds["events"]) == info.event_nr
         assert ds["attr"].startswith("L--w")
         assert [e for e in dmc.list_devices() if e.name == n] == [
-            dm.DeviceEntry(n, uuid("zero"), info.major, info.minor, info.event_nr)]
+            dm_abi.DeviceEntry(n, uuid("zero"), info.major, info.minor, info.event_nr)]
         assert sh("dmsetup", "table", n).strip() == "0 8192 zero"
-        assert dmc.table_status(n) == [dm.Target(0, 8192, "zero", "")]
+        assert dmc.table_status(n) == [Target(0, 8192, "zero", "")]
 
         assert dmc.device_suspend(n).suspended
         assert dmsetup_info(n)["attr"][2] == "s"
@@ -182,15 +183,15 @@ def test_zero_device_lifecycle_matches_dmsetup_and_udev_is_waited_for(dmc):
 
 
 def test_errors_carry_command_device_and_errno(dmc):
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.device_info(name("absent"))
-    assert (ei.value.command, ei.value.errno) == (dm.DmCommand.DEV_STATUS, errno.ENXIO)
+    assert (ei.value.command, ei.value.errno) == (dm_abi.DmCommand.DEV_STATUS, errno.ENXIO)
     dmc.device_create(name("bad"), uuid("bad"))
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.table_load(name("bad"), [(0, 8, "no-such-target", "")])
     assert (ei.value.command, ei.value.name, ei.value.errno) == (
-        dm.DmCommand.TABLE_LOAD, name("bad"), errno.EINVAL)
-    with pytest.raises(dm.DmIoctlError) as ei:
+        dm_abi.DmCommand.TABLE_LOAD, name("bad"), errno.EINVAL)
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.device_create(name("bad"), uuid("bad2"))
     assert ei.value.errno == errno.EBUSY
     dmc.device_remove(name("bad"))
@@ -211,10 +212,10 @@ def test_switch_over_hidden_linear_legs(dmc, loops):
 
     # table, status and deps as dmsetup sees them
     table = dmc.table_status(sw, table=True)
-    assert table == [dm.Target(0, SECTORS, "switch", params)]
+    assert table == [Target(0, SECTORS, "switch", params)]
     assert sh("dmsetup", "table", sw).strip() == f"0 {SECTORS} switch {params}"
     assert sh("dmsetup", "status", sw).strip() == f"0 {SECTORS} switch"
-    assert dmc.table_status(sw) == [dm.Target(0, SECTORS, "switch", "")]
+    assert dmc.table_status(sw) == [Target(0, SECTORS, "switch", "")]
     deps = sh("dmsetup", "deps", "-o", "devno", sw)
     want = {(int(a), int(b)) for a, b in re.findall(r"\((\d+), (\d+)\)", deps)}
     assert set(dmc.table_deps(sw)) == want == {tuple(map(int, x.split(":"))) for x in legs}
@@ -232,9 +233,9 @@ def test_switch_over_hidden_linear_legs(dmc, loops):
                          (6, b"A"), (7, b"B")]:
         assert read_direct(node, region * REGION * 512)[:1] == fill, region
     # a bad token: -EINVAL, the tokens before it are applied (not atomic)
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.target_message(sw, 0, "set_region_mappings a:1 b:5")
-    assert (ei.value.command, ei.value.errno) == (dm.DmCommand.TARGET_MSG, errno.EINVAL)
+    assert (ei.value.command, ei.value.errno) == (dm_abi.DmCommand.TARGET_MSG, errno.EINVAL)
     assert read_direct(node, 10 * REGION * 512)[:1] == b"B"  # was A (round robin)
 
     # a reload resets the region table to round robin
@@ -244,7 +245,7 @@ def test_switch_over_hidden_linear_legs(dmc, loops):
     assert read_direct(node, 0)[:1] == b"A"
 
     # tear down in order; legs are busy while the switch holds them
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.device_remove(name("leg0"))
     assert ei.value.errno == errno.EBUSY
     assert dmc.device_remove(name("leg0"), deferred=True) is False
@@ -275,13 +276,13 @@ def test_foreign_devices_are_refused(dmc, foreign_uuid):
         lambda: dmc.device_remove(n),
         lambda: dmc.target_message(n, 0, "@cancel_deferred_remove"),
     ):
-        with pytest.raises(dm.NotOwnedError):
+        with pytest.raises(dm_errors.NotOwnedError):
             call()
     after = dmc.device_info(n)
     assert after == before and not after.inactive_present and not after.suspended
     assert sh("dmsetup", "table", n).strip() == "0 8192 zero"
     if foreign_uuid:
-        with pytest.raises(dm.NotOwnedError):
+        with pytest.raises(dm_errors.NotOwnedError):
             dmc.device_remove(uuid=foreign_uuid.format(SUFFIX))
     sh("dmsetup", "remove", n)
 
@@ -335,9 +336,9 @@ def test_big_region_map_in_64k_messages_and_one_huge_message_fails(dmc):
     print(f"{len(messages)} messages, {total} bytes, {nr_regions} regions: {took:.2f} s")
 
     huge = "set_region_mappings " + " ".join(tokens)
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.target_message(name("big"), 0, huge)
-    assert (ei.value.command, ei.value.errno) == (dm.DmCommand.TARGET_MSG, errno.ENOMEM)
+    assert (ei.value.command, ei.value.errno) == (dm_abi.DmCommand.TARGET_MSG, errno.ENOMEM)
     print(f"one message of {len(huge)} bytes: {ei.value}")
 
     dmc.device_remove(name("big"))

@@ -3,7 +3,7 @@
 - FakeArrayPath speaks SCSI to the emulator's own LogicalUnit (tests/array/lu.py),
   so the agent reads real GET PAGE MAP bytes through protocol/pagemap.py.
 - FakeDeviceMapper keeps tables per device, resets a switch to round-robin on
-  every table swap, and applies set_region_mappings with protocol.dmswitch's
+  every table swap, and applies set_region_mappings with protocol.dmswitch_oracle's
   kernel-faithful decoder — so a test can follow a sector down the stack and
   see which member's path it reaches.
 """
@@ -18,11 +18,16 @@ from types import SimpleNamespace
 import numpy as np
 
 from agent.config import UUID_PREFIX
-from agent.kernel.dm import DmCommand, DmIoctlError, NotOwnedError
+from agent.kernel.dm_abi import DmCommand
+from agent.kernel.dm_errors import DmIoctlError, NotOwnedError
 from agent.kernel.sgio import ScsiCommandError
 from agent.topology import MpathMap, NewPath
-from protocol import dmswitch, scsi
+from protocol import scsi
+from protocol.dmswitch_encoder import round_robin
+from protocol.dmswitch_oracle import apply_region_mappings
+from protocol.dmtable import LinearParams, SwitchParams
 from protocol.errors import DmSwitchMessageError
+from protocol.multipath import MultipathParams
 from tests.array.lu import LogicalUnit, LuIdentity
 from tests.array.store import SparseStore
 from tests.array.volume import ArrayVolume
@@ -148,7 +153,7 @@ class FakeDeviceMapper:
                 if dev.startswith("253:") and not any(d.dev == dev for d in list(self.devices.values())):
                     raise DmIoctlError(DmCommand.TABLE_LOAD, name, errno.ENXIO, f"no device {dev}")
             if kind == "switch":
-                dmswitch.parse_switch_table(f"{_start} {_length} switch {params}")
+                SwitchParams.parse(f"{_start} {_length} switch {params}")
         device.inactive = [tuple(t) for t in targets]
         return self.device_info(name)
 
@@ -181,9 +186,9 @@ class FakeDeviceMapper:
             _start, length, kind, params = device.live[0]
             if kind == "switch":
                 # drivers/md/dm-switch.c: every constructor starts round-robin.
-                nr_paths, region = int(params.split()[0]), int(params.split()[1])
+                table = SwitchParams.parse(params)
                 # int16 (paths <= 254): many-LUN benchmarks trace this process's memory, fakes included.
-                device.regions = dmswitch.round_robin(-(-length // region), nr_paths).astype(np.int16)
+                device.regions = round_robin(-(-length // table.region_size), table.nr_paths).astype(np.int16)
             else:
                 device.regions = None
         device.suspended = False
@@ -251,7 +256,7 @@ class FakeDeviceMapper:
             raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, "target does not take messages")
         nr_paths = int(device.live[0][3].split()[0])
         try:
-            dmswitch.apply_region_mappings(device.regions, message, nr_paths)
+            apply_region_mappings(device.regions, message, nr_paths)
         except DmSwitchMessageError as exc:
             raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EINVAL, str(exc)) from exc
 
@@ -265,40 +270,26 @@ class FakeDeviceMapper:
         top_dev = self.devices[top]
         (_s, _l, kind, params) = top_dev.live[0]
         assert kind == "linear"
-        switch = self.by_dev(params.split()[0])
+        switch = self.by_dev(LinearParams.parse(params).device)
         assert switch.live[0][2] == "switch" and not switch.suspended
-        legs = dmswitch.parse_switch_table(f"0 {switch.live[0][1]} switch {switch.live[0][3]}").devices
+        legs = SwitchParams.parse(switch.live[0][3]).devices
         leg = self.by_dev(legs[int(switch.regions[region])])
         return _first_group_paths(leg.live[0][3])
 
 
 def _devices_in(kind: str, params: str) -> list[str]:
-    words = params.split()
     if kind == "linear":
-        return [words[0]]
+        return [LinearParams.parse(params).device]
     if kind == "switch":
-        return words[3::2]
+        return list(SwitchParams.parse(params).devices)
     if kind == "multipath":
-        return [w for w in words if ":" in w]
+        return [dev for group in _mpath_groups(params) for dev in group]
     return []
 
 
 def _mpath_groups(params: str) -> list[tuple[str, ...]]:
     """Each priority group's paths, from a multipath table line's parameters."""
-    words = params.split()
-    i = 1 + int(words[0])          # features
-    i += 1 + int(words[i])         # hw handler
-    nr_groups = int(words[i])
-    i += 2                         # nr groups, initial group
-    groups = []
-    for _ in range(nr_groups):
-        i += 1                     # selector name
-        i += 1 + int(words[i])     # selector args
-        nr_paths, per_path = int(words[i]), int(words[i + 1])
-        i += 2
-        groups.append(tuple(words[i + k * (1 + per_path)] for k in range(nr_paths)))
-        i += nr_paths * (1 + per_path)
-    return groups
+    return [tuple(group.paths) for group in MultipathParams.parse(params).groups]
 
 
 def _sd_name(index: int) -> str:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from protocol import dmswitch
+from protocol.dmswitch_oracle import apply_region_mappings
 from tests.bench import maps, scale, scale_lib
 
 
@@ -26,7 +26,7 @@ def test_naive_messages_rebuild_the_map_and_respect_the_limit(limit) -> None:
     assert all(len(m) <= limit for m in messages)
     table = np.full(owners.size, 7, dtype=np.int64)
     for m in messages:
-        dmswitch.apply_region_mappings(table, m, 3)
+        apply_region_mappings(table, m, 3)
     alloc = owners >= 0
     assert np.array_equal(table[alloc], owners[alloc])
     assert (table[~alloc] == 7).all()
@@ -90,7 +90,7 @@ def test_rows_compare_with_the_fastest_kernel_bound_and_state_goals() -> None:
 def test_an_unmet_install_row_says_what_limits_it() -> None:
     enc = {"s": t(2.5), "messages": 20, "bytes": 1000}
     res = {**SAMPLE, "encode": {"agent": enc, "runs_only": enc},
-           "install_pyspy": {"samples": 300, "on_stack": [["encode_region_mappings (protocol/dmswitch.py)", 240]]}}
+           "install_pyspy": {"samples": 300, "on_stack": [["encode_region_mappings (protocol/dmswitch_encoder.py)", 240]]}}
     install = scale_lib.build_rows(res)[0]
     assert install.met == "no"
     assert install.note.endswith("limited by the agent's encoder, 2.500 s alone under TCG (numpy emulated), "

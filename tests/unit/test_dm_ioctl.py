@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agent.kernel import dm
+from agent.kernel import dm, dm_abi, dm_errors, dm_udev_sync
+from protocol.dmtable import DmUdevFlags, Target
 from protocol.errors import SwitchAgentError
 
 PREFIX = "SWAGENT-"
@@ -118,7 +119,7 @@ class FakeDmKernel:
             raise OSError(errno.EINVAL, "version")
         if nr in self.fail:
             raise OSError(self.fail[nr], os.strerror(self.fail[nr]))
-        flags &= ~(dm.DM_BUFFER_FULL_FLAG | dm.DM_UEVENT_GENERATED_FLAG | dm.DM_DATA_OUT_FLAG)
+        flags &= ~(dm_abi.DM_BUFFER_FULL_FLAG | dm_abi.DM_UEVENT_GENERATED_FLAG | dm_abi.DM_DATA_OUT_FLAG)
         self.out_flags = flags
         self.data_size = 305
         if nr not in (0x00, 0x02, 0x0D, 0x03) and name and uuid:
@@ -139,10 +140,10 @@ class FakeDmKernel:
         raise OSError(errno.ENXIO, "no such device")
 
     def status(self, d: FakeDev, buf):
-        f = self.out_flags & ~(dm.DM_SUSPEND_FLAG | dm.DM_ACTIVE_PRESENT_FLAG
-                               | dm.DM_INACTIVE_PRESENT_FLAG | dm.DM_READONLY_FLAG)
-        f |= (dm.DM_SUSPEND_FLAG if d.suspended else 0) | (dm.DM_ACTIVE_PRESENT_FLAG if d.live else 0)
-        f |= dm.DM_INACTIVE_PRESENT_FLAG if d.inactive else 0
+        f = self.out_flags & ~(dm_abi.DM_SUSPEND_FLAG | dm_abi.DM_ACTIVE_PRESENT_FLAG
+                               | dm_abi.DM_INACTIVE_PRESENT_FLAG | dm_abi.DM_READONLY_FLAG)
+        f |= (dm_abi.DM_SUSPEND_FLAG if d.suspended else 0) | (dm_abi.DM_ACTIVE_PRESENT_FLAG if d.live else 0)
+        f |= dm_abi.DM_INACTIVE_PRESENT_FLAG if d.inactive else 0
         self.out_flags = f
         struct.pack_into("=iI", buf, OFF_OPEN_COUNT, d.open_count, f)
         struct.pack_into("=I", buf, OFF_EVENT_NR, d.event_nr)
@@ -165,15 +166,15 @@ class FakeDmKernel:
             rec[12:12 + len(d.name)] = d.name.encode()
             tail = align8(12 + len(d.name) + 1)
             lflags = 0
-            if call.flags & dm.DM_UUID_FLAG:
-                lflags = dm.DM_NAME_LIST_FLAG_HAS_UUID if d.uuid else dm.DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID
+            if call.flags & dm_abi.DM_UUID_FLAG:
+                lflags = dm_abi.DM_NAME_LIST_FLAG_HAS_UUID if d.uuid else dm_abi.DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID
                 if d.uuid:
                     rec += d.uuid.encode() + b"\0" * (align8(len(d.uuid) + 1) - len(d.uuid))
             struct.pack_into("=II", rec, tail, d.event_nr, lflags)
             recs.append(rec)
         needed = sum(map(len, recs))
         if self.room(buf) < max(needed, 8):
-            self.out_flags |= dm.DM_BUFFER_FULL_FLAG
+            self.out_flags |= dm_abi.DM_BUFFER_FULL_FLAG
             return None
         off = HDR
         struct.pack_into("=Q", buf, HDR, 0)
@@ -193,24 +194,24 @@ class FakeDmKernel:
     def cmd_04(self, call, buf):  # DEV_REMOVE
         d = self.find(call)
         if d.open_count:
-            if call.flags & dm.DM_DEFERRED_REMOVE:
+            if call.flags & dm_abi.DM_DEFERRED_REMOVE:
                 return None  # removed on last close; the flag stays set
             raise OSError(errno.EBUSY, "open")
         del self.devices[d.name]
-        self.out_flags &= ~dm.DM_DEFERRED_REMOVE
-        self.out_flags |= dm.DM_UEVENT_GENERATED_FLAG
+        self.out_flags &= ~dm_abi.DM_DEFERRED_REMOVE
+        self.out_flags |= dm_abi.DM_UEVENT_GENERATED_FLAG
         return None
 
     def cmd_06(self, call, buf):  # DEV_SUSPEND
         d = self.find(call)
-        if call.flags & dm.DM_SUSPEND_FLAG:
+        if call.flags & dm_abi.DM_SUSPEND_FLAG:
             d.suspended = True
         else:
             if d.inactive:
                 d.live, d.inactive = d.inactive, None
             if d.suspended:
                 d.suspended = False
-                self.out_flags |= dm.DM_UEVENT_GENERATED_FLAG
+                self.out_flags |= dm_abi.DM_UEVENT_GENERATED_FLAG
         return d
 
     def cmd_07(self, call, buf):  # DEV_STATUS
@@ -241,7 +242,7 @@ class FakeDmKernel:
         return d
 
     def _table(self, call, d):
-        return d.inactive if call.flags & dm.DM_QUERY_INACTIVE_TABLE_FLAG else d.live
+        return d.inactive if call.flags & dm_abi.DM_QUERY_INACTIVE_TABLE_FLAG else d.live
 
     def cmd_0b(self, call, buf):  # TABLE_DEPS
         d = self.find(call)
@@ -250,7 +251,7 @@ class FakeDmKernel:
                        for a, b in re.findall(r"(\d+):(\d+)", t[3])})
         need = 8 + 8 * len(devs)
         if self.room(buf) < need:
-            self.out_flags |= dm.DM_BUFFER_FULL_FLAG
+            self.out_flags |= dm_abi.DM_BUFFER_FULL_FLAG
         else:
             struct.pack_into(f"=II{len(devs)}Q", buf, HDR, len(devs), 0,
                              *[encode_dev(*x) for x in devs])
@@ -266,9 +267,9 @@ class FakeDmKernel:
         out = HDR
         used = 0
         for start, length, ttype, params in table:
-            text = params if call.flags & dm.DM_STATUS_TABLE_FLAG else f"{ttype}-status"
+            text = params if call.flags & dm_abi.DM_STATUS_TABLE_FLAG else f"{ttype}-status"
             if len(buf) - out <= 40 + len(text) + 1:
-                self.out_flags |= dm.DM_BUFFER_FULL_FLAG
+                self.out_flags |= dm_abi.DM_BUFFER_FULL_FLAG
                 break
             spec = out
             out += 40
@@ -307,9 +308,9 @@ class FakeDmKernel:
         self.messages.append((d.name, sector, msg))
         self.status(d, buf)
         if d.reply is not None:
-            self.out_flags |= dm.DM_DATA_OUT_FLAG
+            self.out_flags |= dm_abi.DM_DATA_OUT_FLAG
             if len(d.reply) + 1 > self.room(buf):
-                self.out_flags |= dm.DM_BUFFER_FULL_FLAG
+                self.out_flags |= dm_abi.DM_BUFFER_FULL_FLAG
             else:
                 buf[HDR:HDR + len(d.reply) + 1] = d.reply.encode() + b"\0"
                 self.data_size = HDR + len(d.reply) + 1
@@ -322,7 +323,7 @@ class RecordingUdev:
 
     def begin(self, udev_flags):
         self.log.append(("begin", udev_flags))
-        return dm.UdevCookie((udev_flags << 16) | 0x1234, semid=99)
+        return dm_udev_sync.UdevCookie((udev_flags << 16) | 0x1234, semid=99)
 
     def complete(self, cookie, ioctl_flags):
         self.log.append(("complete", cookie.value, ioctl_flags))
@@ -351,9 +352,9 @@ def dmc(kernel, udev):
 
 
 def test_dm_ioctl_struct_offsets():
-    raw = dm.pack_header(dm.DmCommand.TARGET_MSG, data_size=0x11223344, name="sw0",
+    raw = dm_abi.pack_header(dm_abi.DmCommand.TARGET_MSG, data_size=0x11223344, name="sw0",
                          uuid="SWAGENT-x", flags=0x55, event_nr=0x66, target_count=7)
-    assert len(raw) == 312 == dm.DM_IOCTL_SIZE
+    assert len(raw) == 312 == dm_abi.DM_IOCTL_SIZE
     assert struct.unpack_from("=3I", raw, OFF_VERSION) == (4, 2, 0)
     assert u32(raw, OFF_DATA_SIZE) == 0x11223344
     assert u32(raw, OFF_DATA_START) == 312
@@ -363,22 +364,22 @@ def test_dm_ioctl_struct_offsets():
     assert struct.unpack_from("=Q", raw, OFF_DEV)[0] == 0
     assert raw[OFF_NAME:OFF_NAME + 4] == b"sw0\0"
     assert raw[OFF_UUID:OFF_UUID + 10] == b"SWAGENT-x\0"
-    h = dm.unpack_header(raw)
+    h = dm_abi.unpack_header(raw)
     assert (h.name, h.uuid, h.flags, h.event_nr, h.target_count) == ("sw0", "SWAGENT-x", 0x55, 0x66, 7)
 
 
 def test_ioctl_numbers_match_dm_ioctl_h():
-    for cmd in dm.DmCommand:
+    for cmd in dm_abi.DmCommand:
         assert cmd.request == 0xC138FD00 + int(cmd)
-    assert dm.DmCommand.TABLE_LOAD.request == 0xC138FD09
-    assert str(dm.DmCommand.TABLE_LOAD) == "DM_TABLE_LOAD"
+    assert dm_abi.DmCommand.TABLE_LOAD.request == 0xC138FD09
+    assert str(dm_abi.DmCommand.TABLE_LOAD) == "DM_TABLE_LOAD"
 
 
 def test_flag_values_match_dm_ioctl_h():
-    assert (dm.DM_READONLY_FLAG, dm.DM_SUSPEND_FLAG, dm.DM_STATUS_TABLE_FLAG) == (1, 2, 16)
-    assert (dm.DM_BUFFER_FULL_FLAG, dm.DM_UEVENT_GENERATED_FLAG, dm.DM_UUID_FLAG) == (256, 8192, 16384)
-    assert dm.DM_DATA_OUT_FLAG == 1 << 16 and dm.DM_QUERY_INACTIVE_TABLE_FLAG == 1 << 12
-    assert dm.DM_UDEV_PRIMARY_SOURCE_FLAG == 0x40 and dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG == 0x8
+    assert (dm_abi.DM_READONLY_FLAG, dm_abi.DM_SUSPEND_FLAG, dm_abi.DM_STATUS_TABLE_FLAG) == (1, 2, 16)
+    assert (dm_abi.DM_BUFFER_FULL_FLAG, dm_abi.DM_UEVENT_GENERATED_FLAG, dm_abi.DM_UUID_FLAG) == (256, 8192, 16384)
+    assert dm_abi.DM_DATA_OUT_FLAG == 1 << 16 and dm_abi.DM_QUERY_INACTIVE_TABLE_FLAG == 1 << 12
+    assert DmUdevFlags.PRIMARY_SOURCE == 0x40 and DmUdevFlags.DISABLE_OTHER_RULES == 0x8
 
 
 def test_interface_version_per_command(dmc, kernel):
@@ -400,7 +401,7 @@ def test_interface_version_per_command(dmc, kernel):
 @pytest.mark.parametrize("plen", range(0, 10))
 def test_spec_packing_is_8_aligned_with_relative_next(plen):
     params = "x" * plen
-    payload, count = dm.pack_targets([(0, 8, "linear", params), (8, 16, "zero", "")])
+    payload, count = dm_abi.pack_targets([(0, 8, "linear", params), (8, 16, "zero", "")])
     assert count == 2
     first = align8(40 + plen + 1)
     start, length, status, nxt, ttype = struct.unpack_from("=QQiI16s", payload, 0)
@@ -414,8 +415,8 @@ def test_spec_packing_is_8_aligned_with_relative_next(plen):
 
 def test_table_load_round_trips_through_kernel_parser(dmc, kernel):
     kernel.add("sw0", PREFIX + "a")
-    table = [dm.Target(0, 100, "linear", "7:0 0"), dm.Target(100, 28, "zero", ""),
-             dm.Target(128, 2048, "switch", "2 1024 0 7:0 0 7:1 0")]
+    table = [Target(0, 100, "linear", "7:0 0"), Target(100, 28, "zero", ""),
+             Target(128, 2048, "switch", "2 1024 0 7:0 0 7:1 0")]
     info = dmc.table_load("sw0", table)
     assert info.inactive_present and not info.active_present
     assert kernel.devices["sw0"].inactive == [tuple(t) for t in table]
@@ -423,9 +424,9 @@ def test_table_load_round_trips_through_kernel_parser(dmc, kernel):
     assert dmc.table_status("sw0", table=True) == []
     dmc.device_resume("sw0")
     assert dmc.table_status("sw0", table=True) == table
-    assert dmc.table_status("sw0") == [dm.Target(0, 100, "linear", "linear-status"),
-                                       dm.Target(100, 28, "zero", "zero-status"),
-                                       dm.Target(128, 2048, "switch", "switch-status")]
+    assert dmc.table_status("sw0") == [Target(0, 100, "linear", "linear-status"),
+                                       Target(100, 28, "zero", "zero-status"),
+                                       Target(128, 2048, "switch", "switch-status")]
     assert dmc.table_deps("sw0") == [(7, 0), (7, 1)]
 
 
@@ -446,15 +447,15 @@ def test_table_status_next_counts_from_first_spec():
     struct.pack_into("=QQiI16s", data, 48, 10, 10, 0, 104, b"linear")
     data[88:96] = b"7:0 10\0\0"
     struct.pack_into("=QQiI16s", data, 104, 20, 5, 0, 152, b"error")
-    assert dm.parse_target_specs(data, 3) == [
-        dm.Target(0, 10, "zero", ""), dm.Target(10, 10, "linear", "7:0 10"),
-        dm.Target(20, 5, "error", "")]
+    assert dm_abi.parse_target_specs(data, 3) == [
+        Target(0, 10, "zero", ""), Target(10, 10, "linear", "7:0 10"),
+        Target(20, 5, "error", "")]
 
 
 def test_bad_targets_are_refused_before_any_ioctl(dmc, kernel):
     kernel.add("sw0", PREFIX + "a")
     for bad in ([(0, 8, "x" * 16, "")], [(0, 8, "zero", "a\0b")], [(0, 0, "zero", "")], []):
-        with pytest.raises(dm.DmArgumentError):
+        with pytest.raises(dm_errors.DmArgumentError):
             dmc.table_load("sw0", bad)
     assert not kernel.calls
 
@@ -467,21 +468,21 @@ def test_parse_name_list_hand_built():
     r1 = bytearray(40)
     struct.pack_into("=QI", r1, 0, encode_dev(253, 3), 40)
     r1[12:14] = b"a\0"
-    struct.pack_into("=II", r1, 16, 9, dm.DM_NAME_LIST_FLAG_HAS_UUID)
+    struct.pack_into("=II", r1, 16, 9, dm_abi.DM_NAME_LIST_FLAG_HAS_UUID)
     r1[24:28] = b"U-1\0"
     r2 = bytearray(32)
     struct.pack_into("=QI", r2, 0, encode_dev(253, 300), 0)
     r2[12:21] = b"bcdefghi\0"
-    struct.pack_into("=II", r2, 24, 2, dm.DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID)
-    assert dm.parse_name_list(bytes(r1 + r2)) == [
-        dm.DeviceEntry("a", "U-1", 253, 3, 9), dm.DeviceEntry("bcdefghi", "", 253, 300, 2)]
-    assert dm.parse_name_list(b"") == []
-    assert dm.parse_name_list(bytes(16)) == []  # dev == 0: "flags no data"
+    struct.pack_into("=II", r2, 24, 2, dm_abi.DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID)
+    assert dm_abi.parse_name_list(bytes(r1 + r2)) == [
+        dm_abi.DeviceEntry("a", "U-1", 253, 3, 9), dm_abi.DeviceEntry("bcdefghi", "", 253, 300, 2)]
+    assert dm_abi.parse_name_list(b"") == []
+    assert dm_abi.parse_name_list(bytes(16)) == []  # dev == 0: "flags no data"
     # A kernel before 4.14: the name, padded to 8, and nothing after it.
     old = bytearray(16)
     struct.pack_into("=QI", old, 0, encode_dev(253, 4), 0)
     old[12:14] = b"z\0"
-    assert dm.parse_name_list(bytes(old)) == [dm.DeviceEntry("z", "", 253, 4, None)]
+    assert dm_abi.parse_name_list(bytes(old)) == [dm_abi.DeviceEntry("z", "", 253, 4, None)]
 
 
 def test_list_devices_doubles_the_buffer_on_buffer_full(dmc, kernel):
@@ -490,9 +491,9 @@ def test_list_devices_doubles_the_buffer_on_buffer_full(dmc, kernel):
     devices = dmc.list_devices()
     sizes = [c.size for c in kernel.calls]
     assert sizes == [16384, 32768, 65536, 131072]
-    assert all(c.flags & dm.DM_UUID_FLAG for c in kernel.calls)
+    assert all(c.flags & dm_abi.DM_UUID_FLAG for c in kernel.calls)
     assert len(devices) == 400
-    assert devices[1] == dm.DeviceEntry("dev001-" + "n" * 90, PREFIX + "001-" + "u" * 90, 253, 1, 0)
+    assert devices[1] == dm_abi.DeviceEntry("dev001-" + "n" * 90, PREFIX + "001-" + "u" * 90, 253, 1, 0)
     assert devices[0].uuid == ""
     assert devices[399].minor == 399
 
@@ -501,7 +502,7 @@ def test_an_unchanged_list_is_not_parsed_again_and_a_change_is_seen(dmc, kernel,
     kernel.add("a", PREFIX + "a")
     kernel.add("b", "")
     parses = []
-    parse = dm.parse_name_list
+    parse = dm_abi.parse_name_list
     monkeypatch.setattr(dm, "parse_name_list", lambda data: parses.append(1) or parse(data))
     first = dmc.list_devices()
     assert dmc.list_devices() == first and len(parses) == 1
@@ -518,7 +519,7 @@ def test_list_devices_empty(dmc):
 def test_list_versions_and_deps_hand_built(dmc):
     assert dmc.list_versions() == {"linear": (1, 4, 0), "zero": (1, 2, 0), "switch": (1, 1, 0)}
     data = struct.pack("=II3Q", 3, 0, encode_dev(8, 0), encode_dev(253, 257), encode_dev(7, 1))
-    assert dm.parse_deps(data) == [(8, 0), (253, 257), (7, 1)]
+    assert dm_abi.parse_deps(data) == [(8, 0), (253, 257), (7, 1)]
 
 
 def test_device_info_fields(dmc, kernel):
@@ -526,46 +527,46 @@ def test_device_info_fields(dmc, kernel):
                event_nr=5)
     kernel.next_minor = 4096
     info = dmc.device_info("sw0")
-    assert info == dm.DeviceInfo(name="sw0", uuid=PREFIX + "a", major=253, minor=0, open_count=2,
+    assert info == dm_abi.DeviceInfo(name="sw0", uuid=PREFIX + "a", major=253, minor=0, open_count=2,
                                  target_count=1, event_nr=5, suspended=False, read_only=False,
                                  active_present=True, inactive_present=False,
-                                 deferred_remove=False, flags=dm.DM_ACTIVE_PRESENT_FLAG)
+                                 deferred_remove=False, flags=dm_abi.DM_ACTIVE_PRESENT_FLAG)
     assert dmc.device_info(uuid=PREFIX + "a").name == "sw0"
     looked_up = kernel.calls[-1]
     assert (looked_up.name, looked_up.uuid) == ("", PREFIX + "a")
-    assert dm.decode_dev(encode_dev(253, 0x12345)) == (253, 0x12345)
+    assert dm_abi.decode_dev(encode_dev(253, 0x12345)) == (253, 0x12345)
 
 
 # --- errors -----------------------------------------------------------------
 
 
 def test_errno_becomes_dm_ioctl_error_with_context(dmc, kernel):
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.device_info("nosuch")
     e = ei.value
-    assert (e.command, e.name, e.errno) == (dm.DmCommand.DEV_STATUS, "nosuch", errno.ENXIO)
+    assert (e.command, e.name, e.errno) == (dm_abi.DmCommand.DEV_STATUS, "nosuch", errno.ENXIO)
     assert isinstance(e.__cause__, OSError)
     assert isinstance(e, SwitchAgentError)
     assert "DM_DEV_STATUS nosuch" in str(e)
 
     kernel.add("sw0", PREFIX + "a")
     kernel.fail[0x09] = errno.EINVAL
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.table_load("sw0", [(0, 8, "zero", "")])
     assert (ei.value.command, ei.value.name, ei.value.errno) == (
-        dm.DmCommand.TABLE_LOAD, "sw0", errno.EINVAL)
+        dm_abi.DmCommand.TABLE_LOAD, "sw0", errno.EINVAL)
 
 
 def test_name_and_uuid_arguments_are_checked(dmc):
-    with pytest.raises(dm.DmArgumentError):
+    with pytest.raises(dm_errors.DmArgumentError):
         dmc.device_info()
-    with pytest.raises(dm.DmArgumentError):
+    with pytest.raises(dm_errors.DmArgumentError):
         dmc.device_info("a", uuid="b")
     with pytest.raises(ValueError):
         dmc.device_info("n" * 128)
-    with pytest.raises(dm.DmArgumentError):
+    with pytest.raises(dm_errors.DmArgumentError):
         dmc.device_create("a/b", PREFIX + "x")
-    with pytest.raises(dm.DmArgumentError):
+    with pytest.raises(dm_errors.DmArgumentError):
         dm.DeviceMapper("", fd=-1, ioctl=FakeDmKernel())
 
 
@@ -584,22 +585,22 @@ def test_every_mutating_call_refuses_a_foreign_device(dmc, kernel, udev, foreign
         lambda: dmc.target_message("theirs", 0, "set_region_mappings 0:1"),
     ]
     for call in calls:
-        with pytest.raises(dm.NotOwnedError) as ei:
+        with pytest.raises(dm_errors.NotOwnedError) as ei:
             call()
         assert ei.value.uuid == foreign_uuid and ei.value.name == "theirs"
     if foreign_uuid:
-        with pytest.raises(dm.NotOwnedError):
+        with pytest.raises(dm_errors.NotOwnedError):
             dmc.table_clear(uuid=foreign_uuid)
     assert kernel.mutating() == []
     assert udev.log == []
     assert kernel.devices["theirs"].live == [(0, 8, "zero", "")]
     # reads are fine
     assert dmc.device_info("theirs").uuid == foreign_uuid
-    assert dmc.table_status("theirs", table=True) == [dm.Target(0, 8, "zero", "")]
+    assert dmc.table_status("theirs", table=True) == [Target(0, 8, "zero", "")]
 
 
 def test_device_create_refuses_a_foreign_uuid_without_an_ioctl(dmc, kernel):
-    with pytest.raises(dm.NotOwnedError):
+    with pytest.raises(dm_errors.NotOwnedError):
         dmc.device_create("x", "mpath-1")
     assert kernel.calls == []
     info = dmc.device_create("x", PREFIX + "1")
@@ -613,7 +614,7 @@ def test_mutating_calls_are_addressed_by_the_checked_uuid(dmc, kernel):
     status, suspend = kernel.calls[-2:]
     assert (status.nr, status.name, status.uuid) == (0x07, "sw0", "")
     assert (suspend.nr, suspend.name, suspend.uuid) == (0x06, "", PREFIX + "a")
-    assert suspend.flags == dm.DM_SUSPEND_FLAG | dm.DM_NOFLUSH_FLAG | dm.DM_SKIP_LOCKFS_FLAG
+    assert suspend.flags == dm_abi.DM_SUSPEND_FLAG | dm_abi.DM_NOFLUSH_FLAG | dm_abi.DM_SKIP_LOCKFS_FLAG
     assert suspend.event_nr == 0  # suspend sends no uevent, so no cookie
 
 
@@ -622,43 +623,43 @@ def test_mutating_calls_are_addressed_by_the_checked_uuid(dmc, kernel):
 
 def test_resume_and_remove_carry_the_cookie_and_wait(dmc, kernel, udev):
     kernel.add("leg0", PREFIX + "leg0", inactive=[(0, 8, "zero", "")])
-    hidden = dm.DM_UDEV_DISABLE_DISK_RULES_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    hidden = DmUdevFlags.DISABLE_DISK_RULES | DmUdevFlags.DISABLE_OTHER_RULES
     info = dmc.device_resume("leg0", udev_flags=hidden)
     assert not info.suspended and info.active_present
     resume = kernel.calls[-1]
-    want = ((dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden) << 16) | 0x1234
-    assert resume.event_nr == want and not resume.flags & dm.DM_SUSPEND_FLAG
-    assert udev.log[0] == ("begin", dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden)
+    want = ((DmUdevFlags.PRIMARY_SOURCE | hidden) << 16) | 0x1234
+    assert resume.event_nr == want and not resume.flags & dm_abi.DM_SUSPEND_FLAG
+    assert udev.log[0] == ("begin", DmUdevFlags.PRIMARY_SOURCE | hidden)
     assert udev.log[1][:2] == ("complete", want)
-    assert udev.log[1][2] & dm.DM_UEVENT_GENERATED_FLAG
+    assert udev.log[1][2] & dm_abi.DM_UEVENT_GENERATED_FLAG
     assert dmc.device_remove("leg0") is True
     assert kernel.calls[-1].nr == 0x04
-    assert kernel.calls[-1].event_nr == (dm.DM_UDEV_PRIMARY_SOURCE_FLAG << 16) | 0x1234
+    assert kernel.calls[-1].event_nr == (DmUdevFlags.PRIMARY_SOURCE << 16) | 0x1234
     assert udev.log[-1][0] == "complete" and "leg0" not in kernel.devices
 
 
 def test_failed_remove_cancels_the_cookie(dmc, kernel, udev):
     kernel.add("sw0", PREFIX + "a", open_count=1)
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.device_remove("sw0")
     assert ei.value.errno == errno.EBUSY and ei.value.name == "sw0"
     assert [x[0] for x in udev.log] == ["begin", "cancel"]
     assert dmc.device_remove("sw0", deferred=True) is False
-    assert kernel.calls[-1].flags & dm.DM_DEFERRED_REMOVE and "sw0" in kernel.devices
+    assert kernel.calls[-1].flags & dm_abi.DM_DEFERRED_REMOVE and "sw0" in kernel.devices
 
 
 def test_no_udev_sync_sends_a_flags_only_cookie(kernel):
-    dmc = dm.DeviceMapper(PREFIX, fd=-1, ioctl=kernel, udev=dm.NoUdevSync())
+    dmc = dm.DeviceMapper(PREFIX, fd=-1, ioctl=kernel, udev=dm_udev_sync.NoUdevSync())
     kernel.add("sw0", PREFIX + "a", inactive=[(0, 8, "zero", "")])
-    dmc.device_resume("sw0", udev_flags=dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG)
+    dmc.device_resume("sw0", udev_flags=DmUdevFlags.DISABLE_OTHER_RULES)
     assert kernel.calls[-1].event_nr == 0x48 << 16
 
 
 def test_resume_without_waiting_sends_the_flags_and_never_touches_the_semaphores(dmc, kernel, udev):
     kernel.add("leg0", PREFIX + "leg0", inactive=[(0, 8, "zero", "")])
-    hidden = dm.DM_UDEV_DISABLE_DISK_RULES_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    hidden = DmUdevFlags.DISABLE_DISK_RULES | DmUdevFlags.DISABLE_OTHER_RULES
     dmc.device_resume("leg0", udev_flags=hidden, wait_for_udev=False)
-    assert kernel.calls[-1].event_nr == (dm.DM_UDEV_PRIMARY_SOURCE_FLAG | hidden) << 16  # base 0
+    assert kernel.calls[-1].event_nr == (DmUdevFlags.PRIMARY_SOURCE | hidden) << 16  # base 0
     assert udev.log == []
 
 
@@ -687,10 +688,10 @@ def test_target_message_reply_and_overflow_retry(dmc, kernel):
 def test_message_errors_are_typed(dmc, kernel):
     kernel.add("sw0", PREFIX + "a", live=[(0, 8, "switch", "")], suspended=False)
     kernel.fail[0x0E] = errno.ENOMEM
-    with pytest.raises(dm.DmIoctlError) as ei:
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.target_message("sw0", 0, "set_region_mappings " + " ".join(["0:1"] * 10))
-    assert (ei.value.command, ei.value.errno) == (dm.DmCommand.TARGET_MSG, errno.ENOMEM)
-    with pytest.raises(dm.DmArgumentError):
+    assert (ei.value.command, ei.value.errno) == (dm_abi.DmCommand.TARGET_MSG, errno.ENOMEM)
+    with pytest.raises(dm_errors.DmArgumentError):
         dmc.target_message("sw0", 0, "   ")
 
 
@@ -698,10 +699,10 @@ def test_buffer_doubling_stops_at_the_kernel_limit(kernel, monkeypatch):
     monkeypatch.setattr(dm, "MAX_BUFFER_SIZE", 65536)
 
     def always_full(fd, request, buf):
-        struct.pack_into("=I", buf, OFF_FLAGS, dm.DM_BUFFER_FULL_FLAG)
+        struct.pack_into("=I", buf, OFF_FLAGS, dm_abi.DM_BUFFER_FULL_FLAG)
 
-    dmc = dm.DeviceMapper(PREFIX, fd=-1, ioctl=always_full, udev=dm.NoUdevSync())
-    with pytest.raises(dm.DmIoctlError) as ei:
+    dmc = dm.DeviceMapper(PREFIX, fd=-1, ioctl=always_full, udev=dm_udev_sync.NoUdevSync())
+    with pytest.raises(dm_errors.DmIoctlError) as ei:
         dmc.list_devices()
     assert ei.value.errno == errno.ENOBUFS
 
@@ -712,12 +713,12 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 
 def sem_of(cookie):
-    return libc.semget((dm.DM_COOKIE_MAGIC << 16) | (cookie & 0xFFFF), 1, 0)
+    return libc.semget((dm_udev_sync.DM_COOKIE_MAGIC << 16) | (cookie & 0xFFFF), 1, 0)
 
 
 def udevcomplete(cookie):
     """What `dmsetup udevcomplete` does: decrement the cookie's semaphore."""
-    sb = dm._Sembuf(0, -1, 0o4000)
+    sb = dm_udev_sync._Sembuf(0, -1, 0o4000)
     assert libc.semop(sem_of(cookie), ctypes.byref(sb), 1) == 0
 
 
@@ -725,11 +726,11 @@ def udevcomplete(cookie):
 def running_udev(tmp_path):
     control = tmp_path / "control"
     control.touch()
-    return dm.UdevSync(timeout=5, udev_control=str(control))
+    return dm_udev_sync.UdevSync(timeout=5, udev_control=str(control))
 
 
 def test_udev_sync_waits_for_udevcomplete(running_udev):
-    flags = dm.DM_UDEV_PRIMARY_SOURCE_FLAG | dm.DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    flags = DmUdevFlags.PRIMARY_SOURCE | DmUdevFlags.DISABLE_OTHER_RULES
     cookie = running_udev.begin(flags)
     assert cookie.value >> 16 == flags and 0 < cookie.base <= 0xFFFF
     assert sem_of(cookie.value) == cookie.semid
@@ -737,14 +738,14 @@ def test_udev_sync_waits_for_udevcomplete(running_udev):
     t = threading.Timer(0.3, udevcomplete, (cookie.value,))
     t.start()
     t0 = time.monotonic()
-    assert running_udev.complete(cookie, dm.DM_UEVENT_GENERATED_FLAG) is True
+    assert running_udev.complete(cookie, dm_abi.DM_UEVENT_GENERATED_FLAG) is True
     assert time.monotonic() - t0 >= 0.25
     t.join()
     assert sem_of(cookie.value) == -1 and ctypes.get_errno() == errno.ENOENT
 
 
 def test_udev_sync_no_uevent_means_no_wait(running_udev):
-    cookie = running_udev.begin(dm.DM_UDEV_PRIMARY_SOURCE_FLAG)
+    cookie = running_udev.begin(DmUdevFlags.PRIMARY_SOURCE)
     t0 = time.monotonic()
     assert running_udev.complete(cookie, 0) is True
     assert time.monotonic() - t0 < 1
@@ -753,17 +754,17 @@ def test_udev_sync_no_uevent_means_no_wait(running_udev):
 
 def test_udev_sync_times_out_and_cleans_up(running_udev, caplog):
     running_udev.timeout = 0.2
-    cookie = running_udev.begin(dm.DM_UDEV_PRIMARY_SOURCE_FLAG)
-    assert running_udev.complete(cookie, dm.DM_UEVENT_GENERATED_FLAG) is False
+    cookie = running_udev.begin(DmUdevFlags.PRIMARY_SOURCE)
+    assert running_udev.complete(cookie, dm_abi.DM_UEVENT_GENERATED_FLAG) is False
     assert "did not complete" in caplog.text
     assert sem_of(cookie.value) == -1
 
 
 def test_udev_sync_without_udev_is_flags_only(tmp_path):
-    sync = dm.UdevSync(udev_control=str(tmp_path / "absent"))
-    cookie = sync.begin(dm.DM_UDEV_PRIMARY_SOURCE_FLAG)
-    assert cookie == dm.UdevCookie(0x40 << 16, None)
-    assert sync.complete(cookie, dm.DM_UEVENT_GENERATED_FLAG) is True
+    sync = dm_udev_sync.UdevSync(udev_control=str(tmp_path / "absent"))
+    cookie = sync.begin(DmUdevFlags.PRIMARY_SOURCE)
+    assert cookie == dm_udev_sync.UdevCookie(0x40 << 16, None)
+    assert sync.complete(cookie, dm_abi.DM_UEVENT_GENERATED_FLAG) is True
 
 
 def test_udev_sync_cancel_destroys(running_udev):
@@ -773,6 +774,6 @@ def test_udev_sync_cancel_destroys(running_udev):
 
 
 def test_missing_control_node_is_a_typed_error(tmp_path):
-    with pytest.raises(dm.DmUnavailableError) as ei:
+    with pytest.raises(dm_errors.DmUnavailableError) as ei:
         dm.DeviceMapper(PREFIX, control_path=str(tmp_path / "control"))
-    assert ei.value.errno == errno.ENOENT and isinstance(ei.value, dm.DmError)
+    assert ei.value.errno == errno.ENOENT and isinstance(ei.value, dm_errors.DmError)

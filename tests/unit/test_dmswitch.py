@@ -1,4 +1,4 @@
-"""protocol.dmswitch: table lines, the set_region_mappings encoder, and the oracle decoder.
+"""protocol.dmswitch_encoder and protocol.dmswitch_oracle: the set_region_mappings message both ways.
 
 The decoder is checked against hand-written examples of what
 drivers/md/dm-switch.c process_set_region_mappings does; the encoder is
@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import dmswitch as ds
+from protocol.dmswitch_encoder import encode_region_mappings, round_robin
+from protocol.dmswitch_oracle import apply_region_mappings, region_table_entry_bits, split_message_args
+from protocol.dmtable import MAX_MESSAGE_TOKENS, MAX_SWITCH_PATHS
 from protocol.errors import DecodeError, DmSwitchMessageError, EncodeError
 from tests.bench import maps
 
@@ -24,7 +26,7 @@ EXPLICIT = re.compile(r"[0-9a-f]+:[0-9a-f]+")
 
 def apply_all(table: np.ndarray, messages: list[str], nr_paths: int) -> np.ndarray:
     for m in messages:
-        ds.apply_region_mappings(table, m, nr_paths)
+        apply_region_mappings(table, m, nr_paths)
     return table
 
 
@@ -37,7 +39,7 @@ def test_switch_txt_example():
     # Documentation/device-mapper/switch.txt: "1000:1 :2 R2,10" is 1000:1 :2
     # followed by 16 more alternating entries (all numbers hex).
     table = np.zeros(0x2000, dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} 1000:1 :2 R2,10", 3)
+    apply_region_mappings(table, f"{MSG} 1000:1 :2 R2,10", 3)
     assert table[0x1000:0x1012].tolist() == [1, 2] * 9
     assert table[0x1012] == 0 and table[0xFFF] == 0
 
@@ -45,72 +47,72 @@ def test_switch_txt_example():
 def test_leading_colon_sets_region_one():
     # region_index starts at 0 and ':' increments before use.
     table = np.zeros(4, dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} :1 :2", 3)
+    apply_region_mappings(table, f"{MSG} :1 :2", 3)
     assert table.tolist() == [0, 1, 2, 0]
 
 
 def test_case_and_whitespace():
     table = np.zeros(32, dtype=np.int64)
-    ds.apply_region_mappings(table, "SET_Region_Mappings\t1A:F  \n:e r2,3", 16)
+    apply_region_mappings(table, "SET_Region_Mappings\t1A:F  \n:e r2,3", 16)
     assert table[0x1A:0x1F].tolist() == [15, 14, 15, 14, 15]
 
 
 def test_r_first_copies_region_zero():
     # Valid for the kernel: R1,3 at region_index 0 repeats region 0.
     table = np.array([2, 0, 0, 0, 0], dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} R1,3", 3)
+    apply_region_mappings(table, f"{MSG} R1,3", 3)
     assert table.tolist() == [2, 2, 2, 2, 0]
 
 
 def test_r_overlapping_cycle_repeats_pattern():
     table = np.zeros(12, dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} 2:0 :1 :2 R3,7", 3)
+    apply_region_mappings(table, f"{MSG} 2:0 :1 :2 R3,7", 3)
     assert table.tolist() == [0, 0, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
 
 
 def test_r_reads_existing_table_and_leaves_index_at_last_written():
     table = np.array([1, 2, 0, 0, 0, 0, 0, 0], dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} 2:0 R3,2 :1", 3)
+    apply_region_mappings(table, f"{MSG} 2:0 R3,2 :1", 3)
     # regions 3, 4 copy regions 0, 1; ':' then writes region 5.
     assert table.tolist() == [1, 2, 0, 1, 2, 1, 0, 0]
 
 
 def test_r_may_reach_the_last_region():
     table = np.zeros(16, dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} 5:1 :2 R1,9", 3)  # 6 + 9 = 15, the last region
+    apply_region_mappings(table, f"{MSG} 5:1 :2 R1,9", 3)  # 6 + 9 = 15, the last region
     assert table[5:].tolist() == [1] + [2] * 10
 
 
 def test_r_zero_count_is_a_no_op():
     table = np.zeros(4, dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} 3:1 R1,0", 3)
+    apply_region_mappings(table, f"{MSG} 3:1 R1,0", 3)
     assert table.tolist() == [0, 0, 0, 1]
 
 
 def test_parse_hex_wraps_without_overflow_check():
     table = np.zeros(4, dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} 10000000000000002:1", 3)
+    apply_region_mappings(table, f"{MSG} 10000000000000002:1", 3)
     assert table.tolist() == [0, 0, 1, 0]
 
 
 def test_r_copy_reads_entries_masked_to_entry_width():
     # switch_region_table_read masks to region_table_entry_bits (2 bits for 3 paths).
     table = np.array([6, 0, 0], dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} R1,2", 3)
+    apply_region_mappings(table, f"{MSG} R1,2", 3)
     assert table.tolist() == [6, 2, 2]
 
 
 def test_backslash_escapes_and_nul():
-    assert ds.split_message_args("a\\ b c\\\\d  e") == [b"a b", b"c\\d", b"e"]
-    assert ds.split_message_args("a b\0c d") == [b"a", b"b"]
+    assert split_message_args("a\\ b c\\\\d  e") == [b"a b", b"c\\d", b"e"]
+    assert split_message_args("a b\0c d") == [b"a", b"b"]
     table = np.zeros(4, dtype=np.int64)
-    ds.apply_region_mappings(table, f"{MSG} \\1:\\2", 3)
+    apply_region_mappings(table, f"{MSG} \\1:\\2", 3)
     assert table.tolist() == [0, 2, 0, 0]
 
 
 def test_message_with_no_tokens_is_accepted():
     table = np.zeros(4, dtype=np.int64)
-    ds.apply_region_mappings(table, MSG, 3)
+    apply_region_mappings(table, MSG, 3)
     assert table.tolist() == [0, 0, 0, 0]
 
 
@@ -138,7 +140,7 @@ def test_message_with_no_tokens_is_accepted():
 def test_rejections_leave_earlier_tokens_applied(tokens, bad, why):
     table = np.zeros(16, dtype=np.int64)
     with pytest.raises(DmSwitchMessageError) as exc:
-        ds.apply_region_mappings(table, f"{MSG} {tokens}", 3)
+        apply_region_mappings(table, f"{MSG} {tokens}", 3)
     assert exc.value.token == bad
     assert exc.value.position == 3 and exc.value.applied == 2
     assert why in exc.value.reason
@@ -150,7 +152,7 @@ def test_rejections_leave_earlier_tokens_applied(tokens, bad, why):
 def test_colon_walking_off_the_end():
     table = np.zeros(16, dtype=np.int64)
     with pytest.raises(DmSwitchMessageError) as exc:
-        ds.apply_region_mappings(table, f"{MSG} e:1 :2 :1", 3)
+        apply_region_mappings(table, f"{MSG} e:1 :2 :1", 3)
     assert (exc.value.token, exc.value.position, exc.value.applied) == (":1", 3, 2)
     assert table[14:].tolist() == [1, 2]
 
@@ -158,13 +160,13 @@ def test_colon_walking_off_the_end():
 def test_unrecognised_message_name():
     table = np.zeros(4, dtype=np.int64)
     with pytest.raises(DmSwitchMessageError) as exc:
-        ds.apply_region_mappings(table, "set_region_mapping 1:1", 3)
+        apply_region_mappings(table, "set_region_mapping 1:1", 3)
     assert exc.value.position == 0
     assert table.tolist() == [0, 0, 0, 0]
 
 
 def test_region_table_entry_bits():
-    assert [ds.region_table_entry_bits(p) for p in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 1, 2, 2, 3, 3, 4, 4, 5]
+    assert [region_table_entry_bits(p) for p in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 1, 2, 2, 3, 3, 4, 4, 5]
 
 
 # --------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def check_messages(messages: list[str], limit: int) -> None:
         words = m.split(" ")
         assert words[0] == MSG and all(words)
         assert EXPLICIT.fullmatch(words[1]), words[1]  # valid on its own
-        assert len(words) <= ds.MAX_MESSAGE_TOKENS
+        assert len(words) <= MAX_MESSAGE_TOKENS
 
 
 LIMITS = st.sampled_from([64, 80, 128, 1024, 65536])
@@ -215,7 +217,7 @@ EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @given(region_maps(), LIMITS, st.integers(0, 2**32 - 1))
 def test_unknown_table_every_allocated_region_lands(case, limit, garbage_seed):
     regions, nr_paths = case
-    messages = ds.encode_region_mappings(regions, max_message_bytes=limit)
+    messages = encode_region_mappings(regions, max_message_bytes=limit)
     check_messages(messages, limit)
     table = np.random.default_rng(garbage_seed).integers(0, nr_paths, len(regions))
     apply_all(table, messages, nr_paths)
@@ -232,14 +234,14 @@ def test_known_table_only_differences_needed(case, limit, kind, seed):
     n = len(regions)
     rng = np.random.default_rng(seed)
     if kind == "round_robin":
-        previous = ds.round_robin(n, nr_paths).astype(np.int64)
+        previous = round_robin(n, nr_paths).astype(np.int64)
     elif kind == "arbitrary":
         previous = rng.integers(0, nr_paths, n)
     else:
         previous = np.where(regions >= 0, regions, rng.integers(0, nr_paths, n))
         if kind == "near" and nr_paths > 1:
             previous = maps.move_pages(previous, 0.02, nr_paths, rng).astype(np.int64)
-    messages = ds.encode_region_mappings(regions, previous=previous, max_message_bytes=limit)
+    messages = encode_region_mappings(regions, previous=previous, max_message_bytes=limit)
     check_messages(messages, limit)
     table = apply_all(previous.copy(), messages, nr_paths)
     alloc = regions >= 0
@@ -257,7 +259,7 @@ def test_partly_unknown_table(case, limit, blind, seed):
     rng = np.random.default_rng(seed)
     previous = rng.integers(0, nr_paths, n)
     previous[rng.random(n) < blind] = -1
-    messages = ds.encode_region_mappings(regions, previous=previous, max_message_bytes=limit)
+    messages = encode_region_mappings(regions, previous=previous, max_message_bytes=limit)
     check_messages(messages, limit)
     table = np.where(previous < 0, rng.integers(0, nr_paths, n), previous)
     apply_all(table, messages, nr_paths)
@@ -273,16 +275,16 @@ def test_impossible_path_in_previous_means_unknown():
     kernel = maps.seed_map(rng, pages=100_000)
     owners = maps.with_holes(maps.move_pages(kernel, 0.05, 3, rng), 0.3, rng, 3).astype(np.int64)
     previous = np.where(owners < 0, 3, kernel)
-    messages = ds.encode_region_mappings(owners, previous=previous)
+    messages = encode_region_mappings(owners, previous=previous)
     table = apply_all(kernel.astype(np.int64), messages, 3)
     assert np.array_equal(table[owners >= 0], owners[owners >= 0])
-    assert messages == ds.encode_region_mappings(owners, previous=np.where(owners < 0, -1, kernel))
+    assert messages == encode_region_mappings(owners, previous=np.where(owners < 0, -1, kernel))
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-1, 3), min_size=1, max_size=40), st.integers(0, 2**32 - 1))
 def test_small_lists_shrinkable(regions, seed):
-    messages = ds.encode_region_mappings(regions, max_message_bytes=64)
+    messages = encode_region_mappings(regions, max_message_bytes=64)
     check_messages(messages, 64)
     r = np.array(regions)
     table = apply_all(np.random.default_rng(seed).integers(0, 4, len(r)), messages, 4)
@@ -295,40 +297,40 @@ def test_small_lists_shrinkable(regions, seed):
 
 
 def test_one_region():
-    assert ds.encode_region_mappings([0]) == [f"{MSG} 0:0"]
-    assert ds.encode_region_mappings([1], previous=[1]) == []
-    assert ds.encode_region_mappings([1], previous=[0]) == [f"{MSG} 0:1"]
+    assert encode_region_mappings([0]) == [f"{MSG} 0:0"]
+    assert encode_region_mappings([1], previous=[1]) == []
+    assert encode_region_mappings([1], previous=[0]) == [f"{MSG} 0:1"]
 
 
 def test_one_path_is_one_run():
-    assert ds.encode_region_mappings(np.zeros(1000, dtype=np.int64)) == [f"{MSG} 0:0 R1,3e7"]
+    assert encode_region_mappings(np.zeros(1000, dtype=np.int64)) == [f"{MSG} 0:0 R1,3e7"]
 
 
 def test_only_the_last_region_changed():
-    prev = ds.round_robin(100_001, 16)
+    prev = round_robin(100_001, 16)
     regions = prev.astype(np.int64)
     regions[-1] = (regions[-1] + 1) % 16
-    assert ds.encode_region_mappings(regions, previous=prev) == [f"{MSG} 186a0:1"]
+    assert encode_region_mappings(regions, previous=prev) == [f"{MSG} 186a0:1"]
 
 
 def test_all_dont_care():
-    assert ds.encode_region_mappings(np.full(50, -1)) == []
-    assert ds.encode_region_mappings(np.full(50, -1), previous=np.zeros(50, dtype=int)) == []
+    assert encode_region_mappings(np.full(50, -1)) == []
+    assert encode_region_mappings(np.full(50, -1), previous=np.zeros(50, dtype=int)) == []
 
 
 def test_previous_equal_sends_nothing():
     r = maps.seed_map(np.random.default_rng(1), pages=5000)
-    assert ds.encode_region_mappings(r, previous=r) == []
+    assert encode_region_mappings(r, previous=r) == []
     holes = maps.with_holes(r, 0.3, np.random.default_rng(2))
-    assert ds.encode_region_mappings(holes, previous=r) == []
+    assert encode_region_mappings(holes, previous=r) == []
 
 
 def test_leading_holes_start_at_first_allocated():
-    assert ds.encode_region_mappings([-1, -1, -1, 2, 2]) == [f"{MSG} 3:2 :2"]
+    assert encode_region_mappings([-1, -1, -1, 2, 2]) == [f"{MSG} 3:2 :2"]
 
 
 def test_striped_is_a_few_tokens():
-    msgs = ds.encode_region_mappings(maps.striped(3000, 3))
+    msgs = encode_region_mappings(maps.striped(3000, 3))
     assert len(msgs) == 1 and len(msgs[0]) < 60
     table = apply_all(np.zeros(3000, dtype=np.int64), msgs, 3)
     assert np.array_equal(table, maps.striped(3000, 3))
@@ -337,41 +339,41 @@ def test_striped_is_a_few_tokens():
 def test_wide_stripes_copy_one_period_back():
     # Stripes 64 pages wide over 3 members repeat every 192 regions.
     r = maps.striped(100_000, 3, 64)
-    msgs = ds.encode_region_mappings(r)
+    msgs = encode_region_mappings(r)
     assert sum(len(m) for m in msgs) < 80
     assert np.array_equal(apply_all(np.zeros(len(r), dtype=np.int64), msgs, 3), r)
 
 
 def test_many_paths_use_wider_hex():
     r = np.random.default_rng(3).integers(0, 300, 500)
-    msgs = ds.encode_region_mappings(r)
+    msgs = encode_region_mappings(r)
     assert apply_all(np.zeros(500, dtype=np.int64), msgs, 300).tolist() == r.tolist()
 
 
 def test_tiny_limit_splits_r_tokens():
     r = np.repeat(np.arange(3), 40)
-    msgs = ds.encode_region_mappings(r, max_message_bytes=len(MSG) + 1 + len("77:2"))
+    msgs = encode_region_mappings(r, max_message_bytes=len(MSG) + 1 + len("77:2"))
     assert all(EXPLICIT.fullmatch(m.split()[1]) for m in msgs)
     assert apply_all(np.zeros(120, dtype=np.int64), msgs, 3).tolist() == r.tolist()
 
 
 def test_limit_too_small_for_one_token():
     with pytest.raises(EncodeError):
-        ds.encode_region_mappings([0, 1, 2], max_message_bytes=len(MSG) + 3)
-    assert ds.encode_region_mappings([0, 1, 2], max_message_bytes=len(MSG) + 4)
+        encode_region_mappings([0, 1, 2], max_message_bytes=len(MSG) + 3)
+    assert encode_region_mappings([0, 1, 2], max_message_bytes=len(MSG) + 4)
 
 
 def test_token_count_bounded_per_message():
     r = np.random.default_rng(4).integers(0, 16, 200_000)
-    msgs = ds.encode_region_mappings(r, max_message_bytes=2**30)
+    msgs = encode_region_mappings(r, max_message_bytes=2**30)
     assert len(msgs) >= 2
-    assert all(len(m.split(" ")) <= ds.MAX_MESSAGE_TOKENS for m in msgs)
+    assert all(len(m.split(" ")) <= MAX_MESSAGE_TOKENS for m in msgs)
     assert np.array_equal(apply_all(np.zeros(len(r), dtype=np.int64), msgs, 16), r)
 
 
 def test_seed_layout_slice_beats_per_run():
     r = maps.seed_map(np.random.default_rng(2012), pages=200_000)
-    msgs = ds.encode_region_mappings(r)
+    msgs = encode_region_mappings(r)
     assert np.array_equal(apply_all(np.zeros(len(r), dtype=np.int64), msgs, 3), r)
     starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
     per_run = sum(len(f"{s:x}:{r[s]:x} ") for s in starts.tolist())  # a lower bound of per-run
@@ -385,154 +387,19 @@ def test_seed_layout_slice_beats_per_run():
         (np.array([0.0, 1.0]), None),
         (np.array([True, False]), None),
         (["a", "b"], None),
-        ([0, ds.MAX_SWITCH_PATHS], None),
+        ([0, MAX_SWITCH_PATHS], None),
         ([0, 1], [0]),
-        ([0, 1], [0, ds.MAX_SWITCH_PATHS]),
+        ([0, 1], [0, MAX_SWITCH_PATHS]),
     ],
 )
 def test_encoder_rejects_bad_input(regions, previous):
     with pytest.raises(EncodeError):
-        ds.encode_region_mappings(regions, previous=previous)
+        encode_region_mappings(regions, previous=previous)
 
 
 def test_round_robin():
-    rr = ds.round_robin(7, 3)
+    rr = round_robin(7, 3)
     assert rr.tolist() == [0, 1, 2, 0, 1, 2, 0]
-    assert ds.round_robin(0, 3).tolist() == []
+    assert round_robin(0, 3).tolist() == []
     with pytest.raises(EncodeError):
-        ds.round_robin(5, 0)
-
-
-# --------------------------------------------------------------------------
-# Table lines
-# --------------------------------------------------------------------------
-
-
-def test_switch_table():
-    assert ds.switch_table(1000, 128, ["253:0", (253, 1)]) == "0 1000 switch 2 128 0 253:0 0 253:1 0"
-    assert ds.switch_table(8, 1, ["8:16"], offsets=[2048]) == "0 8 switch 1 1 0 8:16 2048"
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        (0, 128, ["8:0"]),
-        (-1, 128, ["8:0"]),
-        (2**64, 128, ["8:0"]),
-        (1000, 0, ["8:0"]),
-        (1000, 2**32, ["8:0"]),
-        (1000, 128, []),
-        (1000, 128, "8:0"),
-        (1000, 128, ["sdb"]),
-        (1000, 128, ["/dev/sdb"]),
-        (1000, 128, ["8:"]),
-        (1000, 128, ["8:1:2"]),
-        (1000, 128, ["-1:0"]),
-        (1000, 128, ["4096:0"]),
-        (1000, 128, ["8:1048576"]),
-        (1000, 128, [(8,)]),
-        (1000, 128, [8]),
-        (1000.0, 128, ["8:0"]),
-        (True, 128, ["8:0"]),
-    ],
-)
-def test_switch_table_rejects(args):
-    with pytest.raises(EncodeError):
-        ds.switch_table(*args)
-
-
-def test_switch_table_offsets_must_match():
-    with pytest.raises(EncodeError):
-        ds.switch_table(8, 1, ["8:0", "8:16"], offsets=[0])
-
-
-def test_multipath_table_example_grammar():
-    line = ds.multipath_table(2048, [["7:0"], ["7:1", (7, 2)]])
-    assert line == "0 2048 multipath 0 0 2 1 round-robin 0 1 1 7:0 1 round-robin 0 2 1 7:1 1 7:2 1"
-
-
-def test_multipath_table_features_and_handler():
-    line = ds.multipath_table(
-        100,
-        [["8:0", "8:16"]],
-        "service-time",
-        queue_if_no_path=True,
-        features=["pg_init_retries", "50"],
-        hw_handler="alua",
-        path_args=("1", "1"),
-    )
-    assert line == (
-        "0 100 multipath 3 pg_init_retries 50 queue_if_no_path 1 alua 1 1 "
-        "service-time 0 2 2 8:0 1 1 8:16 1 1"
-    )
-    # Asking twice for queue_if_no_path keeps one.
-    assert ds.multipath_table(1, [["8:0"]], features=["queue_if_no_path"], queue_if_no_path=True).startswith(
-        "0 1 multipath 1 queue_if_no_path 0 1 1"
-    )
-
-
-def test_multipath_priority_group_overrides():
-    groups = [ds.PriorityGroup(["8:0"], selector="queue-length", path_args=("2",)), ["8:16"]]
-    line = ds.multipath_table(10, groups, initial_group=2, selector_args=["x"])
-    assert line == "0 10 multipath 0 0 2 2 queue-length 1 x 1 1 8:0 2 round-robin 1 x 1 1 8:16 1"
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"priority_groups": []},
-        {"priority_groups": [[]]},
-        {"priority_groups": ["8:0"]},
-        {"priority_groups": [[8]]},
-        {"initial_group": 2},
-        {"initial_group": 0},
-        {"features": ["bogus"]},
-        {"features": ["pg_init_retries"]},
-        {"features": ["pg_init_retries", "51"]},
-        {"features": ["queue_mode", "xyz"]},
-        {"features": ["queue_if_no_path"] * 9},
-        {"selector": "round robin"},
-        {"selector": ""},
-        {"path_args": ("1 2",)},
-        {"hw_handler_args": ["x"]},
-        {"selector_args": "ab"},
-        {"features": "queue_if_no_path"},
-        {"length_sectors": 0},
-    ],
-)
-def test_multipath_table_rejects(kwargs):
-    args = {"length_sectors": 100, "priority_groups": [["8:0"]]}
-    args.update(kwargs)
-    with pytest.raises(EncodeError):
-        ds.multipath_table(**args)
-
-
-def test_linear_table():
-    assert ds.linear_table(100, "253:4", 0) == "0 100 linear 253:4 0"
-    assert ds.linear_table(100, (8, 16), 63) == "0 100 linear 8:16 63"
-    with pytest.raises(EncodeError):
-        ds.linear_table(0, "8:0", 0)
-    with pytest.raises(EncodeError):
-        ds.linear_table(10, "8:0", -1)
-    with pytest.raises(EncodeError):
-        ds.linear_table(10, "sda", 0)
-
-
-def test_parse_switch_table_roundtrip():
-    line = ds.switch_table(10_000, 2048, ["253:0", "253:1", "253:2"], offsets=[0, 8, 0])
-    full = ds.parse_switch_table(line)
-    assert full == ds.SwitchTableParams(3, 2048, ("253:0", "253:1", "253:2"), (0, 8, 0), 10_000)
-    assert full.nr_regions == 5
-    params = ds.parse_switch_table(line.split(" ", 3)[3])
-    assert params.length_sectors is None and params.nr_regions is None
-    assert params.devices == full.devices and params.offsets == full.offsets
-
-
-@pytest.mark.parametrize(
-    "params",
-    ["", "2 128", "2 128 0 8:0 0", "2 128 0 8:0 0 8:16", "2 128 1 x 8:0 0 8:16 0", "1 128 0 sda 0",
-     "1 128 0 8:0 -1", "0 128 0", "1 0 0 8:0 0", "1 128 0 8:0 0 extra words", "x 128 0 8:0 0"],
-)
-def test_parse_switch_table_rejects(params):
-    with pytest.raises(DecodeError):
-        ds.parse_switch_table(params)
+        round_robin(5, 0)

@@ -16,8 +16,9 @@ import pytest
 from agent.config import Config, config_from_mapping
 from agent.discovery import LunNotFoundError, NotOurArrayError
 from agent.orchestrator import Orchestrator
-from agent.stack import HIDDEN_UDEV_FLAGS
-from agent.kernel.dm import DmCommand, DmIoctlError
+from agent.kernel.dm_abi import DmCommand
+from agent.kernel.dm_errors import DmIoctlError
+from protocol.dmtable import DmUdevFlags
 from protocol.errors import SwitchAgentError
 from tests.unit.fakes_kernel import MiB, FakeSystem, ManyLunSystem
 
@@ -69,7 +70,7 @@ def test_legs_and_switch_are_hidden_from_other_udev_rules(tmp_path):
     reconcile(orch, system.wwid)
     for name, device in system.dm.devices.items():
         if device.uuid.startswith("SWAGENT-leg") or device.uuid.startswith("SWAGENT-sw"):
-            assert device.udev_flags == HIDDEN_UDEV_FLAGS, name
+            assert device.udev_flags == DmUdevFlags.HIDDEN, name
         if device.uuid.startswith("SWAGENT-top"):
             assert device.udev_flags == 0
 
@@ -399,14 +400,14 @@ def test_a_whole_map_is_encoded_off_the_event_loop(tmp_path, monkeypatch):
     from agent import apply as orch_mod
 
     system, orch = make(tmp_path)
-    real = orch_mod.dmswitch.encode_region_mappings
+    real = orch_mod.dmswitch_encoder.encode_region_mappings
     threads = []
 
     def encode(*args, **kwargs):
         threads.append(threading.get_ident())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(orch_mod.dmswitch, "encode_region_mappings", encode)
+    monkeypatch.setattr(orch_mod.dmswitch_encoder, "encode_region_mappings", encode)
 
     async def run():
         loop_thread = threading.get_ident()
@@ -427,7 +428,7 @@ def test_an_encoding_failure_on_first_build_leaves_nothing_behind(tmp_path, monk
     def encode(*args, **kwargs):
         raise EncodeError("no")
 
-    monkeypatch.setattr(orch_mod.dmswitch, "encode_region_mappings", encode)
+    monkeypatch.setattr(orch_mod.dmswitch_encoder, "encode_region_mappings", encode)
     with pytest.raises(EncodeError):
         reconcile(orch, system.wwid)
     assert [n for n, d in system.dm.devices.items() if d.uuid.startswith("SWAGENT-")] == []
@@ -557,11 +558,11 @@ def test_a_failed_full_upload_after_a_failed_diff_leaves_the_next_reconcile_send
 
 def test_whole_map_encodes_run_at_most_two_at_once(tmp_path, monkeypatch):
     from agent import apply as orchestrator_module
-    from protocol import dmswitch
+    from protocol import dmswitch_encoder
 
     system = ManyLunSystem(6, tmp_path=tmp_path, members=3, paths_per_member=1)
     orch = Orchestrator(Config(max_parallel_luns=6, max_message_bytes=4096), system)
-    real = dmswitch.encode_region_mappings
+    real = dmswitch_encoder.encode_region_mappings
     lock, running, most = threading.Lock(), [0], [0]
     # Three encodes meet here if they can; under the bound the two inside give up after the deadline.
     three_in = threading.Barrier(3, timeout=1)
@@ -577,7 +578,7 @@ def test_whole_map_encodes_run_at_most_two_at_once(tmp_path, monkeypatch):
         finally:
             with lock:
                 running[0] -= 1
-    monkeypatch.setattr(orchestrator_module.dmswitch, "encode_region_mappings", counting)
+    monkeypatch.setattr(orchestrator_module.dmswitch_encoder, "encode_region_mappings", counting)
 
     async def main():
         return await asyncio.gather(*(orch.reconcile(s.wwid) for s in system.systems))

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent.config import Config
-from agent.kernel.dm import DeviceEntry
+from agent.kernel.dm_abi import DeviceEntry
 from agent.topology import NewPath
 from agent.system import RealSystem
 
