@@ -139,7 +139,7 @@ def encode_region_mappings(
     return _messages(plan, t, base, limit)
 
 
-def _target(r: np.ndarray, prev: np.ndarray | None):
+def _target(r: np.ndarray, prev: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, int, np.ndarray | None] | None:
     """Choose what to write: (t, need, base, unknown).
 
     ``t`` is the map with don't-care regions filled; ``need`` marks regions
@@ -154,10 +154,10 @@ def _target(r: np.ndarray, prev: np.ndarray | None):
     if prev is None:
         if not holes:
             return r, None, 0, None
-        alloc = np.flatnonzero(r >= 0)
-        if len(alloc) == 0:
+        allocated = np.flatnonzero(r >= 0)
+        if len(allocated) == 0:
             return None
-        lo, hi = int(alloc[0]), int(alloc[-1])
+        lo, hi = int(allocated[0]), int(allocated[-1])
         return _fill(r[lo : hi + 1]), None, lo, None
     blind = bool(int(prev.min()) < 0)
     if not holes:
@@ -314,7 +314,7 @@ def _put_hex(buf: np.ndarray, at: np.ndarray, x: np.ndarray, nd: np.ndarray) -> 
         buf[at[sel] + nd[sel] - 1 - k] = _HEX[(x[sel] >> (4 * k)) & 15]
 
 
-def _render(pos, kind, val, cnt) -> tuple[bytes, list[int]]:
+def _render(pos: np.ndarray, kind: np.ndarray, val: np.ndarray, cnt: np.ndarray) -> tuple[bytes, list[int]]:
     """All tokens as one ASCII buffer, each followed by a space; returns it and token start offsets."""
     rep = kind == REP
     exp = kind == EXP

@@ -56,7 +56,7 @@ class Plan:
         self.total = int(self.cost.sum())
 
 
-def _token_lengths(pos, kind, val, cnt) -> np.ndarray:
+def _token_lengths(pos: np.ndarray, kind: np.ndarray, val: np.ndarray, cnt: np.ndarray) -> np.ndarray:
     """Bytes of each token including its separating space."""
     rep = kind == REP
     a = np.where(kind == EXP, hexlen(pos), np.where(rep, hexlen(val), 0))
@@ -345,8 +345,8 @@ def lz_plan(t: np.ndarray, need: np.ndarray | None, unknown: np.ndarray | None =
         # nu[j]: first unknown region at or after j.
         nu = np.minimum.accumulate(np.where(unknown, idx, n)[::-1])[::-1]
 
-    def savings(dist, length):
-        """Bytes a copy saves over literals; dist is an array, a fixed distance, or None (1)."""
+    def savings(dist: np.ndarray | int | None, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes a copy saves over literals, and the lengths; dist is an array, a fixed distance, or None (1)."""
         length = np.minimum(length, room)
         if unknown is not None:
             src = idx - (1 if dist is None else dist)
@@ -408,7 +408,7 @@ def lz_plan(t: np.ndarray, need: np.ndarray | None, unknown: np.ndarray | None =
     if need is not None:
         np.copyto(cont[:n], nn + 1, where=act == 2)
     cont[stop] = stop  # ne == stop: no event left, the walk ends
-    jump = memoryview(cont[ne].astype(np.int64))
+    jump = memoryview(cont[ne].astype(np.int64))  # type: ignore[arg-type]  # numpy's stubs omit its buffer protocol
     lands = []
     p = lo
     while p < stop:
