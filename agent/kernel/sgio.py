@@ -91,7 +91,7 @@ _SUCCESS_STATUSES = (ScsiStatus.GOOD, ScsiStatus.CONDITION_MET)
 
 
 class SgIoHdr(ctypes.Structure):
-    """``struct sg_io_hdr`` from ``<scsi/sg.h>``; offsets in docs/reference section 5."""
+    """``struct sg_io_hdr`` from ``<scsi/sg.h>`` (include/scsi/sg.h in the kernel tree; x86-64 layout, 88 bytes)."""
 
     _fields_ = [
         ("interface_id", ctypes.c_int),
