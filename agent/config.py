@@ -22,6 +22,8 @@ from protocol.errors import SwitchAgentError
 
 DEFAULT_CONFIG_PATH = Path("/etc/switch-agent/switch-agent.toml")
 DEFAULT_SOCKET_PATH = Path("/run/switch-agent/control.sock")
+DEFAULT_METRICS_TEXTFILE = "/var/lib/prometheus/node-exporter/switch-agent.prom"
+"""Debian's prometheus-node-exporter reads *.prom in that directory (--collector.textfile.directory)."""
 
 UUID_PREFIX = "SWAGENT-"
 """Every dm device the agent creates carries this uuid prefix; it touches no other."""
@@ -105,6 +107,11 @@ class Config:
     """A root-only (0600, owned by root) TOML file with ``username``/``password`` (and optionally
     ``username_in``/``password_in``) written into the node records the agent logs in with; None
     (``""`` in the file): no CHAP."""
+    metrics_textfile: str = DEFAULT_METRICS_TEXTFILE
+    """Prometheus metrics rewritten after every reconcile and poll round, for node_exporter's textfile
+    collector; only where its directory exists; "" disables."""
+    metrics_listen: str = ""
+    """HOST:PORT to serve Prometheus metrics at over HTTP (e.g. 127.0.0.1:9776); "" (the default): off."""
 
 
 _SCALARS = {f.name: f.type for f in fields(Config) if f.name != "arrays"}
@@ -202,6 +209,23 @@ def check_config(config: Config, source: str) -> None:
     if not _counted(config.leg_features.split()):
         raise ConfigError(source, "leg_features", 'must be a counted dm feature list, e.g. "0" or "1 queue_if_no_path"')
     _check_sessions(config, source)
+    textfile = config.metrics_textfile
+    if textfile and not (textfile.startswith("/") and textfile.endswith(".prom") and "\0" not in textfile):
+        raise ConfigError(source, "metrics_textfile", 'must be "" (off) or an absolute path ending in .prom '
+                                                      "(node_exporter's textfile collector reads only those)")
+    if config.metrics_listen:
+        try:
+            split_listen_address(config.metrics_listen)
+        except ValueError as exc:
+            raise ConfigError(source, "metrics_listen", str(exc)) from None
+
+
+def split_listen_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets: [::1]:9776) -> (host, port); ValueError says what is wrong."""
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):([0-9]{1,5})", text)
+    if not match or not 1 <= int(match[3]) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT with a port 1-65535 (e.g. 127.0.0.1:9776 or [::1]:9776)")
+    return match[1] or match[2], int(match[3])
 
 
 def _check_template(template: str, source: str) -> None:

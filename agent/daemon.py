@@ -23,6 +23,7 @@ from agent.events import Trigger, TriggerKind, classify
 from agent.kernel.udev import UdevEventsLostError
 from agent.discovery import LunNotFoundError, NotOurArrayError
 from agent.lun import State
+from agent.metrics import Metrics, MetricsEndpointError
 from agent.orchestrator import Orchestrator, System
 from protocol.errors import SwitchAgentError
 
@@ -46,10 +47,13 @@ class DaemonTaskError(SwitchAgentError):
 class LunScheduler:
     """Runs reconciles: debounced, one at a time per LUN, retried with backoff after failure."""
 
-    def __init__(self, orchestrator: Orchestrator, config: Config, *, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(self, orchestrator: Orchestrator, config: Config, *, sleep: Sleep = asyncio.sleep,
+                 after_reconcile: Callable[[], object] = lambda: None) -> None:
         self.orchestrator = orchestrator
         self.config = config
         self.sleep = sleep
+        self.after_reconcile = after_reconcile
+        """Called after every reconcile, whatever its outcome (the metrics file is rewritten)."""
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._healing: dict[str, asyncio.Task[None]] = {}
 
@@ -67,7 +71,10 @@ class LunScheduler:
         pending = self._pending.pop(wwid, None)
         if pending:
             pending.cancel()
-        return await self.orchestrator.reconcile(wwid)
+        try:
+            return await self.orchestrator.reconcile(wwid)
+        finally:
+            self.after_reconcile()
 
     async def _run(self, wwid: str, delay: float) -> None:
         await self.sleep(delay)
@@ -84,6 +91,8 @@ class LunScheduler:
             self.trigger(wwid, "retry", delay_s=backoff)
         except Exception:  # a bug must not kill the daemon's other LUNs
             LOG.exception("%s: unexpected error while reconciling", wwid)
+        finally:
+            self.after_reconcile()
 
     def heal(self, wwid: str, *, delay_s: float = 0.0, attempt: int = 0,
              events: dict[str, int] | None = None) -> None:
@@ -127,7 +136,8 @@ class Daemon:
         self.system = system
         self.events = events
         self.orchestrator = Orchestrator(config, system)
-        self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep)
+        self.metrics = Metrics(config, lambda: self.orchestrator.luns.values(), self.orchestrator.clock)
+        self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep, after_reconcile=self.metrics.write)
         self.sleep = sleep
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -141,6 +151,10 @@ class Daemon:
     async def run(self) -> None:
         """Serve until stop(): control socket, initial scan, events, polling."""
         server = await control.serve(self.config.socket_path, self.handle_request)
+        try:
+            self.metrics.start_endpoint()
+        except MetricsEndpointError as exc:  # metrics are worth less than routing: go on without them
+            LOG.error("%s; serving no metrics over HTTP", exc)
         tasks = [asyncio.create_task(self._poll_forever(), name="poll")]
         if self.events is not None:
             tasks.append(asyncio.create_task(self._follow_events(), name="udev"))
@@ -155,6 +169,7 @@ class Daemon:
             for mpath in await self.system.find_mpath_maps():
                 self.scheduler.trigger(mpath.wwid, "present at start", delay_s=0)
             notify_systemd("READY=1\nSTATUS=watching multipath maps")
+            self.metrics.write()
             LOG.info("switch-agent ready; control socket %s", self.config.socket_path)
             await self._stop.wait()
         finally:
@@ -165,6 +180,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
             await self.scheduler.close()
+            await self.metrics.stop_endpoint()
             await server.wait_closed()
         if self.failure is not None:
             raise self.failure
@@ -271,12 +287,16 @@ class Daemon:
             check_legs = events is not None or rounds % FULL_LEG_CHECK_EVERY == 0
             routed = [(lun, lun.stack) for lun in self.orchestrator.luns.values() if lun.stack and lun.topology]
             generations = await self.orchestrator.poll_generations([lun for lun, _ in routed])
+            polled = self.orchestrator.clock()
             for lun, stack in routed:
                 # None (no path answered) differs too: reconcile finds out and reports why.
                 if generations[lun.wwid] != stack.page_map.generation:
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
+                else:
+                    lun.map_confirmed_at = polled
                 if check_legs and self.orchestrator.legs_to_check(lun, events):
                     self.scheduler.heal(lun.wwid, events=events)
+            self.metrics.write()
 
     async def _dm_events(self) -> dict[str, int] | None:
         """Every dm device's event_nr now (None if dm cannot list them, or its list has no event numbers)."""

@@ -63,4 +63,32 @@ class LunState:
     """Each leg's dm event_nr when its status was last read (DM_LIST_DEVICES of that round)."""
     failed_legs: set[str] = field(default_factory=set)
     """Legs whose status showed a failed path the last time it was read."""
+    reconciles: dict[str, int] = field(default_factory=dict)
+    """Reconciles so far by result ("ok", "error"), for the metrics."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Failed reconciles so far by error type (e.g. "ScsiCommandError"), for the metrics."""
+    map_confirmed_at: float | None = None
+    """When the array last confirmed the routed map current: fetched, or its generation polled unchanged."""
+    moved_pages: np.ndarray | None = None
+    """Pages whose owning member changed in the last new generation (`moved_since` -> the routed one)."""
+    moved_since: int | None = None
+    """The generation before the last new one; None before a second generation was seen."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+def pages_moved(old: PageMap, new: PageMap) -> np.ndarray:
+    """The pages (of those both maps cover) whose owning member differs, ascending.
+
+    Compared by member id, not by index into `members`: the indexes shift
+    when a member joins or leaves.
+    """
+    count = min(old.total_pages, new.total_pages)
+    if old.members == new.members:  # the usual case: same indexes, no translation needed
+        return np.flatnonzero(old.owners[:count] != new.owners[:count]).astype(np.uint32)
+
+    def member_ids(page_map: PageMap) -> np.ndarray:
+        # Index -1 (UNALLOCATED) picks the table's last entry, -1: no member.
+        table = np.array([m.member_id for m in page_map.members] + [-1], dtype=np.int64)
+        return table[page_map.owners[:count]]
+
+    return np.flatnonzero(member_ids(old) != member_ids(new)).astype(np.uint32)

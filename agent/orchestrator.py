@@ -27,7 +27,7 @@ from agent.config import Config
 from agent.discovery import Discovery, LunNotFoundError, NotOurArrayError
 from agent.dm_async import AsyncDeviceMapper, DeviceLeftSuspendedError, SyncDeviceMapper
 from agent.health import PathHealth
-from agent.lun import LunState, State
+from agent.lun import LunState, State, pages_moved
 from agent.reporting import Location, LunStatus, find_lun, locate, lun_status
 from agent.scsipath import PollablePath
 from agent.stack import DeviceKind, OwnedUuid, plan_stack
@@ -114,6 +114,7 @@ class Orchestrator:
         lun = self.luns.setdefault(wwid, LunState(wwid))
         async with lun.lock, _Slot(self._parallel) as slot:
             started = self.clock()
+            previous = lun.stack.page_map if lun.stack else None
             try:
                 topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
                 discovered = self.clock()
@@ -150,6 +151,10 @@ class Orchestrator:
                 raise error from exc
             lun.failures = 0
             lun.state = State.ROUTED
+            lun.reconciles["ok"] = lun.reconciles.get("ok", 0) + 1
+            lun.map_confirmed_at = self.clock()
+            if previous is not None and previous.generation != page_map.generation:
+                lun.moved_pages, lun.moved_since = pages_moved(previous, page_map), previous.generation
             # Where a reconcile's time goes, for `status --json` and for tuning convergence.
             lun.last_reconcile = {"discover_s": round(discovered - started, 3),
                                   "fetch_s": round(fetched - discovered, 3),
@@ -166,6 +171,8 @@ class Orchestrator:
             return
         lun.failures += 1
         lun.last_error, lun.last_error_at = str(exc), self.clock()
+        lun.reconciles["error"] = lun.reconciles.get("error", 0) + 1
+        lun.errors[type(exc).__name__] = lun.errors.get(type(exc).__name__, 0) + 1
         if isinstance(exc, DeviceLeftSuspendedError):
             lun.state = State.SUSPENDED
         else:

@@ -29,8 +29,9 @@ async def until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> No
 
 
 def config(tmp_path, **overrides) -> Config:
+    # metrics_textfile off: a host with node_exporter has its default directory.
     defaults = dict(socket_path=tmp_path / "run" / "control.sock", debounce_s=0.01, poll_interval_s=3600,
-                    retry_initial_s=0.01, retry_max_s=0.05)
+                    retry_initial_s=0.01, retry_max_s=0.05, metrics_textfile="")
     return Config(**{**defaults, **overrides})
 
 
