@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ examples:
   switch-agent status --json               the same for scripts
   switch-agent refresh 36001405abcdef...   re-read one LUN's map now
   switch-agent locate switch-3600... 10G   which member serves byte 10 GiB
+  switch-agent show switch-3600... --map   a picture of where the volume's pages live
 
 files:
   /etc/switch-agent/switch-agent.toml      configuration (all keys optional)
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one LUN in detail", description="One LUN in detail.")
     show.add_argument("lun", help="wwid, multipath map name, or routed device name")
     show.add_argument("--json", action="store_true", help="print JSON for scripts")
+    show.add_argument("--map", action="store_true",
+                      help="draw the page map as a strip of cells, a letter (and on a terminal a colour) per "
+                           "member, one cell per page or group of pages; lower case: pages that moved in the "
+                           "last generation. NO_COLOR=1 or a pipe gives plain letters")
     refresh = sub.add_parser("refresh", help="re-read a LUN's map from the array and apply it now",
                              description="Ask the daemon to re-discover the LUN's paths, re-fetch its page "
                                          "map and apply it (only changed regions are sent). Waits for the "
@@ -119,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         request["lun"] = args.lun
     if args.command == "locate":
         request["offset"] = args.offset
+    map_row = None
+    if getattr(args, "map", False):
+        from agent.mapview import cells_for
+
+        terminal = shutil.get_terminal_size()
+        map_row, request["map_cells"] = cells_for(terminal.columns, terminal.lines)
     try:
         result = control.request(socket_path, request)
     except control.DaemonNotRunningError as exc:
@@ -129,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     if args.json:
         print(json.dumps(result, indent=2))
+    elif map_row:
+        print(render_map(result, map_row, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
     else:
         print(render(args.command, result))
     return EXIT_OK
@@ -203,6 +217,14 @@ def render(command: str, result: Any) -> str:
     if not records:
         return "no array LUNs found"
     return "\n".join(_render_lun(r) for r in records)
+
+
+def render_map(result: dict[str, Any], per_row: int, *, colour: bool) -> str:
+    """`show --map`: the daemon's status record with its "map" drawn as cells and a legend."""
+    from agent.mapview import MapPicture, render
+    from agent.reporting import LunStatus
+
+    return render(LunStatus.from_json(result), MapPicture.from_json(result["map"]), per_row, colour=colour)
 
 
 def _render_lun(r: LunStatus) -> str:

@@ -17,7 +17,7 @@ import signal
 import socket
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
-from agent import control
+from agent import control, mapview
 from agent.config import Config
 from agent.events import Trigger, TriggerKind, classify
 from agent.kernel.udev import UdevEventsLostError
@@ -315,7 +315,14 @@ class Daemon:
         if command == "status":
             return [orch.status(lun).to_json() for lun in sorted(orch.luns.values(), key=lambda lun: lun.wwid)]
         if command == "show":
-            return orch.status(orch.find(_text(request, "lun"))).to_json()
+            lun = orch.find(_text(request, "lun"))
+            record = orch.status(lun).to_json()
+            if "map_cells" in request:  # `show --map`: the page map cut to the CLI's terminal
+                cells = request["map_cells"]
+                if not isinstance(cells, int) or isinstance(cells, bool):
+                    raise ValueError("map_cells must be an integer")
+                record["map"] = mapview.picture(lun, cells).to_json()
+            return record
         if command == "locate":
             offset = request.get("offset")
             if not isinstance(offset, int) or isinstance(offset, bool):
