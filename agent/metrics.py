@@ -14,7 +14,7 @@ Series (docs in the HELP texts below; README "Prometheus" for the wiring):
     switch_agent_map_generation{wwid}              switch_agent_reconciles_total{wwid,result}
     switch_agent_map_age_seconds{wwid}             switch_agent_map_fetch_seconds{wwid}
     switch_agent_member_pages{wwid,member}         switch_agent_upload_bytes_total{wwid}
-    switch_agent_errors_total{wwid,kind}
+    switch_agent_errors_total{wwid,kind}            switch_agent_poll_interval_seconds
 
 (switch_agent_member_sessions comes once the agent manages iSCSI sessions.)
 """
@@ -73,9 +73,11 @@ def label(value: str) -> str:
 class LunCollector(Collector):
     """The series of every LUN the daemon knows, computed from its LunStates at each collection."""
 
-    def __init__(self, luns: Callable[[], Iterable[LunState]], clock: Callable[[], float]) -> None:
+    def __init__(self, luns: Callable[[], Iterable[LunState]], clock: Callable[[], float],
+                 poll_interval_s: float) -> None:
         self._luns = luns
         self._clock = clock
+        self._poll_interval_s = poll_interval_s
 
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
@@ -109,6 +111,10 @@ class LunCollector(Collector):
         upload = CounterMetricFamily(
             "switch_agent_upload_bytes", "Bytes of region mappings sent to the LUN's dm-switch devices",
             labels=["wwid"])
+        poll = GaugeMetricFamily(
+            "switch_agent_poll_interval_seconds", "Seconds between the daemon's polls of each map generation "
+                                                  "(poll_interval_s): the scale of switch_agent_map_age_seconds",
+            value=self._poll_interval_s)
         errors = CounterMetricFamily(
             "switch_agent_errors", "Failed reconciles by error type (the log and `switch-agent status` say "
                                    "what failed)", labels=["wwid", "kind"])
@@ -137,7 +143,7 @@ class LunCollector(Collector):
                 states = [p.usable for p in lun.topology.paths_of_member(member.member_id)] if lun.topology else []
                 paths.add_metric([wwid, name, "active"], states.count(True))
                 paths.add_metric([wwid, name, "failed"], states.count(False))
-        yield from (routed, generation, age, pages, paths, reconciles, fetch, upload, errors)
+        yield from (routed, generation, age, pages, paths, reconciles, fetch, upload, errors, poll)
 
 
 class _OnLoop(Collector):
@@ -157,7 +163,7 @@ class Metrics:
     """The daemon's metrics: the textfile it rewrites and the endpoint it may serve."""
 
     def __init__(self, config: Config, luns: Callable[[], Iterable[LunState]], clock: Callable[[], float]) -> None:
-        self.collector = LunCollector(luns, clock)
+        self.collector = LunCollector(luns, clock, config.poll_interval_s)
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
         self.textfile = Path(config.metrics_textfile) if config.metrics_textfile else None

@@ -66,6 +66,7 @@ def test_routed_lun_series_equal_the_arrays_counts(tmp_path):
     assert value(found, "switch_agent_reconciles_total", wwid=wwid, result="error") == 0
     assert value(found, "switch_agent_upload_bytes_total", wwid=wwid) == lun.message_bytes_sent > 0
     assert value(found, "switch_agent_map_fetch_seconds", wwid=wwid) == lun.last_reconcile["fetch_s"]
+    assert value(found, "switch_agent_poll_interval_seconds") == OFF.poll_interval_s
     for member in described["members"]:
         assert value(found, "switch_agent_member_paths", wwid=wwid, member=member["name"], state="active") == 2
         assert value(found, "switch_agent_member_paths", wwid=wwid, member=member["name"], state="failed") == 0

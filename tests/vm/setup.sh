@@ -27,10 +27,12 @@ command -v dpkg-query >/dev/null 2>&1 || die "not a Debian system (no dpkg-query
 #   host's own kernel has no device-mapper, configfs or modules).
 # busybox-static, file, util-linux-extra: what virtme-ng expects on the host.
 # The rest is the guest-side userland (the guest sees the host's root file
-#   system read-only): iSCSI initiator, multipathd, dmsetup, SCSI tools, fio.
+#   system read-only): iSCSI initiator, multipathd, dmsetup, SCSI tools, fio;
+#   prometheus-node-exporter and tmux for the metrics test (tests/guest/test_metrics.py),
+#   and prometheus for its promtool, which checks packaging/prometheus/ on the host.
 PKGS="qemu-system-x86 linux-image-amd64 busybox-static file util-linux-extra
       open-iscsi multipath-tools dmsetup sg3-utils libiscsi-bin fio kmod
-      iproute2 udev procps"
+      iproute2 udev procps prometheus prometheus-node-exporter tmux"
 
 if [ ! -x "$VENV/bin/python" ]; then
     PY=$(command -v python3 || true)
