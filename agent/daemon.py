@@ -137,7 +137,8 @@ class Daemon:
         self.events = events
         self.orchestrator = Orchestrator(config, system)
         self.metrics = Metrics(config, lambda: self.orchestrator.luns.values(), self.orchestrator.clock)
-        self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep, after_reconcile=self.metrics.write)
+        self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep,
+                                      after_reconcile=self.metrics.write_soon)
         self.sleep = sleep
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -180,7 +181,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
             await self.scheduler.close()
-            await self.metrics.stop_endpoint()
+            await self.metrics.close()
             await server.wait_closed()
         if self.failure is not None:
             raise self.failure

@@ -27,6 +27,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Callable, Iterable, Iterator
@@ -38,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from agent.config import Config, split_listen_address
 from agent.lun import LunState, State
+from protocol.pagemap import PageMap
 from protocol.errors import SwitchAgentError
 
 LOG = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ PATH_STATES = ("active", "failed")
 
 SCRAPE_TIMEOUT_S = 10.0
 """Longest an HTTP scrape waits for the event loop to compute the values."""
+
+WRITE_EVERY_S = 1.0
+"""Reconciles that end within this long of a write share the next one: with 64 LUNs appearing at
+once, a write per reconcile (each over every LUN) would be 4096 LUN collections on the event loop."""
 
 
 class MetricsEndpointError(SwitchAgentError):
@@ -78,6 +84,8 @@ class LunCollector(Collector):
         self._luns = luns
         self._clock = clock
         self._poll_interval_s = poll_interval_s
+        self._pages: dict[str, tuple[PageMap, dict[int, int]]] = {}
+        """wwid -> (the map, its pages per member id): counted once per map, not at every collection."""
 
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
@@ -136,7 +144,7 @@ class LunCollector(Collector):
             generation.add_metric([wwid], page_map.generation)
             confirmed = lun.map_confirmed_at if lun.map_confirmed_at is not None else stack.fetched_at
             age.add_metric([wwid], round(max(0.0, now - confirmed), 3))
-            owned = page_map.pages_per_member()
+            owned = self._pages_per_member(lun.wwid, page_map)
             for member in page_map.members:
                 name = label(member.name)
                 pages.add_metric([wwid, name], owned[member.member_id])
@@ -144,6 +152,12 @@ class LunCollector(Collector):
                 paths.add_metric([wwid, name, "active"], states.count(True))
                 paths.add_metric([wwid, name, "failed"], states.count(False))
         yield from (routed, generation, age, pages, paths, reconciles, fetch, upload, errors, poll)
+
+    def _pages_per_member(self, wwid: str, page_map: PageMap) -> dict[int, int]:
+        cached = self._pages.get(wwid)
+        if cached is None or cached[0] is not page_map:
+            cached = self._pages[wwid] = (page_map, page_map.pages_per_member())
+        return cached[1]
 
 
 class _OnLoop(Collector):
@@ -170,9 +184,20 @@ class Metrics:
         self.listen = config.metrics_listen
         self._server: WSGIServer | None = None
         self._missing_dir_logged = False
+        self._written_at = float("-inf")
+        self._pending: asyncio.TimerHandle | None = None
+
+    def write_soon(self) -> None:
+        """Rewrite the textfile at once, or WRITE_EVERY_S after the last write; call from the event loop."""
+        if self._pending is None and self.textfile is not None:
+            delay = max(0.0, self._written_at + WRITE_EVERY_S - time.monotonic())
+            self._pending = asyncio.get_running_loop().call_later(delay, self.write)
 
     def write(self) -> bool:
         """Rewrite the textfile (atomically) if one is configured and its directory exists; True if written."""
+        if self._pending is not None:  # this write includes what the pending one would have written
+            self._pending.cancel()
+            self._pending = None
         if self.textfile is None:
             return False
         if not self.textfile.parent.is_dir():
@@ -181,6 +206,7 @@ class Metrics:
                 self._missing_dir_logged = True
             return False
         self._missing_dir_logged = False
+        self._written_at = time.monotonic()
         try:
             write_atomically(self.textfile, generate_latest(self.registry))
         except OSError as exc:
@@ -206,8 +232,11 @@ class Metrics:
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         LOG.info("metrics served at http://%s/metrics", self.listen)
 
-    async def stop_endpoint(self) -> None:
-        """Stop serving; returns once the server's thread has let go of its socket."""
+    async def close(self) -> None:
+        """No more writes; stop serving, returning once the server's thread has let go of its socket."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         server, self._server = self._server, None
         if server is not None:
             await asyncio.to_thread(server.shutdown)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import stat
+import time
 import urllib.request
 
 import pytest
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.config import Config, ConfigError, config_from_mapping
 from agent.daemon import Daemon
 from agent.lun import LunState, State
+from agent import metrics as metrics_module
 from agent.metrics import LABEL_MAX_CHARS, Metrics, MetricsEndpointError, label, write_atomically
 from agent.orchestrator import Orchestrator
 from protocol.errors import SwitchAgentError
@@ -43,8 +45,9 @@ def value(found: dict, series: str, /, **labels: str) -> float:
     return found[(series, frozenset(labels.items()))]
 
 
-def scrape(orch: Orchestrator) -> dict:
-    return samples(generate_latest(Metrics(OFF, lambda: orch.luns.values(), orch.clock).registry))
+def scrape(orch: Orchestrator, metrics: Metrics | None = None) -> dict:
+    metrics = metrics or Metrics(OFF, lambda: orch.luns.values(), orch.clock)
+    return samples(generate_latest(metrics.registry))
 
 
 def member_pages(found: dict, wwid: str) -> dict[str, float]:
@@ -56,7 +59,8 @@ def test_routed_lun_series_equal_the_arrays_counts(tmp_path):
     system = FakeSystem(tmp_path=tmp_path / "store", layout="random")
     orch = Orchestrator(OFF, system)
     lun = asyncio.run(orch.reconcile(system.wwid))
-    found = scrape(orch)
+    metrics = Metrics(OFF, lambda: orch.luns.values(), orch.clock)
+    found = scrape(orch, metrics)
     wwid = system.wwid
     described = system.volume.describe()
     assert member_pages(found, wwid) == {m["name"]: m["pages"] for m in described["members"]}
@@ -74,7 +78,7 @@ def test_routed_lun_series_equal_the_arrays_counts(tmp_path):
     # Pages move: the next reconcile's counts are the array's new ones, and the upload grew.
     system.volume.move_pages(0.3)
     asyncio.run(orch.reconcile(wwid))
-    moved = scrape(orch)
+    moved = scrape(orch, metrics)  # the same collector: its counts follow the new map
     described = system.volume.describe()
     assert member_pages(moved, wwid) == {m["name"]: m["pages"] for m in described["members"]}
     assert member_pages(moved, wwid) != member_pages(found, wwid)
@@ -190,7 +194,7 @@ def test_the_endpoint_serves_the_same_values_computed_on_the_event_loop(tmp_path
             served = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{address}/metrics",
                                                                             timeout=10).read())
         finally:
-            await metrics.stop_endpoint()
+            await metrics.close()
         return served, generate_latest(metrics.registry)
 
     served, local = asyncio.run(main())
@@ -235,9 +239,8 @@ def test_the_daemon_rewrites_the_textfile_after_reconciles_and_each_poll_round(t
         luns = daemon.orchestrator.luns
         settled, poll_round = round_driver(daemon, gate, system.dm)
         await until(lambda: len(luns) == 2 and settled(0))
-        routed = samples(path.read_text())  # written after the reconciles, before any poll round
-        assert sorted(dict(k)["wwid"] for (n, k), v in routed.items() if n == "switch_agent_lun_routed" and v == 1) \
-            == sorted(luns)
+        # Written after the reconciles, before any poll round.
+        await until(lambda: path.exists() and routed_in(path) == sorted(luns))
         confirmed = {wwid: lun.map_confirmed_at for wwid, lun in luns.items()}
         path.unlink()
         await poll_round(1)
@@ -248,6 +251,33 @@ def test_the_daemon_rewrites_the_textfile_after_reconciles_and_each_poll_round(t
         await task
 
     asyncio.run(main())
+
+
+def routed_in(path) -> list[str]:
+    return sorted(dict(k)["wwid"] for (n, k), v in samples(path.read_text()).items()
+                  if n == "switch_agent_lun_routed" and v == 1)
+
+
+def test_writes_after_reconciles_are_at_most_one_a_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics_module, "WRITE_EVERY_S", 0.3)
+    path = tmp_path / "switch-agent.prom"
+    lun = LunState("3600a", state=State.ERROR)
+    metrics = Metrics(Config(metrics_textfile=str(path)), lambda: [lun], time.monotonic)
+
+    async def main() -> float:
+        for _ in range(5):  # five reconciles end at once: one write
+            metrics.write_soon()
+        await until(lambda: path.exists())
+        written = time.monotonic()
+        lun.state = State.ROUTED
+        metrics.write_soon()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert routed_in(path) == []  # too soon after the last write: the next one waits
+        await until(lambda: routed_in(path) == ["3600a"])
+        return time.monotonic() - written
+
+    assert asyncio.run(main()) >= 0.3 * 0.9
 
 
 @pytest.mark.parametrize("key, text", [
