@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     elif map_row:
+        if "map" not in result:
+            print("switch-agent: the daemon sent no map (it predates `show --map`: restart it)", file=sys.stderr)
+            return EXIT_ERROR
         print(render_map(result, map_row, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
     else:
         print(render(args.command, result))

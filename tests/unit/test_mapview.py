@@ -8,14 +8,14 @@ import re
 import numpy as np
 import pytest
 
-from agent import cli
+from agent import cli, control
 from agent.discovery import LunNotFoundError
 from agent.lun import LunState, RoutedStack
 from agent.mapview import MapPicture, cells_for, picture, render
 from agent.reporting import LunStatus, MemberStatus, PathStatus
 from protocol.pagemap import Member, PageMap
 from tests.unit.fakes_kernel import FakeSystem
-from tests.unit.test_daemon import config, routed, running, until
+from tests.unit.test_daemon import ask, config, routed, running, until
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -104,6 +104,9 @@ def test_the_cli_draws_the_map_the_daemon_sends(tmp_path, monkeypatch, capsys):
     async def main() -> int:
         async with running(cfg, system) as (daemon, _):
             await until(lambda: routed(system, daemon))
+            for bad in ("many", True, 0):
+                with pytest.raises(control.ControlError, match="cells"):
+                    await ask(cfg, {"command": "show", "lun": system.wwid, "map_cells": bad})
             return await asyncio.to_thread(cli.main, ["--socket", str(cfg.socket_path), "show", system.wwid, "--map"])
 
     assert asyncio.run(main()) == 0
