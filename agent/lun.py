@@ -89,6 +89,7 @@ def pages_moved(old: PageMap, new: PageMap) -> np.ndarray:
     def member_ids(page_map: PageMap) -> np.ndarray:
         # Index -1 (UNALLOCATED) picks the table's last entry, -1: no member.
         table = np.array([m.member_id for m in page_map.members] + [-1], dtype=np.int64)
-        return table[page_map.owners[:count]]
+        ids: np.ndarray = table[page_map.owners[:count]]
+        return ids
 
     return np.flatnonzero(member_ids(old) != member_ids(new)).astype(np.uint32)

@@ -69,9 +69,9 @@ def picture(lun: LunState, max_cells: int) -> MapPicture:
     per_cell = max(1, -(-pages // max_cells))
     cells = -(-pages // per_cell)
     # Pad the last cell with a value no member has, then count each owner (and -1) per cell.
-    grid = np.full(cells * per_cell, len(page_map.members), dtype=np.int16)
-    grid[:pages] = page_map.owners
-    grid = grid.reshape(cells, per_cell)
+    padded = np.full(cells * per_cell, len(page_map.members), dtype=np.int16)
+    padded[:pages] = page_map.owners
+    grid = padded.reshape(cells, per_cell)
     candidates = range(-1, len(page_map.members))
     counts = np.stack([(grid == owner).sum(axis=1) for owner in candidates], axis=1)
     owners = np.argmax(counts, axis=1) - 1  # ties go to the lower index, unallocated first
