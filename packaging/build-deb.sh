@@ -35,7 +35,7 @@ command -v dpkg-query >/dev/null 2>&1 || die "not a Debian system (no dpkg-query
 # debian/control's Build-Depends (kept in step by dpkg-checkbuilddeps below).
 PKGS="build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
       python3-setuptools python3-aiofiles python3-crc32c python3-hypothesis python3-numpy
-      python3-pytest python3-pyudev lintian"
+      python3-pytest python3-pyudev python3-prometheus-client lintian"
 sh "$REPO/packaging/apt-ensure.sh" $PKGS
 
 # --- 2. the source tree --------------------------------------------------------

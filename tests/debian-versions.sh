@@ -1,6 +1,6 @@
 #!/bin/sh
 # The host unit tests against Debian 12's own libraries: python3-numpy,
-# python3-crc32c, python3-aiofiles and python3-pyudev as the Debian package
+# python3-crc32c, python3-aiofiles, python3-pyudev and python3-prometheus-client as the Debian package
 # depends on them, under Debian's /usr/bin/python3.
 #
 # A venv (.venv-debian) made with --system-site-packages sees Debian's
@@ -16,7 +16,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$REPO/.venv-debian
 die() { printf 'debian-versions: ERROR: %s\n' "$*" >&2; exit 1; }
 
-PKGS="python3 python3-venv python3-setuptools python3-numpy python3-crc32c python3-aiofiles python3-pyudev"
+PKGS="python3 python3-venv python3-setuptools python3-numpy python3-crc32c python3-aiofiles python3-pyudev
+      python3-prometheus-client"
 sh "$REPO/packaging/apt-ensure.sh" $PKGS
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -30,7 +31,8 @@ fi
 import importlib, importlib.metadata, subprocess, sys
 bad = False
 for module, deb in (("numpy", "python3-numpy"), ("crc32c", "python3-crc32c"),
-                    ("aiofiles", "python3-aiofiles"), ("pyudev", "python3-pyudev")):
+                    ("aiofiles", "python3-aiofiles"), ("pyudev", "python3-pyudev"),
+                    ("prometheus_client", "python3-prometheus-client")):
     where = importlib.import_module(module).__file__
     version = importlib.metadata.version(module)
     debver = subprocess.run(["dpkg-query", "-W", "-f=${Version}", deb], capture_output=True, text=True).stdout
