@@ -115,7 +115,8 @@ def test_node_exporter_shows_the_series_with_the_arrays_counts(routed):
     assert one("switch_agent_map_generation") == info["generation"]
     assert one("switch_agent_map_age_seconds") < 10 * POLL_INTERVAL_S
     assert one("switch_agent_reconciles_total", result="ok") >= 1
-    assert one("switch_agent_upload_bytes_total") > 0
+    # The daemon's own count (0 is right where the array's layout is the switch's round-robin default).
+    assert one("switch_agent_upload_bytes_total") == status()[0]["message_bytes_sent"]
     for member in routed["members"]:
         assert one("switch_agent_member_paths", member=member["name"], state="active") == len(member["paths"]) > 0
     # The textfile collector read our file without error, under the name the alert rules match.
@@ -140,6 +141,9 @@ def test_after_a_move_the_new_counts_arrive_within_a_poll_interval(routed):
     found = scrape(EXPORTER)
     assert [s.value for s in found["switch_agent_map_generation"] if s.labels["wwid"] == wwid] \
         == [moved["generation"]]
+    # The moved pages' regions went to the switch.
+    assert [s.value for s in found["switch_agent_upload_bytes_total"] if s.labels["wwid"] == wwid] \
+        == [status()[0]["message_bytes_sent"]] != [0]
 
 
 def test_the_agents_own_endpoint_serves_the_same_values(routed):
