@@ -5,7 +5,8 @@
 
 The default guest kernel is Debian 12's 6.1 in /boot (linux-image-amd64).
 The others are Debian's own packages, unpacked into a cache directory
-(default /var/cache/switch-agent-vm/kernels, env SWITCH_AGENT_VM_KERNEL_CACHE):
+(default /var/lib/switch-agent-vm/kernels, env SWITCH_AGENT_VM_KERNEL_CACHE; not under
+/var/cache, which virtme-ng's guest init hides under a tmpfs):
 
     <cache>/<release>/boot/vmlinuz-<release>
     <cache>/<release>/[usr/]lib/modules/<release>/      (depmod run on it)
@@ -32,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE = Path(os.environ.get("SWITCH_AGENT_VM_KERNEL_CACHE", "/var/cache/switch-agent-vm/kernels"))
+CACHE = Path(os.environ.get("SWITCH_AGENT_VM_KERNEL_CACHE", "/var/lib/switch-agent-vm/kernels"))
 DEBIAN = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 LISTS_MAX_AGE_S = 86400
