@@ -77,9 +77,10 @@ class Cell:
 
 
 def guest_command(results: Path, test: GuestTest) -> list[str]:
-    """Record the kernel's dm ioctl version, then the guest tests."""
+    """Record the kernel's dm ioctl and target versions, then the guest tests."""
     pytest_argv = shlex.join(guest_pytest(results, "-s", test.path))
-    return ["sh", "-c", f"dmsetup version > {shlex.quote(str(results / 'dm-version.txt'))} 2>&1; exec {pytest_argv}"]
+    out = shlex.quote(str(results / "dm-version.txt"))
+    return ["sh", "-c", f"{{ dmsetup version; dmsetup targets; }} > {out} 2>&1; exec {pytest_argv}"]
 
 
 def run_cell(kernel: str, test: GuestTest, results: Path) -> int:
@@ -110,8 +111,12 @@ def read_cell(kernel: str, test: str, results: Path) -> Cell:
     cell.rig_failed = not st.get("rig_ok", False)
     m = re.search(r"guest up: kernel (\S+),", _read(results / "rig.log"))
     cell.release = m.group(1) if m else ""
-    m = re.search(r"Driver version:\s*(\S+)", _read(results / "dm-version.txt"))
+    dm = _read(results / "dm-version.txt")
+    m = re.search(r"Driver version:\s*(\S+)", dm)
     cell.dm_version = m.group(1) if m else ""
+    targets = dict(re.findall(r"^(switch|multipath)\s+v(\S+)", dm, re.M))
+    if targets:
+        cell.dm_version += " (" + ", ".join(f"{k} {v}" for k, v in sorted(targets.items(), reverse=True)) + ")"
     try:
         cases = junit_cases(results)
     except (OSError, ValueError, SyntaxError):
@@ -161,7 +166,7 @@ def timings_text(cell: Cell) -> str:
 
 
 def render(cells: list[Cell]) -> str:
-    rows = ["| kernel | release | dm ioctl | test | result | notable timings (TCG) |",
+    rows = ["| kernel | release | dm ioctl (targets) | test | result | notable timings (TCG) |",
             "|---|---|---|---|---|---|"]
     for c in cells:
         rows.append(f"| {c.kernel} | {c.release or '-'} | {c.dm_version or '-'} | {c.test} | {result_text(c)} "

@@ -19,7 +19,8 @@ def fake_cell(path: Path, *, cases: list[str], rig_ok: bool = True) -> Path:
     (path / "config.json").write_text("{}")
     (path / "status.json").write_text(json.dumps({"rig_ok": rig_ok, "command_rc": 0}))
     (path / "rig.log").write_text("vm-rig: [   0.1s] guest up: kernel 5.10.0-32-amd64, uptime 9.0 s\n")
-    (path / "dm-version.txt").write_text("Library version:   1.02.185 (2022-05-18)\nDriver version:    4.43.0\n")
+    (path / "dm-version.txt").write_text("Library version:   1.02.185 (2022-05-18)\nDriver version:    4.43.0\n"
+                                       "switch           v1.1.0\nmultipath        v1.14.0\nzero             v1.1.0\n")
     (path / "timings.json").write_text(json.dumps({"host": {"total": 240.0}, "guest": {}}))
     (path / "junit.xml").write_text(JUNIT.format(cases="\n".join(cases)))
     return path
@@ -34,7 +35,7 @@ def test_a_passing_agent_cell_shows_release_dm_version_and_route_time(tmp_path: 
     cell = kernels.read_cell("5.10", "agent", cell_dir)
     assert cell.ok and (cell.passed, cell.cases) == (12, 12)
     row = kernels.render([cell]).splitlines()[-1]
-    assert row == ("| 5.10 | 5.10.0-32-amd64 | 4.43.0 | agent | 12/12 passed "
+    assert row == ("| 5.10 | 5.10.0-32-amd64 | 4.43.0 (switch 1.1.0, multipath 1.14.0) | agent | 12/12 passed "
                    "| routed 7.2 s after login; VM 4.0 min |")
 
 
