@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.bench import scale_lib
 from tests.vm import guest_kernels
 from tests.vm.test_rig import guest_pytest, junit_cases
 
@@ -174,15 +175,9 @@ def render(cells: list[Cell]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def replace_section(doc: str, section: str) -> str:
-    """`doc` with the text between the markers replaced by `section` (appended with markers if absent)."""
-    block = f"{BEGIN_MARK}\n{section.rstrip()}\n{END_MARK}"
-    b, e = doc.find(BEGIN_MARK), doc.find(END_MARK)
-    if b < 0 and e < 0:
-        return doc.rstrip("\n") + "\n\n" + block + "\n"
-    if b < 0 or e < 0 or e < b or doc.count(BEGIN_MARK) != 1 or doc.count(END_MARK) != 1:
-        raise ValueError(f"{DOC}: the kernels markers are unbalanced; fix them by hand")
-    return doc[:b] + block + doc[e + len(END_MARK):]
+def replace_section(doc: str, text: str) -> str:
+    """docs/kernels.md with its generated section replaced (scale_lib.DocSectionError on broken markers)."""
+    return scale_lib.replace_section(doc, text, BEGIN_MARK, END_MARK, "docs/kernels.md")
 
 
 def section(cells: list[Cell], command: str) -> str:
