@@ -55,7 +55,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from protocol.errors import SwitchAgentError
@@ -257,6 +257,10 @@ class DeviceEntry:
     major: int
     minor: int
     event_nr: int | None  # None: the kernel's list carries no event numbers (before 4.14)
+    uuid_listed: bool = field(default=True, compare=False)
+    """False: the kernel's list said nothing about the uuid (Linux 5.10's dm ioctl 4.43 ignores
+    DM_UUID_FLAG here; later kernels set HAS_UUID or DOESNT_HAVE_UUID), so ``uuid`` is unknown,
+    not empty; list_devices() asks each such device."""
 
 
 class _Header(NamedTuple):
@@ -391,13 +395,16 @@ def parse_name_list(data: bytes | bytearray) -> list[DeviceEntry]:
         nul = data.index(b"\0", name_at, end)
         name = bytes(data[name_at:nul]).decode("utf-8", "replace")
         tail = _align8(nul + 1)
-        event_nr, uuid = None, ""
+        event_nr, uuid, listed = None, "", False
         if tail + 8 <= end:
+            # On a kernel that lists no uuids the word after event_nr is alignment
+            # padding (ours: zero), so neither flag says whether there is a uuid.
             event_nr, lflags = struct.unpack_from("=II", data, tail)
+            listed = bool(lflags & (DM_NAME_LIST_FLAG_HAS_UUID | DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID))
             if lflags & DM_NAME_LIST_FLAG_HAS_UUID:
                 uuid = _cstr(data, _align8(tail + 8), end)
         major, minor = decode_dev(dev)
-        out.append(DeviceEntry(name, uuid, major, minor, event_nr))
+        out.append(DeviceEntry(name, uuid, major, minor, event_nr, listed))
         if not nxt:
             return out
         off += nxt
@@ -766,7 +773,25 @@ class DeviceMapper:
         last = self._last_list
         if data != last[0]:
             last = self._last_list = (data, tuple(parse_name_list(data)))
-        return list(last[1])
+        if all(e.uuid_listed for e in last[1]):
+            return list(last[1])
+        # An older kernel (5.10) lists no uuids: ask each device, every time (a device
+        # removed and made again under the same name and minor would list the same bytes).
+        return [e for e in map(self._with_uuid, last[1]) if e is not None]
+
+    def _with_uuid(self, entry: DeviceEntry) -> DeviceEntry | None:
+        """`entry` with its uuid from DM_DEV_STATUS; None if it went away since the list."""
+        if entry.uuid_listed:
+            return entry
+        try:
+            info = self.device_info(entry.name)
+        except DmIoctlError as exc:
+            if exc.errno == errno.ENXIO:
+                return None
+            raise
+        if (info.major, info.minor) != (entry.major, entry.minor):
+            return None  # the name now belongs to another device: the next list shows it
+        return replace(entry, uuid=info.uuid, uuid_listed=True)
 
     def list_versions(self) -> dict[str, tuple[int, int, int]]:
         """``DM_LIST_VERSIONS``: loaded target types and their versions (is ``switch`` there?)."""
