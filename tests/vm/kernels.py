@@ -180,10 +180,14 @@ def replace_section(doc: str, text: str) -> str:
     return scale_lib.replace_section(doc, text, BEGIN_MARK, END_MARK, "docs/kernels.md")
 
 
-def section(cells: list[Cell], command: str) -> str:
+def section(cells: list[Cell], command: str, rendered_from: Path | None = None) -> str:
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    return "\n".join([f"Produced on {date} by one command on the host (one VM boot per row):", "",
-                      f"    {command}", "", render(cells)])
+    head = f"Produced on {date} by one command on the host (one VM boot per row):"
+    if rendered_from is not None:
+        # Say so when the cells were booted separately and only rendered here.
+        head = (f"Rendered on {date} from saved results (`--from-results`), each row booted by "
+                "`--kernels K --tests T` of:")
+    return "\n".join([head, "", f"    {command}", "", render(cells)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         command = ".venv/bin/python -m tests.vm.kernels" + (
             "" if args.kernels == p.get_default("kernels") and args.tests == p.get_default("tests")
             else f" --kernels {args.kernels} --tests {args.tests}")
-        DOC.write_text(replace_section(_read(DOC) or DOC_HEAD, section(cells, command)))
+        DOC.write_text(replace_section(_read(DOC) or DOC_HEAD, section(cells, command, args.from_results)))
         print(f"kernels: wrote {DOC.relative_to(REPO)} (results in {results})")
     return 0 if all(c.ok for c in cells if c.ran) else 1
 
