@@ -61,6 +61,7 @@ class Cell:
     test: str
     ran: bool = False
     rig_failed: bool = False
+    status_written: bool = False
     release: str = ""
     dm_version: str = ""
     passed: int = 0
@@ -109,6 +110,7 @@ def read_cell(kernel: str, test: str, results: Path) -> Cell:
         st = json.loads(status) if status else {}
     except ValueError:
         st = {}
+    cell.status_written = bool(st)
     cell.rig_failed = not st.get("rig_ok", False)
     m = re.search(r"guest up: kernel (\S+),", _read(results / "rig.log"))
     cell.release = m.group(1) if m else ""
@@ -143,7 +145,7 @@ def result_text(cell: Cell) -> str:
     if not cell.ran:
         return "not run"
     if cell.rig_failed:
-        return "**rig failed**"
+        return "**rig failed**" if cell.status_written else "**no status** (the rig failed, or is still running)"
     text = f"{cell.passed}/{cell.cases} passed" if cell.ok else f"**FAILED** {cell.passed}/{cell.cases} passed"
     skipped = [c for c in cell.not_passed if c[1] == "skipped"]
     failed = [c for c in cell.not_passed if c[1] != "skipped"]
@@ -160,7 +162,7 @@ def timings_text(cell: Cell) -> str:
         parts.append(f"routed {cell.routed_s:.1f} s after login")
     if cell.last_misrouted_write_s:
         parts.append("last misrouted write: " + ", ".join(
-            f"{name} {s:.1f} s" for name, s in cell.last_misrouted_write_s.items()))
+            f"{name}: {s:.1f} s" for name, s in cell.last_misrouted_write_s.items()))
     if cell.total_s is not None:
         parts.append(f"VM {cell.total_s / 60:.1f} min")
     return "; ".join(parts) or "-"

@@ -47,7 +47,7 @@ def test_a_failed_case_fails_the_cell_and_is_named(tmp_path: Path) -> None:
     cell = kernels.read_cell("6.12", "change", cell_dir)
     assert not cell.ok
     text = kernels.render([cell])
-    assert "**FAILED** 8/9 passed: test_grow" in text and "last misrouted write: move 3.0 s" in text
+    assert "**FAILED** 8/9 passed: test_grow" in text and "last misrouted write: move: 3.0 s" in text
 
 
 def test_too_few_cases_is_not_a_pass(tmp_path: Path) -> None:
@@ -58,6 +58,10 @@ def test_too_few_cases_is_not_a_pass(tmp_path: Path) -> None:
 def test_a_rig_failure_and_a_cell_never_run(tmp_path: Path) -> None:
     failed = kernels.read_cell("6.1-rt", "agent", fake_cell(tmp_path / "r", cases=[], rig_ok=False))
     absent = kernels.read_cell("6.1-rt", "change", tmp_path / "absent")
+    (tmp_path / "booting").mkdir()
+    (tmp_path / "booting" / "config.json").write_text("{}")
+    booting = kernels.read_cell("6.1-rt", "change", tmp_path / "booting")
+    assert kernels.result_text(booting).startswith("**no status**") and not booting.ok
     assert kernels.result_text(failed) == "**rig failed**" and not failed.ok
     assert kernels.result_text(absent) == "not run" and not absent.ran
 
