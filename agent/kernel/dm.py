@@ -38,6 +38,7 @@ import fcntl
 import logging
 import os
 import threading
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 
 from agent.kernel.dm_abi import (
@@ -237,7 +238,25 @@ class DeviceMapper:
         last = self._last_list
         if data != last[0]:
             last = self._last_list = (data, tuple(parse_name_list(data)))
-        return list(last[1])
+        if all(e.uuid_listed for e in last[1]):
+            return list(last[1])
+        # An older kernel (5.10) lists no uuids: ask each device, every time (a device
+        # removed and made again under the same name and minor would list the same bytes).
+        return [e for e in map(self._with_uuid, last[1]) if e is not None]
+
+    def _with_uuid(self, entry: DeviceEntry) -> DeviceEntry | None:
+        """`entry` with its uuid from DM_DEV_STATUS; None if it went away since the list."""
+        if entry.uuid_listed:
+            return entry
+        try:
+            info = self.device_info(entry.name)
+        except DmIoctlError as exc:
+            if exc.errno == errno.ENXIO:
+                return None
+            raise
+        if (info.major, info.minor) != (entry.major, entry.minor):
+            return None  # the name now belongs to another device: the next list shows it
+        return replace(entry, uuid=info.uuid, uuid_listed=True)
 
     def list_versions(self) -> dict[str, tuple[int, int, int]]:
         """``DM_LIST_VERSIONS``: loaded target types and their versions (is ``switch`` there?)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from agent.kernel.dm_errors import DmArgumentError
@@ -131,6 +131,10 @@ class DeviceEntry:
     major: int
     minor: int
     event_nr: int | None  # None: the kernel's list carries no event numbers (before 4.14)
+    uuid_listed: bool = field(default=True, compare=False)
+    """False: the kernel's list said nothing about the uuid (Linux 5.10's dm ioctl 4.43 ignores
+    DM_UUID_FLAG here; later kernels set HAS_UUID or DOESNT_HAVE_UUID), so ``uuid`` is unknown,
+    not empty; DeviceMapper.list_devices() asks each such device."""
 
 
 class Header(NamedTuple):
@@ -262,13 +266,16 @@ def parse_name_list(data: bytes | bytearray) -> list[DeviceEntry]:
         nul = data.index(b"\0", name_at, end)
         name = bytes(data[name_at:nul]).decode("utf-8", "replace")
         tail = _align8(nul + 1)
-        event_nr, uuid = None, ""
+        event_nr, uuid, listed = None, "", False
         if tail + 8 <= end:
+            # On a kernel that lists no uuids the word after event_nr is alignment
+            # padding (ours: zero), so neither flag says whether there is a uuid.
             event_nr, lflags = struct.unpack_from("=II", data, tail)
+            listed = bool(lflags & (DM_NAME_LIST_FLAG_HAS_UUID | DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID))
             if lflags & DM_NAME_LIST_FLAG_HAS_UUID:
                 uuid = cstr(data, _align8(tail + 8), end)
         major, minor = decode_dev(dev)
-        out.append(DeviceEntry(name, uuid, major, minor, event_nr))
+        out.append(DeviceEntry(name, uuid, major, minor, event_nr, listed))
         if not nxt:
             return out
         off += nxt

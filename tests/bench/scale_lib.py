@@ -115,15 +115,18 @@ class DocSectionError(ValueError):
     """docs/benchmarks.md has one marker without the other, or them out of order."""
 
 
-def replace_section(doc: str, section: str) -> str:
-    """`doc` with the text between the markers replaced by `section` (appended with markers if absent)."""
-    block = f"{BEGIN_MARK}\n{section.rstrip()}\n{END_MARK}"
-    b, e = doc.find(BEGIN_MARK), doc.find(END_MARK)
+def replace_section(doc: str, section: str, begin: str = BEGIN_MARK, end: str = END_MARK,
+                    where: str = "docs/benchmarks.md") -> str:
+    """`doc` with the text between the markers replaced by `section` (appended with markers if absent).
+
+    Another generated section (tests/vm/kernels.py) passes its own markers."""
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    b, e = doc.find(begin), doc.find(end)
     if b < 0 and e < 0:
         return doc.rstrip("\n") + "\n\n" + block + "\n"
-    if b < 0 or e < 0 or e < b or doc.count(BEGIN_MARK) != 1 or doc.count(END_MARK) != 1:
-        raise DocSectionError("docs/benchmarks.md: scale-bench markers are unbalanced; fix them by hand")
-    return doc[:b] + block + doc[e + len(END_MARK):]
+    if b < 0 or e < 0 or e < b or doc.count(begin) != 1 or doc.count(end) != 1:
+        raise DocSectionError(f"{where}: the markers {begin!r} and {end!r} are unbalanced; fix them by hand")
+    return doc[:b] + block + doc[e + len(end):]
 
 
 # -- rows from the guest's JSON ----------------------------------------------------------------

@@ -90,6 +90,7 @@ class FakeDmKernel:
     messages: list[tuple[str, int, str]] = field(default_factory=list)
     fail: dict[int, int] = field(default_factory=dict)  # command nr -> errno
     next_minor: int = 0
+    lists_uuids: bool = True  # False: Linux 5.10 (dm ioctl 4.43), whose LIST_DEVICES ignores DM_UUID_FLAG
 
     def add(self, name, uuid, **kw) -> FakeDev:
         d = FakeDev(name, uuid, self.next_minor, **kw)
@@ -166,7 +167,7 @@ class FakeDmKernel:
             rec[12:12 + len(d.name)] = d.name.encode()
             tail = align8(12 + len(d.name) + 1)
             lflags = 0
-            if call.flags & dm_abi.DM_UUID_FLAG:
+            if call.flags & dm_abi.DM_UUID_FLAG and self.lists_uuids:
                 lflags = dm_abi.DM_NAME_LIST_FLAG_HAS_UUID if d.uuid else dm_abi.DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID
                 if d.uuid:
                     rec += d.uuid.encode() + b"\0" * (align8(len(d.uuid) + 1) - len(d.uuid))
@@ -476,6 +477,10 @@ def test_parse_name_list_hand_built():
     struct.pack_into("=II", r2, 24, 2, dm_abi.DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID)
     assert dm_abi.parse_name_list(bytes(r1 + r2)) == [
         dm_abi.DeviceEntry("a", "U-1", 253, 3, 9), dm_abi.DeviceEntry("bcdefghi", "", 253, 300, 2)]
+    assert all(e.uuid_listed for e in dm_abi.parse_name_list(bytes(r1 + r2)))
+    # Linux 5.10: the word after event_nr is padding, neither flag set: the uuid is unknown.
+    struct.pack_into("=I", r2, 28, 0)
+    assert not dm_abi.parse_name_list(bytes(r2))[0].uuid_listed
     assert dm_abi.parse_name_list(b"") == []
     assert dm_abi.parse_name_list(bytes(16)) == []  # dev == 0: "flags no data"
     # A kernel before 4.14: the name, padded to 8, and nothing after it.
@@ -483,6 +488,41 @@ def test_parse_name_list_hand_built():
     struct.pack_into("=QI", old, 0, encode_dev(253, 4), 0)
     old[12:14] = b"z\0"
     assert dm_abi.parse_name_list(bytes(old)) == [dm_abi.DeviceEntry("z", "", 253, 4, None)]
+    assert not dm_abi.parse_name_list(bytes(old))[0].uuid_listed
+
+
+def test_a_kernel_whose_list_has_no_uuids_gets_each_uuid_asked(dmc, kernel):
+    """Linux 5.10 ignores DM_UUID_FLAG in LIST_DEVICES: the agent found no multipath map there."""
+    kernel.lists_uuids = False
+    kernel.add("mpatha", "mpath-3600a", event_nr=2)
+    kernel.add("other", "")
+    devices = dmc.list_devices()
+    assert [(d.name, d.uuid, d.event_nr) for d in devices] == [("mpatha", "mpath-3600a", 2), ("other", "", 0)]
+    assert all(d.uuid_listed for d in devices)
+    assert [c.nr for c in kernel.calls] == [0x02, 0x07, 0x07]
+    assert [c.name for c in kernel.calls[1:]] == ["mpatha", "other"]
+    # Asked again every time, not from the cached parse: a device may be made anew with the same bytes.
+    kernel.calls.clear()
+    kernel.devices["other"].uuid = "CRYPT-x"
+    assert [d.uuid for d in dmc.list_devices()] == ["mpath-3600a", "CRYPT-x"]
+    assert [c.nr for c in kernel.calls] == [0x02, 0x07, 0x07]
+
+
+def test_a_device_gone_between_the_list_and_its_uuid_is_left_out(dmc, kernel):
+    kernel.lists_uuids = False
+    kernel.add("gone", "mpath-1")
+    kernel.fail[0x07] = errno.ENXIO
+    assert dmc.list_devices() == []
+    kernel.fail[0x07] = errno.EPERM
+    with pytest.raises(dm.DmIoctlError):
+        dmc.list_devices()
+
+
+def test_a_kernel_that_lists_uuids_is_not_asked_per_device(dmc, kernel):
+    kernel.add("mpatha", "mpath-3600a")
+    kernel.add("other", "")
+    assert [(d.name, d.uuid) for d in dmc.list_devices()] == [("mpatha", "mpath-3600a"), ("other", "")]
+    assert [c.nr for c in kernel.calls] == [0x02]
 
 
 def test_list_devices_doubles_the_buffer_on_buffer_full(dmc, kernel):

@@ -21,10 +21,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     if os.environ.get("SWITCH_AGENT_SKIP_VM") == "1":
         pytest.skip("SWITCH_AGENT_SKIP_VM=1: VM tests skipped")
-    _, missing = check_prerequisites()
+    # A wrapper parametrized by guest kernel needs that kernel (setup.sh --kernels fetches it).
+    callspec = getattr(item, "callspec", None)
+    _, missing = check_prerequisites(callspec.params.get("kernel") if callspec else None)
     if missing:
         msg = ("the VM rig cannot boot here, missing: " + "; ".join(missing)
-               + " (run: sh tests/vm/setup.sh)")
+               + " (run: sh tests/vm/setup.sh --kernels)")
         if os.environ.get("CI") == "true" or os.environ.get("SWITCH_AGENT_VM_REQUIRED") == "1":
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)

@@ -29,7 +29,6 @@ import argparse
 import fcntl
 import json
 import os
-import re
 import select
 import shlex
 import shutil
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 from agent.sizes import size_argument
+from tests.vm import guest_kernels
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_INIT = Path(__file__).resolve().with_name("guest_init.py")
@@ -96,6 +96,10 @@ def parser() -> argparse.ArgumentParser:
                    help="time limit of each `python -m tests.array` call (default 240)")
     p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     p.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    p.add_argument("--kernel", default=None,
+                   help="guest kernel: a name (5.10, 6.1, 6.12, 6.1-rt; fetched by sh tests/vm/setup.sh "
+                        "--kernels), a release (6.1.0-57-amd64) or a vmlinuz path "
+                        "(default: Debian 12's 6.1 in /boot, pinned to linux-image-amd64's)")
     p.add_argument("--results", type=Path, default=None,
                    help="results directory shared read-write with the guest "
                         "(default: a new /tmp/switch-agent-vm-*); kept afterwards")
@@ -133,17 +137,11 @@ def venv_bin() -> Path:
     return REPO / ".venv" / "bin"
 
 
-def version_key(path: Path):
-    ver = path.name.removeprefix("vmlinuz-")
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", ver)]
+def find_kernel(wanted: str | None = None) -> Path:
+    """--kernel (or SWITCH_AGENT_VM_KERNEL), else the pinned default (tests/vm/guest_kernels.py).
 
-
-def find_kernel() -> Path | None:
-    env = os.environ.get("SWITCH_AGENT_VM_KERNEL")
-    if env:
-        return Path(env)
-    kernels = sorted(Path("/boot").glob("vmlinuz-*"), key=version_key)
-    return kernels[-1] if kernels else None
+    Raises guest_kernels.KernelNotFound."""
+    return guest_kernels.resolve(wanted or os.environ.get("SWITCH_AGENT_VM_KERNEL"))
 
 
 # virtme-ng shares the host's root over 9p without caching: under TCG every
@@ -188,7 +186,7 @@ def compile_bytecode(vbin: Path, say) -> None:
         say(f"bytecode compiled on the host in {time.monotonic() - t:.1f} s")
 
 
-def check_prerequisites() -> tuple[dict, list[str]]:
+def check_prerequisites(kernel_wanted: str | None = None) -> tuple[dict, list[str]]:
     found: dict = {}
     missing: list[str] = []
     vbin = venv_bin()
@@ -206,15 +204,20 @@ def check_prerequisites() -> tuple[dict, list[str]]:
         found["qemu"] = qemu
     else:
         missing.append("qemu-system-x86_64 (Debian package qemu-system-x86)")
-    kernel = find_kernel()
-    if kernel is None or not kernel.is_file():
-        missing.append("a guest kernel /boot/vmlinuz-* (Debian package linux-image-amd64)"
-                       + (f": {kernel} does not exist" if kernel else ""))
+    try:
+        kernel = find_kernel(kernel_wanted)
+    except guest_kernels.KernelNotFound as e:
+        missing.append(f"a guest kernel: {e}")
+        return found, missing
+    if not kernel.is_file():
+        missing.append(f"a guest kernel: {kernel} does not exist (Debian package linux-image-amd64)")
+        return found, missing
+    found["kernel"] = kernel
+    moddir = guest_kernels.image_modules(kernel)
+    if moddir is None:
+        missing.append(f"the modules of {kernel} (/lib/modules/<release>, or lib/modules next to a cached image)")
     else:
-        found["kernel"] = kernel
-        ver = kernel.name.removeprefix("vmlinuz-")
-        if not Path("/lib/modules", ver, "kernel").is_dir():
-            missing.append(f"/lib/modules/{ver} (the modules of {kernel})")
+        found["modules"] = moddir
     return found, missing
 
 
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"vm-run: {msg}", flush=True)
 
-    found, missing = check_prerequisites()
+    found, missing = check_prerequisites(args.kernel)
     if missing:
         say("cannot boot the VM rig; missing:")
         for m in missing:
@@ -316,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "map_timeout": args.map_timeout,
         "array_timeout": args.array_timeout,
         "command": args.command,
+        "kernel": str(found["kernel"]),
+        "kernel_name": args.kernel or os.environ.get("SWITCH_AGENT_VM_KERNEL") or guest_kernels.DEFAULT,
     }
     (results / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 

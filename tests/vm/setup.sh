@@ -7,10 +7,23 @@
 #      multipath-tools, sg3-utils, ...), without starting any of their
 #      services on this host;
 #   2. creates <repo>/.venv if missing and installs the project into it
-#      with the test, emulator (rtslib-fb), vm (virtme-ng) and bench (py-spy) extras.
+#      with the test, emulator (rtslib-fb), vm (virtme-ng) and bench (py-spy) extras;
+#   3. with --kernels: fetches the other guest kernels (Debian 11's 5.10,
+#      12-backports' 6.12, 12's 6.1 PREEMPT_RT) into a cache directory
+#      (tests/vm/guest_kernels.py): unpacked, not installed, so /boot, the
+#      host's boot configuration, its apt sources and the rig's default
+#      kernel stay as they are.
 #
-# Usage: sh tests/vm/setup.sh        (env SWITCH_AGENT_VENV=DIR overrides the venv)
+# Usage: sh tests/vm/setup.sh [--kernels]   (env SWITCH_AGENT_VENV=DIR overrides the venv)
 set -eu
+
+KERNELS=no
+for arg in "$@"; do
+    case $arg in
+        --kernels) KERNELS=yes ;;
+        *) printf 'usage: sh tests/vm/setup.sh [--kernels]\n' >&2; exit 2 ;;
+    esac
+done
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${SWITCH_AGENT_VENV:-$REPO/.venv}
@@ -96,10 +109,11 @@ else
     say "Debian packages installed"
 fi
 
-# The kernel the VM boots, and the modules the rig loads in it.
-KERNEL=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n1 || true)
-[ -n "$KERNEL" ] || die "no /boot/vmlinuz-* after installing linux-image-amd64"
-KVER=${KERNEL#/boot/vmlinuz-}
+# The kernel the VM boots by default (the one linux-image-amd64 depends on,
+# as tests/vm/guest_kernels.py pins it), and the modules the rig loads in it.
+KVER=$(dpkg-query -W -f='${Depends}' linux-image-amd64 | sed -n 's/^linux-image-\([^ ,]*\).*/\1/p')
+KERNEL=/boot/vmlinuz-$KVER
+[ -f "$KERNEL" ] || die "no $KERNEL after installing linux-image-amd64"
 for m in dm-switch dm-multipath target_core_user iscsi_target_mod iscsi_tcp; do
     modinfo -k "$KVER" -n "$m" >/dev/null 2>&1 || die "kernel $KVER has no module $m"
 done
@@ -131,5 +145,11 @@ else
     say "python packages installed"
 fi
 say "vng: $("$VENV/bin/vng" --version 2>&1 | head -n1)"
+
+# --- 3. the other guest kernels -----------------------------------------------------
+if [ "$KERNELS" = yes ]; then
+    (cd "$REPO" && "$VENV/bin/python" -m tests.vm.guest_kernels fetch) ||
+        die "fetching the guest kernels failed (see above)"
+fi
 
 say "done in $(( $(date +%s) - START )) s"

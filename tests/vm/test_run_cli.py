@@ -55,10 +55,12 @@ def test_missing_kernel_is_a_rig_failure_with_a_hint() -> None:
     assert "sh tests/vm/setup.sh" in p.stdout
 
 
-def test_newest_kernel_by_version(tmp_path: Path) -> None:
-    names = ["vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-56-amd64", "vmlinuz-6.1.0-10-amd64"]
-    paths = [tmp_path / n for n in names]
-    assert max(paths, key=run.version_key).name == "vmlinuz-6.1.0-56-amd64"
+def test_unknown_kernel_name_is_a_rig_failure_naming_the_known_ones() -> None:
+    p = subprocess.run([sys.executable, "-m", "tests.vm.run", "--kernel", "4.19", "--", "true"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == run.RIG_FAILURE
+    assert "no guest kernel '4.19'; known: 6.1" in p.stdout
+    assert "sh tests/vm/setup.sh --kernels" in p.stdout
 
 
 def test_vm_lock_free_then_held_by_ancestor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,7 +101,7 @@ import os, sys
 from pathlib import Path
 from tests.vm import run
 fake, lock, results = sys.argv[1:4]
-run.check_prerequisites = lambda: ({"vng": fake, "qemu": "qemu", "kernel": Path("/boot/vmlinuz-fake"),
+run.check_prerequisites = lambda wanted=None: ({"vng": fake, "qemu": "qemu", "kernel": Path("/boot/vmlinuz-fake"),
                                     "PATH": os.environ["PATH"]}, [])
 run.LOCK = lock
 sys.exit(run.main(["--results", results, "--", "true"]))
