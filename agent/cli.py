@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # the records pull numpy in: the CLI imports them only when i
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
+TRIGGER_TIMEOUT_S = 2.0
+"""Longest `trigger` waits for the daemon's answer: udev holds the device's event until RUN programs end."""
+
 DESCRIPTION = """\
 switch-agent routes each page of a scale-out iSCSI volume straight to the
 array member that owns it. For every multipath LUN of a configured array it
@@ -49,6 +52,8 @@ examples:
 files:
   /etc/switch-agent/switch-agent.toml      configuration (all keys optional)
   /run/switch-agent/control.sock           control socket (root only)
+  switch-agent.service                     the daemon's systemd unit
+  switch-agent.socket                      its socket unit: a request starts the daemon
 
 exit status: 0 success, 1 the daemon reported an error, 2 usage error,
 3 the daemon is not running.
@@ -100,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     trigger = sub.add_parser("trigger", help="(for the udev rule) schedule a re-check and return at once",
                              description="Schedule a re-check of a LUN (by wwid or dm uuid mpath-<wwid>) or "
                                          "of the LUN behind a SCSI device (--scsi-device /devices/...) and "
-                                         "return without waiting. Silent and exit 0 when the daemon is down, "
-                                         "so udev never stalls on it.")
+                                         "return without waiting. With switch-agent.socket listening, a "
+                                         "daemon that is down is started by this request, and reads it once "
+                                         f"it runs; the wait for its answer ends after {TRIGGER_TIMEOUT_S:g} s "
+                                         "(exit 0), so udev never stalls on it. Silent and exit 0 when "
+                                         "neither the daemon nor its socket is there.")
     what = trigger.add_mutually_exclusive_group(required=True)
     what.add_argument("lun", nargs="?", help="wwid or mpath-<wwid>")
     what.add_argument("--scsi-device", metavar="DEVPATH", help="udev DEVPATH of a scsi_device")
@@ -152,16 +160,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
-    """Fire and forget, with arguments checked: they come from udev, i.e. from device data."""
+    """Fire and forget, with arguments checked: they come from udev, i.e. from device data.
+
+    The request is sent even when no daemon runs: with switch-agent.socket
+    listening, that connection starts the daemon, which reads the request
+    once it serves. Only the wait for the answer is bounded.
+    """
     request = {"command": "trigger", **({"scsi_device": "/sys" + args.scsi_device.removeprefix("/sys")}
                                         if args.scsi_device else {"lun": args.lun})}
     try:
         control.check_trigger(request)
-        control.request(socket_path, request, timeout_s=2.0)
+        control.request(socket_path, request, timeout_s=TRIGGER_TIMEOUT_S)
     except control.SuspiciousArgumentError as exc:
         print(f"switch-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except control.DaemonNotRunningError:
+        return EXIT_OK  # no daemon and no socket unit: it scans everything when it starts
+    except control.NoAnswerError as exc:
+        # Queued on the socket: a daemon that systemd is starting reads it when it serves.
+        print(f"switch-agent: trigger sent; {exc} (starting?)", file=sys.stderr)
         return EXIT_OK
     except control.ControlError as exc:
         print(f"switch-agent: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ import signal
 import socket
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
-from agent import control, mapview
+from agent import activation, control, mapview
 from agent.config import Config
 from agent.events import Trigger, TriggerKind, classify
 from agent.kernel.udev import UdevEventsLostError
@@ -151,7 +151,9 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until stop(): control socket, initial scan, events, polling."""
-        server = await control.serve(self.config.socket_path, self.handle_request)
+        # systemd's socket (switch-agent.socket) if it started us through it, else one of our own.
+        listening = activation.control_socket(self.config.socket_path, activation.listen_fds())
+        server = await control.serve(self.config.socket_path, self.handle_request, listening=listening)
         try:
             self.metrics.start_endpoint()
         except MetricsEndpointError as exc:  # metrics are worth less than routing: go on without them
@@ -171,7 +173,8 @@ class Daemon:
                 self.scheduler.trigger(mpath.wwid, "present at start", delay_s=0)
             notify_systemd("READY=1\nSTATUS=watching multipath maps")
             self.metrics.write()
-            LOG.info("switch-agent ready; control socket %s", self.config.socket_path)
+            LOG.info("switch-agent ready; control socket %s%s", self.config.socket_path,
+                     " (from systemd)" if server.activated else "")
             await self._stop.wait()
         finally:
             notify_systemd("STOPPING=1")
