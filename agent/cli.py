@@ -203,10 +203,13 @@ def run_daemon(args: argparse.Namespace, config: Config, socket_path: Path) -> i
     except ConfigError as exc:
         print(f"switch-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # journald stamps each line itself; anywhere else a time is worth having.
+    # journald stamps each line itself; anywhere else a time is worth having. Under systemd the
+    # messages go to the journal natively, with their LUN's and member's fields (agent.journal).
+    from agent.journal import daemon_handler
+
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format=stamp + "%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level.upper(),
+                        handlers=[daemon_handler(stamp + "%(levelname)s %(name)s: %(message)s")])
 
     limit_malloc_arenas()
 

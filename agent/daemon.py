@@ -10,6 +10,7 @@ failure. SIGTERM stops the daemon and leaves every routed device in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -17,7 +18,7 @@ import signal
 import socket
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
-from agent import activation, control, mapview
+from agent import activation, control, logfields, mapview
 from agent.config import Config
 from agent.events import Trigger, TriggerKind, classify
 from agent.kernel.udev import UdevEventsLostError
@@ -72,13 +73,23 @@ class LunScheduler:
         if pending:
             pending.cancel()
         try:
-            return await self.orchestrator.reconcile(wwid)
+            with self._about(wwid):
+                return await self.orchestrator.reconcile(wwid)
         finally:
             self.after_reconcile()
+
+    def _about(self, wwid: str) -> contextlib.AbstractContextManager[None]:
+        """The journal fields of every message logged while working on `wwid` (agent.logfields)."""
+        lun = self.orchestrator.luns.get(wwid)
+        return logfields.about(WWID=wwid, MPATH=lun.topology.mpath_name if lun and lun.topology else None)
 
     async def _run(self, wwid: str, delay: float) -> None:
         await self.sleep(delay)
         self._pending.pop(wwid, None)
+        with self._about(wwid):
+            await self._reconcile(wwid)
+
+    async def _reconcile(self, wwid: str) -> None:
         try:
             await self.orchestrator.reconcile(wwid)
         except (NotOurArrayError, LunNotFoundError) as exc:
@@ -107,6 +118,10 @@ class LunScheduler:
     async def _heal(self, wwid: str, delay: float, attempt: int, events: dict[str, int] | None) -> None:
         await self.sleep(delay)
         self._healing.pop(wwid, None)
+        with self._about(wwid):
+            await self._heal_now(wwid, attempt, events)
+
+    async def _heal_now(self, wwid: str, attempt: int, events: dict[str, int] | None) -> None:
         try:
             still_failed = await self.orchestrator.heal_paths(wwid, events)
         except Exception:  # a bug must not kill the daemon's other LUNs
@@ -245,7 +260,7 @@ class Daemon:
             self._background(self._offer_path(trigger.detail))
         elif trigger.kind == TriggerKind.MPATH_GONE and trigger.wwid in self.orchestrator.luns:
             LOG.warning("%s: multipath map removed; the routed device stays until removed by hand",
-                        trigger.wwid)
+                        trigger.wwid, extra=logfields.lun(trigger.wwid))
             self.orchestrator.luns[trigger.wwid].state = State.NO_MULTIPATH
         elif trigger.kind == TriggerKind.UNIT_ATTENTION and trigger.scsi_sys_path:
             devices = set(await self.system.block_devices_of_scsi(trigger.scsi_sys_path))
