@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -203,6 +204,31 @@ def test_a_process_started_with_the_socket_at_fd_3_answers_a_request_sent_before
                                 "request": {"command": "trigger", "lun": "36001405aa"}}
     assert path.exists()  # the socket unit's: the child did not remove it
     unit.close()
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate (package systemd)")
+def test_systemds_own_socket_activation_hands_over_a_socket_the_daemons_code_serves(tmp_path):
+    """systemd-socket-activate (systemd's own LISTEN_* code, as in a socket unit) in front of the same code."""
+    path = tmp_path / "run" / "control.sock"
+    path.parent.mkdir(mode=0o700)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(["systemd-socket-activate", "--listen", str(path), "--fdname=switch-agent.socket",
+                              "-E", "PYTHONPATH", sys.executable, "-c", CHILD, str(path)],
+                             cwd=REPO, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():  # it binds before it waits for the first connection
+            assert child.poll() is None and time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.02)
+        answer = control.request(path, {"command": "trigger", "lun": "36001405aa"}, timeout_s=30)
+        _, err = child.communicate(timeout=30)
+        assert child.returncode == 0, err
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert answer == {"pid": child.pid, "listen_env": [], "fd": 3,
+                      "request": {"command": "trigger", "lun": "36001405aa"}}
 
 
 # -- `switch-agent trigger` starts the daemon through the socket ------------------------
