@@ -212,3 +212,33 @@ def test_the_daemons_own_messages_carry_the_luns_and_the_members_fields(tmp_path
     assert all(e.get("MPATH") == mpath for e in about_lun if "reconciled in" in e["MESSAGE"])
     reinstated = [e for e in about_lun if "reinstated" in e["MESSAGE"]]
     assert reinstated and reinstated[0]["MEMBER"] == member and reinstated[0]["PRIORITY"] == "6"
+
+
+def test_messages_from_the_worker_threads_keep_the_luns_fields(tmp_path):
+    """dm calls that wait for udev run on a pool of their own (not to_thread): they keep the caller's context."""
+    from agent.dm_async import AsyncDeviceMapper
+
+    fake = FakeJournal(tmp_path / "socket")
+    handler = journal.JournalHandler(fake.path)
+    log = logging.getLogger("agent.test.threads")
+    log.propagate = False
+    log.addHandler(handler)
+
+    class WaitingDm:
+        def device_remove(self, name=None, *, uuid=None, wait_for_udev=True):
+            log.warning("udev cookie: udev did not complete in time")  # what dm_udev_sync says from that thread
+
+    async def main():
+        dm = AsyncDeviceMapper(WaitingDm())  # type: ignore[arg-type]
+        with logfields.about(WWID="3600a"):
+            await dm._waiting_for_udev(dm.dm.device_remove, uuid="SWAGENT-top-3600a")
+            await asyncio.to_thread(log.warning, "from to_thread")
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert [(e["MESSAGE"][:10], e.get("WWID")) for e in fake.entries()] == [
+        ("udev cooki", "3600a"), ("from to_th", "3600a")]
+    fake.close()
