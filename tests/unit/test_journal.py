@@ -7,8 +7,11 @@ import asyncio
 import io
 import logging
 import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +245,59 @@ def test_messages_from_the_worker_threads_keep_the_luns_fields(tmp_path):
     assert [(e["MESSAGE"][:10], e.get("WWID")) for e in fake.entries()] == [
         ("udev cooki", "3600a"), ("from to_th", "3600a")]
     fake.close()
+
+
+JOURNALD = Path("/lib/systemd/systemd-journald")
+REAL_JOURNAL_SCRIPT = r"""
+set -eu
+mount -t tmpfs tmpfs /run   # a private /run in a private mount namespace: the host's is not touched
+mkdir -p /run/systemd/journal
+SYSTEMD_LOG_LEVEL=warning "$1" >/dev/null 2>&1 &
+journald=$!
+i=0; until [ -S /run/systemd/journal/socket ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; done
+"$2" -c "$3"
+journalctl --directory=/run/log/journal --sync >/dev/null 2>&1 || sleep 1
+journalctl --directory=/run/log/journal WWID=36001405journalcheck -o json --all
+kill $journald
+"""
+REAL_JOURNAL_CLIENT = """
+import logging, socket
+from agent import journal, logfields
+handler = journal.JournalHandler()
+log = logging.getLogger("agent.check")
+log.addHandler(handler)
+log.setLevel(logging.INFO)
+with logfields.about(WWID="36001405journalcheck", MPATH="mpathj"):
+    log.info("routed", extra=logfields.member("m2"))
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("with a traceback")
+    handler._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    log.warning("big %s", "z" * 300000)
+log.info("about nothing")
+"""
+
+
+def _can_run_journald() -> bool:
+    if os.geteuid() != 0 or not JOURNALD.exists() or not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_run_journald(), reason="needs root, unshare and systemd-journald")
+def test_a_real_journald_takes_the_entries_and_finds_them_by_field():
+    """systemd-journald itself, in a private mount namespace, behind the handler: plain, traceback, memfd."""
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", REAL_JOURNAL_SCRIPT, "sh",
+                           str(JOURNALD), sys.executable, REAL_JOURNAL_CLIENT],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    entries = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(e["MESSAGE"][:16], e["PRIORITY"], e.get("MEMBER"), e["MPATH"]) for e in entries] == [
+        ("routed", "6", "m2", "mpathj"), ("with a traceback", "3", None, "mpathj"),
+        ("big " + "z" * 12, "4", None, "mpathj")]
+    assert "ValueError: boom" in entries[1]["MESSAGE"] and entries[1]["EXCEPTION"] == "ValueError"
+    assert len(entries[2]["MESSAGE"]) == 300004  # sent in a sealed memfd
+    assert all(e["SYSLOG_IDENTIFIER"] == "switch-agent" for e in entries)
