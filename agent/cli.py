@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser("daemon", help="run the agent in the foreground (for systemd)",
                             description="Watch udev for multipath LUNs of configured arrays and keep "
-                                        "each one routed. Logs go to stderr (journald). SIGTERM stops "
-                                        "the daemon and leaves routed devices in place.")
+                                        "each one routed. Run by systemd, it logs to the journal with the "
+                                        "fields WWID, MPATH and MEMBER (journalctl -u switch-agent "
+                                        "WWID=<wwid>) and takes its control socket from switch-agent.socket; "
+                                        "anywhere else it logs to stderr and binds the socket itself. "
+                                        "SIGTERM stops the daemon and leaves routed devices in place.")
     daemon.add_argument("--poll-interval", type=float, metavar="SECONDS",
                         help="how often to poll each LUN's map generation (config: poll_interval_s)")
     daemon.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
