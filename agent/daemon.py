@@ -351,10 +351,14 @@ class Daemon:
             # From the udev rule: schedule and return at once; udev must not wait on us.
             # Checked as the CLI checks it: anyone root can send any bytes here, not only the CLI.
             what, value = control.check_trigger(request)
+            # At info: the one trace in the daemon's log that the rule ran (udev logs RUN only at debug).
             if what == "scsi_device":
+                LOG.info("udev rule: trigger for SCSI device %s", value)
                 await self._on_trigger(Trigger(TriggerKind.UNIT_ATTENTION, scsi_sys_path=value, detail="udev rule"))
             else:
-                self.scheduler.trigger(value.removeprefix("mpath-"), "udev rule")
+                wwid = value.removeprefix("mpath-")
+                LOG.info("%s: udev rule: trigger", wwid, extra=logfields.lun(wwid))
+                self.scheduler.trigger(wwid, "udev rule")
             return {"scheduled": True}
         if command == "refresh":
             ref = _text(request, "lun")

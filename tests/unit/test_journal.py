@@ -301,3 +301,33 @@ def test_a_real_journald_takes_the_entries_and_finds_them_by_field():
     assert "ValueError: boom" in entries[1]["MESSAGE"] and entries[1]["EXCEPTION"] == "ValueError"
     assert len(entries[2]["MESSAGE"]) == 300004  # sent in a sealed memfd
     assert all(e["SYSLOG_IDENTIFIER"] == "switch-agent" for e in entries)
+
+
+def test_a_trigger_from_the_udev_rule_is_in_the_journal_with_its_lun(tmp_path):
+    """The sign that the rule really ran `switch-agent trigger`: the daemon's info line, with WWID."""
+    from agent import cli
+
+    fake = FakeJournal(tmp_path / "journal.socket")
+    handler = journal.JournalHandler(fake.path)
+    agent_log = logging.getLogger("agent")
+    old_level = agent_log.level
+    agent_log.setLevel(logging.INFO)
+    agent_log.addHandler(handler)
+    system = FakeSystem(tmp_path=tmp_path / "store")
+    cfg = config(tmp_path)
+
+    async def main():
+        async with running(cfg, system) as (daemon, _):
+            await until(lambda: routed(system, daemon))
+            argv = ["--socket", str(cfg.socket_path), "trigger", f"mpath-{system.wwid}"]
+            return await asyncio.to_thread(cli.main, argv)
+
+    try:
+        assert asyncio.run(main()) == cli.EXIT_OK
+    finally:
+        agent_log.removeHandler(handler)
+        agent_log.setLevel(old_level)
+        handler.close()
+    entries = [e for e in fake.entries() if "udev rule: trigger" in e["MESSAGE"]]
+    fake.close()
+    assert [(e["WWID"], e["PRIORITY"]) for e in entries] == [(system.wwid, "6")]
