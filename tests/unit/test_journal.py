@@ -331,3 +331,18 @@ def test_a_trigger_from_the_udev_rule_is_in_the_journal_with_its_lun(tmp_path):
     entries = [e for e in fake.entries() if "udev rule: trigger" in e["MESSAGE"]]
     fake.close()
     assert [(e["WWID"], e["PRIORITY"]) for e in entries] == [(system.wwid, "6")]
+
+
+def test_a_task_replaces_the_fields_it_inherited_and_its_creator_keeps_its_own():
+    async def other_lun() -> dict[str, str]:
+        logfields.replace(WWID="B", MPATH=None)  # B's multipath name not known yet: no stale MPATH of A's
+        await asyncio.sleep(0)
+        return logfields.current()
+
+    async def main() -> tuple[dict[str, str], dict[str, str]]:
+        with logfields.about(WWID="A", MPATH="mpatha"):
+            inner = await asyncio.create_task(other_lun())
+            return inner, logfields.current()
+
+    assert asyncio.run(main()) == ({"WWID": "B"}, {"WWID": "A", "MPATH": "mpatha"})
+    assert logfields.current() == {}
