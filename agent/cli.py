@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "of the LUN behind a SCSI device (--scsi-device /devices/...) and "
                                          "return without waiting. With switch-agent.socket listening, a "
                                          "daemon that is down is started by this request, and reads it once "
-                                         f"it runs; the wait for its answer ends after {TRIGGER_TIMEOUT_S:g} s "
-                                         "(exit 0), so udev never stalls on it. Silent and exit 0 when "
-                                         "neither the daemon nor its socket is there.")
+                                         f"it runs; the wait for its answer ends after {TRIGGER_TIMEOUT_S:g} s. "
+                                         "Exit 0 either way, silent when neither the daemon nor its socket is there, "
+                                         "so udev never stalls on it.")
     what = trigger.add_mutually_exclusive_group(required=True)
     what.add_argument("lun", nargs="?", help="wwid or mpath-<wwid>")
     what.add_argument("--scsi-device", metavar="DEVPATH", help="udev DEVPATH of a scsi_device")
