@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from agent import logfields
 from agent.config import Config
 from agent.dm_async import AsyncDeviceMapper
 from agent.lun import LunState, RoutedStack
@@ -71,12 +72,15 @@ class PlanApplier:
         switch above keeps its region map.
         """
         assert lun.stack is not None
+        member_of = {p.dev: p.member_name for p in lun.topology.paths} if lun.topology else {}
         for leg, paths, old_paths in zip(plan.legs, plan.leg_paths, lun.stack.plan.leg_paths):
             if paths == old_paths:
                 continue
             await self.dm.swap_table(leg.uuid, leg.targets, udev_flags=leg.udev_flags, noflush=True)
+            # The leg's own paths are its member's (none: the member lost its sessions).
+            member = member_of.get(paths[0][0]) if paths[0] else None
             LOG.info("%s: %s now prefers %s (fallback %s)", lun.wwid, leg.name, " ".join(paths[0]) or "-",
-                     " ".join(paths[1]) or "-")
+                     " ".join(paths[1]) or "-", extra=logfields.member(member))
         lun.stack.plan = plan
 
     async def update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # the records pull numpy in: the CLI imports them only when i
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
+TRIGGER_TIMEOUT_S = 2.0
+"""Longest `trigger` waits for the daemon's answer: udev holds the device's event until RUN programs end."""
+
 DESCRIPTION = """\
 switch-agent routes each page of a scale-out iSCSI volume straight to the
 array member that owns it. For every multipath LUN of a configured array it
@@ -49,6 +52,8 @@ examples:
 files:
   /etc/switch-agent/switch-agent.toml      configuration (all keys optional)
   /run/switch-agent/control.sock           control socket (root only)
+  switch-agent.service                     the daemon's systemd unit
+  switch-agent.socket                      its socket unit: a request starts the daemon
 
 exit status: 0 success, 1 the daemon reported an error, 2 usage error,
 3 the daemon is not running.
@@ -68,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser("daemon", help="run the agent in the foreground (for systemd)",
                             description="Watch udev for multipath LUNs of configured arrays and keep "
-                                        "each one routed. Logs go to stderr (journald). SIGTERM stops "
-                                        "the daemon and leaves routed devices in place.")
+                                        "each one routed. Run by systemd, it logs to the journal with the "
+                                        "fields WWID, MPATH and MEMBER (journalctl -u switch-agent "
+                                        "WWID=<wwid>) and takes its control socket from switch-agent.socket; "
+                                        "anywhere else it logs to stderr and binds the socket itself. "
+                                        "SIGTERM stops the daemon and leaves routed devices in place.")
     daemon.add_argument("--poll-interval", type=float, metavar="SECONDS",
                         help="how often to poll each LUN's map generation (config: poll_interval_s)")
     daemon.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -100,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     trigger = sub.add_parser("trigger", help="(for the udev rule) schedule a re-check and return at once",
                              description="Schedule a re-check of a LUN (by wwid or dm uuid mpath-<wwid>) or "
                                          "of the LUN behind a SCSI device (--scsi-device /devices/...) and "
-                                         "return without waiting. Silent and exit 0 when the daemon is down, "
+                                         "return without waiting. With switch-agent.socket listening, a "
+                                         "daemon that is down is started by this request, and reads it once "
+                                         f"it runs; the wait for its answer ends after {TRIGGER_TIMEOUT_S:g} s. "
+                                         "Exit 0 either way, silent when neither the daemon nor its socket is there, "
                                          "so udev never stalls on it.")
     what = trigger.add_mutually_exclusive_group(required=True)
     what.add_argument("lun", nargs="?", help="wwid or mpath-<wwid>")
@@ -152,16 +163,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
-    """Fire and forget, with arguments checked: they come from udev, i.e. from device data."""
+    """Fire and forget, with arguments checked: they come from udev, i.e. from device data.
+
+    The request is sent even when no daemon runs: with switch-agent.socket
+    listening, that connection starts the daemon, which reads the request
+    once it serves. Only the wait for the answer is bounded.
+    """
     request = {"command": "trigger", **({"scsi_device": "/sys" + args.scsi_device.removeprefix("/sys")}
                                         if args.scsi_device else {"lun": args.lun})}
     try:
         control.check_trigger(request)
-        control.request(socket_path, request, timeout_s=2.0)
+        control.request(socket_path, request, timeout_s=TRIGGER_TIMEOUT_S)
     except control.SuspiciousArgumentError as exc:
         print(f"switch-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except control.DaemonNotRunningError:
+        return EXIT_OK  # no daemon and no socket unit: it scans everything when it starts
+    except control.NoAnswerError as exc:
+        # Queued on the socket: a daemon that systemd is starting reads it when it serves.
+        print(f"switch-agent: trigger sent; {exc} (starting?)", file=sys.stderr)
         return EXIT_OK
     except control.ControlError as exc:
         print(f"switch-agent: {exc}", file=sys.stderr)
@@ -186,10 +206,13 @@ def run_daemon(args: argparse.Namespace, config: Config, socket_path: Path) -> i
     except ConfigError as exc:
         print(f"switch-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # journald stamps each line itself; anywhere else a time is worth having.
+    # journald stamps each line itself; anywhere else a time is worth having. Under systemd the
+    # messages go to the journal natively, with their LUN's and member's fields (agent.journal).
+    from agent.journal import daemon_handler
+
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format=stamp + "%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level.upper(),
+                        handlers=[daemon_handler(stamp + "%(levelname)s %(name)s: %(message)s")])
 
     limit_malloc_arenas()
 

@@ -65,6 +65,11 @@ class DaemonAlreadyRunningError(ControlError):
                          "stop it first (`systemctl stop switch-agent`)", type(self).__name__)
 
 
+class NoAnswerError(ControlError):
+    """The request was sent but no answer came in time: a daemon being started through its socket
+    unit reads it once it runs (or a daemon that hangs)."""
+
+
 class ControlSocketError(ControlError):
     """The socket's directory or path is not safe to serve from: names the path and the problem."""
 
@@ -101,11 +106,16 @@ def check_trigger(request: dict[str, Any]) -> tuple[str, str]:
 
 
 class ControlServer:
-    """The listening socket and the lock that makes it ours: closing removes the socket, then frees the lock."""
+    """The listening socket and the lock that makes it ours: closing removes the socket, then frees the lock.
 
-    def __init__(self, server: asyncio.AbstractServer, path: Path, directory_fd: int, lock_fd: int) -> None:
+    A socket handed over by systemd (`activated`) is the socket unit's: it stays where it is.
+    """
+
+    def __init__(self, server: asyncio.AbstractServer, path: Path, directory_fd: int, lock_fd: int, *,
+                 activated: bool = False) -> None:
         self.server = server
         self.path = path
+        self.activated = activated
         self._directory_fd: int | None = directory_fd
         self._lock_fd = lock_fd
 
@@ -118,7 +128,8 @@ class ControlServer:
         if self._directory_fd is None:
             return
         try:
-            os.unlink(self.path.name, dir_fd=self._directory_fd)
+            if not self.activated:
+                os.unlink(self.path.name, dir_fd=self._directory_fd)
         except FileNotFoundError:
             pass
         os.close(self._lock_fd)
@@ -134,22 +145,30 @@ class ControlServer:
 
 
 async def serve(path: Path, handler: Handler, *, allowed_uid: int = 0, read_timeout_s: float = READ_TIMEOUT_S,
-                max_clients: int = MAX_CLIENTS) -> ControlServer:
-    """Listen on `path`; each connection's request goes to `handler`, errors become answers."""
+                max_clients: int = MAX_CLIENTS, listening: socket.socket | None = None) -> ControlServer:
+    """Listen on `path`; each connection's request goes to `handler`, errors become answers.
+
+    `listening`: a socket already bound and listening (systemd's, agent.activation) to serve on
+    instead of binding `path`; the lock beside `path` is taken all the same.
+    """
     directory_fd = _open_directory(path.parent)
     try:
         lock_fd = _lock(path, directory_fd)
     except BaseException:
         os.close(directory_fd)
         raise
+    on_connect = _connection_handler(handler, allowed_uid, read_timeout_s, max_clients)
+    server: asyncio.AbstractServer
     try:
-        server = await _listen(path, directory_fd, _connection_handler(handler, allowed_uid, read_timeout_s,
-                                                                       max_clients))
+        if listening is not None:
+            server = await asyncio.start_unix_server(on_connect, sock=listening, limit=MAX_REQUEST_BYTES)
+        else:
+            server = await _listen(path, directory_fd, on_connect)
     except BaseException:
         os.close(lock_fd)
         os.close(directory_fd)
         raise
-    return ControlServer(server, path, directory_fd, lock_fd)
+    return ControlServer(server, path, directory_fd, lock_fd, activated=listening is not None)
 
 
 def _open_directory(directory: Path) -> int:
@@ -201,6 +220,12 @@ async def _listen(path: Path, directory_fd: int, on_connect: OnConnect) -> async
     else:
         if not stat.S_ISSOCK(old.st_mode):
             raise ControlSocketError(path, "exists and is not a socket")
+        if _listening(path):
+            # Not a dead daemon's: switch-agent.socket's. Binding over it would leave the socket
+            # unit listening on a removed name, and nothing could start the daemon through it.
+            raise ControlSocketError(path, "another process listens on it (switch-agent.socket?); start the "
+                                           "daemon through it (`systemctl start switch-agent`) or stop it first "
+                                           "(`systemctl stop switch-agent.socket`)")
         os.unlink(path.name, dir_fd=directory_fd)
     old_umask = os.umask(0o177)
     try:
@@ -209,6 +234,21 @@ async def _listen(path: Path, directory_fd: int, on_connect: OnConnect) -> async
         raise ControlSocketError(path, exc.strerror or str(exc)) from None
     finally:
         os.umask(old_umask)
+
+
+def _listening(path: Path, table: Path = Path("/proc/net/unix")) -> bool:
+    """Whether a listening unix socket is bound to `path` (the kernel's table; connecting to find out
+    would start the daemon through a socket unit)."""
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path; __SO_ACCEPTCON (0x10000) in Flags: listening
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+            return True
+    return False
 
 
 def _connection_handler(handler: Handler, allowed_uid: int, read_timeout_s: float, max_clients: int) -> OnConnect:
@@ -280,6 +320,7 @@ def request(path: Path, message: dict[str, Any], *, timeout_s: float = 300.0) ->
     """Client side (the CLI): send one request, return the result or raise ControlError."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
+    sent = False
     try:
         try:
             sock.connect(str(path))
@@ -291,6 +332,7 @@ def request(path: Path, message: dict[str, Any], *, timeout_s: float = 300.0) ->
             raise ControlError(f"{path}: permission denied; switch-agent needs root") from exc
         try:
             sock.sendall(json.dumps(message).encode() + b"\n")
+            sent = True
         except (BrokenPipeError, ConnectionResetError):
             pass  # answered (busy) and closed before we sent: the answer is waiting to be read
         data = b""
@@ -303,7 +345,9 @@ def request(path: Path, message: dict[str, Any], *, timeout_s: float = 300.0) ->
                 break
             data += chunk
     except socket.timeout as exc:
-        raise ControlError(f"the daemon did not answer within {timeout_s:.0f} s") from exc
+        if sent:
+            raise NoAnswerError(f"the daemon did not answer within {timeout_s:g} s") from exc
+        raise ControlError(f"could not send to {path} within {timeout_s:g} s") from exc
     finally:
         sock.close()
     if not data:

@@ -17,7 +17,7 @@ import signal
 import socket
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
-from agent import control, mapview
+from agent import activation, control, logfields, mapview
 from agent.config import Config
 from agent.events import Trigger, TriggerKind, classify
 from agent.kernel.udev import UdevEventsLostError
@@ -72,13 +72,24 @@ class LunScheduler:
         if pending:
             pending.cancel()
         try:
-            return await self.orchestrator.reconcile(wwid)
+            with logfields.about(**self._fields(wwid)):
+                return await self.orchestrator.reconcile(wwid)
         finally:
             self.after_reconcile()
+
+    def _fields(self, wwid: str) -> dict[str, str | None]:
+        """The journal fields of every message logged while working on `wwid` (agent.logfields)."""
+        lun = self.orchestrator.luns.get(wwid)
+        return {"WWID": wwid, "MPATH": lun.topology.mpath_name if lun and lun.topology else None}
+
+    def _task_about(self, wwid: str) -> None:
+        """The fields for the rest of this task: reconcile and heal runs are tasks of their own."""
+        logfields.replace(**self._fields(wwid))
 
     async def _run(self, wwid: str, delay: float) -> None:
         await self.sleep(delay)
         self._pending.pop(wwid, None)
+        self._task_about(wwid)
         try:
             await self.orchestrator.reconcile(wwid)
         except (NotOurArrayError, LunNotFoundError) as exc:
@@ -107,6 +118,7 @@ class LunScheduler:
     async def _heal(self, wwid: str, delay: float, attempt: int, events: dict[str, int] | None) -> None:
         await self.sleep(delay)
         self._healing.pop(wwid, None)
+        self._task_about(wwid)
         try:
             still_failed = await self.orchestrator.heal_paths(wwid, events)
         except Exception:  # a bug must not kill the daemon's other LUNs
@@ -151,7 +163,9 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until stop(): control socket, initial scan, events, polling."""
-        server = await control.serve(self.config.socket_path, self.handle_request)
+        # systemd's socket (switch-agent.socket) if it started us through it, else one of our own.
+        listening = activation.control_socket(self.config.socket_path, activation.listen_fds())
+        server = await control.serve(self.config.socket_path, self.handle_request, listening=listening)
         try:
             self.metrics.start_endpoint()
         except MetricsEndpointError as exc:  # metrics are worth less than routing: go on without them
@@ -171,7 +185,8 @@ class Daemon:
                 self.scheduler.trigger(mpath.wwid, "present at start", delay_s=0)
             notify_systemd("READY=1\nSTATUS=watching multipath maps")
             self.metrics.write()
-            LOG.info("switch-agent ready; control socket %s", self.config.socket_path)
+            LOG.info("switch-agent ready; control socket %s%s", self.config.socket_path,
+                     " (from systemd)" if server.activated else "")
             await self._stop.wait()
         finally:
             notify_systemd("STOPPING=1")
@@ -242,7 +257,7 @@ class Daemon:
             self._background(self._offer_path(trigger.detail))
         elif trigger.kind == TriggerKind.MPATH_GONE and trigger.wwid in self.orchestrator.luns:
             LOG.warning("%s: multipath map removed; the routed device stays until removed by hand",
-                        trigger.wwid)
+                        trigger.wwid, extra=logfields.lun(trigger.wwid))
             self.orchestrator.luns[trigger.wwid].state = State.NO_MULTIPATH
         elif trigger.kind == TriggerKind.UNIT_ATTENTION and trigger.scsi_sys_path:
             devices = set(await self.system.block_devices_of_scsi(trigger.scsi_sys_path))
@@ -333,10 +348,14 @@ class Daemon:
             # From the udev rule: schedule and return at once; udev must not wait on us.
             # Checked as the CLI checks it: anyone root can send any bytes here, not only the CLI.
             what, value = control.check_trigger(request)
+            # At info: the one trace in the daemon's log that the rule ran (udev logs RUN only at debug).
             if what == "scsi_device":
+                LOG.info("udev rule: trigger for SCSI device %s", value)
                 await self._on_trigger(Trigger(TriggerKind.UNIT_ATTENTION, scsi_sys_path=value, detail="udev rule"))
             else:
-                self.scheduler.trigger(value.removeprefix("mpath-"), "udev rule")
+                wwid = value.removeprefix("mpath-")
+                LOG.info("%s: udev rule: trigger", wwid, extra=logfields.lun(wwid))
+                self.scheduler.trigger(wwid, "udev rule")
             return {"scheduled": True}
         if command == "refresh":
             ref = _text(request, "lun")

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Mapping
 
-from agent import mapsources
+from agent import logfields, mapsources
 from agent.scsipath import read_inquiry
 from agent.config import ArrayMatch, Config
 from agent.lun import LunState
@@ -152,7 +152,8 @@ class Discovery:
             except TimeoutError:
                 raise FetchTimeoutError(topology.wwid, self.config.fetch_timeout_s) from None
             except SwitchAgentError as exc:
-                LOG.warning("%s: page map fetch over %s failed: %s", topology.wwid, path.device, exc)
+                LOG.warning("%s: page map fetch over %s failed: %s", topology.wwid, path.device, exc,
+                            extra=logfields.member(path.member_name))
                 last = exc
                 # A map that failed to decode is the array's answer, not the path's: don't retry it elsewhere.
                 if isinstance(exc, DecodeError):

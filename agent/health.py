@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 from typing import TYPE_CHECKING, Any
 
-from agent import mapsources
+from agent import logfields, mapsources
 from agent.scsipath import path_answers
 from agent.dm_async import AsyncDeviceMapper
 from agent.lun import LunState
@@ -61,6 +61,7 @@ class PathHealth:
         if lun.stack is None or lun.topology is None:
             return 0
         by_dev = {p.dev: p.device for p in lun.topology.paths}
+        member_of = {p.dev: p.member_name for p in lun.topology.paths}
         still_failed = 0
         async with lun.lock:
             legs = {leg.name: leg for leg in lun.stack.plan.legs}
@@ -90,10 +91,12 @@ class PathHealth:
                     try:
                         await self.dm.message(legs[leg_name].uuid, f"reinstate_path {state.dev}")
                     except SwitchAgentError as exc:
-                        LOG.warning("%s: reinstating %s in %s failed: %s", lun.wwid, state.dev, leg_name, exc)
+                        LOG.warning("%s: reinstating %s in %s failed: %s", lun.wwid, state.dev, leg_name, exc,
+                                    extra=logfields.member(member_of.get(state.dev)))
                         failed_here += 1
                         continue
-                    LOG.info("%s: path %s (%s) reinstated in %s", lun.wwid, device, state.dev, leg_name)
+                    LOG.info("%s: path %s (%s) reinstated in %s", lun.wwid, device, state.dev, leg_name,
+                             extra=logfields.member(member_of.get(state.dev)))
                 (lun.failed_legs.add if failed_here else lun.failed_legs.discard)(leg_name)
                 still_failed += failed_here
         return still_failed

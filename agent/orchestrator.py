@@ -22,6 +22,7 @@ import logging
 import time
 from typing import Callable, Container, Protocol
 
+from agent import logfields
 from agent.apply import PlanApplier
 from agent.config import Config
 from agent.discovery import Discovery, LunNotFoundError, NotOurArrayError
@@ -117,6 +118,7 @@ class Orchestrator:
             previous = lun.stack.page_map if lun.stack else None
             try:
                 topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
+                logfields.add(MPATH=topology.mpath_name)
                 discovered = self.clock()
                 page_map = await self.discovery.fetch_map(topology)
                 if _pages_for(topology, page_map) != page_map.total_pages:

@@ -87,14 +87,15 @@ fail() { printf 'check-install: FAILED: %s\n' "$*" >&2; exit 1; }
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "/tmp/$1" >/dev/null 2>&1 ||
     fail "apt-get install ./$1"
 printf 'check-install: %s\n' "$(dpkg-query -W -f='installed ${Package} ${Version}, Depends: ${Depends}' switch-agent)"
-for f in /usr/bin/switch-agent /lib/systemd/system/switch-agent.service /lib/udev/rules.d/90-switch-agent.rules \
+for f in /usr/bin/switch-agent /lib/systemd/system/switch-agent.service /lib/systemd/system/switch-agent.socket \
+         /lib/udev/rules.d/90-switch-agent.rules \
          /etc/switch-agent/switch-agent.toml /usr/share/man/man8/switch-agent.8.gz \
          /usr/share/man/man5/switch-agent.toml.5.gz; do
     [ -f "$f" ] || fail "$f is missing"
 done
 dpkg-query -W -f='${Conffiles}' switch-agent | grep -q ' /etc/switch-agent/switch-agent.toml ' ||
     fail "/etc/switch-agent/switch-agent.toml is not a conffile"
-! ls /etc/systemd/system/*.wants/switch-agent.service >/dev/null 2>&1 || fail "the unit was enabled on install"
+! ls /etc/systemd/system/*.wants/switch-agent.* >/dev/null 2>&1 || fail "a unit was enabled on install"
 switch-agent --help >/dev/null || fail "switch-agent --help"
 python3 -c 'import agent.daemon, agent.system, agent.orchestrator, agent.kernel.udev, protocol.pagemap' ||
     fail "the daemon's modules do not import"

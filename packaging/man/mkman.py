@@ -142,7 +142,15 @@ def switch_agent_8() -> str:
     out += [".PP", "The daemon normally runs from the systemd unit \\fBswitch\\-agent.service\\fR, "
             "which the package installs but does not enable: name the arrays in",
             "\\fI/etc/switch\\-agent/switch\\-agent.toml\\fR, then run",
-            "\\fBsystemctl enable \\-\\-now switch\\-agent\\fR."]
+            "\\fBsystemctl enable \\-\\-now switch\\-agent.socket switch\\-agent\\fR.",
+            ".PP", "\\fBswitch\\-agent.socket\\fR listens on the control socket and starts the daemon "
+            "on the first request (socket activation): the udev rule's \\fBswitch\\-agent trigger\\fR "
+            "brings a stopped daemon up when a volume appears or the array reports a change. "
+            "Without the socket unit the daemon binds the socket itself.",
+            ".PP", "Under systemd the daemon writes to the journal natively, each message about a volume "
+            "with the fields \\fBWWID\\fR (the LUN's wwid), \\fBMPATH\\fR (multipathd's map name) and, "
+            "where it is about one array member, \\fBMEMBER\\fR: "
+            "\\fBjournalctl \\-u switch\\-agent WWID=\\fR\\fIwwid\\fR shows one volume's story."]
     out += [".SH OPTIONS", *option_lines(parser)]
     out += [".SH COMMANDS"]
     for name, subparser in sub.choices.items():
