@@ -138,17 +138,27 @@ class Discovery:
         return next((a for a in self.config.arrays if vendor.strip() == a.vendor and product.strip() == a.product),
                     None)
 
-    async def fetch_map(self, topology: Topology) -> PageMap:
-        """Fetch through the first usable path; fall back to the next on a transport error."""
+    async def fetch_map(self, topology: Topology, current: PageMap | None = None) -> PageMap:
+        """Fetch through the first usable path; fall back to the next on a transport error.
+
+        With `current` (the map routed now), only what changed since its
+        generation is asked first where the array offers that; any trouble
+        with that short form falls back to the whole map.
+        """
         last: SwitchAgentError | None = None
+        source = mapsources.get(topology.map_source)
         for path in topology.paths:
             if not path.usable:
                 continue
             try:
                 # The array is a peer: a fetch that never ends must not hold the LUN and a build slot.
                 async with asyncio.timeout(self.config.fetch_timeout_s):
-                    return await mapsources.get(topology.map_source).fetch(self.system.open_path(path.device),
-                                                                           restarts=self.config.fetch_restarts)
+                    scsi_path = self.system.open_path(path.device)
+                    if current is not None:
+                        updated = await source.fetch_changes(scsi_path, current)
+                        if updated is not None:
+                            return updated
+                    return await source.fetch(scsi_path, restarts=self.config.fetch_restarts)
             except TimeoutError:
                 raise FetchTimeoutError(topology.wwid, self.config.fetch_timeout_s) from None
             except SwitchAgentError as exc:

@@ -120,7 +120,7 @@ class Orchestrator:
                 topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
                 logfields.add(MPATH=topology.mpath_name)
                 discovered = self.clock()
-                page_map = await self.discovery.fetch_map(topology)
+                page_map = await self.discovery.fetch_map(topology, previous)
                 if _pages_for(topology, page_map) != page_map.total_pages:
                     # The array resized the volume and a path still shows the old capacity (its unit
                     # attention went to a daemon that died, or is still queued): re-read, look again.
@@ -156,7 +156,9 @@ class Orchestrator:
             lun.reconciles["ok"] = lun.reconciles.get("ok", 0) + 1
             lun.map_confirmed_at = self.clock()
             if previous is not None and previous.generation != page_map.generation:
-                lun.moved_pages, lun.moved_since = pages_moved(previous, page_map), previous.generation
+                moved = page_map.changed_pages if page_map.changed_since == previous.generation else None
+                lun.moved_pages = pages_moved(previous, page_map) if moved is None else moved
+                lun.moved_since = previous.generation
             # Where a reconcile's time goes, for `status --json` and for tuning convergence.
             lun.last_reconcile = {"discover_s": round(discovered - started, 3),
                                   "fetch_s": round(fetched - discovered, 3),
