@@ -76,16 +76,59 @@ def encode_changed_regions(regions: np.ndarray, paths: np.ndarray, *, nr_regions
         e = max(s + 1, min(e, s + _RUNS_PER_MESSAGE, n))
         bounds.append((s, e))
         s = e
-    heads = [f" {f:x}:{p:x}" for f, p in zip(first.tolist(), path.tolist())]
-    short = [f" :{p:x}" for p in path.tolist()]
-    tails = [f" R1,{k - 1:x}" if k >= 3 else (short[i] if k == 2 else "")
-             for i, k in enumerate(length.tolist())]
-    follow = follows.tolist()
-    messages = []
-    for s, e in bounds:
-        parts = [MESSAGE_NAME, heads[s], tails[s]]
-        for i in range(s + 1, e):
-            parts.append(short[i] if follow[i] else heads[i])
-            parts.append(tails[i])
-        messages.append("".join(parts))
-    return messages
+    # The run opening each message is written with its explicit index.
+    opening = np.zeros(n, dtype=bool)
+    opening[[b[0] for b in bounds]] = True
+    head_explicit = ~follows | opening
+    # Tokens, run by run: the head, then the tail where there is one. Each is rendered " a:b",
+    # " :b" or " R1,b" (kind _EXP, _NEXT, _REP) into one buffer, then cut at the message bounds.
+    has_tail = length >= 2
+    per_run = 1 + has_tail
+    token_start = np.concatenate(([0], np.cumsum(per_run)))
+    kind = np.empty(int(token_start[-1]), dtype=np.int8)
+    a = np.zeros(kind.size, dtype=np.int64)
+    b = np.empty(kind.size, dtype=np.int64)
+    heads, tails = token_start[:-1], token_start[:-1][has_tail] + 1
+    kind[heads] = np.where(head_explicit, _EXP, _NEXT)
+    a[heads] = first
+    b[heads] = path
+    kind[tails] = np.where(length[has_tail] >= 3, _REP, _NEXT)
+    b[tails] = np.where(length[has_tail] >= 3, length[has_tail] - 1, path[has_tail])
+    text, offsets = _render(kind, a, b)
+    prefix = MESSAGE_NAME.encode()
+    cuts = offsets[token_start[np.array(bounds, dtype=np.int64)]].tolist()
+    return [(prefix + text[lo:hi]).decode("ascii") for lo, hi in cuts]
+
+
+_EXP, _NEXT, _REP = 0, 1, 2
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _put_hex(buf: np.ndarray, at: np.ndarray, x: np.ndarray, digits: np.ndarray) -> None:
+    """x in hex, most significant digit first, `digits` digits from buf[at]."""
+    for k in range(int(digits.max()) if digits.size else 0):
+        sel = np.flatnonzero(digits > k)
+        buf[at[sel] + digits[sel] - 1 - k] = _HEX[(x[sel] >> (4 * k)) & 15]
+
+
+def _render(kind: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Every token with a space before it, in one buffer; and where each token starts."""
+    exp = kind == _EXP
+    rep = kind == _REP
+    a_digits = np.where(exp, _hexlen(a), 0)
+    b_digits = _hexlen(b)
+    # " " + ("R1," | a + ":" | ":") + b
+    lengths = 1 + np.where(rep, 3, a_digits + 1) + b_digits
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    buf = np.empty(int(offsets[-1]), dtype=np.uint8)
+    start = offsets[:-1]
+    buf[start] = ord(" ")
+    _put_hex(buf, start + 1, a, a_digits)
+    mark = start + 1 + a_digits
+    buf[mark[~rep]] = ord(":")
+    rep_at = start[rep] + 1
+    buf[rep_at] = ord("R")
+    buf[rep_at + 1] = ord("1")
+    buf[rep_at + 2] = ord(",")
+    _put_hex(buf, np.where(rep, start + 4, mark + 1), b, b_digits)
+    return buf.tobytes(), offsets
