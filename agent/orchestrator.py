@@ -116,8 +116,10 @@ class Orchestrator:
         async with lun.lock, _Slot(self._parallel) as slot:
             started = self.clock()
             previous = lun.stack.page_map if lun.stack else None
+            # A routed LUN's array is known: its paths are only asked which member they land on.
+            known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
             try:
-                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
+                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid), known)
                 logfields.add(MPATH=topology.mpath_name)
                 discovered = self.clock()
                 page_map = await self.discovery.fetch_map(topology, previous)
@@ -125,7 +127,8 @@ class Orchestrator:
                     # The array resized the volume and a path still shows the old capacity (its unit
                     # attention went to a daemon that died, or is still queued): re-read, look again.
                     await self.rescan_paths([p.device for p in topology.paths], wwid)
-                    topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
+                    topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid),
+                                                                            known)
                 fetched = self.clock()
                 # A routed device keeps its name while it lives, whatever the template now says.
                 top_name = lun.stack.plan.top_name if lun.stack else None

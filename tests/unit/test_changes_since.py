@@ -139,3 +139,35 @@ def test_a_failed_upload_makes_the_next_changes_go_the_whole_diff_way(tmp_path, 
     lun = reconcile(system, orch)
     assert whole_map_fetches(cdbs) == 0  # the changes were fetched, and sent against the whole map
     assert system.misrouted_pages(f"switch-{system.wwid}") == 0
+
+
+def test_a_move_costs_one_identify_per_path_side_by_side_and_one_changes_command(tmp_path):
+    """A routed LUN's array is known: no INQUIRY or VPD 0x00 again, every path asked its member at once."""
+    system, orch, _cdbs = make(tmp_path, paths_per_member=1)
+    commands: list[bytes] = []
+    handle = system.lu.handle
+
+    def recording(member, cdb, data_out=b""):
+        result = handle(member, cdb, data_out)
+        if result.status == ScsiStatus.GOOD:
+            commands.append(bytes(cdb[:3]))
+        return result
+
+    system.lu.handle = recording
+    system.volume.move_pages(1 / 4096)
+    lun = reconcile(system, orch)
+    vpd_c0 = bytes([0x12, 0x01, 0xC0])
+    assert sorted(commands) == sorted([vpd_c0] * 3 + [bytes([GET_PAGE_MAP_OPCODE, 1, 0])])
+    assert all(p.usable for p in lun.topology.paths) and lun.stack.page_map.changed_since is not None
+    assert system.misrouted_pages(f"switch-{system.wwid}") == 0
+
+
+def test_a_path_that_now_lands_on_another_member_is_still_seen(tmp_path):
+    system, orch, _cdbs = make(tmp_path, paths_per_member=1)
+    lun = orch.luns[system.wwid]
+    first, second = lun.topology.paths[0], lun.topology.paths[1]
+    # The array now answers the first path as the second's member (a portal moved).
+    system.paths[first.device].member_number = system.paths[second.device].member_number
+    system.volume.move_pages(1 / 4096)
+    lun = reconcile(system, orch)
+    assert lun.topology.paths[0].member_id == second.member_id
