@@ -81,6 +81,10 @@ def test_member_identity_advertises_the_feature_in_a_byte_1_1_left_reserved():
     data = pm.encode_member_identity_vpd(pm.MemberIdentity(7, 9, "m", pc.FEATURE_CHANGES_SINCE))
     assert data[9] == pc.FEATURE_CHANGES_SINCE
     assert pm.decode_member_identity_vpd(data).features == pc.FEATURE_CHANGES_SINCE
+    # The byte is all that differs, and it was reserved padding to a 1.1 host's decoder.
+    plain = pm.encode_member_identity_vpd(pm.MemberIdentity(7, 9, "m"))
+    assert [i for i in range(len(data)) if data[i] != plain[i]] == [9]
+    assert struct.unpack(">BBH4sB3xIQ24s", data) == struct.unpack(">BBH4sB3xIQ24s", plain)
     # A 1.1 array's page (byte 9 zero): the host never asks for changes.
     assert pm.decode_member_identity_vpd(pm.encode_member_identity_vpd(pm.MemberIdentity(7, 9, "m"))).features == 0
 
