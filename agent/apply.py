@@ -24,7 +24,7 @@ from agent.dm_async import AsyncDeviceMapper
 from agent.lun import LunState, RoutedStack
 from agent.stack import DeviceSpec, OwnedUuid, PlanError, StackPlan, top_name_for
 from agent.topology import Topology
-from protocol import dmswitch_encoder
+from protocol import dmswitch_changes, dmswitch_encoder
 from protocol.errors import SwitchAgentError
 from protocol.pagemap import PageMap
 
@@ -84,11 +84,21 @@ class PlanApplier:
         lun.stack.plan = plan
 
     async def update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
-        """Same legs, same geometry: send only the regions whose owner changed."""
+        """Same legs, same geometry: send only the regions whose owner changed.
+
+        When the map came from a changes-since answer on top of what the switch
+        holds, those changed pages are all there is to send: no look at the rest.
+        """
         assert lun.stack is not None
-        # A -1 in `previous` is a region whose kernel value we do not know: it is sent if allocated.
-        messages = dmswitch_encoder.encode_region_mappings(page_map.owners, previous=lun.stack.kernel_map,
-                                                   max_message_bytes=self.config.max_message_bytes)
+        changed = _changed_regions(lun.stack, page_map)
+        if changed is not None:
+            messages = dmswitch_changes.encode_changed_regions(
+                changed, page_map.owners[changed], nr_regions=page_map.total_pages,
+                max_message_bytes=self.config.max_message_bytes)
+        else:
+            # A -1 in `previous` is a region whose kernel value we do not know: it is sent if allocated.
+            messages = dmswitch_encoder.encode_region_mappings(page_map.owners, previous=lun.stack.kernel_map,
+                                                               max_message_bytes=self.config.max_message_bytes)
         try:
             await self._send(lun, plan.switch_uuid, messages)
         except SwitchAgentError:
@@ -176,6 +186,27 @@ class PlanApplier:
             await self.dm.message(switch_uuid, message)
             lun.messages_sent += 1
             lun.message_bytes_sent += len(message)
+
+
+CHANGED_REGIONS_SHARE = 1 / 64
+"""Above this share of the map changed, the whole-map diff encoder's copies pay for its look at every
+region (and its numpy passes beat a run per changed region)."""
+
+
+def _changed_regions(stack: RoutedStack, page_map: PageMap) -> np.ndarray | None:
+    """The regions to write when `page_map` is the routed one plus a known list of changes; else None.
+
+    Only where the switch holds exactly the routed map (`kernel_map` is its
+    owners: not after a failed upload) and the change list starts from it.
+    Pages that became unallocated need nothing written.
+    """
+    pages = page_map.changed_pages
+    if (pages is None or page_map.changed_since != stack.page_map.generation
+            or stack.kernel_map is not stack.page_map.owners
+            or pages.size > CHANGED_REGIONS_SHARE * page_map.total_pages):
+        return None
+    allocated: np.ndarray = pages[page_map.owners[pages] >= 0]
+    return allocated
 
 
 def _after_upload(owners: np.ndarray) -> np.ndarray:

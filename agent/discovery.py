@@ -97,8 +97,21 @@ class Discovery:
             self._new_paths.pop(mpath.wwid, None)
         return dataclasses.replace(mpath, slaves=mpath.slaves + tuple(extra)) if extra else mpath
 
-    async def discover(self, mpath: MpathMap) -> Topology:
-        """Ask every path which member it lands on; the first answer also says whose array it is."""
+    async def discover(self, mpath: MpathMap, known: Topology | None = None) -> Topology:
+        """Ask every path which member it lands on; the first answer also says whose array it is.
+
+        `known`: what the last successful reconcile found for this LUN. Its
+        array and map source stand (an array does not change vendor under a
+        routed LUN), so every path is asked only which member it lands on, all
+        side by side: a page move's reconcile costs one round trip here, not
+        three one after another.
+        """
+        if known is not None and known.wwid == mpath.wwid:
+            known_source = mapsources.get(known.map_source)
+            infos = await asyncio.gather(*(self._identify(known_source, mpath.wwid, device, dev)
+                                           for device, dev in mpath.slaves))
+            return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, tuple(infos),
+                            mpath.map_size_sectors, known_source.name)
         found: dict[str, PathInfo] = {}
         source: mapsources.MapSource | None = None
         slaves = list(mpath.slaves)
@@ -138,17 +151,27 @@ class Discovery:
         return next((a for a in self.config.arrays if vendor.strip() == a.vendor and product.strip() == a.product),
                     None)
 
-    async def fetch_map(self, topology: Topology) -> PageMap:
-        """Fetch through the first usable path; fall back to the next on a transport error."""
+    async def fetch_map(self, topology: Topology, current: PageMap | None = None) -> PageMap:
+        """Fetch through the first usable path; fall back to the next on a transport error.
+
+        With `current` (the map routed now), only what changed since its
+        generation is asked first where the array offers that; any trouble
+        with that short form falls back to the whole map.
+        """
         last: SwitchAgentError | None = None
+        source = mapsources.get(topology.map_source)
         for path in topology.paths:
             if not path.usable:
                 continue
             try:
                 # The array is a peer: a fetch that never ends must not hold the LUN and a build slot.
                 async with asyncio.timeout(self.config.fetch_timeout_s):
-                    return await mapsources.get(topology.map_source).fetch(self.system.open_path(path.device),
-                                                                           restarts=self.config.fetch_restarts)
+                    scsi_path = self.system.open_path(path.device)
+                    if current is not None:
+                        updated = await source.fetch_changes(scsi_path, current)
+                        if updated is not None:
+                            return updated
+                    return await source.fetch(scsi_path, restarts=self.config.fetch_restarts)
             except TimeoutError:
                 raise FetchTimeoutError(topology.wwid, self.config.fetch_timeout_s) from None
             except SwitchAgentError as exc:

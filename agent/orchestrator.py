@@ -116,16 +116,19 @@ class Orchestrator:
         async with lun.lock, _Slot(self._parallel) as slot:
             started = self.clock()
             previous = lun.stack.page_map if lun.stack else None
+            # A routed LUN's array is known: its paths are only asked which member they land on.
+            known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
             try:
-                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
+                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid), known)
                 logfields.add(MPATH=topology.mpath_name)
                 discovered = self.clock()
-                page_map = await self.discovery.fetch_map(topology)
+                page_map = await self.discovery.fetch_map(topology, previous)
                 if _pages_for(topology, page_map) != page_map.total_pages:
                     # The array resized the volume and a path still shows the old capacity (its unit
                     # attention went to a daemon that died, or is still queued): re-read, look again.
                     await self.rescan_paths([p.device for p in topology.paths], wwid)
-                    topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
+                    topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid),
+                                                                            known)
                 fetched = self.clock()
                 # A routed device keeps its name while it lives, whatever the template now says.
                 top_name = lun.stack.plan.top_name if lun.stack else None
@@ -156,7 +159,9 @@ class Orchestrator:
             lun.reconciles["ok"] = lun.reconciles.get("ok", 0) + 1
             lun.map_confirmed_at = self.clock()
             if previous is not None and previous.generation != page_map.generation:
-                lun.moved_pages, lun.moved_since = pages_moved(previous, page_map), previous.generation
+                moved = page_map.changed_pages if page_map.changed_since == previous.generation else None
+                lun.moved_pages = pages_moved(previous, page_map) if moved is None else moved
+                lun.moved_since = previous.generation
             # Where a reconcile's time goes, for `status --json` and for tuning convergence.
             lun.last_reconcile = {"discover_s": round(discovered - started, 3),
                                   "fetch_s": round(fetched - discovered, 3),

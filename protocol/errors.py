@@ -10,6 +10,7 @@
           ├── ChunkOverlapError     page-map chunks overlap or leave a gap
           ├── CapacityMismatchError  a page map's pages do not cover the LUN READ CAPACITY reports
           └── UnroutableLayoutError  a referrals layout dm-switch regions cannot carry
+     └── ChangesUnavailableError    the array answers "fetch the whole map" to a changes-since question
      └── EncodeError                a caller asked us to build something invalid
      └── DmSwitchMessageError       a set_region_mappings message the kernel rejects
 
@@ -68,6 +69,18 @@ class CapacityMismatchError(DecodeError):
 
 class UnroutableLayoutError(DecodeError):
     """The array's LBA layout (REPORT REFERRALS) cannot be expressed as one dm-switch region map."""
+
+
+class ChangesUnavailableError(SwitchAgentError):
+    """The array cannot say what changed since the host's generation (too old, reshaped, too large).
+
+    Not a fault: the host fetches the whole map instead.
+    """
+
+    def __init__(self, reason: str, current_generation: int) -> None:
+        self.reason = reason
+        self.current_generation = current_generation
+        super().__init__(f"no changes list ({reason}); the array is at generation {current_generation}")
 
 
 class EncodeError(SwitchAgentError):

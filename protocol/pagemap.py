@@ -58,7 +58,7 @@ _MEMBER = struct.Struct(">I28s")
 _CDB = struct.Struct(">BBI3sB")
 
 _IDENTITY_MAGIC = b"SAMI"
-_IDENTITY = struct.Struct(">BBH4sB3xIQ24s")
+_IDENTITY = struct.Struct(">BBH4sBB2xIQ24s")
 IDENTITY_VPD_BYTES = _IDENTITY.size
 _CODEC = "GET PAGE MAP"
 _ID_CODEC = "VPD 0xC0 member identity"
@@ -117,6 +117,10 @@ class PageMap:
     page_size_sectors: int
     members: tuple[Member, ...]
     owners: np.ndarray
+    changed_since: int | None = None
+    """Set when this map was built from generation `changed_since`'s by a changes-since answer
+    (protocol.pagemap_changes): then `changed_pages` are the only pages whose owner differs from it."""
+    changed_pages: np.ndarray | None = None
 
     @property
     def total_pages(self) -> int:
@@ -141,6 +145,9 @@ class MemberIdentity:
     member_id: int
     generation: int
     name: str
+    features: int = 0
+    """Byte 9 (reserved, 0, before version 1.2): bit 0, the array answers GET PAGE MAP's
+    changes-since form (protocol.pagemap_changes.FEATURE_CHANGES_SINCE)."""
 
 
 def bits_per_entry(member_count: int) -> int:
@@ -431,14 +438,14 @@ def encode_member_identity_vpd(identity: MemberIdentity) -> bytes:
     if len(name) > 24:
         raise EncodeError(f"member name longer than 24 bytes: {identity.name!r}")
     return _IDENTITY.pack(0, MEMBER_IDENTITY_VPD, IDENTITY_VPD_BYTES - 4, _IDENTITY_MAGIC,
-                          FORMAT_VERSION, identity.member_id, identity.generation, name)
+                          FORMAT_VERSION, identity.features, identity.member_id, identity.generation, name)
 
 
 def decode_member_identity_vpd(data: bytes | memoryview) -> MemberIdentity:
     """Host side: decode VPD page 0xC0."""
     if len(data) < IDENTITY_VPD_BYTES:
         raise TruncatedError(_ID_CODEC, "page", f">= {IDENTITY_VPD_BYTES} bytes", len(data))
-    _pq, page, length, magic, version, member_id, generation, raw_name = _IDENTITY.unpack_from(data)
+    _pq, page, length, magic, version, features, member_id, generation, raw_name = _IDENTITY.unpack_from(data)
     if page != MEMBER_IDENTITY_VPD:
         raise BadMagicError(_ID_CODEC, "page code", hex(MEMBER_IDENTITY_VPD), hex(page))
     if length < IDENTITY_VPD_BYTES - 4:
@@ -447,4 +454,4 @@ def decode_member_identity_vpd(data: bytes | memoryview) -> MemberIdentity:
         raise BadMagicError(_ID_CODEC, "magic", _IDENTITY_MAGIC, bytes(magic))
     if version != FORMAT_VERSION:
         raise BadMagicError(_ID_CODEC, "format version", FORMAT_VERSION, version)
-    return MemberIdentity(member_id, generation, _decode_name(raw_name, _ID_CODEC, "member name"))
+    return MemberIdentity(member_id, generation, _decode_name(raw_name, _ID_CODEC, "member name"), features)

@@ -21,6 +21,11 @@ class MapSource(Protocol):
         """The LUN's whole region map, owners indexing its members (UNALLOCATED = don't care)."""
         ...
 
+    async def fetch_changes(self, path: ScsiPath, current: PageMap) -> PageMap | None:
+        """`current` brought up to date from only what changed since its generation (the result's
+        `changed_pages` say which pages); None when the protocol or the array cannot say (then fetch)."""
+        ...
+
     async def poll_generation(self, path: ScsiPath) -> int:
         """Cheaply: a number that changes when the map does (compared with PageMap.generation)."""
         ...

@@ -6,8 +6,8 @@ import asyncio
 import logging
 
 from agent.scsipath import ScsiPath, data_in, read_capacity
-from protocol import pagemap, scsi
-from protocol.errors import CapacityMismatchError, GenerationChangedError
+from protocol import pagemap, pagemap_changes, scsi
+from protocol.errors import CapacityMismatchError, ChangesUnavailableError, GenerationChangedError, SwitchAgentError
 from protocol.pagemap import MemberIdentity, PageMap, PageMapHeader
 
 LOG = logging.getLogger(__name__)
@@ -23,12 +23,30 @@ class PageMapSource:
 
     name = "page-map"
 
+    def __init__(self) -> None:
+        self._features: dict[str, int] = {}
+        """Each path's VPD 0xC0 FEATURES as its last identify read them (every reconcile does, first)."""
+
     async def identify(self, path: ScsiPath) -> tuple[int, str]:
         identity = await read_member_identity(path)
+        self._features[path.name] = identity.features
         return identity.member_id, identity.name
 
     async def fetch(self, path: ScsiPath, *, restarts: int) -> PageMap:
         return await fetch_page_map(path, restarts=restarts)
+
+    async def fetch_changes(self, path: ScsiPath, current: PageMap) -> PageMap | None:
+        if not self._features.get(path.name, 0) & pagemap_changes.FEATURE_CHANGES_SINCE:
+            return None  # a 1.0/1.1 array: asked the whole way, as always
+        try:
+            return await fetch_page_map_changes(path, current)
+        except ChangesUnavailableError as exc:
+            LOG.info("%s: %s; fetching the whole map", path.name, exc)
+        except SwitchAgentError as exc:
+            # Whatever went wrong with the short form, the whole map is the answer that decides.
+            LOG.warning("%s: changes since generation %d unusable (%s: %s); fetching the whole map",
+                        path.name, current.generation, type(exc).__name__, exc)
+        return None
 
     async def poll_generation(self, path: ScsiPath) -> int:
         return (await poll_map_header(path)).generation
@@ -84,3 +102,27 @@ async def fetch_page_map(path: ScsiPath, *, restarts: int) -> PageMap:
                   result.total_pages)
         return result
     raise AssertionError("unreachable")
+
+
+async def fetch_page_map_changes(path: ScsiPath, current: PageMap) -> PageMap:
+    """`current` brought up to the array's generation by GET PAGE MAP's changes-since form.
+
+    The result's `changed_pages` are the pages whose owner differs from
+    `current`'s; `current` itself is left as it is. Raises
+    ChangesUnavailableError when the array says to fetch the whole map, and
+    a DecodeError for an answer that does not fit `current`.
+    """
+    allocation = min(await path.max_transfer_bytes(), pagemap.MAX_ALLOCATION_LENGTH)
+    assembler = pagemap_changes.ChangesAssembler(current)
+    while not assembler.complete:
+        cdb = pagemap_changes.build_changes_since_cdb(assembler.since, allocation)
+        data = await data_in(path, cdb, allocation)
+        if len(data) > OFF_LOOP_DECODE_BYTES:
+            chunk = await asyncio.to_thread(pagemap_changes.decode_changes_response, data)
+        else:
+            chunk = pagemap_changes.decode_changes_response(data)
+        assembler.add(chunk)
+    result = assembler.result()
+    LOG.debug("%s: page map generation %d -> %d: %d pages changed", path.name, current.generation,
+              result.generation, 0 if result.changed_pages is None else result.changed_pages.size)
+    return result

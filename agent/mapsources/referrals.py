@@ -91,5 +91,8 @@ class ReferralsSource:
                   [m.member_id for m in result.members])
         return result
 
+    async def fetch_changes(self, path: ScsiPath, current: PageMap) -> PageMap | None:
+        return None  # REPORT REFERRALS has no changes-since form
+
     async def poll_generation(self, path: ScsiPath) -> int:
         return (await self._answers(path))[2]

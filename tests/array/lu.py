@@ -20,8 +20,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
-from protocol import pagemap, portals, scsi
+import numpy as np
+
+from protocol import pagemap, pagemap_changes, portals, scsi
 from protocol.errors import DecodeError
+from protocol.pagemap_changes import ChangesStatus as Status
 from protocol.scsi import AdditionalSense as Asc
 from protocol.scsi import Opcode, ScsiStatus, SenseKey
 from tests.array import faults
@@ -203,7 +206,8 @@ class LogicalUnit:
         # 60-byte payload is built here on the generic VPD header encoder.
         pages[0xB1] = lambda: scsi.encode_vpd_page(0xB1, (1).to_bytes(2, "big").ljust(60, b"\0"))
         pages[pagemap.MEMBER_IDENTITY_VPD] = lambda: pagemap.encode_member_identity_vpd(
-            pagemap.MemberIdentity(state.member_id, self.volume.generation, state.name))
+            pagemap.MemberIdentity(state.member_id, self.volume.generation, state.name,
+                                   pagemap_changes.FEATURE_CHANGES_SINCE if self.volume.answers_changes else 0))
         if self.member_portals:
             pages[portals.MEMBER_PORTALS_VPD] = lambda: portals.encode_member_portals_vpd(
                 self.volume.member_portals())
@@ -295,6 +299,8 @@ class LogicalUnit:
     # -- the page map ----------------------------------------------------------------
 
     def _get_page_map(self, member: int, cdb: bytes, data_out: bytes | memoryview) -> bytes:
+        if pagemap_changes.is_changes_since_cdb(cdb) and self.volume.answers_changes:
+            return self._changes_since(cdb)
         request = pagemap.parse_get_page_map_cdb(cdb)
         volume = self.volume
         if request.start_page > volume.total_pages:
@@ -311,6 +317,50 @@ class LogicalUnit:
         if kind is not None and kind != "generation-churn":
             response = faults.corrupt(response, kind)
         return response
+
+
+    def _changes_since(self, cdb: bytes) -> bytes:
+        """GET PAGE MAP's changes-since form: as many whole generations as fit, merged."""
+        request = pagemap_changes.parse_changes_since_cdb(cdb)
+        volume = self.volume
+        kind = volume.take_corruption(has_entries=request.allocation_length > pagemap.HEADER_FIXED_BYTES)
+        if kind == "generation-churn":
+            volume.bump_generation()
+        members = volume.page_map_members()
+        common = dict(current_generation=volume.generation, total_pages=volume.total_pages,
+                      page_size_sectors=volume.page_size_sectors, members=members,
+                      allocation_length=request.allocation_length)
+        found = volume.changes.since(request.since_key)
+        if isinstance(found, str):
+            status = Status.RESHAPED if found == "reshaped" else Status.TOO_OLD
+            response = pagemap_changes.encode_changes_response(status=status, **common)
+        else:
+            since, steps = found
+            response = pagemap_changes.encode_changes_response(status=Status.TOO_LARGE, **common)
+            for count in range(len(steps), -1, -1):
+                if count == 0 and steps:
+                    break  # not even the first generation fits
+                pages, owners = _merged(steps[:count])
+                runs = pagemap_changes.runs_of(pages, owners)[0].size
+                if pagemap_changes.response_length(len(members), runs) <= request.allocation_length:
+                    response = pagemap_changes.encode_changes_response(
+                        status=Status.CHANGES, from_generation=since,
+                        to_generation=steps[count - 1][0] if count else since, pages=pages, owners=owners,
+                        **common)
+                    break
+        if kind is not None and kind != "generation-churn":
+            response = faults.corrupt(response, kind)
+        return response
+
+
+def _merged(steps: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The pages the steps changed, ascending, each with the owner the last step gave it."""
+    if not steps:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pages = np.concatenate([p for _, p, _ in steps])[::-1]
+    owners = np.concatenate([o for _, _, o in steps])[::-1]
+    unique, last = np.unique(pages, return_index=True)
+    return unique, owners[last]
 
 
 def _check(condition: CheckCondition) -> ScsiResult:

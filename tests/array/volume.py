@@ -115,6 +115,10 @@ class ArrayVolume:
         self.members = [ArrayMember(k) for k in range(members)]
         self.owners = layouts.build(layout, self.total_pages, members, self.rng)
         self.generation = 1
+        self.changes = ChangeLog(self.generation)
+        """What each recent generation changed: GET PAGE MAP's changes-since answers come from it."""
+        self.answers_changes = True
+        """Whether VPD 0xC0 offers the changes-since form (False: behave as a 1.1 array)."""
         self.change_times: list[float] = []
         """time.monotonic() of the latest (up to 32) changes that raised a unit attention (the host's
         clock, like the counters' times): what tests measure the host's reaction from."""
@@ -241,8 +245,9 @@ class ArrayVolume:
 
     def move_pages(self, fraction: float) -> int:
         """Reassign round(fraction * pages) pages to other members; return how many moved."""
+        before = self.owners
         self.owners, count = layouts.moved(self.owners, fraction, len(self.members), self.rng)
-        self._changed(ASC_INQUIRY_DATA_HAS_CHANGED)
+        self._changed(ASC_INQUIRY_DATA_HAS_CHANGED, before)
         return count
 
     def resize(self, size_bytes: int) -> None:
@@ -285,9 +290,16 @@ class ArrayVolume:
     def bump_generation(self) -> None:
         """A new generation with no page moved (generation churn); no unit attention."""
         self.generation += 1
+        self.changes.record(self.generation, self.owners, self.owners)
 
-    def _changed(self, asc_ascq: tuple[int, int]) -> None:
+    def _changed(self, asc_ascq: tuple[int, int], before: np.ndarray | None = None) -> None:
+        """A new generation; `before`: the owners it changed, when only owners changed (else the
+        change log starts over: a new size or member set is only described by a whole map)."""
         self.generation += 1
+        if before is None:
+            self.changes.restart(self.generation)
+        else:
+            self.changes.record(self.generation, before, self.owners)
         self.change_times = [*self.change_times[-31:], time.monotonic()]
         self.raise_unit_attention(asc_ascq)
 
@@ -334,6 +346,44 @@ class ArrayVolume:
                 for i, m in enumerate(self.members)
             ],
         }
+
+
+class ChangeLog:
+    """The pages each recent generation moved, bounded: the last MAX_GENERATIONS generations,
+    at most MAX_PAGES pages in all; older ones are dropped (a host asking about them is "too old")."""
+
+    MAX_GENERATIONS = 64
+    MAX_PAGES = 1 << 20
+
+    def __init__(self, generation: int) -> None:
+        self.oldest = generation
+        """The oldest generation changes are known from."""
+        self.steps: list[tuple[int, np.ndarray, np.ndarray]] = []
+        """(generation, pages, their owners from then on), oldest first."""
+        self.reshaped_at: int | None = None
+        """The generation of the last change of size or members (a host older than it is told so)."""
+
+    def restart(self, generation: int) -> None:
+        """A change only a whole map describes: nothing before `generation` can be answered."""
+        self.steps.clear()
+        self.oldest = self.reshaped_at = generation
+
+    def record(self, generation: int, before: np.ndarray, after: np.ndarray) -> None:
+        """Generation `generation` turned `before` into `after` (same size)."""
+        pages = np.flatnonzero(before != after)
+        self.steps.append((generation, pages, after[pages].copy()))
+        while len(self.steps) > self.MAX_GENERATIONS or sum(p.size for _, p, _ in self.steps) > self.MAX_PAGES:
+            self.oldest = self.steps.pop(0)[0]
+
+    def since(self, key: int) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray]]] | str:
+        """(the generation whose low 32 bits are `key`, the steps after it), or why there are none."""
+        known = [self.oldest, *(generation for generation, _, _ in self.steps)]
+        for index, generation in enumerate(known):
+            if generation & 0xFFFF_FFFF == key:
+                return generation, self.steps[index:]
+        if self.reshaped_at is not None and key & 0xFFFF_FFFF < self.reshaped_at & 0xFFFF_FFFF:
+            return "reshaped"
+        return "too old"
 
 
 def _check_geometry(size_bytes: int, page_size_bytes: int) -> None:

@@ -1,6 +1,6 @@
 """Guest part of the scale benchmark: run inside the VM rig, array up and logged in.
 
-    python -m tests.bench.guest_scale [--json] [--repeat N] [--only fetch,install,diff]
+    python -m tests.bench.guest_scale [--json] [--repeat N] [--only fetch,install,diff] [--moves 1000,1]
 
 Started by tests/bench/scale.py (host). Measures, on the rig's one LUN (the
 seed's 22.5 TiB at 15 MiB pages over 3 members):
@@ -13,7 +13,10 @@ seed's 22.5 TiB at 15 MiB pages over 3 members):
   dm-zero legs (and the map in the fewest messages the kernel accepts), and
   (b) `dmsetup message` per 4 KiB of the seed thread's per-run text
   (a timed sample, extrapolated);
-- diff: 1,000 pages moved on the array, to the agent's switch holding them.
+- diff: 1,000 pages, then 1 page, moved on the array, to the agent's switch holding
+  them (`--moves`); with `--only diff` the LUN is routed once first, untimed,
+  and the install's own measurements are skipped. Prints one summary line
+  per move size.
 
 Writes <results>/bench-scale.json (results = $SWITCH_AGENT_RESULTS) and,
 with --json, prints it. Asserts nothing about the numbers.
@@ -199,8 +202,8 @@ class Instrumented:
         orch = self.orch
         fetch, send = orch.discovery.fetch_map, orch.applier._send
 
-        async def fetch_map(topology):
-            result = await fetch(topology)
+        async def fetch_map(topology, current=None):
+            result = await fetch(topology, current)
             self.marks["map_in_memory"] = time.perf_counter()
             return result
 
@@ -230,16 +233,37 @@ class Instrumented:
             "message_bytes": sum(len(x) for x in self.messages),
             "state": lun.state,
             "epoch": lun.epoch,
+            "reconcile_parts_s": dict(lun.last_reconcile),
+            "changes_since": lun.stack is not None and lun.stack.page_map.changed_since is not None,
         }
 
 
-async def bench_install_and_diff(config: Config, repeat: int, only: set[str]) -> dict:
+DIFF_KEYS = {1000: "diff", 1: "diff_one_page"}
+"""Where each move size's records go in the JSON (scale_lib reads them; "diff" as before 1.2)."""
+
+
+async def bench_install_and_diff(config: Config, repeat: int, only: set[str], moves: list[int]) -> dict:
     wwid, _paths = wwid_and_paths()
     out: dict = {"install": [], "diff": []}
     inst = Instrumented(config)
     dm = inst.system.dm
     remove_agent_devices(dm)
     agent_messages: list[str] = []
+    if "install" not in only:
+        await inst.reconcile(wwid)  # routed once, untimed: the moves below need a routed LUN
+        plan = inst.orch.luns[wwid].stack.plan
+        out.update(await bench_diff(inst, wwid, repeat, moves))
+        remove_agent_devices(dm)
+        zero = ZeroSwitch(plan.size_sectors, plan.region_size_sectors, len(plan.legs))
+        try:  # the kernel alone on the same messages
+            out["kernel"] = {}
+            for key in ("diff", "diff_one_page"):
+                if out.get(f"{key}_messages"):
+                    bound = kernel_bounds_diff(zero, out.pop(f"{key}_messages"), repeat)
+                    out["kernel"].update({f"{key}_{k}": v for k, v in bound.items()})
+        finally:
+            zero.close()
+        return out
     for i in range(repeat):
         inst.orch.luns.clear()
         remove_agent_devices(dm)
@@ -263,22 +287,7 @@ async def bench_install_and_diff(config: Config, repeat: int, only: set[str]) ->
     owners = page_map.owners
 
     if "diff" in only:
-        from tests.guest.agentlib import array
-
-        pages = page_map.total_pages
-        for i in range(repeat):
-            t0 = time.perf_counter()
-            moved = array("move", fraction=1000 / pages)
-            t_moved = time.perf_counter()
-            r = await inst.reconcile(wwid)
-            t1 = time.perf_counter()
-            r.update(moved_pages=moved["moved_pages"], generation=moved["generation"],
-                     change_to_routed_s=t1 - t0, array_move_s=t_moved - t0,
-                     agent_generation=inst.orch.luns[wwid].stack.page_map.generation)
-            log(f"diff {i + 1}/{repeat}: {moved['moved_pages']} pages moved, routed after "
-                f"{r['change_to_routed_s']:.2f} s ({r['messages']} messages, {r['message_bytes']} bytes)")
-            out["diff"].append(r)
-            out["diff_messages"] = inst.messages
+        out.update(await bench_diff(inst, wwid, repeat, moves))
     remove_agent_devices(dm)
 
     out["encode"] = encode_costs(owners, len(page_map.members), repeat, config.max_message_bytes)
@@ -288,12 +297,63 @@ async def bench_install_and_diff(config: Config, repeat: int, only: set[str]) ->
     zero = ZeroSwitch(geo["size_sectors"], geo["region_sectors"], geo["members"])
     try:
         out["kernel"] = kernel_bounds(zero, agent_messages, owners, repeat, out.get("diff_messages"))
+        if out.get("diff_one_page_messages"):
+            one = kernel_bounds_diff(zero, out["diff_one_page_messages"], repeat)
+            out["kernel"].update({f"diff_one_page_{k}": v for k, v in one.items()})
         out["dmsetup"] = dmsetup_baseline(zero, owners)
     finally:
         zero.close()
     out.pop("diff_messages", None)
+    out.pop("diff_one_page_messages", None)
     out["agent_messages"] = {"count": len(agent_messages), "bytes": sum(map(len, agent_messages))}
     return out
+
+
+async def bench_diff(inst: Instrumented, wwid: str, repeat: int, moves: list[int]) -> dict:
+    """Pages moved on the array, timed from the move's start to the agent's switch holding them.
+
+    Each move size's records, the messages of its last run (for the kernel-alone bound), and one
+    summary line per size on stderr.
+    """
+    from tests.guest.agentlib import array
+
+    out: dict = {}
+    pages = inst.orch.luns[wwid].stack.page_map.total_pages
+    for count in moves:
+        key = DIFF_KEYS.get(count, f"diff_{count}")
+        out[key] = []
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            moved = array("move", fraction=count / pages)
+            t_moved = time.perf_counter()
+            r = await inst.reconcile(wwid)
+            t1 = time.perf_counter()
+            r.update(moved_pages=moved["moved_pages"], generation=moved["generation"],
+                     change_to_routed_s=t1 - t0, array_move_s=t_moved - t0,
+                     agent_generation=inst.orch.luns[wwid].stack.page_map.generation)
+            log(f"diff {count} {i + 1}/{repeat}: {moved['moved_pages']} pages moved, routed after "
+                f"{r['change_to_routed_s']:.3f} s (array's move {r['array_move_s']:.3f} s, reconcile "
+                f"{r['reconcile_s']:.3f} s: {r['reconcile_parts_s']}; changes-since {r['changes_since']}; "
+                f"{r['messages']} messages, {r['message_bytes']} bytes)")
+            out[key].append(r)
+            out[f"{key}_messages"] = inst.messages
+    for count in moves:
+        records = out[DIFF_KEYS.get(count, f"diff_{count}")]
+        times = sorted(r["change_to_routed_s"] for r in records)
+        goal = {1000: " (goal <= 0.25 s)", 1: " (goal <= 0.1 s)"}.get(count, "")
+        log(f"SUMMARY move of {count:,} page(s): array change -> routed median {times[len(times) // 2]:.3f} s"
+            f"{goal}, min {times[0]:.3f} s, max {times[-1]:.3f} s over {len(times)}; reconcile median "
+            f"{sorted(r['reconcile_s'] for r in records)[len(records) // 2]:.3f} s")
+    return out
+
+
+def kernel_bounds_diff(zero: ZeroSwitch, messages: list[str], repeat: int) -> dict:
+    samples = []
+    for _ in range(repeat):
+        zero.reset()
+        samples.append(zero.send_raw(messages))
+    return {"messages_s": scale_lib.summary(samples),
+            "messages": {"count": len(messages), "bytes": sum(map(len, messages))}}
 
 
 def kernel_bounds(zero: ZeroSwitch, agent_messages: list[str], owners: np.ndarray, repeat: int,
@@ -422,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--only", default="fetch,install,diff")
+    p.add_argument("--moves", default="1000,1", help="page counts the diff part moves, comma-separated")
     p.add_argument("--out", type=Path, default=RESULTS / "bench-scale.json")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
@@ -433,9 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     if "fetch" in only:
         log("fetch")
         result["fetch"] = asyncio.run(bench_fetch(config, wwid_and_paths()[1], args.repeat))
-    if "install" in only:
-        log("install")
-        result.update(asyncio.run(bench_install_and_diff(config, args.repeat, only)))
+    if only & {"install", "diff"}:
+        log("install" if "install" in only else "diff")
+        moves = [int(m) for m in args.moves.split(",") if m]
+        result.update(asyncio.run(bench_install_and_diff(config, args.repeat, only, moves)))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from crc32c import crc32c
 
-from protocol import pagemap, scsi
+from protocol import pagemap, pagemap_changes, scsi
 
 Rewrite = Callable[[bytes, bytes], bytes]
 """(cdb, the array's answer) -> the answer the host gets."""
@@ -26,6 +26,14 @@ PAGE_MAP_FIELDS = {
     "page_size_sectors": (16, ">I"), "header_length": (20, ">H"), "total_pages": (24, ">Q"),
     "first_page": (32, ">Q"), "entry_count": (40, ">I"), "response_length": (44, ">I"),
 }
+
+CHANGES_FIELDS = {
+    "status": (5, ">B"), "member_count": (6, ">B"), "to_generation": (8, ">Q"),
+    "page_size_sectors": (16, ">I"), "header_length": (20, ">H"), "total_pages": (24, ">Q"),
+    "from_generation": (32, ">Q"), "run_count": (40, ">I"), "response_length": (44, ">I"),
+    "current_generation": (48, ">Q"),
+}
+"""GET PAGE MAP changes-since answer's header (protocol/pagemap_changes.py), laid out as PAGE_MAP_FIELDS."""
 
 
 class CommandLimitError(Exception):
@@ -71,6 +79,10 @@ def hostile_paths(system: Any, **kwargs: Any) -> dict[str, HostilePath]:
 
 def is_get_page_map(cdb: bytes) -> bool:
     return cdb[0] == pagemap.GET_PAGE_MAP_OPCODE
+
+
+def is_changes_since(cdb: bytes) -> bool:
+    return pagemap_changes.is_changes_since_cdb(cdb)
 
 
 def is_read_capacity_16(cdb: bytes) -> bool:

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from protocol import pagemap, portals, scsi
+from protocol import pagemap, pagemap_changes, portals, scsi
 from protocol.errors import ChecksumError, DecodeError, TruncatedError, ValueRangeError
 from protocol.scsi import ScsiStatus, SenseKey
 from tests.array.lu import PRODUCT, VENDOR, LogicalUnit, LuIdentity, ScsiResult
@@ -140,7 +140,7 @@ def test_serial_and_naa_shared_ports_distinct(lu) -> None:
 def test_member_identity_vpd(lu) -> None:
     data = ok(lu.handle(2, scsi.build_inquiry_cdb(evpd=True, page_code=0xC0, allocation_length_bytes=255)))
     identity = pagemap.decode_member_identity_vpd(data)
-    assert identity == pagemap.MemberIdentity(3, 1, "m2")
+    assert identity == pagemap.MemberIdentity(3, 1, "m2", features=pagemap_changes.FEATURE_CHANGES_SINCE)
 
 
 def test_block_limits(lu) -> None:
@@ -326,7 +326,10 @@ def test_page_map_header_poll_and_bad_cdbs(lu) -> None:
     assert pagemap.decode_page_map_response(end).header.entry_count == 0
     assert sense_of(lu.handle(0, pagemap.build_get_page_map_cdb(65, 4096)))[1:] == (0x24, 0)
     bad = bytearray(pagemap.build_get_page_map_cdb(0, 4096))
-    bad[1] = 1
+    bad[1] = 2  # no such service action
+    assert sense_of(lu.handle(0, bytes(bad)))[1:] == (0x24, 0)
+    lu.volume.answers_changes = False  # a 1.1 array: the changes-since form is a bad CDB too
+    bad[1] = pagemap_changes.SERVICE_ACTION_CHANGES_SINCE
     assert sense_of(lu.handle(0, bytes(bad)))[1:] == (0x24, 0)
 
 

@@ -67,6 +67,8 @@ SAMPLE = {
     "fetch": {"agent_s": t(1.0), "sg_raw_s": t(0.8), "sgio_no_decode_s": t(0.6), "commands": 1,
               "allocation": 1 << 20, "bytes": 393380},
     "diff": [{"change_to_routed_s": 1.5, "reconcile_s": 1.4, "moved_pages": 1000}],
+    "diff_one_page": [{"change_to_routed_s": 0.08, "reconcile_s": 0.07, "moved_pages": 1, "changes_since": True,
+                       "reconcile_parts_s": {"discover_s": 0.03, "fetch_s": 0.02, "kernel_s": 0.02}}],
 }
 
 
@@ -82,7 +84,11 @@ def test_rows_compare_with_the_fastest_kernel_bound_and_state_goals() -> None:
     assert b.ratio == "200x" and b.met == "yes"
     fetch = next(r for r in rows if r.what.startswith("fetch"))
     assert fetch.ratio == "1.25x" and fetch.met == "yes"
-    assert any(r.what.startswith("diff") for r in rows)
+    thousand = next(r for r in rows if r.what.startswith("diff: 1,000"))
+    assert thousand.goal == "<= 0.25 s" and thousand.met == "no" and "whole map" in thousand.note
+    one = next(r for r in rows if r.what.startswith("diff: 1 page"))
+    assert one.goal == "<= 0.1 s" and one.met == "yes"
+    assert "changes since" in one.note and "discover 0.030 s" in one.note
     table = scale_lib.render_table(rows)
     assert table.count("\n") == len(rows) + 1
 

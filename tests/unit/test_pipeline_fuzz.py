@@ -21,6 +21,7 @@ map names.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import tempfile
 import time
@@ -38,9 +39,11 @@ from agent.orchestrator import Orchestrator
 from protocol.errors import SwitchAgentError
 from protocol.pagemap import UNALLOCATED
 from tests.unit.fakes_hostile import (
+    CHANGES_FIELDS,
     PAGE_MAP_FIELDS,
     HostilePath,
     hostile_paths,
+    is_changes_since,
     is_get_page_map,
     is_read_capacity_16,
     is_report_referrals,
@@ -204,10 +207,15 @@ def misrouted(system: Any, lun: Any) -> int:
     return bad
 
 
-def reconcile_hostile(system: Any, orch: Orchestrator, rewrite) -> bool:
-    """Route, turn the array hostile, reconcile again; check what must hold. True when it failed."""
+def reconcile_hostile(system: Any, orch: Orchestrator, rewrite, between=None) -> bool:
+    """Route, turn the array hostile, reconcile again; check what must hold. True when it failed.
+
+    `between` runs after the first reconcile (e.g. a page move, so that there are changes to ask for).
+    """
     lun = asyncio.run(orch.reconcile(system.wwid))
     assert lun.state == "routed" and misrouted(system, lun) == 0
+    if between is not None:
+        between()
     before, before_map = dm_state(system), lun.stack.page_map
     for path in hostile_paths(system, max_commands=2_000).values():
         path.rewrite = rewrite
@@ -238,9 +246,13 @@ def reconcile_hostile(system: Any, orch: Orchestrator, rewrite) -> bool:
 
 # -- the page-map protocol -----------------------------------------------------------------
 
-def page_map_system(store: Path) -> tuple[FakeSystem, Orchestrator]:
-    """160 pages of 1 MiB over 4 members, one path each; 256-byte transfers make a fetch 2 chunks."""
+def page_map_system(store: Path, *, changes: bool = False) -> tuple[FakeSystem, Orchestrator]:
+    """160 pages of 1 MiB over 4 members, one path each; 256-byte transfers make a fetch 2 chunks.
+
+    `changes`: the array answers the changes-since form (else it is a 1.1 array: every fetch is whole).
+    """
     system = FakeSystem(tmp_path=store, size_bytes=160 * MiB, page_size_bytes=MiB, members=4, paths_per_member=1)
+    system.volume.answers_changes = changes
     for path in system.paths.values():
         path.max_transfer = 256  # 120 entries of 4 bits a chunk
     return system, Orchestrator(Config(max_message_bytes=4096, fetch_restarts=2), system)
@@ -262,6 +274,72 @@ def test_hostile_page_map_answers(mutation):
         failed = reconcile_hostile(system, orch, page_map_rewrite(mutation))
     if failed:
         assert system.misrouted_pages(f"switch-{system.wwid}") == 0  # against the array's own map
+
+
+# -- GET PAGE MAP's changes-since form --------------------------------------------------------
+
+changes_mutations = st.fixed_dictionaries({
+    "fields": st.lists(st.tuples(st.sampled_from(sorted(CHANGES_FIELDS)), VALUES), max_size=3),
+    "runs": st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["first", "length_owner"]), VALUES),
+                     max_size=3),
+    "flips": FEW_FLIPS,
+    "cut": CUT,
+    "resign": st.sampled_from([True, True, True, False]),
+    "which": st.sampled_from(["every", 0, 1]),
+})
+
+
+def changes_rewrite(mutation: dict[str, Any]):
+    """The rewrite of the changes-since answers that `mutation` describes (whole-map answers pass)."""
+    seen = {"answers": 0}
+
+    def rewrite(cdb: bytes, answer: bytes) -> bytes:
+        if not is_changes_since(cdb):
+            return answer
+        answer_number = seen["answers"]
+        seen["answers"] += 1
+        if mutation["which"] != "every" and mutation["which"] != answer_number:
+            return answer
+        buf = bytearray(answer)
+        for name, value in mutation["fields"]:
+            _edit(buf, *CHANGES_FIELDS[name], value)
+        header_length = 64 + 32 * 4
+        for index, name, value in mutation["runs"]:
+            _edit(buf, header_length + 8 * index + (0 if name == "first" else 4), ">I", value)
+        _flip(buf, mutation["flips"])
+        if mutation["cut"] is not None:
+            del buf[mutation["cut"]:]
+        return resign_page_map(buf) if mutation["resign"] else bytes(buf)
+
+    return rewrite
+
+
+@FUZZ
+@given(changes_mutations, st.sampled_from([1 / 160, 0.05, 0.3]))
+@example({"fields": [("run_count", 2**32 - 1)], "runs": [], "flips": [], "cut": None, "resign": True,
+          "which": "every"}, 0.05)
+@example({"fields": [], "runs": [(0, "length_owner", (2**24 - 1) << 8)], "flips": [], "cut": None,
+          "resign": True, "which": "every"}, 0.05)                                  # a run of 16M pages
+@example({"fields": [("to_generation", 2**64 - 1)], "runs": [], "flips": [], "cut": None, "resign": True,
+          "which": "every"}, 0.05)                                                  # from the future
+def test_hostile_changes_answers(mutation, moved):
+    """Whatever the changes answer says, the LUN ends routed by a map the array could have meant; a
+    refused answer falls back to the whole map, which this array answers honestly."""
+    fallbacks: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: fallbacks.append(record.getMessage())  # type: ignore[method-assign]
+    source_log = logging.getLogger("agent.mapsources.pagemap")
+    source_log.addHandler(handler)
+    try:
+        with tempfile.TemporaryDirectory() as store:
+            system, orch = page_map_system(Path(store), changes=True)
+            failed = reconcile_hostile(system, orch, changes_rewrite(mutation),
+                                       between=lambda: system.volume.move_pages(moved))
+    finally:
+        source_log.removeHandler(handler)
+    assert not failed  # the whole map is always there to fall back to
+    refused = [m.split("unusable (")[1].split(":")[0] for m in fallbacks if "unusable (" in m]
+    _event(f"fell back: {refused[0]}" if refused else "changes taken")
 
 
 # -- REPORT REFERRALS ----------------------------------------------------------------------
