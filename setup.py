@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 core = Extension(
     "protocol._dmswitch_encode",
     sources=["protocol/_dmswitch_encode.c"],
-    extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
+    extra_compile_args=["-std=c11", "-O3", "-Wall", "-Wextra"],
 )
 
 setup(ext_modules=[] if os.environ.get("SWITCH_AGENT_ENCODER") == "python" else [core])

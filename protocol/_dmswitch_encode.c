@@ -30,11 +30,14 @@ static const char PREFIX[] = "set_region_mappings ";
 /* Per-region arrays are int32: more regions than this is not a table anyone loads. */
 #define MAX_REGIONS (INT64_C(1) << 30)
 
-/* Hex digits of v; 1 for anything below 16, as hexlen/hexlen1 give for 0. No branch: it sits in the hot loop. */
+/*
+ * Hex digits of v >= 0 (1 for 0, as hexlen/hexlen1 give); no branch, it
+ * sits in the hot loop. A negative v gives a meaningless count: only the
+ * lengths savings() discards as "no copy" are ever negative.
+ */
 static inline int hexlen(int64_t v)
 {
-    uint64_t u = (uint64_t)(v & ~(v >> 63)) | 1; /* negatives count as 0 */
-    return (67 - __builtin_clzll(u)) >> 2;
+    return ((63 - __builtin_clzll((uint64_t)v | 1)) >> 2) + 1;
 }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -202,11 +205,19 @@ static void kgram_matches(const map_t *m, int b, int k, uint16_t *key, int32_t *
 {
     int64_t n = m->n;
     unsigned mask = (1u << (b * k)) - 1;
-    unsigned kv = 0; /* symbols past the end read as 0 */
-    for (int64_t i = n - 1; i >= 0; i--) {
-        kv = ((kv << b) | (unsigned)sym(m, i)) & mask;
-        key[i] = (uint16_t)kv;
+    /* key[i] = key[i + 2] << 2b | t[i + 1] << b | t[i]: two independent chains, half the latency. */
+    unsigned ka = 0, kb = 0, above = 0; /* key[i + 2], key[i + 1], t[i + 1]; past the end read as 0 */
+    int64_t i = n - 1;
+    for (; i >= 1; i -= 2) {
+        unsigned hi = (unsigned)sym(m, i), lo = (unsigned)sym(m, i - 1);
+        ka = ((ka << (2 * b)) | (above << b) | hi) & mask;
+        kb = ((kb << (2 * b)) | (hi << b) | lo) & mask;
+        key[i] = (uint16_t)ka;
+        key[i - 1] = (uint16_t)kb;
+        above = lo;
     }
+    if (i == 0)
+        key[0] = (uint16_t)(((kb << b) | (unsigned)sym(m, 0)) & mask);
     eqsym_t q;
     eqsym_init(&q, b, k);
     int64_t mm = n - k;
@@ -351,6 +362,90 @@ static inline int64_t savings(sav_t c, int64_t i, int64_t d, int64_t L, int dcos
     return L <= 0 ? NO_SAVING : s;
 }
 
+/*
+ * lz_plan's per-region choices, in one pass from the end, into act (0
+ * literal, 1 copy, 2 skip), eff (copy length) and bd (copy distance).
+ * Always inlined, so each call below is compiled for its own constant
+ * small / with_nu / with_need / nper, without the tests they make.
+ * Returns count_runs for [start, stop).
+ */
+static inline __attribute__((always_inline)) int64_t
+choose(const map_t *m, int64_t lo, int64_t stop, const int small, const int with_nu, const int32_t *nu,
+       const int with_need, const uint8_t *need_mask, const int have_km, const int nper, const int32_t *periods,
+       int8_t *act, int32_t *eff, int32_t *bd)
+{
+    int64_t n = m->n;
+    /*
+     * One pass from the end: each region's best candidate (run continuation,
+     * nearest K-gram, copies one period back, strict > in that order), the
+     * lazy-match test against the next region, and the skip/bridge choice.
+     * The copy lengths run[], per[] are counted down the same way.
+     */
+    const sav_t c = {n, stop, small, m->litc, with_nu ? nu : NULL};
+    const uint8_t *need = with_need ? need_mask : NULL;
+    const int32_t *t = m->t;
+    int64_t run = 0, per[2] = {0, 0};
+    int64_t runs = 1; /* count_runs over [start, stop), for free */
+    int64_t next_bs = NO_SAVING; /* the region after stop saves nothing: no room */
+    int64_t nn = n;              /* first needed region at or after i */
+    /* Counts as (cond ? x + 1 : 0) and picks as masks: the conditions are as good as random. */
+    for (int64_t i = n - 1; i >= lo; i--) {
+        int32_t ti = t[i];
+        run = (run + 1) & -(int64_t)(ti == t[i - 1]);
+        for (int q = 0; q < nper; q++)
+            per[q] = (i >= periods[q] && ti == t[i - periods[q]]) ? per[q] + 1 : 0;
+        if (need && need[i])
+            nn = i;
+        if (i >= stop)
+            continue;
+        runs += run == 0;
+        int64_t bl, l, s;
+        int64_t bs = savings(c, i, 1, run, 1, &bl);
+        int32_t bdv = 1;
+        if (have_km) { /* bd, eff hold the K-gram match (0: none, saves nothing) until overwritten below */
+            int32_t d = bd[i];
+            s = savings(c, i, d, eff[i], hexlen(d), &l);
+            int better = s > bs;
+            bs = better ? s : bs;
+            bl = better ? l : bl;
+            bdv = better ? d : bdv;
+        }
+        for (int q = 0; q < nper; q++) {
+            s = savings(c, i, periods[q], per[q], hexlen(periods[q]), &l);
+            int better = s > bs;
+            bs = better ? s : bs;
+            bl = better ? l : bl;
+            bdv = better ? periods[q] : bdv;
+        }
+        int take = (bs > 0) & (next_bs <= bs); /* lazy: the next region starts a better match */
+        next_bs = bs;
+        int a = take;
+        int64_t e = bl;
+        if (need && !need[i]) {
+            int64_t gap = nn - i;
+            if (!(take && bl > gap)) {
+                int64_t gap_lits = lit_cost(m, i, nn);
+                int fits = bl >= gap;
+                int64_t mcost = 3 + hexlen(bdv) + hexlen(gap);
+                int64_t bridge = fits ? min64(mcost, gap_lits) : gap_lits;
+                if (bridge >= hexlen(min64(nn, n - 1))) {
+                    a = 2; /* jump ahead with a new explicit index */
+                } else if (fits && mcost < gap_lits) {
+                    a = 1; /* bridge the gap with the copy */
+                    e = gap;
+                } else {
+                    a = 0;
+                }
+            }
+        }
+        act[i] = (int8_t)a;
+        eff[i] = (int32_t)e;
+        bd[i] = bdv;
+    }
+    return runs;
+
+}
+
 /* lz_plan: the greedy LZ77-style parse, read top-down as dmswitch_planner.lz_plan. */
 static int lz_plan(const map_t *m, plan_t *pl, const int64_t *sample, int64_t nsample, int64_t *runs)
 {
@@ -422,73 +517,15 @@ static int lz_plan(const map_t *m, plan_t *pl, const int64_t *sample, int64_t ns
             return -1;
     }
 
-    /*
-     * One pass from the end: each region's best candidate (run continuation,
-     * nearest K-gram, copies one period back, strict > in that order), the
-     * lazy-match test against the next region, and the skip/bridge choice.
-     * The copy lengths run[], per[] are counted down the same way.
-     */
-    const sav_t c = {n, stop, m->small, m->litc, nu};
-    const int32_t *t = m->t;
     int64_t lo = start + 1;
-    int64_t run = 0, per[2] = {0, 0};
-    *runs = 1; /* count_runs over [start, stop), for free */
-    int64_t next_bs = NO_SAVING; /* the region after stop saves nothing: no room */
-    int64_t nn = n;              /* first needed region at or after i */
-    /* Counts as (cond ? x + 1 : 0) and picks as masks: the conditions are as good as random. */
-    for (int64_t i = n - 1; i >= lo; i--) {
-        int32_t ti = t[i];
-        run = (run + 1) & -(int64_t)(ti == t[i - 1]);
-        for (int q = 0; q < nper; q++)
-            per[q] = (i >= periods[q] && ti == t[i - periods[q]]) ? per[q] + 1 : 0;
-        if (need && need[i])
-            nn = i;
-        if (i >= stop)
-            continue;
-        *runs += run == 0;
-        int64_t bl, l, s;
-        int64_t bs = savings(c, i, 1, run, 1, &bl);
-        int32_t bdv = 1;
-        if (have_km) { /* bd, eff hold the K-gram match (0: none, saves nothing) until overwritten below */
-            int32_t d = bd[i];
-            s = savings(c, i, d, eff[i], hexlen(d), &l);
-            int better = s > bs;
-            bs = better ? s : bs;
-            bl = better ? l : bl;
-            bdv = better ? d : bdv;
-        }
-        for (int q = 0; q < nper; q++) {
-            s = savings(c, i, periods[q], per[q], hexlen(periods[q]), &l);
-            int better = s > bs;
-            bs = better ? s : bs;
-            bl = better ? l : bl;
-            bdv = better ? periods[q] : bdv;
-        }
-        int take = (bs > 0) & (next_bs <= bs); /* lazy: the next region starts a better match */
-        next_bs = bs;
-        int a = take;
-        int64_t e = bl;
-        if (need && !need[i]) {
-            int64_t gap = nn - i;
-            if (!(take && bl > gap)) {
-                int64_t gap_lits = lit_cost(m, i, nn);
-                int fits = bl >= gap;
-                int64_t mcost = 3 + hexlen(bdv) + hexlen(gap);
-                int64_t bridge = fits ? min64(mcost, gap_lits) : gap_lits;
-                if (bridge >= hexlen(min64(nn, n - 1))) {
-                    a = 2; /* jump ahead with a new explicit index */
-                } else if (fits && mcost < gap_lits) {
-                    a = 1; /* bridge the gap with the copy */
-                    e = gap;
-                } else {
-                    a = 0;
-                }
-            }
-        }
-        act[i] = (int8_t)a;
-        eff[i] = (int32_t)e;
-        bd[i] = bdv;
-    }
+    const int simple = !need && !nu && m->small;
+    if (simple && have_km && nper == 0) /* a full map of <= 16 paths without stripes: the seed map */
+        *runs = choose(m, lo, stop, 1, 0, NULL, 0, NULL, 1, 0, periods, act, eff, bd);
+    else if (simple)
+        *runs = choose(m, lo, stop, 1, 0, NULL, 0, NULL, have_km, nper, periods, act, eff, bd);
+    else
+        *runs = choose(m, lo, stop, m->small, nu != NULL, nu, need != NULL, need, have_km, nper, periods, act, eff,
+                       bd);
 
     /* The walk: literals up to each event, then the copy or the skip. */
     if (plan_push(pl, EXP, start, sym(m, start), 1) < 0)
@@ -606,8 +643,13 @@ static int out_room(out_t *o, int64_t more)
 static inline void put_hex(out_t *o, int64_t v)
 {
     static const char digits[] = "0123456789abcdef";
-    int L = hexlen(v);
     char *p = o->buf + o->len;
+    if (v < 16) { /* most paths, and most copy distances and counts */
+        *p = digits[v];
+        o->len++;
+        return;
+    }
+    int L = hexlen(v);
     uint64_t u = (uint64_t)v;
     for (int j = L - 1; j >= 0; j--) {
         p[j] = digits[u & 15];
@@ -697,22 +739,20 @@ static PyObject *messages(const map_t *m, plan_t *pl, int64_t base, int64_t limi
             budget -= rc;
             nhead = 2;
         }
-        int64_t e = s + 1, used = 0;
+        /* Tokens while they fit: each is written, and taken back if it went past the budget. */
+        int64_t e = s + 1, end = o.len + (budget > 0 ? budget : 0);
         int64_t cap = min64(s + 1 + (max_tokens - 1 - nhead), ntok);
         while (e < cap) {
-            int64_t c = token_cost(kind[e], pos[e], val[e], cnt[e]);
-            if (used + c > budget)
-                break;
-            used += c;
-            e++;
-        }
-        if (e < s + 1)
-            e = s + 1;
-        if (out_room(&o, used + 8) < 0)
-            goto nomem;
-        for (int64_t j = s + 1; j < e; j++) {
+            if (out_room(&o, 64) < 0)
+                goto nomem;
+            int64_t mark = o.len;
             o.buf[o.len++] = ' ';
-            put_token(&o, kind[j], pos[j], val[j], cnt[j]);
+            put_token(&o, kind[e], pos[e], val[e], cnt[e]);
+            if (o.len > end) {
+                o.len = mark;
+                break;
+            }
+            e++;
         }
         if (emit(list, &o) < 0)
             goto fail;
