@@ -369,6 +369,19 @@ def test_cores_agree_past_sixteen_paths_and_with_tight_token_caps(monkeypatch):
     assert all(len(m.split()) <= 100 for m in msgs)
 
 
+def test_compiled_core_runs_in_threads_at_once():
+    # It plans without the GIL, in scratch memory one call keeps for the next: calls that overlap must
+    # neither share it nor change each other's messages.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(12)
+    cases = [maps.seed_map(rng, pages=n) for n in (300_000, 50_000, 200_000, 1000, 150_000, 300_000)]
+    alone = [encode_region_mappings(r) for r in cases]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            assert list(pool.map(encode_region_mappings, cases)) == alone
+
+
 def test_compiled_core_refuses_malformed_arrays():
     t = np.zeros(10, dtype=np.int8)
     with pytest.raises(TypeError):
