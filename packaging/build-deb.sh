@@ -1,5 +1,6 @@
 #!/bin/sh
-# Build the Debian package: dist/switch-agent_<version>_all.deb.
+# Build the Debian package: dist/switch-agent_<version>_<arch>.deb (amd64 here:
+# the dm-switch encoder's core is compiled, protocol/_dmswitch_encode.c).
 #
 # The repository root is not a Debian source tree: this lays one out under
 # build/deb/ (the upstream files plus packaging/debian as debian/), builds it
@@ -33,7 +34,7 @@ command -v dpkg-query >/dev/null 2>&1 || die "not a Debian system (no dpkg-query
 # --- 1. build dependencies ---------------------------------------------------
 # dpkg-dev and build-essential: dpkg-buildpackage itself; the rest is
 # debian/control's Build-Depends (kept in step by dpkg-checkbuilddeps below).
-PKGS="build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
+PKGS="build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all-dev
       python3-setuptools python3-aiofiles python3-crc32c python3-hypothesis python3-numpy
       python3-pytest python3-pyudev python3-prometheus-client lintian"
 sh "$REPO/packaging/apt-ensure.sh" $PKGS
@@ -49,8 +50,9 @@ TREE=$BUILD/switch-agent-$VERSION
 rm -rf "$BUILD"
 mkdir -p "$TREE"
 # What the package and its tests are made of; caches and local venvs stay out.
-(cd "$REPO" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-    --exclude=packaging/debian pyproject.toml README.md agent protocol packaging tests docs) |
+# An editable install's in-place build of the C core (*.so) stays out too: the package builds its own.
+(cd "$REPO" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' --exclude='*.so' \
+    --exclude=packaging/debian pyproject.toml setup.py README.md agent protocol packaging tests docs) |
     tar -C "$TREE" -xf -
 cp -r "$REPO/packaging/debian" "$TREE/debian"
 
@@ -62,7 +64,7 @@ say "building switch-agent $VERSION in $TREE"
     { tail -40 "$BUILD/build.log" >&2; die "dpkg-buildpackage failed (whole log: $BUILD/build.log)"; }
 grep -E '^[0-9]+ passed' "$BUILD/build.log" | sed 's/^/build-deb: unit tests in the build: /' || true
 
-DEB=switch-agent_${VERSION}_all.deb
+DEB=switch-agent_${VERSION}_$(dpkg --print-architecture).deb
 mkdir -p "$REPO/dist"
 cp "$BUILD/$DEB" "$REPO/dist/$DEB"
 say "wrote dist/$DEB"
@@ -97,8 +99,8 @@ dpkg-query -W -f='${Conffiles}' switch-agent | grep -q ' /etc/switch-agent/switc
     fail "/etc/switch-agent/switch-agent.toml is not a conffile"
 ! ls /etc/systemd/system/*.wants/switch-agent.* >/dev/null 2>&1 || fail "a unit was enabled on install"
 switch-agent --help >/dev/null || fail "switch-agent --help"
-python3 -c 'import agent.daemon, agent.system, agent.orchestrator, agent.kernel.udev, protocol.pagemap' ||
-    fail "the daemon's modules do not import"
+python3 -c 'import agent.daemon, agent.system, agent.orchestrator, agent.kernel.udev, protocol.pagemap, protocol._dmswitch_encode' ||
+    fail "the daemon's modules (or the compiled encoder) do not import"
 # Reads the conffile, finds no daemon: exit status 3.
 rc=0; switch-agent status >/dev/null 2>&1 || rc=$?
 [ "$rc" = 3 ] || fail "switch-agent status exited $rc, not 3 (no daemon)"

@@ -6,15 +6,27 @@ send is planned in protocol.dmswitch_planner; this module chooses what
 must be written, picks the cheaper plan and cuts it into messages.
 protocol.dmswitch_oracle decodes messages as the kernel does and shares
 nothing with this module, so tests can trust it. Pure, no I/O.
+
+Two cores plan and cut the same messages, byte for byte: the compiled one
+(protocol/_dmswitch_encode.c, built with the package), which production
+uses, and the pure-Python one below (numpy), which the compiled one was
+ported from. The Python core is used only when SWITCH_AGENT_ENCODER=python
+is set, for a platform without a C compiler (docs/packaging.md); without
+that variable a missing compiled core fails the import, loudly.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 from protocol.dmswitch_planner import (
+    _DISTANCE_SAMPLE,
+    _DISTANCE_SEED,
     EXP,
     REP,
     Plan,
@@ -29,7 +41,23 @@ from protocol.dmtable import MAX_MESSAGE_TOKENS, MAX_SWITCH_PATHS, MESSAGE_NAME
 from protocol.dmtable import check_int as _check_int
 from protocol.errors import EncodeError
 
-__all__ = ["round_robin", "encode_region_mappings"]
+__all__ = ["CORE", "round_robin", "encode_region_mappings"]
+
+Core = Literal["compiled", "python"]
+
+#: The core encode_region_mappings uses unless told otherwise.
+CORE: Core = "python" if os.environ.get("SWITCH_AGENT_ENCODER") == "python" else "compiled"
+
+try:
+    from protocol import _dmswitch_encode
+except ImportError as exc:
+    if CORE == "compiled":
+        raise ImportError(
+            f"the compiled dm-switch encoder (protocol._dmswitch_encode) is not built ({exc}): install the "
+            "package with a C compiler present (pip install ., or the Debian package), or set "
+            "SWITCH_AGENT_ENCODER=python to use the slow pure-Python encoder"
+        ) from exc
+    _dmswitch_encode = None  # type: ignore[assignment]
 
 
 _PREFIX = MESSAGE_NAME + " "
@@ -72,6 +100,7 @@ def encode_region_mappings(
     *,
     previous: Sequence[int] | np.ndarray | None = None,
     max_message_bytes: int = 65536,
+    core: Core | None = None,
 ) -> list[str]:
     """Encode a region -> path map as ``set_region_mappings`` messages, applied in order.
 
@@ -91,6 +120,9 @@ def encode_region_mappings(
     holds at most MAX_MESSAGE_TOKENS argv entries, and starts with an
     explicit ``idx:path``, because process_set_region_mappings starts
     ``region_index`` at 0 and ``:`` increments before use (dm-switch.c).
+
+    ``core`` picks the planner ("compiled" or "python"; default :data:`CORE`);
+    both give the same messages.
     """
     r = _as_map(regions, "regions")
     limit = _check_int(max_message_bytes, "max_message_bytes", 1, 2**62)
@@ -128,6 +160,8 @@ def encode_region_mappings(
     if target is None:
         return []
     t, need, base, unknown = target
+    if (core or CORE) == "compiled":
+        return _compiled(t, need, base, unknown, limit)
     plan = lz_plan(t, need, unknown) if worth_matching(t, need) else None
     # Each run start of the written range costs the runs plan at least 3 bytes.
     if plan is None or plan.total > 3 * count_runs(t, need):
@@ -137,6 +171,36 @@ def encode_region_mappings(
     if base:
         plan = Plan(plan.pos + base, plan.kind, plan.val, plan.cnt)  # explicit tokens' lengths change
     return _messages(plan, t, base, limit)
+
+
+def _compiled(t: np.ndarray, need: np.ndarray | None, base: int, unknown: np.ndarray | None, limit: int) -> list[str]:
+    """The compiled core's plan and messages for what _target chose."""
+    if _dmswitch_encode is None:
+        raise EncodeError("the compiled encoder core is not built (SWITCH_AGENT_ENCODER=python)")
+    if len(t) > _COMPILED_MAX_REGIONS:
+        raise EncodeError(f"{len(t)} regions is more than the encoder takes ({_COMPILED_MAX_REGIONS})")
+    try:
+        return _dmswitch_encode.encode(t, need, unknown, base, limit, MAX_MESSAGE_TOKENS, _distance_sample(len(t)))
+    except ValueError as exc:  # a limit too small for one token
+        raise EncodeError(str(exc)) from None
+
+
+#: int32 region indexes in the compiled core.
+_COMPILED_MAX_REGIONS = 1 << 30
+
+
+@functools.lru_cache(maxsize=4)
+def _distance_sample(n: int) -> np.ndarray | None:
+    """The regions whose matches vote for the dominant copy distances: the planner's own fixed sample.
+
+    Drawn here, with numpy's generator, so both cores vote with the same
+    regions; a volume size repeats across volumes, so a few are kept.
+    """
+    if n <= _DISTANCE_SAMPLE:
+        return None  # every region votes
+    sample = np.random.default_rng(_DISTANCE_SEED).integers(0, n, size=_DISTANCE_SAMPLE)
+    sample.flags.writeable = False
+    return sample
 
 
 def _target(r: np.ndarray, prev: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, int, np.ndarray | None] | None:

@@ -281,6 +281,7 @@ def _kgram_matches(t: np.ndarray, ix: type, max_len: int) -> tuple[np.ndarray, n
 
 
 _DISTANCE_SAMPLE = 1 << 17
+_DISTANCE_SEED = 0x5EED
 
 
 def _dominant_distances(dist: np.ndarray, length: np.ndarray, top: int = 2) -> list[int]:
@@ -289,7 +290,7 @@ def _dominant_distances(dist: np.ndarray, length: np.ndarray, top: int = 2) -> l
     if n <= _DISTANCE_SAMPLE:
         d, ln = dist, length  # small maps: every position (and no numpy.random import on the way)
     else:
-        pick = np.random.default_rng(0x5EED).integers(0, n, size=_DISTANCE_SAMPLE)
+        pick = np.random.default_rng(_DISTANCE_SEED).integers(0, n, size=_DISTANCE_SAMPLE)
         d, ln = dist[pick], length[pick]
     keep = d > 1
     if not keep.any():
@@ -297,7 +298,9 @@ def _dominant_distances(dist: np.ndarray, length: np.ndarray, top: int = 2) -> l
     d, w = d[keep], np.minimum(ln[keep], 4096).astype(np.int64)
     vals, inv = np.unique(d, return_inverse=True)
     weight = np.bincount(inv, weights=w)
-    best = np.argsort(-weight)[:top]
+    # Stable, so equal weights keep the shorter distance first, on every machine
+    # (numpy's default sort may order ties by the CPU's SIMD kernel).
+    best = np.argsort(-weight, kind="stable")[:top]
     total = float(w.sum())
     return [int(vals[i]) for i in best if weight[i] >= 0.05 * total]
 

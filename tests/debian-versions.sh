@@ -16,8 +16,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$REPO/.venv-debian
 die() { printf 'debian-versions: ERROR: %s\n' "$*" >&2; exit 1; }
 
+# gcc and python3-dev: the dm-switch encoder's C core is built in place for Debian's python3.
 PKGS="python3 python3-venv python3-setuptools python3-numpy python3-crc32c python3-aiofiles python3-pyudev
-      python3-prometheus-client"
+      python3-prometheus-client gcc python3-dev"
 sh "$REPO/packaging/apt-ensure.sh" $PKGS
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -51,4 +52,6 @@ printf '%s\n' "$WOULD" | grep -Eq '^Would install switch-agent-[^ ]+$' ||
     die "pyproject.toml's floors reject Debian's libraries"
 
 cd "$REPO"
+# The tests import protocol/ from this tree: its compiled core, built by Debian's python3 and setuptools.
+"$VENV/bin/python" setup.py -q build_ext --inplace >/dev/null || die "building protocol/_dmswitch_encode.c failed"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/unit "$@"

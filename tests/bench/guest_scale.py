@@ -408,7 +408,8 @@ def encode_costs(owners: np.ndarray, paths: int, repeat: int, limit: int) -> dic
     dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
     prof.disable()
     res["profile"] = profile_text(prof, RESULTS / "bench-encode.prof")
-    for label in ("agent", "runs_only"):
+    # The runs-only plan is the Python core's with its match search switched off (the compiled core has no switch).
+    for label, core in (("agent", None), ("runs_only", "python")):
         saved = dmswitch_encoder.lz_plan
         if label == "runs_only":
             dmswitch_encoder.lz_plan = lambda *a, **k: None
@@ -416,7 +417,8 @@ def encode_costs(owners: np.ndarray, paths: int, repeat: int, limit: int) -> dic
             samples = []
             for _ in range(repeat):
                 t0 = time.perf_counter()
-                messages = dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit)
+                messages = dmswitch_encoder.encode_region_mappings(owners, previous=rr, max_message_bytes=limit,
+                                                                   core=core)
                 samples.append(time.perf_counter() - t0)
         finally:
             dmswitch_encoder.lz_plan = saved

@@ -1,9 +1,11 @@
 """Benchmark at the seed's scale and with many LUNs, in the VM rig: one command on the host.
 
-    .venv/bin/python -m tests.bench.scale [--repeat N] [--luns N] [--skip-seed] [--skip-luns]
+    .venv/bin/python -m tests.bench.scale [--repeat N] [--luns N] [--skip-host] [--skip-seed] [--skip-luns]
         [--results DIR] [--no-docs] [--from-json FILE ...]
 
-Boots the rig (tests/vm/run.py) once for the seed's LUN (22.5 TiB at 15 MiB
+First times the dm-switch encoder on the host itself, one core, compiled
+core against the Python one (tests/bench/dmswitch_encode.py encoder_goal).
+Then boots the rig (tests/vm/run.py) once for the seed's LUN (22.5 TiB at 15 MiB
 pages, 3 members, seed layout) and runs `python -m tests.bench.guest_scale`
 in it; then once with many LUNs (`--luns`, 3 members, 100k pages each) and
 `python -m tests.bench.guest_many_luns`. Reads each part's JSON from the
@@ -102,6 +104,17 @@ def profile_summary(text: str, keep: int = 18) -> str:
     return "\n".join([lines[head], *picked])
 
 
+def host_part(results: Path, repeat: int) -> dict:
+    """The encoder's goal row, measured here on the host; saved as bench-host.json for --from-json."""
+    from tests.bench.dmswitch_encode import encoder_goal
+
+    print(f"scale: timing the encoder on the host ({repeat} runs per core, one core)", flush=True)
+    out = {"host_encoder": encoder_goal(repeat)}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "bench-host.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def run_part(results: Path, rig_args: list[str], command: list[str], timeout: int, result_file: str) -> dict:
     """Boot the rig for one part; its JSON results, or {} (and why) when it wrote none."""
     results.mkdir(parents=True, exist_ok=True)
@@ -117,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--luns", type=int, default=64)
     p.add_argument("--lun-pages", type=int, default=100_000)
+    p.add_argument("--skip-host", action="store_true", help="skip the host's encoder row")
+    p.add_argument("--host-repeat", type=int, default=11, help="timed encodes per core for the host's encoder row")
     p.add_argument("--skip-seed", action="store_true")
     p.add_argument("--skip-luns", action="store_true")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     p.add_argument("--from-json", type=Path, nargs="*", default=None,
-                   help="render these saved JSON files (bench-scale.json, bench-luns.json) instead of booting")
+                   help="render these saved JSON files (bench-host.json, bench-scale.json, bench-luns.json) "
+                        "instead of measuring")
     args = p.parse_args(argv)
 
     merged: dict = {}
@@ -137,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         base = args.results or Path(tempfile.mkdtemp(prefix="switch-agent-bench-"))
         commands = []
+        if not args.skip_host:
+            merged.update(host_part(base / "host", args.host_repeat))
         for key, ((rig_args, command), timeout, result_file, skip) in runs.items():
             if not skip:
                 merged.update(run_part(base / key, rig_args, command, timeout, result_file))

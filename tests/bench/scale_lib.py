@@ -178,7 +178,7 @@ def build_rows(res: dict) -> list[Row]:
         enc = res.get("encode")
         if enc:
             for label, what in (("agent", "the agent's encoder alone (match search + runs)"),
-                                ("runs_only", "its runs-only plan alone (no match search)")):
+                                ("runs_only", "the Python core's runs-only plan alone (no match search)")):
                 e = enc[label]
                 rows.append(Row(f"install: {what}", "-", _s(_med(e["s"])), "-", "-", "-",
                                 f"{e['messages']} messages, {e['bytes']:,} bytes"
@@ -223,10 +223,36 @@ def build_rows(res: dict) -> list[Row]:
             f"{dm.get('count', '?')} message(s), {dm.get('bytes', 0):,} bytes; fetched as {how}; of it the agent's "
             f"reconcile {_s(rec)}" + (f" ({split})" if split else "")
             + f" (no detection delay: reconcile starts at once); median of {len(diffs)}"))
+    if res.get("host_encoder"):
+        rows.append(encoder_row(res["host_encoder"]))
     many = res.get("many_luns")
     if many:
         rows.extend(many_rows(many))
     return rows
+
+
+#: Issue #19 item 1: the seed map encoded on one core of the host.
+ENCODER_GOAL_S = 0.030
+
+
+def encoder_row(e: dict) -> Row:
+    """The encoder's goal row from tests.bench.dmswitch_encode.encoder_goal: compiled core against the Python one."""
+    c, p = e["compiled"], e["python"]
+    t, base = c["s"]["median"], p["s"]["median"]
+    small_enough = c["bytes"] <= p["bytes"]
+    met = t <= ENCODER_GOAL_S and small_enough and e["identical"] and e["oracle_ok"]
+    where = f"pinned to CPU {e['cpu']}" if e.get("cpu") is not None else "one thread"
+    load = ", ".join(f"{x:.1f}" for x in e.get("load_avg", []))
+    return Row(
+        f"encoder (host, one core): seed map, {e['regions']:,} regions -> messages, compiled core",
+        f"<= {ENCODER_GOAL_S * 1e3:.0f} ms, no more bytes than the Python core",
+        f"{t * 1e3:.1f} ms", f"Python core {base * 1e3:.1f} ms", ratio_text(t, base), goal_met(met),
+        f"median of {e['repeat']} (min {c['s']['min'] * 1e3:.1f} ms"
+        + (f"; the thread's CPU time {c['cpu_s']['median'] * 1e3:.1f} ms" if "cpu_s" in c else "")
+        + f"), {where}, load avg {load}; "
+        f"{c['bytes']:,} bytes in {c['messages']} messages = {c['bytes'] / e['per_run_bytes']:.4f}x per-run; "
+        + ("byte-identical to the Python core" if e["identical"] else "NOT the Python core's bytes")
+        + ("; the oracle decodes it to the map" if e["oracle_ok"] else "; the oracle finds it WRONG"))
 
 
 def install_limit(res: dict) -> str | None:
@@ -234,7 +260,7 @@ def install_limit(res: dict) -> str | None:
     enc = res.get("encode", {}).get("agent")
     if not enc:
         return None
-    text = f"the agent's encoder, {_s(_med(enc['s']))} alone under TCG (numpy emulated)"
+    text = f"the agent's encoder, {_s(_med(enc['s']))} alone under TCG"
     spy = res.get("install_pyspy") or {}
     on_stack = dict(spy.get("on_stack", []))
     hits = next((n for f, n in on_stack.items() if f.startswith("encode_region_mappings")), None)

@@ -99,7 +99,7 @@ def test_an_unmet_install_row_says_what_limits_it() -> None:
            "install_pyspy": {"samples": 300, "on_stack": [["encode_region_mappings (protocol/dmswitch_encoder.py)", 240]]}}
     install = scale_lib.build_rows(res)[0]
     assert install.met == "no"
-    assert install.note.endswith("limited by the agent's encoder, 2.500 s alone under TCG (numpy emulated), "
+    assert install.note.endswith("limited by the agent's encoder, 2.500 s alone under TCG, "
                                  "on the stack in 240 of 300 py-spy samples of the install")
     b = next(r for r in scale_lib.build_rows(res) if r.what.startswith("(b)"))
     assert b.met == "yes" and "limited" not in b.note  # met: nothing to explain
@@ -157,7 +157,26 @@ def test_host_boots_each_part_and_merges_their_json(tmp_path, monkeypatch) -> No
         return 0  # the many-LUN part writes nothing: reported, not fatal
 
     monkeypatch.setattr(scale, "rig", fake_rig)
+    monkeypatch.setattr(scale, "host_part", lambda results, repeat: {"host_encoder": ENCODER})
     assert scale.main(["--results", str(tmp_path / "r")]) == 0
     assert [c[1][2] for c in calls] == ["tests.bench.guest_scale", "tests.bench.guest_many_luns"]
+    assert "encoder (host, one core)" in doc.read_text()
     assert "--no-login" in calls[1][0] and calls[1][0][calls[1][0].index("--luns") + 1] == "64"
     assert "install seed map" in doc.read_text()
+
+
+ENCODER = {"regions": 1_572_864, "repeat": 11, "cpu": 1, "load_avg": [2.0, 1.5, 1.0], "per_run_bytes": 9_351_758,
+           "identical": True, "oracle_ok": True,
+           "compiled": {"s": {"min": 0.020, "median": 0.025, "max": 0.04}, "messages": 20, "bytes": 1_275_178},
+           "python": {"s": {"min": 0.20, "median": 0.25, "max": 0.3}, "messages": 20, "bytes": 1_275_178}}
+
+
+def test_encoder_row_states_goal_baseline_and_ratio() -> None:
+    row = scale_lib.build_rows({"host_encoder": ENCODER})[0]
+    assert (row.measured, row.baseline, row.ratio, row.met) == ("25.0 ms", "Python core 250.0 ms", "0.10x", "yes")
+    assert "1,275,178 bytes in 20 messages = 0.1364x per-run; byte-identical" in row.note
+    slow = {**ENCODER, "compiled": {**ENCODER["compiled"], "s": {"min": 0.03, "median": 0.031, "max": 0.05}}}
+    assert scale_lib.encoder_row(slow).met == "no"
+    bigger = {**ENCODER, "compiled": {**ENCODER["compiled"], "bytes": 1_275_179}}
+    assert scale_lib.encoder_row(bigger).met == "no"
+    assert scale_lib.encoder_row({**ENCODER, "identical": False}).met == "no"

@@ -2,23 +2,32 @@
 
 The decoder is checked against hand-written examples of what
 drivers/md/dm-switch.c process_set_region_mappings does; the encoder is
-then checked by decoding what it emits.
+then checked by decoding what it emits. The encoder has two cores, the
+compiled one production uses and the pure-Python one it was ported from:
+the properties run on both, and both must emit the same bytes.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol import _dmswitch_encode
 from protocol.dmswitch_encoder import encode_region_mappings, round_robin
 from protocol.dmswitch_oracle import apply_region_mappings, region_table_entry_bits, split_message_args
 from protocol.dmtable import MAX_MESSAGE_TOKENS, MAX_SWITCH_PATHS
 from protocol.errors import DecodeError, DmSwitchMessageError, EncodeError
 from tests.bench import maps
+from tests.bench.dmswitch_encode import scenarios
+
+CORES = pytest.mark.parametrize("core", ["compiled", "python"])
 
 MSG = "set_region_mappings"
 EXPLICIT = re.compile(r"[0-9a-f]+:[0-9a-f]+")
@@ -213,11 +222,12 @@ LIMITS = st.sampled_from([64, 80, 128, 1024, 65536])
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@CORES
 @EXAMPLES
 @given(region_maps(), LIMITS, st.integers(0, 2**32 - 1))
-def test_unknown_table_every_allocated_region_lands(case, limit, garbage_seed):
+def test_unknown_table_every_allocated_region_lands(core, case, limit, garbage_seed):
     regions, nr_paths = case
-    messages = encode_region_mappings(regions, max_message_bytes=limit)
+    messages = encode_region_mappings(regions, max_message_bytes=limit, core=core)
     check_messages(messages, limit)
     table = np.random.default_rng(garbage_seed).integers(0, nr_paths, len(regions))
     apply_all(table, messages, nr_paths)
@@ -227,21 +237,29 @@ def test_unknown_table_every_allocated_region_lands(case, limit, garbage_seed):
         assert messages == []
 
 
-@EXAMPLES
-@given(region_maps(), LIMITS, st.sampled_from(["round_robin", "arbitrary", "near", "same"]), st.integers(0, 2**32 - 1))
-def test_known_table_only_differences_needed(case, limit, kind, seed):
-    regions, nr_paths = case
+def previous_of_kind(regions, nr_paths, kind, rng):
+    """A kernel table the map is written over: the round-robin load, anything, or the map nearly or exactly."""
     n = len(regions)
-    rng = np.random.default_rng(seed)
     if kind == "round_robin":
-        previous = round_robin(n, nr_paths).astype(np.int64)
-    elif kind == "arbitrary":
-        previous = rng.integers(0, nr_paths, n)
-    else:
-        previous = np.where(regions >= 0, regions, rng.integers(0, nr_paths, n))
-        if kind == "near" and nr_paths > 1:
-            previous = maps.move_pages(previous, 0.02, nr_paths, rng).astype(np.int64)
-    messages = encode_region_mappings(regions, previous=previous, max_message_bytes=limit)
+        return round_robin(n, nr_paths).astype(np.int64)
+    if kind == "arbitrary":
+        return rng.integers(0, nr_paths, n)
+    previous = np.where(regions >= 0, regions, rng.integers(0, nr_paths, n))
+    if kind == "near" and nr_paths > 1:
+        previous = maps.move_pages(previous, 0.02, nr_paths, rng).astype(np.int64)
+    return previous
+
+
+PREVIOUS_KINDS = st.sampled_from(["round_robin", "arbitrary", "near", "same"])
+
+
+@CORES
+@EXAMPLES
+@given(region_maps(), LIMITS, PREVIOUS_KINDS, st.integers(0, 2**32 - 1))
+def test_known_table_only_differences_needed(core, case, limit, kind, seed):
+    regions, nr_paths = case
+    previous = previous_of_kind(regions, nr_paths, kind, np.random.default_rng(seed))
+    messages = encode_region_mappings(regions, previous=previous, max_message_bytes=limit, core=core)
     check_messages(messages, limit)
     table = apply_all(previous.copy(), messages, nr_paths)
     alloc = regions >= 0
@@ -250,16 +268,17 @@ def test_known_table_only_differences_needed(case, limit, kind, seed):
         assert messages == []
 
 
+@CORES
 @EXAMPLES
 @given(region_maps(), LIMITS, st.sampled_from([0.1, 0.5, 1.0]), st.integers(0, 2**32 - 1))
-def test_partly_unknown_table(case, limit, blind, seed):
+def test_partly_unknown_table(core, case, limit, blind, seed):
     # A negative previous entry is unknown: the kernel may hold anything there.
     regions, nr_paths = case
     n = len(regions)
     rng = np.random.default_rng(seed)
     previous = rng.integers(0, nr_paths, n)
     previous[rng.random(n) < blind] = -1
-    messages = encode_region_mappings(regions, previous=previous, max_message_bytes=limit)
+    messages = encode_region_mappings(regions, previous=previous, max_message_bytes=limit, core=core)
     check_messages(messages, limit)
     table = np.where(previous < 0, rng.integers(0, nr_paths, n), previous)
     apply_all(table, messages, nr_paths)
@@ -281,14 +300,109 @@ def test_impossible_path_in_previous_means_unknown():
     assert messages == encode_region_mappings(owners, previous=np.where(owners < 0, -1, kernel))
 
 
+@CORES
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-1, 3), min_size=1, max_size=40), st.integers(0, 2**32 - 1))
-def test_small_lists_shrinkable(regions, seed):
-    messages = encode_region_mappings(regions, max_message_bytes=64)
+def test_small_lists_shrinkable(core, regions, seed):
+    messages = encode_region_mappings(regions, max_message_bytes=64, core=core)
     check_messages(messages, 64)
     r = np.array(regions)
     table = apply_all(np.random.default_rng(seed).integers(0, 4, len(r)), messages, 4)
     assert np.array_equal(table[r >= 0], r[r >= 0])
+
+
+# --------------------------------------------------------------------------
+# The two cores: the same bytes
+# --------------------------------------------------------------------------
+
+
+def both_cores(regions, previous, limit):
+    compiled = encode_region_mappings(regions, previous=previous, max_message_bytes=limit, core="compiled")
+    python = encode_region_mappings(regions, previous=previous, max_message_bytes=limit, core="python")
+    assert compiled == python
+    return compiled
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(region_maps(), LIMITS, st.sampled_from(["none", "round_robin", "arbitrary", "near", "same", "blind"]),
+       st.integers(0, 2**32 - 1))
+def test_cores_emit_the_same_messages(case, limit, kind, seed):
+    regions, nr_paths = case
+    rng = np.random.default_rng(seed)
+    if kind == "none":
+        previous = None
+    elif kind == "blind":
+        previous = rng.integers(0, nr_paths, len(regions))
+        previous[rng.random(len(regions)) < 0.3] = -1
+    else:
+        previous = previous_of_kind(regions, nr_paths, kind, rng)
+    both_cores(regions, previous, limit)
+
+
+@pytest.mark.parametrize("index", range(len(scenarios())))
+def test_cores_agree_on_the_benchmark_maps(index):
+    # Full-size maps: the distance vote runs on the sample (over 2**17 regions),
+    # matches run long, messages hit the 64 KiB limit.
+    name, regions, previous, before, nr_paths, _ = scenarios()[index]
+    messages = both_cores(regions, previous, 65536)
+    table = apply_all(before.astype(np.int64), messages, nr_paths)
+    assert np.array_equal(table[regions >= 0], regions[regions >= 0]), name
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16])
+def test_cores_agree_on_every_dtype(dtype):
+    r = maps.seed_map(np.random.default_rng(9), pages=20_000).astype(dtype)
+    holes = maps.with_holes(r.astype(np.int16), 0.2, np.random.default_rng(10)).astype(np.int64)
+    assert both_cores(r, None, 4096) == both_cores(r.astype(np.int64), None, 4096)
+    both_cores(holes if np.dtype(dtype).kind == "i" else r, round_robin(len(r), 3), 4096)
+
+
+def test_cores_agree_past_sixteen_paths_and_with_tight_token_caps(monkeypatch):
+    # More than 16 paths: literal costs vary (2-digit paths); a lowered token cap cuts messages by count.
+    r = maps.move_pages(maps.striped(300_000, 40, 3), 0.05, 40, np.random.default_rng(11))
+    both_cores(r, None, 65536)
+    both_cores(r, round_robin(len(r), 40), 65536)
+    from protocol import dmswitch_encoder
+
+    monkeypatch.setattr(dmswitch_encoder, "MAX_MESSAGE_TOKENS", 100)
+    msgs = both_cores(r, None, 1 << 20)
+    assert all(len(m.split()) <= 100 for m in msgs)
+
+
+def test_compiled_core_runs_in_threads_at_once():
+    # It plans without the GIL, in scratch memory one call keeps for the next: calls that overlap must
+    # neither share it nor change each other's messages.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(12)
+    cases = [maps.seed_map(rng, pages=n) for n in (300_000, 50_000, 200_000, 1000, 150_000, 300_000)]
+    alone = [encode_region_mappings(r) for r in cases]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            assert list(pool.map(encode_region_mappings, cases)) == alone
+
+
+def test_compiled_core_refuses_malformed_arrays():
+    t = np.zeros(10, dtype=np.int8)
+    with pytest.raises(TypeError):
+        _dmswitch_encode.encode(t.astype(np.float64), None, None, 0, 65536, 65536, None)
+    with pytest.raises(ValueError):
+        _dmswitch_encode.encode(np.full(10, -1, dtype=np.int8), None, None, 0, 65536, 65536, None)
+    with pytest.raises(ValueError):
+        _dmswitch_encode.encode(t, np.ones(9, dtype=bool), None, 0, 65536, 65536, None)
+    with pytest.raises(ValueError):
+        _dmswitch_encode.encode(t, None, None, 0, 65536, 65536, np.array([10], dtype=np.int64))
+    with pytest.raises(ValueError):
+        _dmswitch_encode.encode(t.reshape(2, 5), None, None, 0, 65536, 65536, None)
+    assert _dmswitch_encode.encode(t, None, None, 0, 65536, 65536, None) == [f"{MSG} 0:0 R1,9"]
+
+
+@pytest.mark.parametrize(("env", "core"), [({}, "compiled"), ({"SWITCH_AGENT_ENCODER": "python"}, "python")])
+def test_core_is_chosen_by_the_environment(env, core):
+    run_env = {k: v for k, v in os.environ.items() if k != "SWITCH_AGENT_ENCODER"} | env
+    out = subprocess.run([sys.executable, "-c", "import protocol.dmswitch_encoder as e; print(e.CORE)"],
+                         env=run_env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == core
 
 
 # --------------------------------------------------------------------------

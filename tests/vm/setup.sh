@@ -43,7 +43,8 @@ command -v dpkg-query >/dev/null 2>&1 || die "not a Debian system (no dpkg-query
 #   system read-only): iSCSI initiator, multipathd, dmsetup, SCSI tools, fio;
 #   prometheus-node-exporter and tmux for the metrics test (tests/guest/test_metrics.py),
 #   and prometheus for its promtool, which checks packaging/prometheus/ on the host.
-PKGS="qemu-system-x86 linux-image-amd64 busybox-static file util-linux-extra
+# gcc, python3-dev: the editable install compiles the encoder's C core.
+PKGS="gcc python3-dev qemu-system-x86 linux-image-amd64 busybox-static file util-linux-extra
       open-iscsi multipath-tools dmsetup sg3-utils libiscsi-bin fio kmod
       iproute2 udev procps prometheus prometheus-node-exporter tmux"
 
@@ -130,12 +131,14 @@ else
     say "venv $VENV exists"
 fi
 
-# Re-run pip only when pyproject.toml changed since the last successful run,
-# or when something the rig needs is missing.
+# Re-run pip only when the build inputs (pyproject.toml, setup.py, the encoder's
+# C core) changed since the last successful run, or when something the rig
+# needs is missing. The editable install builds the C core in place
+# (protocol/_dmswitch_encode.*.so); a changed .c needs that build again.
 STAMP="$VENV/.switch-agent-setup-stamp"
-WANT=$(cat "$REPO/pyproject.toml" | cksum)
+WANT=$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/protocol/_dmswitch_encode.c" | cksum)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] &&
-   "$VENV/bin/python" -c 'import rtslib_fb, pytest, hypothesis, agent, protocol' 2>/dev/null &&
+   "$VENV/bin/python" -c 'import rtslib_fb, pytest, hypothesis, agent, protocol._dmswitch_encode' 2>/dev/null &&
    [ -x "$VENV/bin/vng" ]; then
     say "python packages: up to date (pyproject.toml unchanged), nothing to install"
 else
