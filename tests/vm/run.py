@@ -426,9 +426,13 @@ def main(argv: list[str] | None = None) -> int:
             started = "ready" in marks or (results / "status.json").exists()
             abort = None if killed else qemu_abort_before_start(
                 vng_rc, out_tail.decode(errors="replace"), started)
-            if abort is None or len(aborts) + 1 >= BOOT_TRIES:
+            if abort is None:
                 break
             aborts.append(abort)
+            if len(aborts) >= BOOT_TRIES:
+                say(f"QEMU aborted at boot on all {BOOT_TRIES} tries (TCG bug, not the guest's: {abort}): "
+                    "giving up")
+                break
             say(f"QEMU aborted at boot (TCG bug, not the guest's: {abort}): retrying, "
                 f"try {len(aborts) + 1} of {BOOT_TRIES}")
             for stale in ["status.json", *LOG_TAILS, "command.log"]:
@@ -445,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock is not None:
             os.close(lock)
-    if aborts:
+    if aborts and abort is None:
         say(f"QEMU aborted at boot {len(aborts)} time(s) before this boot; recorded in timings.json "
             "(qemu_aborts_at_boot)")
     total = time.monotonic() - t_first  # every try

@@ -217,8 +217,9 @@ def test_main_gives_up_after_three_qemu_aborts(tmp_path: Path) -> None:
     proc, results = start_fake(tmp_path, "abortalways")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == run.RIG_FAILURE, out
-    assert "try 3 of 3" in out and "try 4" not in out
+    assert "try 3 of 3" in out and "try 4" not in out and "on all 3 tries" in out
     assert (results / "tries").read_text().count("x") == run.BOOT_TRIES
+    assert len(json.loads((results / "timings.json").read_text())["qemu_aborts_at_boot"]) == run.BOOT_TRIES
 
 
 def test_main_never_retries_once_the_command_started(tmp_path: Path) -> None:
