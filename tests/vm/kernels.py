@@ -72,6 +72,8 @@ class Cell:
     """test_agent: seconds from the last login until the agent had routed the LUN."""
     last_misrouted_write_s: dict[str, float] = field(default_factory=dict)
     """test_change: per scenario, seconds from the change to the last forwarded (misrouted) write."""
+    qemu_aborts: list[str] = field(default_factory=list)
+    """QEMU's own aborts at boot, before the guest ran anything, that the rig retried (tests/vm/run.py)."""
 
     @property
     def ok(self) -> bool:
@@ -128,8 +130,10 @@ def read_cell(kernel: str, test: str, results: Path) -> Cell:
     cell.passed = sum(1 for c in cases if c[1] == "passed")
     cell.not_passed = [c for c in cases if c[1] != "passed"]
     try:
-        cell.total_s = json.loads(_read(results / "timings.json"))["host"]["total"]
-    except (ValueError, KeyError, TypeError):
+        timings = json.loads(_read(results / "timings.json"))
+        cell.total_s = timings["host"]["total"]
+        cell.qemu_aborts = list(timings.get("qemu_aborts_at_boot", []))
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
     routed = _read(results / "agent-route-time.txt").strip()
     cell.routed_s = float(routed) if routed else None
@@ -153,6 +157,10 @@ def result_text(cell: Cell) -> str:
         text += ": " + ", ".join(c[0] for c in failed)
     if skipped:
         text += "; skipped: " + ", ".join(f"{c[0]} ({c[2]})" for c in skipped)
+    if cell.qemu_aborts:
+        n = len(cell.qemu_aborts)
+        text += (f" (QEMU itself aborted at boot {'once' if n == 1 else f'{n} times'} before the guest ran "
+                 "anything, a QEMU TCG bug; the rig booted again)")
     return text
 
 

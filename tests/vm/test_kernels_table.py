@@ -66,6 +66,18 @@ def test_a_rig_failure_and_a_cell_never_run(tmp_path: Path) -> None:
     assert kernels.result_text(absent) == "not run" and not absent.ran
 
 
+def test_a_qemu_abort_the_rig_retried_is_noted_in_the_cell(tmp_path: Path) -> None:
+    cell_dir = fake_cell(tmp_path / "6.1-rt-agent", cases=[PASS.format(i=i) for i in range(9)])
+    (cell_dir / "timings.json").write_text(json.dumps(
+        {"host": {"total": 200.0}, "guest": {}, "qemu_aborts_at_boot": ["qemu-system-x86_64: msix.c:218: ..."]}))
+    cell = kernels.read_cell("6.1-rt", "agent", cell_dir)
+    assert cell.ok
+    assert kernels.result_text(cell) == ("9/9 passed (QEMU itself aborted at boot once before the guest ran "
+                                         "anything, a QEMU TCG bug; the rig booted again)")
+    plain = kernels.read_cell("6.1", "agent", fake_cell(tmp_path / "6.1-agent", cases=[PASS.format(i=0)] * 9))
+    assert "QEMU" not in kernels.result_text(plain)
+
+
 def test_the_section_replaces_only_its_markers() -> None:
     doc = f"# K\n\nbefore\n\n{kernels.BEGIN_MARK}\nold table\n{kernels.END_MARK}\n\nafter\n"
     new = kernels.replace_section(doc, "new table")

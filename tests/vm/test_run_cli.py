@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,20 @@ case $FAKE_MODE in
          echo "multipathd: pretend log line" > "$results/multipathd.log"
          printf '{"rig_ok": false, "error": "multipathd: pretend failure"}' > "$results/status.json" ;;
   hang)  echo $$ > "$results/fake.pid"; exec sleep 600 ;;
+  abort) # QEMU aborts at boot on the first try only (the count survives in results/).
+         echo x >> "$results/tries"
+         if [ "$(wc -l < "$results/tries")" -eq 1 ]; then
+           echo "qemu-system-x86_64: ../../hw/pci/msix.c:218: msix_table_mmio_write: Assertion \`x' failed." >&2
+           exit 255
+         fi
+         echo "vm-rig: [   0.0s] guest up: kernel fake"
+         echo "vm-rig: [   1.0s] ready; running: x"
+         printf '{"rig_ok": true, "command_rc": 0, "timings": {}}' > "$results/status.json" ;;
+  abortalways) echo "qemu-system-x86_64: msix.c:218: f: Assertion \`x' failed." >&2; echo x >> "$results/tries"; exit 255 ;;
+  abortlate) echo "vm-rig: [   0.0s] guest up: kernel fake"
+         echo "vm-rig: [   1.0s] ready; running: x"
+         echo x >> "$results/tries"
+         echo "qemu-system-x86_64: msix.c:218: f: Assertion \`x' failed." >&2; exit 255 ;;
 esac
 """
 
@@ -159,6 +174,61 @@ def test_sigterm_takes_the_vm_down(tmp_path: Path) -> None:
     assert "interrupted (SIGTERM): killing the VM" in out
     with pytest.raises(ProcessLookupError):
         os.kill(vm_pid, 0)
+
+
+# --- QEMU aborting at boot: retried only before the guest started COMMAND -------------
+
+MSIX = ("qemu-system-x86_64: ../../hw/pci/msix.c:218: msix_table_mmio_write: Assertion "
+        "`dev->msix_table + addr + 4 <= dev->msix_table + dev->msix_entries_nr * PCI_MSIX_ENTRY_SIZE' failed.")
+
+
+def test_a_qemu_assertion_before_the_guest_started_is_retried() -> None:
+    why = run.qemu_abort_before_start(255, f"SeaBIOS ...\n{MSIX}\n", started=False)
+    assert why is not None and "msix_table_mmio_write: Assertion" in why
+
+
+def test_sigabrt_without_a_message_is_retried() -> None:
+    assert run.qemu_abort_before_start(-6, "", started=False) == "QEMU exited on SIGABRT (status -6)"
+    assert run.qemu_abort_before_start(134, "", started=False) is not None
+
+
+@pytest.mark.parametrize("rc,output,started", [
+    (255, MSIX, True),                          # the guest had started COMMAND: a failure stays one
+    (-6, "", True),
+    (0, MSIX, False),                           # exited cleanly
+    (255, "Kernel panic - not syncing", False),  # not QEMU's abort
+    (1, "vm-rig: pytest: Assertion x failed", False),  # a guest's assertion is not QEMU's
+])
+def test_no_retry(rc: int, output: str, started: bool) -> None:
+    assert run.qemu_abort_before_start(rc, output, started) is None
+
+
+def test_main_boots_again_after_a_qemu_abort_and_records_it(tmp_path: Path) -> None:
+    proc, results = start_fake(tmp_path, "abort")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "QEMU aborted at boot (TCG bug" in out and "try 2 of 3" in out
+    assert (results / "tries").read_text().count("x") == 2
+    aborts = json.loads((results / "timings.json").read_text())["qemu_aborts_at_boot"]
+    assert len(aborts) == 1 and "msix_table_mmio_write: Assertion" in aborts[0]
+
+
+def test_main_gives_up_after_three_qemu_aborts(tmp_path: Path) -> None:
+    proc, results = start_fake(tmp_path, "abortalways")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == run.RIG_FAILURE, out
+    assert "try 3 of 3" in out and "try 4" not in out and "on all 3 tries" in out
+    assert (results / "tries").read_text().count("x") == run.BOOT_TRIES
+    assert len(json.loads((results / "timings.json").read_text())["qemu_aborts_at_boot"]) == run.BOOT_TRIES
+
+
+def test_main_never_retries_once_the_command_started(tmp_path: Path) -> None:
+    proc, results = start_fake(tmp_path, "abortlate")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == run.RIG_FAILURE, out
+    assert "retrying" not in out
+    assert (results / "tries").read_text().count("x") == 1
+    assert json.loads((results / "timings.json").read_text())["qemu_aborts_at_boot"] == []
 
 
 def test_login_option_defaults_to_all() -> None:
