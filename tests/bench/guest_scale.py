@@ -161,7 +161,7 @@ def capture_stack(dm: dmk.DeviceMapper, wwid: str) -> dict:
     return out
 
 
-def floor_build(dm: dmk.DeviceMapper, stack: dict, bufs_for, top_waits_udev: bool) -> dict[str, float]:
+def floor_build(dm: dmk.DeviceMapper, stack: dict, bufs: list[bytearray], top_waits_udev: bool) -> dict[str, float]:
     """Create the same legs, switch and top and send the prepared messages; seconds per step.
 
     Every device under BENCH_PREFIX, the tables the agent's, with its major:minor replaced by ours;
@@ -188,7 +188,7 @@ def floor_build(dm: dmk.DeviceMapper, stack: dict, bufs_for, top_waits_udev: boo
     devs[dev] = create("sw", 0, targets, False)
     marks["switch"] = time.perf_counter()
     request = dm_abi.DmCommand.TARGET_MSG.request
-    for buf in bufs_for("swbench-floor-sw0"):
+    for buf in bufs:
         fcntl.ioctl(dm._fd, request, buf)
     marks["messages"] = time.perf_counter()
     (_uuid, _dev, targets), = stack["top"]
@@ -210,20 +210,15 @@ def floor_remove(dm: dmk.DeviceMapper) -> None:
 def bench_floor(stack: dict, messages: list[str], repeat: int) -> dict:
     """The agent's install's floor: its devices and messages, prepared beforehand, by bare ioctls."""
     dm = dmk.DeviceMapper(BENCH_PREFIX)
-    packed: dict[str, list[bytearray]] = {}
-
-    def bufs_for(name: str) -> list[bytearray]:
-        # Packed before the clock starts for this name (fresh copies: the ioctl writes into them).
-        return [bytearray(b) for b in packed[name]]
-
-    packed["swbench-floor-sw0"] = [packed_target_msg("swbench-floor-sw0", m) for m in messages]
+    packed = [packed_target_msg("swbench-floor-sw0", m) for m in messages]
     out: dict = {"messages": len(messages), "bytes": sum(map(len, messages))}
     try:
         for label, wait in (("kernel", False), ("top_udev", True)):
             runs = []
             for _ in range(repeat):
                 floor_remove(dm)
-                runs.append(floor_build(dm, stack, bufs_for, wait))
+                bufs = [bytearray(b) for b in packed]  # fresh before the clock: the ioctl writes into them
+                runs.append(floor_build(dm, stack, bufs, wait))
             floor_remove(dm)
             out[label] = {"s": scale_lib.summary([r["total_s"] for r in runs]), "runs": runs}
             log(f"floor ({label}): {[round(r['total_s'], 3) for r in runs]} s")
