@@ -43,7 +43,7 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 def cpu_ticks(pid: int) -> int:
-    """utime + stime of the process and its reaped children... of the process only (fields 14, 15)."""
+    """utime + stime of the process alone (fields 14, 15), in clock ticks."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         uevents = DmUevents()
         uevents.start()
         hz = os.sysconf("SC_CLK_TCK")
-        cpu0 = cpu_ticks(daemon.proc.pid)
+        stat = Path(f"/proc/{daemon.proc.pid}/stat")
+        cpu0 = scale_lib.cpu_seconds(stat.read_text(), hz)
         t0 = time.monotonic()
         # The daemon routes LUNs while later ones are still being scanned: sample from the start.
         sampler = Sampler(members, luns, t0)
@@ -219,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         sampler.finished.wait(timeout=args.timeout)
         sampler.stop.set()
         sampler.join(timeout=60)
-        cpu1 = cpu_ticks(daemon.proc.pid)
+        cpu1 = scale_lib.cpu_seconds(stat.read_text(), hz)
         routed, max_concurrent = sampler.routed, sampler.max_concurrent
         wwids = sorted({r["wwid"] for r in agentlib.status()}
                        | {e.uuid.removeprefix(scale_lib.MPATH_PREFIX) for e in list(uevents.events)
                           if e.uuid.startswith(scale_lib.MPATH_PREFIX)})
-        result.update(cpu_s=(cpu1 - cpu0) / hz, uevents=len(uevents.events), uevents_lost=uevents.lost,
+        result.update(cpu_s=cpu1 - cpu0, uevents=len(uevents.events), uevents_lost=uevents.lost,
                       storm=scale_lib.storm_stats(list(uevents.events), t0, wwids))
         (agentlib.RESULTS / "storm-uevents.json").write_text(json.dumps(
             [[e.t - t0, e.action, e.uuid] for e in uevents.events]) + "\n")
