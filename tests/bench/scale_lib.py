@@ -241,7 +241,17 @@ def floor_row(agent: float, fl: dict, limit: str | None) -> Row:
                "<= 1.5x floor", _s(agent), f"floor {_s(floor)}", ratio_text(agent, floor), goal_met(met),
                f"floor: {fl['messages']} prepared messages, {fl['bytes']:,} bytes, no Python encoding, no udev wait; "
                f"with the top's udev wait (as the agent's) {_s(with_udev)} ({ratio_text(agent, with_udev)}); "
-               f"median of {fl['kernel']['s']['n']}" + (f"; limited by {limit}" if limit and not met else ""))
+               f"median of {fl['kernel']['s']['n']}" + floor_steps(fl["kernel"].get("runs", []))
+               + (f"; limited by {limit}" if limit and not met else ""))
+
+
+def floor_steps(runs: list[dict]) -> str:
+    """'; of it legs 0.1 s, switch ...': the floor's steps, medians over its runs."""
+    if not runs:
+        return ""
+    names = [k for k in runs[0] if k != "total_s"]
+    return "; of it " + ", ".join(f"{k.removesuffix('_s')} {statistics.median(r[k] for r in runs):.3f} s"
+                                  for k in names)
 
 
 def install_limit(res: dict) -> str | None:

@@ -237,7 +237,9 @@ def test_storm_rows_state_goal_measured_baseline_ratio() -> None:
 
 
 def test_floor_row_compares_the_install_with_bare_ioctls() -> None:
-    floor = {"messages": 20, "bytes": 1000, "kernel": {"s": t(1.0)}, "top_udev": {"s": t(1.5)}}
+    runs = [{"total_s": 1.0, "legs_s": 0.2, "switch_s": 0.1, "messages_s": 0.3, "top_s": 0.4},
+            {"total_s": 1.2, "legs_s": 0.4, "switch_s": 0.1, "messages_s": 0.3, "top_s": 0.4}]
+    floor = {"messages": 20, "bytes": 1000, "kernel": {"s": t(1.0), "runs": runs}, "top_udev": {"s": t(1.5)}}
     enc = {"s": t(2.5), "messages": 20, "bytes": 1000}
     rows = scale_lib.build_rows({**SAMPLE, "floor": floor, "encode": {"agent": enc, "runs_only": enc}})
     row = rows[0]
@@ -245,6 +247,7 @@ def test_floor_row_compares_the_install_with_bare_ioctls() -> None:
     assert row.measured == "3.000 s" and row.ratio == "3.00x" and row.met == "no"
     assert "with the top's udev wait (as the agent's) 1.500 s (2.00x)" in row.note
     assert "limited by the agent's encoder" in row.note
+    assert "of it legs 0.300 s, switch 0.100 s, messages 0.300 s, top 0.400 s" in row.note
     fast = scale_lib.build_rows({**SAMPLE, "floor": {**floor, "kernel": {"s": t(2.5)}}})[0]
     assert fast.met == "yes" and "limited" not in fast.note
 
