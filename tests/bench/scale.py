@@ -54,12 +54,13 @@ def luns_command(luns: int, pages: int, idle_window: float) -> tuple[list[str], 
     return rig_args, ["python", "-m", "tests.bench.guest_many_luns", "--idle-window", str(idle_window)]
 
 
-def section(results: dict, commands: list[str], machine: str, compare: list[dict] | None = None) -> str:
+def section(results: dict, commands: list[str], machine: str, compare: list[dict] | None = None,
+            options: str = "") -> str:
     rows = scale_lib.build_rows(results)
     for earlier in compare or []:
         rows.extend(scale_lib.many_rows(earlier["many_luns"]))
     out = ["Produced by one command on the host (boots the VM rig once per part):", "",
-           "    .venv/bin/python -m tests.bench.scale", "",
+           f"    .venv/bin/python -m tests.bench.scale{options}", "",
            "which runs, for each part:", ""]
     out += [f"    {c}" for c in commands]
     out += ["", machine, "", scale_lib.render_table(rows), ""]
@@ -157,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                f"{merged.get('cpus', '?')} vCPUs, on the project's 2-core machine; measured "
                f"{time.strftime('%Y-%m-%d')}. Absolute times are TCG's; the ratios are the point.")
     compare = [json.loads(path.read_text()) for path in args.compare]
-    text = section(merged, commands, machine, compare)
+    options = "".join(f" --{name.replace('_', '-')} {value:g}" for name, value, default in
+                      (("luns", args.luns, 128), ("idle_window", args.idle_window, 30.0)) if value != default)
+    text = section(merged, commands, machine, compare, options)
     print(text)
     if not args.no_docs and merged:
         DOC.write_text(scale_lib.replace_section(DOC.read_text(), text))
