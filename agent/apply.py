@@ -182,10 +182,12 @@ class PlanApplier:
         await self.dm.swap_table(plan.top_uuid, targets)
 
     async def _send(self, lun: LunState, switch_uuid: str, messages: list[str]) -> None:
-        for message in messages:
-            await self.dm.message(switch_uuid, message)
-            lun.messages_sent += 1
-            lun.message_bytes_sent += len(message)
+        sent: list[str] = []
+        try:
+            await self.dm.messages(switch_uuid, messages, sent)
+        finally:
+            lun.messages_sent += len(sent)
+            lun.message_bytes_sent += sum(map(len, sent))
 
 
 CHANGED_REGIONS_SHARE = 1 / 64

@@ -76,12 +76,16 @@ class AsyncDeviceMapper:
         nothing waits on their /dev/mapper nodes, so neither do we.
         """
         dm = self.dm
-        await asyncio.to_thread(dm.device_create, spec.name, spec.uuid)
+
+        def build() -> Any:
+            # One worker hop for the four ioctls: a hop costs ~2 ms of CPU under TCG, an ioctl less.
+            dm.device_create(spec.name, spec.uuid)
+            dm.table_load(None, list(spec.targets), uuid=spec.uuid)
+            dm.device_resume(uuid=spec.uuid, udev_flags=spec.udev_flags, wait_for_udev=False)
+            return dm.device_info(uuid=spec.uuid)
+
         try:
-            await asyncio.to_thread(dm.table_load, None, list(spec.targets), uuid=spec.uuid)
-            await asyncio.to_thread(dm.device_resume, uuid=spec.uuid, udev_flags=spec.udev_flags,
-                                    wait_for_udev=False)
-            info = await asyncio.to_thread(dm.device_info, uuid=spec.uuid)
+            info = await asyncio.to_thread(build)
         except SwitchAgentError:
             await self.remove([spec.uuid])
             raise
@@ -111,6 +115,18 @@ class AsyncDeviceMapper:
 
     async def message(self, uuid: str, message: str) -> None:
         await asyncio.to_thread(self.dm.target_message, None, 0, message, uuid=uuid)
+
+    async def messages(self, uuid: str, messages: Sequence[str], sent: list[str]) -> None:
+        """Send `messages` in order in one worker hop (a map's upload), appending each to `sent` once taken.
+
+        On an error the ones before it are in `sent`; the rest are not sent.
+        """
+        def send_all() -> None:
+            for message in messages:
+                self.dm.target_message(None, 0, message, uuid=uuid)
+                sent.append(message)
+
+        await asyncio.to_thread(send_all)
 
     async def remove(self, uuids: Iterable[str], *, wait_for_udev: bool = False) -> None:
         """Best effort: try every device, log every failure.

@@ -48,7 +48,7 @@ from agent.kernel import dm as dmk
 from agent.kernel import dm_abi, dm_errors
 from agent.system import RealSystem
 from protocol import dmswitch_encoder
-from protocol.dmtable import SwitchParams, Target
+from protocol.dmtable import DmUdevFlags, SwitchParams, Target
 from tests.bench import scale_lib
 
 RESULTS = Path(os.environ.get("SWITCH_AGENT_RESULTS", "/tmp"))
@@ -148,6 +148,86 @@ class ZeroSwitch:
         self.dm.close()
 
 
+# -- the floor: the agent's devices and messages by bare ioctls ----------------------------
+
+def capture_stack(dm: dmk.DeviceMapper, wwid: str) -> dict:
+    """The routed LUN's legs, switch and top as the kernel holds them: kind -> [(uuid, dev, targets)]."""
+    out: dict[str, list] = {"leg": [], "sw": [], "top": []}
+    for d in dm.list_devices():
+        if d.uuid.startswith("SWAGENT-") and d.uuid.endswith(wwid):
+            kind = d.uuid.split("-")[1]
+            info = dm.device_info(uuid=d.uuid)
+            out[kind].append((d.uuid, f"{info.major}:{info.minor}", dm.table_status(uuid=d.uuid, table=True)))
+    return out
+
+
+def floor_build(dm: dmk.DeviceMapper, stack: dict, bufs: list[bytearray], top_waits_udev: bool) -> dict[str, float]:
+    """Create the same legs, switch and top and send the prepared messages; seconds per step.
+
+    Every device under BENCH_PREFIX, the tables the agent's, with its major:minor replaced by ours;
+    no udev wait except, with `top_waits_udev`, the top's (as the agent's top: users open it by name).
+    """
+    devs: dict[str, str] = {}
+    marks = {"start": time.perf_counter()}
+
+    def create(kind: str, k: int, targets: list[Target], wait: bool) -> str:
+        name = f"swbench-floor-{kind}{k}"
+        dm.device_create(name, f"{BENCH_PREFIX}{name}")
+        dm.table_load(name, [Target(t.start_sector, t.length_sectors, t.target_type,
+                                    " ".join(devs.get(tok, tok) for tok in t.params.split(" ")))
+                             for t in targets])
+        # Legs and switch hidden from udev's other rules, as the agent's (no blkid on them).
+        dm.device_resume(name, wait_for_udev=wait, udev_flags=0 if kind == "top" else DmUdevFlags.HIDDEN)
+        info = dm.device_info(name)
+        return f"{info.major}:{info.minor}"
+
+    for k, (_uuid, dev, targets) in enumerate(stack["leg"]):
+        devs[dev] = create("leg", k, targets, False)
+    marks["legs"] = time.perf_counter()
+    (_uuid, dev, targets), = stack["sw"]
+    devs[dev] = create("sw", 0, targets, False)
+    marks["switch"] = time.perf_counter()
+    request = dm_abi.DmCommand.TARGET_MSG.request
+    for buf in bufs:
+        fcntl.ioctl(dm._fd, request, buf)
+    marks["messages"] = time.perf_counter()
+    (_uuid, _dev, targets), = stack["top"]
+    create("top", 0, targets, top_waits_udev)
+    marks["top"] = time.perf_counter()
+    keys = list(marks)
+    steps = {f"{b}_s": marks[b] - marks[a] for a, b in zip(keys, keys[1:])}
+    return {"total_s": marks["top"] - marks["start"], **steps}
+
+
+def floor_remove(dm: dmk.DeviceMapper) -> None:
+    """Top, then switch, then legs; the top waits for udev (its node), the hidden ones not."""
+    names = {d.name for d in dm.list_devices() if d.uuid.startswith(f"{BENCH_PREFIX}swbench-floor-")}
+    for prefix in ("swbench-floor-top", "swbench-floor-sw", "swbench-floor-leg"):
+        for name in sorted(n for n in names if n.startswith(prefix)):
+            dm.device_remove(name, wait_for_udev=prefix.endswith("top"))
+
+
+def bench_floor(stack: dict, messages: list[str], repeat: int) -> dict:
+    """The agent's install's floor: its devices and messages, prepared beforehand, by bare ioctls."""
+    dm = dmk.DeviceMapper(BENCH_PREFIX)
+    packed = [packed_target_msg("swbench-floor-sw0", m) for m in messages]
+    out: dict = {"messages": len(messages), "bytes": sum(map(len, messages))}
+    try:
+        for label, wait in (("kernel", False), ("top_udev", True)):
+            runs = []
+            for _ in range(repeat):
+                floor_remove(dm)
+                bufs = [bytearray(b) for b in packed]  # fresh before the clock: the ioctl writes into them
+                runs.append(floor_build(dm, stack, bufs, wait))
+            floor_remove(dm)
+            out[label] = {"s": scale_lib.summary([r["total_s"] for r in runs]), "runs": runs}
+            log(f"floor ({label}): {[round(r['total_s'], 3) for r in runs]} s")
+    finally:
+        floor_remove(dm)
+        dm.close()
+    return out
+
+
 # -- fetch --------------------------------------------------------------------------------
 
 async def bench_fetch(config: Config, paths: list[str], repeat: int) -> dict:
@@ -182,7 +262,7 @@ async def bench_fetch(config: Config, paths: list[str], repeat: int) -> dict:
     return {
         "device": device, "pages": page_map.total_pages, "members": len(page_map.members),
         "generation": page_map.generation, "commands": len(cdbs), "bytes": counting.bytes_in,
-        "allocation": cdbs[0][1], "agent_s": scale_lib.summary(times),
+        "allocation": max(length for _, length in cdbs),  # the first may be a header read "agent_s": scale_lib.summary(times),
         "sgio_no_decode_s": scale_lib.summary(agent_only_io),
         "sg_raw_s": scale_lib.summary(sg_times), "sg_raw_last_bytes": sg_bytes,
         "cdb_first": cdbs[0][0].hex(),
@@ -278,6 +358,16 @@ async def bench_install_and_diff(config: Config, repeat: int, only: set[str], mo
     spy = PySpy(RESULTS / "install.pyspy.txt")
     await inst.reconcile(wwid)
     out["install_pyspy"] = spy.stop()
+    # The floor, while the agent's stack is up to copy: its tables, then the same build by bare ioctls.
+    stack = capture_stack(dm, wwid)
+    remove_agent_devices(dm)
+    try:
+        out["floor"] = bench_floor(stack, agent_messages, repeat)
+    except (OSError, dm_errors.DmError, ValueError) as exc:  # recorded, and the other parts still run
+        log(f"floor failed: {exc!r}")
+        out["floor"] = {"error": repr(exc)}
+    inst.orch.luns.clear()
+    await inst.reconcile(wwid)  # routed again, from scratch: the parts below read the LUN's state
 
     lun = inst.orch.luns[wwid]
     page_map = lun.stack.page_map

@@ -1,6 +1,6 @@
 """Benchmark at the seed's scale and with many LUNs, in the VM rig: one command on the host.
 
-    .venv/bin/python -m tests.bench.scale [--repeat N] [--luns N] [--skip-host] [--skip-seed] [--skip-luns]
+    .venv/bin/python -m tests.bench.scale [--repeat N] [--luns N] [--idle-window S] [--skip-host] [--skip-seed] [--skip-luns]
         [--results DIR] [--no-docs] [--from-json FILE ...]
 
 First times the dm-switch encoder on the host itself, one core, compiled
@@ -31,6 +31,7 @@ from tests.bench import scale_lib
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "benchmarks.md"
+RECORDS = Path(__file__).resolve().parent / "records"
 SEED_PAGES = 1_572_864
 PAGE = 15 << 20
 
@@ -47,16 +48,21 @@ def seed_command(repeat: int) -> tuple[list[str], list[str]]:
     return rig_args, ["python", "-m", "tests.bench.guest_scale", "--repeat", str(repeat)]
 
 
-def luns_command(luns: int, pages: int) -> tuple[list[str], list[str]]:
+def luns_command(luns: int, pages: int, idle_window: float) -> tuple[list[str], list[str]]:
+    # Guest memory: 3G held 64 LUNs; 128 add 192 more TCMU rings, SCSI disks and their multipathd paths.
+    memory = "3G" if luns <= 64 else "5G"
     rig_args = ["--members", "3", "--layout", "seed", "--luns", str(luns), "--size", str(pages * (1 << 20)),
-                "--page-size", "1M", "--no-login", "--memory", "3G", "--array-timeout", "900"]
-    return rig_args, ["python", "-m", "tests.bench.guest_many_luns"]
+                "--page-size", "1M", "--no-login", "--memory", memory, "--array-timeout", str(max(900, 12 * luns))]
+    return rig_args, ["python", "-m", "tests.bench.guest_many_luns", "--idle-window", str(idle_window)]
 
 
-def section(results: dict, commands: list[str], machine: str) -> str:
+def section(results: dict, commands: list[str], machine: str, compare: list[dict] | None = None,
+            options: str = "") -> str:
     rows = scale_lib.build_rows(results)
+    for earlier in compare or []:
+        rows.extend(scale_lib.many_rows(earlier["many_luns"]))
     out = ["Produced by one command on the host (boots the VM rig once per part):", "",
-           "    .venv/bin/python -m tests.bench.scale", "",
+           f"    .venv/bin/python -m tests.bench.scale{options}", "",
            "which runs, for each part:", ""]
     out += [f"    {c}" for c in commands]
     out += ["", machine, "", scale_lib.render_table(rows), ""]
@@ -128,7 +134,11 @@ def run_part(results: Path, rig_args: list[str], command: list[str], timeout: in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench.scale", description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--luns", type=int, default=64)
+    p.add_argument("--luns", type=int, default=128)
+    p.add_argument("--idle-window", type=float, default=30.0,
+                   help="seconds of idle polling measured after the storm (0: none, a shorter run)")
+    p.add_argument("--compare", type=Path, nargs="*", default=[RECORDS / "luns64-2026-11-28.json"],
+                   help="earlier many-LUN results shown beside this run's (default: the 64-LUN run of 2026-11-28)")
     p.add_argument("--lun-pages", type=int, default=100_000)
     p.add_argument("--skip-host", action="store_true", help="skip the host's encoder row")
     p.add_argument("--host-repeat", type=int, default=11, help="timed encodes per core for the host's encoder row")
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     merged: dict = {}
     runs = {"seed": (seed_command(args.repeat), 1500, "bench-scale.json", args.skip_seed),
-            "luns": (luns_command(args.luns, args.lun_pages), 2400, "bench-luns.json", args.skip_luns)}
+            "luns": (luns_command(args.luns, args.lun_pages, args.idle_window), 1200 + 20 * args.luns, "bench-luns.json", args.skip_luns)}
     reproduce = {key: shlex.join(["python", "-m", "tests.vm.run", *rig_args, "--", *command])
                  for key, ((rig_args, command), *_) in runs.items()}
     if args.from_json is not None:
@@ -165,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"Guest: kernel {merged.get('kernel_release', '?')} under QEMU TCG (no KVM), "
                f"{merged.get('cpus', '?')} vCPUs, on the project's 2-core machine; measured "
                f"{time.strftime('%Y-%m-%d')}. Absolute times are TCG's; the ratios are the point.")
-    text = section(merged, commands, machine)
+    compare = [json.loads(path.read_text()) for path in args.compare]
+    options = "".join(f" --{name.replace('_', '-')} {value:g}" for name, value, default in
+                      (("luns", args.luns, 128), ("idle_window", args.idle_window, 30.0)) if value != default)
+    text = section(merged, commands, machine, compare, options)
     print(text)
     if not args.no_docs and merged:
         DOC.write_text(scale_lib.replace_section(DOC.read_text(), text))

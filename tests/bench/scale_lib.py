@@ -196,6 +196,9 @@ def build_rows(res: dict) -> list[Row]:
         if lb_how:
             rows[0] = Row(rows[0].what, rows[0].goal, rows[0].measured, f"(a) {_s(lb)} ({lb_how})",
                           rows[0].ratio, rows[0].met, rows[0].note)
+        fl = res.get("floor")
+        if fl and fl.get("kernel"):
+            rows.insert(0, floor_row(agent, fl, limit))
     f = res.get("fetch")
     if f:
         agent, raw = _med(f["agent_s"]), _med(f["sg_raw_s"])
@@ -255,6 +258,28 @@ def encoder_row(e: dict) -> Row:
         + ("; the oracle decodes it to the map" if e["oracle_ok"] else "; the oracle finds it WRONG"))
 
 
+def floor_row(agent: float, fl: dict, limit: str | None) -> Row:
+    """The agent's install against the floor: its devices and messages by bare ioctls, prepared beforehand."""
+    floor = fl["kernel"]["s"]["median"]
+    with_udev = _med((fl.get("top_udev") or {}).get("s"))
+    met = agent <= 1.5 * floor
+    return Row("install seed map vs the floor: the same 3 legs + switch + top and messages by bare ioctls",
+               "<= 1.5x floor", _s(agent), f"floor {_s(floor)}", ratio_text(agent, floor), goal_met(met),
+               f"floor: {fl['messages']} prepared messages, {fl['bytes']:,} bytes, no Python encoding, no udev wait; "
+               f"with the top's udev wait (as the agent's) {_s(with_udev)} ({ratio_text(agent, with_udev)}); "
+               f"median of {fl['kernel']['s']['n']}" + floor_steps(fl["kernel"].get("runs", []))
+               + (f"; limited by {limit}" if limit and not met else ""))
+
+
+def floor_steps(runs: list[dict]) -> str:
+    """'; of it legs 0.1 s, switch ...': the floor's steps, medians over its runs."""
+    if not runs:
+        return ""
+    names = [k for k in runs[0] if k != "total_s"]
+    return "; of it " + ", ".join(f"{k.removesuffix('_s')} {statistics.median(r[k] for r in runs):.3f} s"
+                                  for k in names)
+
+
 def install_limit(res: dict) -> str | None:
     """What the install's time goes to, from the encoder's own timing and py-spy over one install."""
     enc = res.get("encode", {}).get("agent")
@@ -284,14 +309,16 @@ def many_rows(m: dict) -> list[Row]:
                     + (f"; before any LUN (Python, numpy, the daemon's threads) VmRSS "
                        f"{m['start_rss_bytes'] / (1 << 20):.1f} MiB with {m['start_threads']} threads, "
                        f"{m.get('threads', '?')} threads at the end" if "start_rss_bytes" in m else "")))
-    rows.append(Row(f"many LUNs: idle CPU while polling (poll_interval_s {m['poll_interval_s']})",
-                    "<= 1% of a core", f"{100 * m['idle_cpu_fraction']:.2f} %", "-", "-",
-                    goal_met(m["idle_cpu_fraction"] <= 0.01),
-                    (f"user {100 * m['idle_cpu_user_fraction']:.2f} %, system "
-                     f"{100 * m['idle_cpu_system_fraction']:.2f} %; " if "idle_cpu_user_fraction" in m else "")
-                    + f"over {m['idle_window_s']:.0f} s, from /proc/<pid>/stat; the window starts once 5 s "
-                    f"stayed under 5 %" + (f" ({m['settle_s']:.0f} s after all routed)" if "settle_s" in m else "")
-                    + (f"; limited by {idle_limit(m)}" if m["idle_cpu_fraction"] > 0.01 and idle_limit(m) else "")))
+    if "idle_cpu_fraction" in m:
+        rows.append(Row(f"many LUNs: idle CPU while polling (poll_interval_s {m['poll_interval_s']})",
+                        "<= 1% of a core", f"{100 * m['idle_cpu_fraction']:.2f} %", "-", "-",
+                        goal_met(m["idle_cpu_fraction"] <= 0.01),
+                        (f"user {100 * m['idle_cpu_user_fraction']:.2f} %, system "
+                         f"{100 * m['idle_cpu_system_fraction']:.2f} %; " if "idle_cpu_user_fraction" in m else "")
+                        + f"over {m['idle_window_s']:.0f} s, from /proc/<pid>/stat; the window starts once 5 s "
+                        f"stayed under 5 %" + (f" ({m['settle_s']:.0f} s after all routed)" if "settle_s" in m else "")
+                        + (f"; limited by {idle_limit(m)}" if m["idle_cpu_fraction"] > 0.01 and idle_limit(m) else "")))
+    rows[1:1] = storm_rows(m)
     if m.get("source"):
         rows = [Row(r.what, r.goal, r.measured, r.baseline, r.ratio, r.met, f"{r.note}; {m['source']}") for r in rows]
     return rows
@@ -338,3 +365,100 @@ def summarise_collapsed(text: str, top: int = 40) -> dict:
     def best(d: dict[str, int]) -> list[tuple[str, int]]:
         return sorted(d.items(), key=lambda kv: -kv[1])[:top]
     return {"samples": total, "innermost": best(leaf), "on_stack": best(inclusive)}
+
+
+# -- the boot storm (guest_many_luns): per-LUN times from the kernel's dm uevents ------------------
+
+def percentile(samples: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks (numpy's default); NaN if empty."""
+    if not samples:
+        return math.nan
+    s = sorted(samples)
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def cpu_seconds(stat_line: str, hz: int) -> float:
+    """utime + stime of one /proc/<pid>/stat line, in seconds (fields 14 and 15; comm may hold spaces)."""
+    fields = stat_line.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / hz
+
+
+@dataclass(frozen=True)
+class DmEvent:
+    """A kernel uevent of a dm device: when it arrived (monotonic s), its action, the device's dm uuid."""
+
+    t: float
+    action: str
+    uuid: str
+
+
+MPATH_PREFIX = "mpath-"
+TOP_PREFIX = "SWAGENT-top-"
+
+
+def storm_stats(events: list[DmEvent], t_login: float, wwids: list[str]) -> dict:
+    """The storm's numbers from the dm uevents, all seconds from `t_login` (the first login's start).
+
+    - a LUN is routed at its top device's last event (create or table swap): the routing that stuck;
+    - its map is multipathd's last event on mpath-<wwid> at or before that: the map it was routed from;
+    - the agent's time per LUN is routed minus map (p50, p95 over the LUNs routed);
+    - multipathd's last map is its last event on any of the LUNs' maps, at or before the last routing;
+    - tail fraction: (last routed - last map) / (last map - t_login). Goal <= 0.2.
+
+    LUNs with no top event are counted as not routed; events after the last routing are ignored.
+    """
+    routed: dict[str, float] = {}
+    for e in events:
+        if e.uuid.startswith(TOP_PREFIX) and e.action in ("add", "change"):
+            routed[e.uuid[len(TOP_PREFIX):]] = e.t
+    routed = {w: t for w, t in routed.items() if w in wwids}
+    out: dict = {"luns": len(wwids), "routed_by_uevent": len(routed)}
+    if not routed:
+        return out
+    last_routed = max(routed.values())
+    maps: dict[str, list[float]] = {}
+    for e in events:
+        if e.uuid.startswith(MPATH_PREFIX) and e.action in ("add", "change") and e.t <= last_routed:
+            maps.setdefault(e.uuid[len(MPATH_PREFIX):], []).append(e.t)
+    agent = []
+    for wwid, t in routed.items():
+        before = [m for m in maps.get(wwid, []) if m <= t]
+        if before:
+            agent.append(t - max(before))
+    mapped = [t for w, ts in maps.items() if w in wwids for t in ts]
+    last_map = max(mapped) if mapped else math.nan
+    out.update(
+        agent_s={"p50": percentile(agent, 50), "p95": percentile(agent, 95), "max": max(agent, default=math.nan),
+                 "n": len(agent)},
+        first_map_s=(min(mapped) if mapped else math.nan) - t_login,
+        last_map_s=last_map - t_login, last_routed_s=last_routed - t_login,
+        tail_s=last_routed - last_map,
+        tail_fraction=(last_routed - last_map) / (last_map - t_login) if mapped and last_map > t_login else math.nan)
+    return out
+
+
+def storm_rows(m: dict) -> list[Row]:
+    """Rows of the storm's per-LUN figures (from storm_stats plus the daemon's CPU)."""
+    s = m.get("storm") or {}
+    if not s.get("agent_s"):
+        return []
+    a = s["agent_s"]
+    n = m["luns"]
+    rows = [Row(f"storm ({n} LUNs): the agent's time per LUN, its multipath map -> routed", "-",
+                f"p50 {a['p50']:.1f} s, p95 {a['p95']:.1f} s", "-", "-", "-",
+                f"max {a['max']:.1f} s over {a['n']} LUNs; from the kernel's uevents (mpath-<wwid>'s last change "
+                f"before the top device's last); includes waiting for a max_parallel_luns slot")]
+    if "cpu_s" in m and m.get("routed"):
+        rows.append(Row(f"storm ({n} LUNs): daemon CPU per LUN routed", "-",
+                        f"{m['cpu_s'] / m['routed']:.2f} s", "-", "-", "-",
+                        f"{m['cpu_s']:.1f} s of user + system (/proc/<pid>/stat) from the logins' start to all "
+                        f"routed, over {m['routed']} LUNs"))
+    f = s["tail_fraction"]
+    rows.append(Row(f"storm ({n} LUNs): multipathd's last map -> last LUN routed", "<= 20 % of first login -> last map",
+                    f"{s['tail_s']:.1f} s", f"first login -> last map {s['last_map_s']:.1f} s",
+                    "-" if math.isnan(f) else f"{100 * f:.1f} %", goal_met(None if math.isnan(f) else f <= 0.2),
+                    f"first map {s['first_map_s']:.1f} s, last routed {s['last_routed_s']:.1f} s after the first login"))
+    return rows

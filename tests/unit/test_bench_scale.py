@@ -161,8 +161,111 @@ def test_host_boots_each_part_and_merges_their_json(tmp_path, monkeypatch) -> No
     assert scale.main(["--results", str(tmp_path / "r")]) == 0
     assert [c[1][2] for c in calls] == ["tests.bench.guest_scale", "tests.bench.guest_many_luns"]
     assert "encoder (host, one core)" in doc.read_text()
-    assert "--no-login" in calls[1][0] and calls[1][0][calls[1][0].index("--luns") + 1] == "64"
+    assert "--no-login" in calls[1][0] and calls[1][0][calls[1][0].index("--luns") + 1] == "128"
+    assert calls[1][0][calls[1][0].index("--memory") + 1] == "5G"  # 3G held 64 LUNs
     assert "install seed map" in doc.read_text()
+
+
+# -- the boot storm ----------------------------------------------------------------------------------
+
+def test_percentile_interpolates_like_numpy() -> None:
+    data = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 7.5]
+    for q in (0, 25, 50, 90, 95, 100):
+        assert scale_lib.percentile(data, q) == pytest.approx(float(np.percentile(data, q)))
+    assert scale_lib.percentile([2.0], 95) == 2.0
+    assert np.isnan(scale_lib.percentile([], 50))
+
+
+def test_cpu_seconds_from_proc_stat_with_spaces_in_comm() -> None:
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+    line = "4242 (python -m agent) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 23 0\n"
+    assert scale_lib.cpu_seconds(line, 100) == 3.0
+
+
+def ev(t: float, uuid: str, action: str = "change") -> scale_lib.DmEvent:
+    return scale_lib.DmEvent(t, action, uuid)
+
+
+def test_storm_stats_per_lun_times_and_tail_fraction() -> None:
+    t0 = 100.0
+    events = [
+        ev(110, "mpath-3a", "add"), ev(111, "mpath-3a"),          # a's map; reloaded once more at 120
+        ev(112, "mpath-3b", "add"), ev(113, "mpath-3b"),
+        ev(115, "SWAGENT-leg-0-1-3a", "add"), ev(116, "SWAGENT-sw-1-3a"),
+        ev(117, "SWAGENT-top-3a", "add"), ev(118, "SWAGENT-top-3a"),  # a routed at 118 (its map 111)
+        ev(120, "mpath-3a"),                                       # multipathd's last map
+        ev(121, "SWAGENT-top-3a"),                                 # a swapped again: routed at 121 (map 120)
+        ev(125, "SWAGENT-top-3b"),                                 # b routed at 125 (map 113)
+        ev(130, "mpath-3b"),                                       # after the last routing: ignored
+        ev(119, "mpath-3z"), ev(119.5, "SWAGENT-top-3z"),          # not one of ours: ignored
+    ]
+    s = scale_lib.storm_stats(events, t0, ["3a", "3b", "3c"])
+    assert s["luns"] == 3 and s["routed_by_uevent"] == 2
+    assert s["agent_s"]["n"] == 2
+    assert s["agent_s"]["p50"] == pytest.approx((1 + 12) / 2)      # a: 121-120, b: 125-113
+    assert s["agent_s"]["max"] == 12
+    assert s["first_map_s"] == 10 and s["last_map_s"] == 20 and s["last_routed_s"] == 25
+    assert s["tail_s"] == 5 and s["tail_fraction"] == pytest.approx(0.25)
+
+
+def test_storm_stats_with_nothing_routed() -> None:
+    s = scale_lib.storm_stats([ev(1, "mpath-3a", "add")], 0.0, ["3a"])
+    assert s == {"luns": 1, "routed_by_uevent": 0}
+
+
+STORM = {"luns": 128, "members": 3, "pages": 100000, "routed": 128, "all_routed_s": 1500.0, "max_parallel_luns": 8,
+         "max_concurrent": 8, "packed_map_bytes": 3_200_000, "vm_hwm_bytes": 150 << 20, "vm_rss_bytes": 120 << 20,
+         "poll_interval_s": 15.0, "cpu_s": 256.0,
+         "storm": {"agent_s": {"p50": 2.0, "p95": 9.5, "max": 12.0, "n": 128}, "first_map_s": 40.0,
+                   "last_map_s": 1000.0, "last_routed_s": 1150.0, "tail_s": 150.0, "tail_fraction": 0.15}}
+
+
+def test_storm_rows_state_goal_measured_baseline_ratio() -> None:
+    rows = scale_lib.build_rows({"many_luns": STORM})
+    whats = [r.what for r in rows]
+    assert whats[0].startswith("many LUNs: 128 LUNs") and rows[0].met == "yes"
+    per_lun = rows[1]
+    assert per_lun.measured == "p50 2.0 s, p95 9.5 s"
+    cpu = rows[2]
+    assert cpu.measured == "2.00 s" and "128 LUNs" in cpu.note
+    tail = rows[3]
+    assert tail.goal.startswith("<= 20 %") and tail.measured == "150.0 s"
+    assert tail.baseline == "first login -> last map 1000.0 s" and tail.ratio == "15.0 %" and tail.met == "yes"
+    memory = rows[4]
+    assert memory.what.endswith("(VmHWM)") and memory.met == "no"  # 150 MiB > 100 MiB + 1.2 x 3.05 MiB
+    assert len(rows) == 5  # no idle window measured: no idle row
+    late = {**STORM, "storm": {**STORM["storm"], "tail_fraction": 0.3}}
+    assert scale_lib.build_rows({"many_luns": late})[3].met == "no"
+
+
+def test_floor_row_compares_the_install_with_bare_ioctls() -> None:
+    runs = [{"total_s": 1.0, "legs_s": 0.2, "switch_s": 0.1, "messages_s": 0.3, "top_s": 0.4},
+            {"total_s": 1.2, "legs_s": 0.4, "switch_s": 0.1, "messages_s": 0.3, "top_s": 0.4}]
+    floor = {"messages": 20, "bytes": 1000, "kernel": {"s": t(1.0), "runs": runs}, "top_udev": {"s": t(1.5)}}
+    enc = {"s": t(2.5), "messages": 20, "bytes": 1000}
+    rows = scale_lib.build_rows({**SAMPLE, "floor": floor, "encode": {"agent": enc, "runs_only": enc}})
+    row = rows[0]
+    assert row.goal == "<= 1.5x floor" and row.baseline == "floor 1.000 s"
+    assert row.measured == "3.000 s" and row.ratio == "3.00x" and row.met == "no"
+    assert "with the top's udev wait (as the agent's) 1.500 s (2.00x)" in row.note
+    assert "limited by the agent's encoder" in row.note
+    assert "of it legs 0.300 s, switch 0.100 s, messages 0.300 s, top 0.400 s" in row.note
+    fast = scale_lib.build_rows({**SAMPLE, "floor": {**floor, "kernel": {"s": t(2.5)}}})[0]
+    assert fast.met == "yes" and "limited" not in fast.note
+
+
+def test_the_section_keeps_earlier_runs_for_comparison(tmp_path, monkeypatch) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    monkeypatch.setattr(scale, "DOC", doc)
+    saved = tmp_path / "bench-luns.json"
+    saved.write_text(json.dumps({"many_luns": STORM}))
+    assert scale.main(["--from-json", str(saved)]) == 0
+    text = doc.read_text()
+    assert "many LUNs: 128 LUNs" in text
+    # The committed 64-LUN record of 2026-11-28 is shown beside, and says where it comes from.
+    assert "many LUNs: 64 LUNs x 3 members x 100,000 pages appear at once | all routed | 64/64 routed in 799.9 s" in text
+    assert "64-LUN run of 2026-11-28, kept for comparison" in text
 
 
 ENCODER = {"regions": 1_572_864, "repeat": 11, "cpu": 1, "load_avg": [2.0, 1.5, 1.0], "per_run_bytes": 9_351_758,

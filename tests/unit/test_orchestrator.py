@@ -627,3 +627,25 @@ def test_a_poll_round_runs_off_the_loop_and_falls_through_to_a_path_that_answers
     assert generations == {first.wwid: luns[0].stack.page_map.generation, second.wwid: None}
     assert broken.commands == before + 1
     assert len(threads) == 1 and loop_thread not in threads
+
+
+def test_an_upload_failing_part_way_counts_only_the_messages_the_kernel_took(tmp_path):
+    # The upload runs in one worker hop: the counts still name exactly what was sent before the error.
+    system, orch = make(tmp_path, Config(max_message_bytes=256), layout="random")  # 2 messages
+    real = system.dm.target_message
+    taken: list[str] = []
+
+    def second_fails(name, sector, message, **kw):
+        if len(taken) == 1:
+            raise DmIoctlError(DmCommand.TARGET_MSG, name, errno.EIO, "injected")
+        taken.append(message)
+        return real(name, sector, message, **kw)
+
+    system.dm.target_message = second_fails
+    with pytest.raises(SwitchAgentError):
+        reconcile(orch, system.wwid)
+    lun = orch.luns[system.wwid]
+    assert lun.messages_sent == 1 and lun.message_bytes_sent == sum(map(len, taken))
+    system.dm.target_message = real
+    lun = reconcile(orch, system.wwid)
+    assert lun.state == "routed" and system.misrouted_pages(top_name(system)) == 0
