@@ -19,6 +19,7 @@ from agent.sizes import size_argument
 from protocol.errors import SwitchAgentError
 
 if TYPE_CHECKING:  # the records pull numpy in: the CLI imports them only when it renders
+    from agent.lun import MemberSessionsState
     from agent.reporting import LunStatus
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
@@ -348,14 +349,34 @@ def _render_lun(r: LunStatus) -> str:
         lines.append(f"  map generation {r.generation}, {r.pages} pages of "
                      f"{(r.page_size_bytes or 0) // (1024 * 1024)} MiB, age {r.map_age_s} s"
                      + (f", {r.unallocated_pages} unallocated" if r.unallocated_pages else ""))
+    sessions = {s.member_id: s for s in r.sessions.members} if r.sessions else {}
     for m in r.members:
         paths = " ".join(f"{p.device}({p.state})" for p in m.paths) or "no paths"
         lines.append(f"  member {m.name} (id {m.member_id}): {m.pages} pages, {paths}")
+        if m.member_id in sessions:
+            lines.append(_render_sessions(sessions.pop(m.member_id)))
+    for s in sessions.values():  # members outside the map: leaving, or idle ones VPD 0xC1 lists
+        lines.append(f"  member id {s.member_id} (not in the map):")
+        lines.append(_render_sessions(s))
+    if r.sessions and not r.sessions.managed:
+        lines.append(f"  sessions unmanaged: {r.sessions.unmanaged_reason}")
+    elif r.sessions:
+        lines.append(f"  sessions managed, target {r.sessions.target}")
     if r.last_error:
         lines.append(f"  last error: {r.last_error}")
     for warning in r.warnings:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
+
+
+def _render_sessions(s: MemberSessionsState) -> str:
+    line = f"    sessions {s.logged_in}/{s.want} (logged in {s.logged_in}, failed {s.failed}"
+    line += f", not ours {s.not_ours}" if s.not_ours else ""
+    line += f", misplaced {s.misplaced}" if s.misplaced else ""
+    line += ")" + (f"; waiting: {', '.join(s.waiting)}" if s.waiting else "")
+    if s.last_error:
+        line += f"\n    last login error: {s.last_error}"
+    return line
 
 
 if __name__ == "__main__":

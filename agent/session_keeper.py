@@ -215,13 +215,16 @@ class SessionKeeper:
             return Joined()
         target = self._targets[self._target_of[lun.wwid]]
         sids: list[int] = []
+        members: set[int] = set()
         for login in plan.logins:
             if login.member_id in plan.join_first:
-                sids += await self._login(target, login)
+                made = await self._login(target, login)
+                sids += made
+                members |= {login.member_id} if made else set()
         if sids:
             self.ledger.save()
         await self._replan(lun, target, held_devs)
-        return Joined(frozenset(m for m in plan.join_first if m not in self._still_joining(target)), tuple(sids))
+        return Joined(frozenset(members), tuple(sids))
 
     async def keep(self, lun: LunState, held_devs: set[str]) -> bool:
         """The rest of the plan for the LUN's target; True when the legs must change (a reconcile):
@@ -392,9 +395,6 @@ class SessionKeeper:
         for member_id in sorted(set(target.known) - set(pages) - set(listed)):
             views.append(MemberView(member_id, target.known[member_id], owns_pages=False, in_map=False))
         return tuple(views)
-
-    def _still_joining(self, target: _Target) -> frozenset[int]:
-        return target.plan.join_first if target.plan else frozenset()
 
     # -- running it ---------------------------------------------------------------
 
