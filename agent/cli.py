@@ -240,7 +240,10 @@ def run_login(args: argparse.Namespace, config: Config, socket_path: Path) -> in
         return EXIT_ERROR
     told = True
     try:
-        control.request(socket_path, {"command": "sessions", "target": result.target}, timeout_s=10.0)
+        message: dict[str, Any] = {"command": "sessions", "target": result.target}
+        if result.record_created:
+            message |= {"portal": str(result.portal), "iface": "default"}
+        control.request(socket_path, message, timeout_s=10.0)
     except control.ControlError as exc:
         told = False
         print(f"switch-agent: warning: {exc}; the daemon logs in to the other members once it runs",

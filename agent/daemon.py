@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 from agent import control, mapview
 from agent.config import Config
 from agent.events import Trigger, TriggerKind, classify
+from agent.kernel.sysfs import Portal
 from agent.kernel.udev import UdevEventsLostError
 from agent.discovery import LunNotFoundError, NotOurArrayError
 from agent.lun import State
@@ -377,7 +378,16 @@ class Daemon:
         if command == "sessions":
             # From `switch-agent login`: look at the target's LUNs now (new LUNs come by udev).
             target = _text(request, "target")
-            orch.login_seen(target)
+            if not control.IQN.fullmatch(target):
+                raise ValueError(f"not an iSCSI target name: {target[:80]!r}")
+            made: tuple[Portal, str] | None = None
+            if "portal" in request:  # the node record `login` made: `logout` deletes it
+                from agent.login import parse_portal
+
+                made = (parse_portal(_text(request, "portal")), _text(request, "iface"))
+                if not control.IQN.fullmatch(made[1]):
+                    raise ValueError("iface must be an open-iscsi iface name")
+            orch.login_seen(target, made)
             wwids = [lun.wwid for lun in orch.luns.values() if lun.sessions and lun.sessions.target == target]
             for wwid in wwids:
                 self.keep_sessions_soon(wwid)

@@ -33,6 +33,7 @@ from agent.health import PathHealth
 from agent.lun import LunState, State, pages_moved
 from agent.reporting import Location, LunStatus, find_lun, locate, lun_status
 from agent.kernel.holders import holders_of
+from agent.kernel.sysfs import Portal
 from agent.scsipath import PollablePath
 from agent.session_keeper import SessionKeeper
 from agent.stack import DeviceKind, OwnedUuid, plan_stack
@@ -293,10 +294,11 @@ class Orchestrator:
         result = await self.sessions.logout_target(target)
         return {**result, "routing_removed": removed, "luns": sorted(lun.wwid for lun in luns)}
 
-    def login_seen(self, target: str) -> None:
-        """`switch-agent login` made a session to `target`: manage it, and route its LUNs again."""
+    def login_seen(self, target: str, record: tuple[Portal, str] | None = None) -> None:
+        """`switch-agent login` made a session to `target` (and the node record `record`, if it made
+        one): manage it, and route its LUNs again."""
         if self.sessions is not None:
-            self.sessions.remember(target)
+            self.sessions.remember(target, record)
         self.withdrawn.clear()
 
     # -- events and health (agent.discovery, agent.health) ---------------------

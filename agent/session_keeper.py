@@ -204,9 +204,14 @@ class SessionKeeper:
         target = self._targets.get(self._target_of.get(wwid, ""))
         return target.released_devs if target else frozenset()
 
-    def remember(self, target: str) -> None:
-        """`login` asked for this target again: manage it (after a `logout` forgot it)."""
+    def remember(self, target: str, record: tuple[Portal, str] | None = None) -> None:
+        """`login` asked for this target again: manage it (after a `logout` forgot it); ``record``:
+        the node record (portal, iface) `login` made, for `logout` to delete."""
         self._forgotten.discard(target)
+        if record is not None:
+            portal, iface = record
+            self.ledger.of(target).records.add((portal.address, portal.port, iface))
+            self.ledger.save()
 
     async def join(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Joined:
         """Log in to the members that own pages and have no logged-in session, before they are routed to."""

@@ -139,7 +139,7 @@ def test_login_cli_json_and_the_daemon_message(monkeypatch, capsys, tmp_path):
     assert out == {"target": VOL, "portal": "10.0.0.1:3260", "record_created": True, "session_logged_in": True,
                    "daemon_told": True, "targets": [VOL]}
     assert seen[0] == (Portal("10.0.0.1", 3260), {"target": None, "startup": "automatic"})
-    assert seen[1] == {"command": "sessions", "target": VOL}
+    assert seen[1] == {"command": "sessions", "target": VOL, "portal": "10.0.0.1:3260", "iface": "default"}
 
 
 def test_login_cli_without_a_daemon_still_succeeds(monkeypatch, capsys, tmp_path):

@@ -340,7 +340,10 @@ def test_status_render_metrics_and_control_messages(tmp_path):
         await daemon.orchestrator.reconcile(rig.system.wwid)
         await daemon.orchestrator.keep_sessions(rig.system.wwid)
         status = await daemon.handle_request({"command": "status"})
-        told = await daemon.handle_request({"command": "sessions", "target": TARGET})
+        told = await daemon.handle_request({"command": "sessions", "target": TARGET,
+                                            "portal": str(portal_of(0)), "iface": "default"})
+        with pytest.raises(ValueError):
+            await daemon.handle_request({"command": "sessions", "target": "-o delete"})
         await asyncio.gather(*daemon._tasks)
         return status, told
 
@@ -370,6 +373,7 @@ def test_status_render_metrics_and_control_messages(tmp_path):
     result = asyncio.run(logout())
     assert result["target"] == TARGET and result["luns"] == [wwid]
     assert rig.iscsi.sessions == {}
+    assert rig.iscsi.records == {}  # login's record too: the daemon was told it made it
 
 
 def test_unmanaged_status_says_why(tmp_path):
