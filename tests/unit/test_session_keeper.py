@@ -384,3 +384,22 @@ def test_unmanaged_status_says_why(tmp_path):
     lun = rig.reconcile()
     text = render("status", [rig.orch.status(lun).to_json()])
     assert "sessions unmanaged: the array does not offer VPD 0xC1" in text
+
+
+def test_a_joined_member_whose_paths_do_not_show_is_waited_for_a_bounded_time(tmp_path):
+    import time
+
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, iscsiadm_timeout_s=1.0))
+    first = set(rig.system.paths)
+    describe = rig.system.describe_path
+
+    async def only_the_first(device, luns=None):  # the new disks never get a wwid (a stuck scan)
+        return await describe(device, luns) if device in first else None
+
+    rig.system.describe_path = only_the_first
+    rig.system.not_in_mpath = {"sdx102", "sdx103", "sdx104", "sdx105"}  # nor does multipathd take them
+    started = time.monotonic()
+    lun = rig.reconcile()
+    assert 1.0 <= time.monotonic() - started < 10
+    assert lun.state == "routed"  # routed over the paths there are
+    assert len(rig.iscsi.sessions) == 5
