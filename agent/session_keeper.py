@@ -302,12 +302,12 @@ class SessionKeeper:
 
     async def _plan(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Plan | None:
         """Find the LUN's target and members, and plan; None (with lun.sessions saying why) when unmanaged."""
-        sessions = await self.host.iscsi_sessions()
-        devices = {p.device for p in topology.paths}
-        targets = sorted({s.target_name for s in sessions if devices & set(s.disks)})
         if not self.config.manage_sessions:
             self._unmanaged(lun, None, "manage_sessions = false")
             return None
+        sessions = await self.host.iscsi_sessions()
+        devices = {p.device for p in topology.paths}
+        targets = sorted({s.target_name for s in sessions if devices & set(s.disks)})
         if not targets:
             self._unmanaged(lun, None, "no iSCSI session carries its paths")
             return None
