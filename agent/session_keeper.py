@@ -22,6 +22,8 @@ backoff (``LoginFailure``), so nothing here loops tightly.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -221,11 +223,23 @@ class SessionKeeper:
         target = self._targets[self._target_of[lun.wwid]]
         sids: list[int] = []
         members: set[int] = set()
+        by_member: dict[int, list[Login]] = {}
         for login in plan.logins:
             if login.member_id in plan.join_first:
-                made = await self._login(target, login)
-                sids += made
-                members |= {login.member_id} if made else set()
+                by_member.setdefault(login.member_id, []).append(login)
+
+        async def join_member(logins: list[Login]) -> list[int]:
+            made: list[int] = []
+            for login in logins:
+                made += await self._login(target, login)
+            return made
+
+        # Members side by side (each login is a second or more of iscsiadm and iscsid): the
+        # pages wait for the slowest, not for the sum.
+        results = await asyncio.gather(*(join_member(logins) for logins in by_member.values()))
+        for member_id, made in zip(by_member, results):
+            sids += made
+            members |= {member_id} if made else set()
         if sids:
             self.ledger.save()
         await self._replan(lun, target, held_devs)
@@ -425,8 +439,10 @@ class SessionKeeper:
                             login.portal, login.iface, exc)
                 break
             target.failures.pop(login.key, None)
+            # This login's: logins to other members may run beside it (join() runs them side by side).
             new = sorted(s.sid for s in await self.host.iscsi_sessions()
-                         if s.sid not in before and s.target_name == target.name)
+                         if s.sid not in before and s.target_name == target.name
+                         and _same_portal(s.portal, login.portal) and (s.iface_name or DEFAULT_IFACE) == login.iface)
             entry.sids.update(new)
             made += new
             if via is None and new:
@@ -494,6 +510,16 @@ def load_chap(config: Config) -> ChapCredentials | None:
     if config.chap_credentials_file is None:
         return None
     return load_chap_credentials(config.chap_credentials_file)
+
+
+def _same_portal(a: Portal | None, b: Portal) -> bool:
+    """Equal portals, addresses compared as IP addresses (sysfs and VPD 0xC1 may spell IPv6 apart)."""
+    if a is None or a.port != b.port:
+        return False
+    try:
+        return ipaddress.ip_address(a.address) == ipaddress.ip_address(b.address)
+    except ValueError:
+        return a.address.lower() == b.address.lower()
 
 
 def _merge(groups: Iterable[tuple[MemberView, ...]]) -> list[MemberView]:
