@@ -216,17 +216,19 @@ class SessionKeeper:
             self.ledger.save()
 
     async def join(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Joined:
-        """Log in to the members that own pages and have no logged-in session, before they are routed to."""
+        """Log in to the members that own pages and have no logged-in session, before they are routed to
+        (and, while at it, the other logins of the plan); nothing when no member joins."""
         plan = await self._plan(lun, topology, page_map, held_devs)
         if plan is None or not plan.join_first:
             return Joined()
         target = self._targets[self._target_of[lun.wwid]]
         sids: list[int] = []
         members: set[int] = set()
+        # With members joining, the other members' missing sessions are logged in in the same pass:
+        # after a first login the whole set is there when the first epoch is built.
         by_member: dict[int, list[Login]] = {}
         for login in plan.logins:
-            if login.member_id in plan.join_first:
-                by_member.setdefault(login.member_id, []).append(login)
+            by_member.setdefault(login.member_id, []).append(login)
 
         async def join_member(logins: list[Login]) -> list[int]:
             made: list[int] = []
