@@ -335,8 +335,11 @@ class SessionKeeper:
             self._unmanaged(lun, name, "logged out with `switch-agent logout`; `switch-agent login` again")
             return None
         if topology.map_source != "page-map":
-            self._unmanaged(lun, name, f"map source {topology.map_source}: member portals from "
-                                       "SendTargets are not used yet")
+            # Its portals would come from SendTargets discovery (agent.portals.match_sendtargets),
+            # which iscsiadm runs over TCP itself: the sandboxed daemon has no IP (RestrictAddressFamilies).
+            self._unmanaged(lun, name, f"map source {topology.map_source}: the array does not list its "
+                                       "members' portals (SendTargets matching is not run by the daemon); "
+                                       "log in to every member's portal")
             return None
         try:
             portals = await self._member_portals(topology)
