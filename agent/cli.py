@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from agent.sizes import size_argument
 from protocol.errors import SwitchAgentError
 
 if TYPE_CHECKING:  # the records pull numpy in: the CLI imports them only when it renders
+    from agent.lun import MemberSessionsState
     from agent.reporting import LunStatus
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
@@ -35,16 +37,23 @@ builds, beside multipathd's own map:
 
 and keeps it right as the array moves pages. Devices it creates carry the
 dm uuid prefix SWAGENT- and it touches no others.
+
+Log in once: `switch-agent login --portal GROUP_IP` makes the first iSCSI
+session; from the volume's map the daemon learns every member and its
+portals and keeps sessions_per_member sessions to each member that owns
+pages, as members join and leave (docs/sessions.md).
 """
 
 EPILOG = """\
 examples:
+  switch-agent login --portal 10.0.0.10    log in once; the daemon does the rest
   switch-agent daemon                      run the agent (systemd does this)
   switch-agent status                      every LUN, its members and paths
   switch-agent status --json               the same for scripts
   switch-agent refresh 36001405abcdef...   re-read one LUN's map now
   switch-agent locate switch-3600... 10G   which member serves byte 10 GiB
   switch-agent show switch-3600... --map   a picture of where the volume's pages live
+  switch-agent logout switch-3600...       unroute the volume, end its sessions
 
 files:
   /etc/switch-agent/switch-agent.toml      configuration (all keys optional)
@@ -52,6 +61,26 @@ files:
 
 exit status: 0 success, 1 the daemon reported an error, 2 usage error,
 3 the daemon is not running.
+"""
+
+LOGIN_DESCRIPTION = """\
+Log in once, to one iSCSI portal of the array (its group address, or any
+member's), with open-iscsi: SendTargets discovery there, the target's node
+record (made if missing, with CHAP from chap_credentials_file when
+configured), node.startup, and one session. Then the daemon is told, and
+this returns: from the volume's map the daemon learns every member and its
+portals, and logs in sessions_per_member sessions to each member that owns
+pages, before routing pages to it. A login that fails leaves no node record
+it made behind.
+"""
+
+LOGIN_EPILOG = """\
+examples:
+  switch-agent login --portal 10.0.0.10
+  switch-agent login --portal [fd00::10]:3260 --target iqn.2001-05.com.example:vol1
+
+exit status: 0 logged in (or was already), 1 iscsiadm or the array said no (the
+reason is printed), 2 usage error (bad portal; several targets and no --target).
 """
 
 parse_size = size_argument()
@@ -102,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
                                          "of the LUN behind a SCSI device (--scsi-device /devices/...) and "
                                          "return without waiting. Silent and exit 0 when the daemon is down, "
                                          "so udev never stalls on it.")
+    login = sub.add_parser(
+        "login", help="log in once to the array's (group) portal; the daemon logs in to every member",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=LOGIN_DESCRIPTION,
+        epilog=LOGIN_EPILOG)
+    login.add_argument("--portal", required=True, metavar="ADDR[:PORT]",
+                       help="the array's group portal (port 3260 if left out; IPv6 in brackets)")
+    login.add_argument("--target", metavar="IQN", help="the target to log in to, when the portal offers several")
+    login.add_argument("--startup", choices=("automatic", "manual"), default="automatic",
+                       help="node.startup of the record: automatic (default) logs in again at boot")
+    login.add_argument("--json", action="store_true", help="print JSON for scripts")
+    logout = sub.add_parser(
+        "logout", help="unroute a volume and log out of its iSCSI target",
+        description="Ask the daemon to remove its routed device(s) of the volume -- refused, with the "
+                    "holder named, while a routed device is open -- then to log out every session to "
+                    "the volume's target and delete the node records the agent made. Routing of the "
+                    "target is not set up again until the next `switch-agent login`.",
+        epilog="exit status: 0 done, 1 refused (device in use) or iscsiadm failed, 3 the daemon is not running.")
+    logout.add_argument("ref", metavar="LUN|TARGET",
+                        help="wwid, multipath map name or routed device name; or the target's IQN")
+    logout.add_argument("--json", action="store_true", help="print JSON for scripts")
     what = trigger.add_mutually_exclusive_group(required=True)
     what.add_argument("lun", nargs="?", help="wwid or mpath-<wwid>")
     what.add_argument("--scsi-device", metavar="DEVPATH", help="udev DEVPATH of a scsi_device")
@@ -120,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_daemon(args, config, socket_path)
     if args.command == "trigger":
         return run_trigger(args, socket_path)
+    if args.command == "login":
+        return run_login(args, config, socket_path)
+    if args.command == "logout":
+        return run_logout(args, socket_path)
     request: dict[str, Any] = {"command": args.command}
     if hasattr(args, "lun"):
         request["lun"] = args.lun
@@ -169,6 +223,62 @@ def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
     return EXIT_OK
 
 
+def run_login(args: argparse.Namespace, config: Config, socket_path: Path) -> int:
+    """iscsiadm here, as root; then one message to the daemon, which makes the rest of the set."""
+    from agent.kernel.iscsi import Iscsiadm
+    from agent.login import LoginUsageError, login, parse_portal
+
+    try:
+        portal = parse_portal(args.portal)
+        result = asyncio.run(login(config, Iscsiadm(timeout_s=config.iscsiadm_timeout_s), portal,
+                                   target=args.target, startup=args.startup))
+    except LoginUsageError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SwitchAgentError as exc:
+        print(f"switch-agent: login failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    told = True
+    try:
+        message: dict[str, Any] = {"command": "sessions", "target": result.target}
+        if result.record_created:
+            message |= {"portal": str(result.portal), "iface": "default"}
+        control.request(socket_path, message, timeout_s=10.0)
+    except control.ControlError as exc:
+        told = False
+        print(f"switch-agent: warning: {exc}; the daemon logs in to the other members once it runs",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps({"target": result.target, "portal": str(result.portal),
+                          "record_created": result.record_created, "session_logged_in": result.session_logged_in,
+                          "daemon_told": told, "targets": list(result.targets)}, indent=2))
+    else:
+        done = "logged in to" if result.session_logged_in else "already logged in to"
+        print(f"{done} {result.target} at {result.portal}"
+              + ("; the daemon now logs in to every member that owns pages" if told else ""))
+    return EXIT_OK
+
+
+def run_logout(args: argparse.Namespace, socket_path: Path) -> int:
+    try:
+        result = control.request(socket_path, {"command": "logout", "ref": args.ref})
+    except control.DaemonNotRunningError as exc:
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except control.ControlError as exc:
+        print(f"switch-agent: logout refused: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        removed = ", ".join(result.get("routing_removed") or []) or "no routed device"
+        print(f"{result.get('target')}: removed {removed}; logged out {len(result.get('sessions_logged_out') or [])} "
+              f"session(s); deleted {len(result.get('records_deleted') or [])} node record(s)")
+        for error in result.get("errors") or []:
+            print(f"  error: {error}")
+    return EXIT_ERROR if result.get("errors") else EXIT_OK
+
+
 def run_daemon(args: argparse.Namespace, config: Config, socket_path: Path) -> int:
     from dataclasses import replace
 
@@ -194,8 +304,14 @@ def run_daemon(args: argparse.Namespace, config: Config, socket_path: Path) -> i
     limit_malloc_arenas()
 
     async def serve() -> None:
+        from agent.kernel.iscsi import Iscsiadm
+        from agent.session_keeper import LEDGER_NAME, SessionKeeper
+
         system = RealSystem(config)
-        daemon = Daemon(config, system, open_udev_events())
+        # The ledger beside the control socket: /run (a tmpfs) -- kept across restarts, not reboots.
+        keeper = SessionKeeper(config, system, Iscsiadm(timeout_s=config.iscsiadm_timeout_s),
+                               ledger_path=socket_path.parent / LEDGER_NAME, clock=time.monotonic)
+        daemon = Daemon(config, system, open_udev_events(), sessions=keeper)
         install_signal_handlers(daemon)
         await daemon.run()
 
@@ -236,14 +352,34 @@ def _render_lun(r: LunStatus) -> str:
         lines.append(f"  map generation {r.generation}, {r.pages} pages of "
                      f"{(r.page_size_bytes or 0) // (1024 * 1024)} MiB, age {r.map_age_s} s"
                      + (f", {r.unallocated_pages} unallocated" if r.unallocated_pages else ""))
+    sessions = {s.member_id: s for s in r.sessions.members} if r.sessions else {}
     for m in r.members:
         paths = " ".join(f"{p.device}({p.state})" for p in m.paths) or "no paths"
         lines.append(f"  member {m.name} (id {m.member_id}): {m.pages} pages, {paths}")
+        if m.member_id in sessions:
+            lines.append(_render_sessions(sessions.pop(m.member_id)))
+    for s in sessions.values():  # members outside the map: leaving, or idle ones VPD 0xC1 lists
+        lines.append(f"  member id {s.member_id} (not in the map):")
+        lines.append(_render_sessions(s))
+    if r.sessions and not r.sessions.managed:
+        lines.append(f"  sessions unmanaged: {r.sessions.unmanaged_reason}")
+    elif r.sessions:
+        lines.append(f"  sessions managed, target {r.sessions.target}")
     if r.last_error:
         lines.append(f"  last error: {r.last_error}")
     for warning in r.warnings:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
+
+
+def _render_sessions(s: MemberSessionsState) -> str:
+    line = f"    sessions {s.logged_in}/{s.want} (logged in {s.logged_in}, failed {s.failed}"
+    line += f", not ours {s.not_ours}" if s.not_ours else ""
+    line += f", misplaced {s.misplaced}" if s.misplaced else ""
+    line += ")" + (f"; waiting: {', '.join(s.waiting)}" if s.waiting else "")
+    if s.last_error:
+        line += f"\n    last login error: {s.last_error}"
+    return line
 
 
 if __name__ == "__main__":

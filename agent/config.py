@@ -82,6 +82,8 @@ class Config:
     kernel announces the disk, seconds before multipathd's map has it; false: multipathd's paths only
     (when multipath.conf blacklists some paths of the array on purpose)."""
     # -- session management (docs/sessions.md) --
+    manage_sessions: bool = True
+    """Log in to every member a volume spans and keep its sessions; false: use the sessions the host has."""
     sessions_per_member: int = 2
     """Sessions to each member that owns pages of a volume (eql.conf MaxConnectionsPerMember)."""
     sessions_per_idle_member: int = 0

@@ -84,6 +84,8 @@ class SuspiciousArgumentError(ControlError):
 
 
 _UDEV_ARGUMENT = re.compile(r"[A-Za-z0-9_.:/+-]{1,512}")
+IQN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+@-]{0,222}")
+"""An iSCSI name (iqn./eui./naa.) or open-iscsi iface name as the control socket accepts it."""
 
 
 def check_trigger(request: dict[str, Any]) -> tuple[str, str]:

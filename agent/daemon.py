@@ -20,11 +20,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 from agent import control, mapview
 from agent.config import Config
 from agent.events import Trigger, TriggerKind, classify
+from agent.kernel.sysfs import Portal
 from agent.kernel.udev import UdevEventsLostError
 from agent.discovery import LunNotFoundError, NotOurArrayError
 from agent.lun import State
 from agent.metrics import Metrics, MetricsEndpointError
 from agent.orchestrator import Orchestrator, System
+from agent.session_keeper import SessionKeeper
 from protocol.errors import SwitchAgentError
 
 LOG = logging.getLogger(__name__)
@@ -48,12 +50,15 @@ class LunScheduler:
     """Runs reconciles: debounced, one at a time per LUN, retried with backoff after failure."""
 
     def __init__(self, orchestrator: Orchestrator, config: Config, *, sleep: Sleep = asyncio.sleep,
-                 after_reconcile: Callable[[], object] = lambda: None) -> None:
+                 after_reconcile: Callable[[], object] = lambda: None,
+                 after_routed: Callable[[str], object] = lambda wwid: None) -> None:
         self.orchestrator = orchestrator
         self.config = config
         self.sleep = sleep
         self.after_reconcile = after_reconcile
         """Called after every reconcile, whatever its outcome (the metrics file is rewritten)."""
+        self.after_routed = after_routed
+        """Called with the wwid after every reconcile that succeeded (the sessions are kept)."""
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._healing: dict[str, asyncio.Task[None]] = {}
 
@@ -81,6 +86,7 @@ class LunScheduler:
         self._pending.pop(wwid, None)
         try:
             await self.orchestrator.reconcile(wwid)
+            self.after_routed(wwid)
         except (NotOurArrayError, LunNotFoundError) as exc:
             LOG.debug("%s: ignored: %s", wwid, exc)
         except SwitchAgentError:
@@ -131,14 +137,15 @@ class Daemon:
     """The long-running agent."""
 
     def __init__(self, config: Config, system: System, events: AsyncIterator[Any] | None, *,
-                 sleep: Sleep = asyncio.sleep) -> None:
+                 sleep: Sleep = asyncio.sleep, sessions: SessionKeeper | None = None) -> None:
         self.config = config
         self.system = system
         self.events = events
-        self.orchestrator = Orchestrator(config, system)
+        self.orchestrator = Orchestrator(config, system, sessions=sessions)
         self.metrics = Metrics(config, lambda: self.orchestrator.luns.values(), self.orchestrator.clock)
         self.scheduler = LunScheduler(self.orchestrator, config, sleep=sleep,
-                                      after_reconcile=self.metrics.write_soon)
+                                      after_reconcile=self.metrics.write_soon, after_routed=self.keep_sessions_soon)
+        self._keeping: dict[str, asyncio.Task[None]] = {}
         self.sleep = sleep
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -266,6 +273,26 @@ class Daemon:
         for wwid in wwids:
             self.scheduler.trigger(wwid, "unit attention CAPACITY_DATA_HAS_CHANGED")
 
+    def keep_sessions_soon(self, wwid: str) -> None:
+        """Run the LUN's session plan in the background (one run at a time per LUN); a run that
+        added or released paths asks for a reconcile."""
+        if self.orchestrator.sessions is None or wwid in self._keeping:
+            return
+        task = asyncio.create_task(self._keep_sessions(wwid), name=f"sessions {wwid}")
+        self._keeping[wwid] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_sessions(self, wwid: str) -> None:
+        try:
+            if await self.orchestrator.keep_sessions(wwid):
+                self.scheduler.trigger(wwid, "sessions changed")
+        except Exception:  # a bug must not kill the daemon's other LUNs
+            LOG.exception("%s: unexpected error while keeping sessions", wwid)
+        finally:
+            self._keeping.pop(wwid, None)
+            self.metrics.write_soon()
+
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)  # a reference, or the loop may drop the task half-way
@@ -297,6 +324,8 @@ class Daemon:
                     lun.map_confirmed_at = polled
                 if check_legs and self.orchestrator.legs_to_check(lun, events):
                     self.scheduler.heal(lun.wwid, events=events)
+                # A session killed or given up on is restored here (its backoff permitting).
+                self.keep_sessions_soon(lun.wwid)
             self.metrics.write()
 
     async def _dm_events(self) -> dict[str, int] | None:
@@ -346,6 +375,28 @@ class Daemon:
                 wwid = await self._wwid_from_system(ref)
             lun = await self.scheduler.run_now(wwid)
             return orch.status(lun).to_json()
+        if command == "sessions":
+            # From `switch-agent login`: look at the target's LUNs now (new LUNs come by udev).
+            target = _text(request, "target")
+            if not control.IQN.fullmatch(target):
+                raise ValueError(f"not an iSCSI target name: {target[:80]!r}")
+            made: tuple[Portal, str] | None = None
+            if "portal" in request:  # the node record `login` made: `logout` deletes it
+                from agent.login import parse_portal
+
+                made = (parse_portal(_text(request, "portal")), _text(request, "iface"))
+                if not control.IQN.fullmatch(made[1]):
+                    raise ValueError("iface must be an open-iscsi iface name")
+            orch.login_seen(target, made)
+            wwids = [lun.wwid for lun in orch.luns.values() if lun.sessions and lun.sessions.target == target]
+            for wwid in wwids:
+                self.keep_sessions_soon(wwid)
+            for mpath in await self.system.find_mpath_maps():
+                if mpath.wwid not in orch.luns:
+                    self.scheduler.trigger(mpath.wwid, "login")
+            return {"target": target, "luns": wwids}
+        if command == "logout":
+            return await orch.logout(_text(request, "ref"))
         raise ValueError(f"unknown command {command!r}")
 
     async def _wwid_from_system(self, ref: str) -> str:

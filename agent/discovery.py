@@ -74,6 +74,12 @@ class Discovery:
         LOG.info("%s: new path %s (%s); taking it before multipathd's map has it", path.wwid, device, path.dev)
         return path.wwid
 
+    def expect_paths(self, wwid: str, devices: list[str]) -> None:
+        """Disks of sessions the agent just logged in to: the LUN's paths as soon as they show its
+        wwid and size, before multipathd's map has them."""
+        if devices:
+            self._new_paths.setdefault(wwid, set()).update(devices)
+
     async def find_mpath(self, wwid: str) -> MpathMap:
         """multipathd's map of the LUN, with the disks the kernel announced for it since."""
         for mpath in await self.system.find_mpath_maps(wwid):

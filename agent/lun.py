@@ -41,6 +41,33 @@ class RoutedStack:
     fetched_at: float
 
 
+@dataclass(frozen=True)
+class MemberSessionsState:
+    """One member's iSCSI sessions, as the session keeper last planned them (agent.sessions.MemberSessions)."""
+
+    member_id: int
+    want: int
+    logged_in: int
+    failed: int
+    not_ours: int
+    misplaced: int
+    last_error: str | None
+    login_failures: int
+    """Failed logins to it since the daemon started."""
+    waiting: tuple[str, ...] = ()
+    """What waits and why (backoff, host-cap, release ...)."""
+
+
+@dataclass(frozen=True)
+class SessionsState:
+    """The sessions of the LUN's iSCSI target: managed (per member), or unmanaged and why."""
+
+    target: str | None
+    managed: bool
+    unmanaged_reason: str | None = None
+    members: tuple[MemberSessionsState, ...] = ()
+
+
 @dataclass
 class LunState:
     """Everything the daemon knows about one LUN; what `status` shows."""
@@ -73,6 +100,8 @@ class LunState:
     """Pages whose owning member changed in the last new generation (`moved_since` -> the routed one)."""
     moved_since: int | None = None
     """The generation before the last new one; None before a second generation was seen."""
+    sessions: SessionsState | None = None
+    """Its target's sessions (agent.session_keeper); None before the keeper looked."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 

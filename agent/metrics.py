@@ -16,7 +16,7 @@ Series (docs in the HELP texts below; README "Prometheus" for the wiring):
     switch_agent_member_pages{wwid,member}         switch_agent_upload_bytes_total{wwid}
     switch_agent_errors_total{wwid,kind}            switch_agent_poll_interval_seconds
 
-(switch_agent_member_sessions comes once the agent manages iSCSI sessions.)
+    switch_agent_member_sessions{wwid,member,state} switch_agent_login_failures_total{wwid,member}
 """
 
 from __future__ import annotations
@@ -126,8 +126,24 @@ class LunCollector(Collector):
         errors = CounterMetricFamily(
             "switch_agent_errors", "Failed reconciles by error type (the log and `switch-agent status` say "
                                    "what failed)", labels=["wwid", "kind"])
+        sessions = GaugeMetricFamily(
+            "switch_agent_member_sessions",
+            "iSCSI sessions to the member kept by the agent: logged_in, failed (iscsid reconnecting) and "
+            "want (what the settings and caps give it); only for LUNs whose sessions are managed",
+            labels=["wwid", "member", "state"])
+        login_failures = CounterMetricFamily(
+            "switch_agent_login_failures", "Failed iSCSI logins to the member since the daemon started "
+                                           "(`switch-agent status` shows the last error)",
+            labels=["wwid", "member"])
         for lun in sorted(self._luns(), key=lambda lun: lun.wwid):
             wwid = label(lun.wwid)
+            if lun.sessions is not None and lun.sessions.managed:
+                names = {m.member_id: m.name for m in lun.stack.page_map.members} if lun.stack else {}
+                for m in lun.sessions.members:
+                    who = label(names.get(m.member_id, f"id{m.member_id}"))
+                    for state, value in (("logged_in", m.logged_in), ("failed", m.failed), ("want", m.want)):
+                        sessions.add_metric([wwid, who, state], value)
+                    login_failures.add_metric([wwid, who], m.login_failures)
             routed.add_metric([wwid, label(lun.topology.mpath_name if lun.topology else "")],
                               1 if lun.state == State.ROUTED else 0)
             for result in RESULTS:
@@ -151,7 +167,8 @@ class LunCollector(Collector):
                 states = [p.usable for p in lun.topology.paths_of_member(member.member_id)] if lun.topology else []
                 paths.add_metric([wwid, name, "active"], states.count(True))
                 paths.add_metric([wwid, name, "failed"], states.count(False))
-        yield from (routed, generation, age, pages, paths, reconciles, fetch, upload, errors, poll)
+        yield from (routed, generation, age, pages, paths, reconciles, fetch, upload, errors, poll, sessions,
+                    login_failures)
 
     def _pages_per_member(self, wwid: str, page_map: PageMap) -> dict[int, int]:
         cached = self._pages.get(wwid)

@@ -10,6 +10,8 @@ one and swap the top device over to it. The jobs it delegates live beside it:
     agent.health      leg paths reinstated, map generations polled
     agent.reporting   status and locate records for the CLI
     agent.dm_async    device-mapper as whole operations on worker threads
+    agent.session_keeper  iSCSI sessions to every member (members that join are
+                      logged in before pages are routed to them)
 
 The kernel is a collaborator (``System``): agent.system.RealSystem in the
 daemon, fakes in tests/unit.
@@ -18,9 +20,10 @@ daemon, fakes in tests/unit.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from typing import Callable, Container, Protocol
+from typing import Any, Callable, Container, Protocol
 
 from agent.apply import PlanApplier
 from agent.config import Config
@@ -29,7 +32,10 @@ from agent.dm_async import AsyncDeviceMapper, DeviceLeftSuspendedError, SyncDevi
 from agent.health import PathHealth
 from agent.lun import LunState, State, pages_moved
 from agent.reporting import Location, LunStatus, find_lun, locate, lun_status
+from agent.kernel.holders import holders_of
+from agent.kernel.sysfs import Portal
 from agent.scsipath import PollablePath
+from agent.session_keeper import SessionKeeper
 from agent.stack import DeviceKind, OwnedUuid, plan_stack
 from agent.topology import MpathMap, NewPath, Topology
 from protocol.errors import SwitchAgentError
@@ -40,6 +46,25 @@ LOG = logging.getLogger(__name__)
 
 class InternalError(SwitchAgentError):
     """A bug (an exception that is not one of ours) while reconciling: recorded and retried like any failure."""
+
+
+class DeviceBusyError(SwitchAgentError):
+    """`logout` refused: a routed device of the target is open; ``holders`` names who holds it."""
+
+    def __init__(self, device: str, holders: list[str]) -> None:
+        self.device = device
+        self.holders = holders
+        super().__init__(f"{device} is in use ({', '.join(holders) or 'open, holder not found'}); "
+                         "close it (umount, stop the process) and log out again; nothing was changed")
+
+
+class NoTargetError(SwitchAgentError):
+    """`logout` of something that names no iSCSI target the daemon knows."""
+
+
+JOIN_POLL_S = 0.5
+"""How often the paths of a member just logged in to are looked for (udev and multipathd add them)."""
+JOIN_WAIT_MAX_S = 30.0
 
 
 class System(Protocol):
@@ -74,10 +99,15 @@ class System(Protocol):
 class Orchestrator:
     """Keeps every array LUN routed."""
 
-    def __init__(self, config: Config, system: System, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, system: System, *, clock: Callable[[], float] = time.monotonic,
+                 sessions: SessionKeeper | None = None) -> None:
         self.config = config
         self.system = system
         self.clock = clock
+        self.sessions = sessions
+        """Keeps the iSCSI sessions (None: the host's sessions are used as they are)."""
+        self.withdrawn: set[str] = set()
+        """LUNs `logout` took the routing of: not routed again until a `login`."""
         self.luns: dict[str, LunState] = {}
         self._parallel = asyncio.Semaphore(config.max_parallel_luns)
         self.dm = AsyncDeviceMapper(system.dm)
@@ -111,6 +141,8 @@ class Orchestrator:
 
     async def reconcile(self, wwid: str) -> LunState:
         """Bring one LUN's routing in line with the array's map; keep the old routing on any error."""
+        if wwid in self.withdrawn:
+            raise LunNotFoundError(f"{wwid}: logged out with `switch-agent logout`; `switch-agent login` to route it")
         lun = self.luns.setdefault(wwid, LunState(wwid))
         async with lun.lock, _Slot(self._parallel) as slot:
             started = self.clock()
@@ -125,6 +157,11 @@ class Orchestrator:
                     await self.rescan_paths([p.device for p in topology.paths], wwid)
                     topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid))
                 fetched = self.clock()
+                if self.sessions is not None:
+                    # Members that own pages and have no session: logged in before the legs are planned.
+                    topology = lun.topology = await self._join_members(lun, topology, page_map)
+                    # Sessions about to be logged out: their paths leave the legs first.
+                    topology = _without(topology, self.sessions.released_devs(wwid))
                 # A routed device keeps its name while it lives, whatever the template now says.
                 top_name = lun.stack.plan.top_name if lun.stack else None
                 plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
@@ -178,6 +215,91 @@ class Orchestrator:
         else:
             lun.state = State.ROUTED if lun.stack else State.ERROR
         LOG.warning("%s: %s (routing %s)", lun.wwid, exc, "kept as it was" if lun.stack else "not set up")
+
+    # -- sessions (agent.session_keeper) -----------------------------------------
+
+    async def _join_members(self, lun: LunState, topology: Topology, page_map: PageMap) -> Topology:
+        """Log in to joining members, then wait (bounded) until discovery shows their paths."""
+        assert self.sessions is not None
+        try:
+            joined = await self.sessions.join(lun, topology, page_map, self.held_devs())
+        except SwitchAgentError as exc:  # routing goes on over the sessions there are
+            LOG.warning("%s: session keeping failed: %s", lun.wwid, exc)
+            return topology
+        if not joined.members:
+            return topology
+        deadline = self.clock() + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
+        while True:
+            self.discovery.expect_paths(lun.wwid, await self.sessions.disks_of(joined.sids))
+            topology = await self.discovery.discover(await self.discovery.find_mpath(lun.wwid))
+            waiting = sorted(m for m in joined.members
+                             if not any(p.usable for p in topology.paths_of_member(m)))
+            if not waiting:
+                LOG.info("%s: member(s) %s logged in; routing to them", lun.wwid, ",".join(map(str, joined.members)))
+                return topology
+            if self.clock() >= deadline:
+                LOG.warning("%s: no path to member(s) %s yet after their login; routing without them",
+                            lun.wwid, ",".join(map(str, waiting)))
+                return topology
+            await asyncio.sleep(JOIN_POLL_S)
+
+    async def keep_sessions(self, wwid: str) -> bool:
+        """Run the rest of the LUN's session plan; True when the LUN needs a reconcile (paths to add or release)."""
+        lun = self.luns.get(wwid)
+        if self.sessions is None or lun is None or wwid in self.withdrawn:
+            return False
+        async with lun.lock:
+            try:
+                return await self.sessions.keep(lun, self.held_devs())
+            except SwitchAgentError as exc:
+                LOG.warning("%s: session keeping failed: %s", wwid, exc)
+                return False
+
+    def held_devs(self) -> set[str]:
+        """Every path (major:minor) a live leg holds."""
+        return {dev for lun in self.luns.values() if lun.stack
+                for own, other in lun.stack.plan.leg_paths for dev in (*own, *other)}
+
+    async def logout(self, ref: str) -> dict[str, Any]:
+        """`switch-agent logout`: the routing of every LUN of the target first (refused if one is open),
+        then its sessions and the node records the agent made."""
+        if self.sessions is None:
+            raise NoTargetError("session management is off in this daemon")
+        target: str | None = ref
+        if not ref.startswith(("iqn.", "eui.", "naa.")):
+            found = self.find(ref)
+            target = found.sessions.target if found.sessions else None
+            if target is None:
+                raise NoTargetError(f"{ref}: no iSCSI target known for it (`switch-agent status` shows it once "
+                                    "the daemon has looked)")
+        luns = [lun for lun in self.luns.values() if lun.sessions and lun.sessions.target == target]
+        for lun in luns:  # refuse before anything is changed
+            if lun.stack:
+                info = await asyncio.to_thread(self.system.dm.device_info, uuid=lun.stack.plan.top_uuid)
+                if info.open_count:
+                    holders = await asyncio.to_thread(holders_of, info.major, info.minor)
+                    raise DeviceBusyError(f"/dev/mapper/{lun.stack.plan.top_name}", holders)
+        removed = []
+        for lun in luns:
+            async with lun.lock:
+                self.withdrawn.add(lun.wwid)
+                if lun.stack:
+                    plan = lun.stack.plan
+                    await self.dm.remove([plan.top_uuid], wait_for_udev=True)
+                    await self.dm.remove([plan.switch_uuid, *(leg.uuid for leg in plan.legs), *lun.leftovers])
+                    removed.append(f"/dev/mapper/{plan.top_name}")
+                self.luns.pop(lun.wwid, None)
+                self.sessions.forget_lun(lun.wwid)
+        assert target is not None
+        result = await self.sessions.logout_target(target)
+        return {**result, "routing_removed": removed, "luns": sorted(lun.wwid for lun in luns)}
+
+    def login_seen(self, target: str, record: tuple[Portal, str] | None = None) -> None:
+        """`switch-agent login` made a session to `target` (and the node record `record`, if it made
+        one): manage it, and route its LUNs again."""
+        if self.sessions is not None:
+            self.sessions.remember(target, record)
+        self.withdrawn.clear()
 
     # -- events and health (agent.discovery, agent.health) ---------------------
 
@@ -236,6 +358,14 @@ class _Slot:
         if self._held:
             self._held = False
             self._semaphore.release()
+
+
+def _without(topology: Topology, devs: frozenset[str]) -> Topology:
+    """The topology without paths about to be logged out (unless that would leave no usable path)."""
+    kept = tuple(p for p in topology.paths if p.dev not in devs)
+    if not devs or kept == topology.paths or not any(p.usable for p in kept):
+        return topology
+    return dataclasses.replace(topology, paths=kept)
 
 
 def _pages_for(topology: Topology, page_map: PageMap) -> int:

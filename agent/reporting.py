@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from agent.config import Config
 from agent.discovery import LunNotFoundError
-from agent.lun import LunState
+from agent.lun import LunState, MemberSessionsState, SessionsState
 from agent.stack import top_name_for
 from protocol.pagemap import UNALLOCATED
 
@@ -62,6 +62,8 @@ class LunStatus:
     page_size_bytes: int | None = None
     pages: int | None = None
     unallocated_pages: int | None = None
+    sessions: SessionsState | None = None
+    """The iSCSI sessions of its target: per member have/want, or unmanaged and why."""
 
     def to_json(self) -> dict[str, Any]:
         plain: dict[str, Any] = _plain(dataclasses.asdict(self))
@@ -71,6 +73,12 @@ class LunStatus:
     def from_json(cls, data: dict[str, Any]) -> LunStatus:
         """Read back what to_json wrote (unknown keys, e.g. from a newer daemon, are ignored)."""
         values = _known(cls, data)
+        sessions = data.get("sessions")
+        values["sessions"] = None if not isinstance(sessions, dict) else SessionsState(**{
+            **_known(SessionsState, sessions),
+            "members": tuple(MemberSessionsState(**{**_known(MemberSessionsState, m),
+                                                    "waiting": tuple(m.get("waiting") or ())})
+                             for m in sessions.get("members") or ())})
         values["members"] = tuple(
             MemberStatus(**{**_known(MemberStatus, m), "paths": tuple(PathStatus(**_known(PathStatus, p))
                                                                       for p in m.get("paths", ()))})
@@ -150,7 +158,7 @@ def lun_status(lun: LunState, config: Config, now: float) -> LunStatus:
                        messages_sent=lun.messages_sent, message_bytes_sent=lun.message_bytes_sent,
                        last_reconcile=dict(lun.last_reconcile),
                        multipath=topology.mpath_name if topology else None, warnings=tuple(warnings),
-                       map_source=topology.map_source if topology else None)
+                       map_source=topology.map_source if topology else None, sessions=lun.sessions)
     if stack is None:
         return record
     page_map = stack.page_map

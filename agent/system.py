@@ -13,9 +13,11 @@ from agent.events import MPATH_UUID_PREFIX
 from agent.kernel.dm import DeviceMapper
 from agent.kernel.dm_abi import DeviceEntry
 from agent.kernel.sgio import ScsiDevice
-from agent.kernel.sysfs import Sysfs, SysfsError
+from agent.kernel.sysfs import IscsiSession, Sysfs, SysfsError
 from agent.kernel.udev import PyudevSource, UdevMonitor
+from agent.portals import read_member_portals
 from agent.topology import MpathMap, NewPath
+from protocol.portals import MemberPortals
 
 LOG = logging.getLogger(__name__)
 
@@ -131,6 +133,18 @@ class RealSystem:
         """Make the kernel re-read a path's capacity (it does not on CAPACITY DATA HAS CHANGED);
         the write returns once the rescan is done."""
         await self.sysfs.write_attr("1", "block", device, "device", "rescan")
+
+    async def iscsi_sessions(self) -> list[IscsiSession]:
+        """Every iSCSI session (sysfs), for the session keeper."""
+        return await self.sysfs.iscsi_sessions()
+
+    async def disk_devnum(self, disk: str) -> str:
+        """``major:minor`` of an sd disk."""
+        return str(await self.sysfs.block_devnum(disk))
+
+    async def read_member_portals(self, device: str) -> tuple[MemberPortals, ...] | None:
+        """VPD 0xC1 over a path (None: the array does not offer it)."""
+        return await read_member_portals(self.open_path(device))
 
     async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
         """The sd names under a scsi_device (a unit attention names the scsi_device only)."""

@@ -106,8 +106,12 @@ class AgentDaemon:
     def __init__(self, *, poll_interval_s: float = 600.0, log_level: str = "debug",
                  extra_config: str = "") -> None:
         CONFIG.parent.mkdir(parents=True, exist_ok=True)
+        # Tests that log in to members by hand keep the daemon's session keeping off; the
+        # session scenarios say manage_sessions = true in their extra_config.
+        sessions = "" if "manage_sessions" in extra_config else "manage_sessions = false\n"
         CONFIG.write_text(f'socket_path = "{SOCKET}"\npoll_interval_s = {poll_interval_s}\ndebounce_s = 0.3\n'
-                          f'retry_initial_s = 0.5\nretry_max_s = 2.0\nlog_level = "{log_level}"\n' + extra_config)
+                          f'retry_initial_s = 0.5\nretry_max_s = 2.0\nlog_level = "{log_level}"\n' + sessions
+                          + extra_config)
         self.log_path = RESULTS / "switch-agent.log"
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(CONFIG), "daemon"],

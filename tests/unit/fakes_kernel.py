@@ -99,6 +99,8 @@ class FakeDeviceMapper:
     """Device name -> event: a call that suspends that device waits for the event, the device suspended."""
     holding: threading.Event = field(default_factory=threading.Event)
     """Set while a call waits in `hold`."""
+    opened: dict[str, int] = field(default_factory=dict)
+    """Device name -> open count a test sets (a routed device in use)."""
     _next_minor: int = 10
 
     def _check_fail(self, op: str, name: str) -> None:
@@ -218,7 +220,7 @@ class FakeDeviceMapper:
     def device_info(self, name: str | None = None, *, uuid: str | None = None):
         device = self._find(name, uuid, DmCommand.DEV_STATUS)
         return SimpleNamespace(name=device.name, uuid=device.uuid, major=253, minor=device.minor,
-                               suspended=device.suspended)
+                               suspended=device.suspended, open_count=self.opened.get(device.name, 0))
 
     def list_devices(self):
         self.log.append(("list", ""))

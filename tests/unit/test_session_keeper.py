@@ -1,0 +1,386 @@
+"""The daemon's session keeping over fakes: the emulated array's LU behind a FakeSystem, whose paths
+are the disks of the sessions a FakeIscsiadm logs in (laid out in a fake sysfs tree)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.config import Config
+from agent.kernel.iscsi import Iscsiadm
+from agent.kernel.sysfs import Portal, Sysfs, SysfsMissingError
+from agent.orchestrator import DeviceBusyError, Orchestrator
+from agent.portals import read_member_portals
+from agent.session_keeper import LEDGER_NAME, SessionKeeper, SessionLedger
+from tests.unit.fakes_iscsi import FakeIscsiadm, FakeSession, FakeTarget, remove_session_tree, write_session_tree
+from tests.unit.fakes_kernel import FakeArrayPath, FakeSystem, _devices_in
+
+TARGET = "iqn.2003-01.org.example:vol0"
+CONFIG = Config(max_message_bytes=4096, login_retry_initial_s=15.0, login_retry_max_s=60.0)
+
+
+def portal_of(number: int) -> Portal:
+    return Portal(f"127.0.0.{number + 1}", 3260)
+
+
+class LinkedIscsiadm(FakeIscsiadm):
+    """A FakeIscsiadm whose sessions bring paths to the FakeSystem (one disk of the member per session),
+    and that records every logout of a disk a dm device still held."""
+
+    def __init__(self, system: FakeSystem, sysfs_root: Path) -> None:
+        super().__init__([FakeTarget(TARGET, {portal_of(m.number): m.tpg_tag for m in system.volume.members})],
+                         sysfs_root=sysfs_root)
+        self.system = system
+        self.disk_number = 100
+        self.held_at_logout: list[str] = []
+        self.logged_out: list[int] = []
+
+    def add_member_portal(self, number: int) -> None:
+        self.targets[TARGET].portals[portal_of(number)] = number + 1
+
+    def _start(self, target: str, portal: Portal, iface: str) -> FakeSession:
+        session = super()._start(target, portal, iface)
+        assert self.sysfs_root is not None
+        remove_session_tree(self.sysfs_root, session)
+        self.disk_number += 1
+        name = f"sdx{self.disk_number}"
+        member = int(portal.address.rsplit(".", 1)[1]) - 1
+        self.system.paths[name] = FakeArrayPath(self.system.lu, member, name)
+        self.system.devs[name] = f"65:{self.disk_number}"
+        session.disks = [name]
+        write_session_tree(self.sysfs_root, session)
+        return session
+
+    def _end(self, session: FakeSession) -> None:
+        for disk in session.disks:
+            dev = self.system.devs.pop(disk, None)
+            self.system.paths.pop(disk, None)
+            held = [d.name for d in self.system.dm.devices.values() if d.live
+                    and any(dev in _devices_in(t[2], t[3]) for t in d.live)]
+            self.held_at_logout += held
+        self.logged_out.append(session.sid)
+        super()._end(session)
+
+
+class Host:
+    """The SessionHost over the fake sysfs tree and the FakeSystem's paths."""
+
+    def __init__(self, system: FakeSystem, root: Path) -> None:
+        self.system = system
+        self.sysfs = Sysfs(root)
+
+    async def iscsi_sessions(self):
+        return await self.sysfs.iscsi_sessions()
+
+    async def disk_devnum(self, disk: str) -> str:
+        if disk not in self.system.devs:
+            raise SysfsMissingError(disk, "gone")
+        return self.system.devs[disk]
+
+    async def read_member_portals(self, device: str):
+        return await read_member_portals(self.system.open_path(device))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclasses.dataclass
+class Rig:
+    system: FakeSystem
+    iscsi: LinkedIscsiadm
+    keeper: SessionKeeper
+    orch: Orchestrator
+    clock: Clock
+    ledger: Path
+
+    def reconcile(self):
+        return asyncio.run(self.orch.reconcile(self.system.wwid))
+
+    def keep(self) -> bool:
+        return asyncio.run(self.orch.keep_sessions(self.system.wwid))
+
+    def sessions_of(self, number: int) -> list[FakeSession]:
+        return [s for s in self.iscsi.sessions.values() if s.portal == portal_of(number)]
+
+    def settle(self, rounds: int = 4) -> None:
+        """What the daemon does: keep, and reconcile when keeping says the legs must change."""
+        for _ in range(rounds):
+            if not self.keep():
+                return
+            self.reconcile()
+
+    def new_keeper(self, config: Config = CONFIG) -> None:
+        self.keeper = SessionKeeper(config, Host(self.system, self.iscsi.sysfs_root), Iscsiadm(self.iscsi),
+                                    ledger_path=self.ledger, clock=self.clock)
+        self.orch.sessions = self.keeper
+
+
+def make(tmp_path, *, members: int = 3, config: Config = CONFIG, first_login: bool = True) -> Rig:
+    system = FakeSystem(tmp_path=tmp_path / "store", members=members, paths_per_member=0)
+    iscsi = LinkedIscsiadm(system, tmp_path / "sys")
+    clock = Clock()
+    ledger = tmp_path / "run" / LEDGER_NAME
+    keeper = SessionKeeper(config, Host(system, tmp_path / "sys"), Iscsiadm(iscsi), ledger_path=ledger, clock=clock)
+    orch = Orchestrator(config, system, sessions=keeper)
+    rig = Rig(system, iscsi, keeper, orch, clock, ledger)
+    if first_login:  # the administrator's one login, to member 0 (not the agent's session)
+        iscsi.handle(["iscsiadm", "-m", "node", "-T", TARGET, "-p", str(portal_of(0)), "-o", "new"])
+        iscsi.handle(["iscsiadm", "-m", "node", "-T", TARGET, "-p", str(portal_of(0)), "--login"])
+    return rig
+
+
+def test_members_are_logged_in_before_pages_are_routed_to_them(tmp_path):
+    rig = make(tmp_path)
+    lun = rig.reconcile()
+    # The first epoch already routes every page to its owner: members 1 and 2 were logged in first.
+    assert lun.state == "routed"
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [1, 2, 2]
+    rig.settle()
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
+    state = lun.sessions
+    assert state is not None and state.managed and state.target == TARGET
+    assert [(m.member_id, m.logged_in, m.want, m.not_ours) for m in state.members] == \
+        [(1, 2, 2, 1), (2, 2, 2, 0), (3, 2, 2, 0)]
+    # Every session's disk is in the legs.
+    legs = rig.orch.held_devs()
+    assert all(rig.system.devs[s.disks[0]] in legs for s in rig.iscsi.sessions.values())
+    # The agent's node records get login timeouts inside iscsiadm's and node.startup manual.
+    record = rig.iscsi.records[(TARGET, portal_of(1), "default")]
+    assert record["node.conn[0].timeo.login_timeout"] == "15"
+    assert record["node.session.initial_login_retry_max"] == "2"
+    assert record["node.startup"] == "manual"
+
+
+def test_a_leaving_member_is_logged_out_only_after_no_leg_holds_its_paths(tmp_path):
+    rig = make(tmp_path)
+    rig.reconcile()
+    rig.settle()
+    leaving = rig.sessions_of(2)
+    rig.system.volume.remove_member(2)
+    rig.reconcile()  # the new map: member 2's paths leave the legs
+    rig.settle()
+    assert rig.sessions_of(2) == []
+    assert {s.sid for s in leaving} <= set(rig.iscsi.logged_out)
+    assert rig.iscsi.held_at_logout == []
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+
+
+def test_fewer_sessions_wanted_releases_them_from_the_legs_first(tmp_path):
+    rig = make(tmp_path)
+    rig.reconcile()
+    rig.settle()
+    rig.new_keeper(dataclasses.replace(CONFIG, sessions_per_member=1))
+    assert rig.keep()  # sessions to drop are still in the legs: released, a reconcile is asked for
+    assert rig.iscsi.logged_out == []
+    released = rig.keeper.released_devs(rig.system.wwid)
+    assert len(released) == 3  # one of each member's two
+    rig.reconcile()
+    assert not released & rig.orch.held_devs()
+    rig.settle()
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [1, 1, 1]
+    assert rig.iscsi.held_at_logout == []
+    # The administrator's session to member 0 is the one kept: the agent's went.
+    assert rig.sessions_of(0)[0].sid == 1
+
+
+def test_a_failing_login_backs_off_and_shows_in_status(tmp_path):
+    rig = make(tmp_path)
+    rig.iscsi.unreachable.add(portal_of(2))
+    lun = rig.reconcile()
+    assert lun.state == "routed"
+    member = next(m for m in lun.sessions.members if m.member_id == 3)
+    assert member.logged_in == 0 and member.login_failures == 1
+    assert "TRANS_TIMEOUT" in (member.last_error or "")
+    tries = sum(1 for c in rig.iscsi.calls if str(portal_of(2)) in c and "--login" in c)
+    rig.settle()
+    rig.keep()
+    # Within the backoff nothing is tried again: no tight loop.
+    assert sum(1 for c in rig.iscsi.calls if str(portal_of(2)) in c and "--login" in c) == tries
+    assert any(w.startswith("backoff") for w in
+               next(m for m in lun.sessions.members if m.member_id == 3).waiting)
+    rig.iscsi.unreachable.clear()
+    rig.clock.now += 16
+    rig.settle()
+    assert len(rig.sessions_of(2)) == 2
+    assert next(m for m in lun.sessions.members if m.member_id == 3).last_error is None
+
+
+def test_a_killed_session_is_restored(tmp_path):
+    rig = make(tmp_path)
+    rig.reconcile()
+    rig.settle()
+    victim = rig.sessions_of(1)[0]
+    rig.iscsi.kill_session(victim.sid)
+    assert len(rig.sessions_of(1)) == 1
+    rig.settle()
+    assert len(rig.sessions_of(1)) == 2
+
+
+def test_the_ledger_survives_a_daemon_restart(tmp_path):
+    rig = make(tmp_path)
+    rig.reconcile()
+    rig.settle()
+    ours = {s.sid for s in rig.iscsi.sessions.values()} - {1}
+    saved = json.loads(rig.ledger.read_text())
+    assert set(saved["targets"][TARGET]["sids"]) == ours
+    ledger = SessionLedger(rig.ledger)
+    ledger.load()
+    assert ledger.targets[TARGET].sids == ours
+    # A new daemon (new keeper) knows which are its own: asked for one session per member, it
+    # logs out its own and keeps the administrator's.
+    rig.new_keeper(dataclasses.replace(CONFIG, sessions_per_member=1))
+    rig.settle()
+    rig.reconcile()
+    rig.settle()
+    assert 1 in rig.iscsi.sessions
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [1, 1, 1]
+
+
+def test_a_garbled_ledger_is_started_afresh(tmp_path):
+    path = tmp_path / LEDGER_NAME
+    path.write_text("{not json")
+    ledger = SessionLedger(path)
+    ledger.load()
+    assert ledger.targets == {}
+
+
+def test_sessions_the_agent_did_not_make_are_never_logged_out(tmp_path):
+    rig = make(tmp_path)
+    # The administrator also logged in to member 2 by hand.
+    rig.iscsi.handle(["iscsiadm", "-m", "node", "-T", TARGET, "-p", str(portal_of(2)), "-o", "new"])
+    rig.iscsi.handle(["iscsiadm", "-m", "node", "-T", TARGET, "-p", str(portal_of(2)), "--login"])
+    by_hand = rig.sessions_of(2)[0].sid
+    rig.reconcile()
+    rig.settle()
+    rig.system.volume.remove_member(2)
+    rig.reconcile()
+    rig.settle()
+    assert [s.sid for s in rig.sessions_of(2)] == [by_hand]
+    lun = rig.orch.luns[rig.system.wwid]
+    member = next(m for m in lun.sessions.members if m.member_id == 3)
+    assert member.not_ours == 1 and any(w.startswith("not-ours") for w in member.waiting)
+    assert rig.iscsi.held_at_logout == []
+
+
+def test_an_array_without_member_portals_is_routed_with_unmanaged_sessions(tmp_path):
+    rig = make(tmp_path)
+    for member in range(1, 3):  # the administrator logged in to every member
+        rig.iscsi.handle(["iscsiadm", "-m", "node", "-T", TARGET, "-p", str(portal_of(member)), "-o", "new"])
+        rig.iscsi.handle(["iscsiadm", "-m", "node", "-T", TARGET, "-p", str(portal_of(member)), "--login"])
+    rig.system.lu.member_portals = False
+    calls = len(rig.iscsi.calls)
+    lun = rig.reconcile()
+    rig.settle()
+    assert lun.state == "routed"
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+    assert lun.sessions is not None and not lun.sessions.managed
+    assert "VPD 0xC1" in (lun.sessions.unmanaged_reason or "")
+    assert len(rig.iscsi.calls) == calls  # nothing logged in or out
+
+
+def test_manage_sessions_false_leaves_sessions_alone(tmp_path):
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, manage_sessions=False))
+    lun = rig.reconcile()
+    rig.settle()
+    assert lun.sessions is not None and lun.sessions.unmanaged_reason == "manage_sessions = false"
+    assert len(rig.iscsi.sessions) == 1
+
+
+def test_logout_refuses_an_open_device_and_then_removes_routing_sessions_and_records(tmp_path):
+    rig = make(tmp_path)
+    rig.reconcile()
+    rig.settle()
+    top = f"switch-{rig.system.wwid}"
+    rig.system.dm.opened[top] = 1
+    with pytest.raises(DeviceBusyError, match=top):
+        asyncio.run(rig.orch.logout(top))
+    assert top in rig.system.dm.devices and len(rig.iscsi.sessions) == 6
+    rig.system.dm.opened.clear()
+    result = asyncio.run(rig.orch.logout(TARGET))
+    assert result["routing_removed"] == [f"/dev/mapper/{top}"]
+    assert not [d for d in rig.system.dm.devices.values() if d.uuid.startswith("SWAGENT-")]
+    assert rig.iscsi.sessions == {}
+    # The records the agent made are gone; the administrator's record stays.
+    assert list(rig.iscsi.records) == [(TARGET, portal_of(0), "default")]
+    assert result["errors"] == []
+    # Not routed again until a login.
+    with pytest.raises(Exception, match="logged out"):
+        rig.reconcile()
+    rig.orch.login_seen(TARGET)
+    assert rig.orch.withdrawn == set()
+
+
+# -- what the daemon answers: status, the control messages, the metrics ---------------
+
+
+def test_status_render_metrics_and_control_messages(tmp_path):
+    from agent.cli import render
+    from agent.daemon import Daemon
+    from agent.metrics import Metrics
+    from tests.unit.test_metrics import OFF, samples, value
+    from prometheus_client import generate_latest
+
+    rig = make(tmp_path)
+    rig.iscsi.unreachable.add(portal_of(2))
+    daemon = Daemon(dataclasses.replace(CONFIG, socket_path=tmp_path / "run" / "control.sock"), rig.system,
+                    None, sessions=rig.keeper)
+    rig.orch = daemon.orchestrator
+
+    async def scenario():
+        await daemon.orchestrator.reconcile(rig.system.wwid)
+        await daemon.orchestrator.keep_sessions(rig.system.wwid)
+        status = await daemon.handle_request({"command": "status"})
+        told = await daemon.handle_request({"command": "sessions", "target": TARGET,
+                                            "portal": str(portal_of(0)), "iface": "default"})
+        with pytest.raises(ValueError):
+            await daemon.handle_request({"command": "sessions", "target": "-o delete"})
+        await asyncio.gather(*daemon._tasks)
+        return status, told
+
+    status, told = asyncio.run(scenario())
+    record = status[0]["sessions"]
+    assert record["managed"] and record["target"] == TARGET
+    by_id = {m["member_id"]: m for m in record["members"]}
+    assert (by_id[1]["logged_in"], by_id[1]["want"], by_id[1]["not_ours"]) == (2, 2, 1)
+    assert by_id[3]["logged_in"] == 0 and "TRANS_TIMEOUT" in by_id[3]["last_error"]
+    assert told == {"target": TARGET, "luns": [rig.system.wwid]}
+    text = render("status", status)
+    assert "sessions 2/2 (logged in 2, failed 0, not ours 1)" in text
+    assert "last login error:" in text and f"sessions managed, target {TARGET}" in text
+    found = samples(generate_latest(Metrics(OFF, lambda: daemon.orchestrator.luns.values(),
+                                            daemon.orchestrator.clock).registry))
+    wwid = rig.system.wwid
+    assert value(found, "switch_agent_member_sessions", wwid=wwid, member="m0", state="logged_in") == 2
+    assert value(found, "switch_agent_member_sessions", wwid=wwid, member="m2", state="want") == 2
+    assert value(found, "switch_agent_member_sessions", wwid=wwid, member="m2", state="logged_in") == 0
+    assert value(found, "switch_agent_login_failures_total", wwid=wwid, member="m2") >= 1
+
+    async def logout():
+        with pytest.raises(ValueError):
+            await daemon.handle_request({"command": "logout"})
+        return await daemon.handle_request({"command": "logout", "ref": f"switch-{wwid}"})
+
+    result = asyncio.run(logout())
+    assert result["target"] == TARGET and result["luns"] == [wwid]
+    assert rig.iscsi.sessions == {}
+    assert rig.iscsi.records == {}  # login's record too: the daemon was told it made it
+
+
+def test_unmanaged_status_says_why(tmp_path):
+    from agent.cli import render
+
+    rig = make(tmp_path)
+    rig.system.lu.member_portals = False
+    lun = rig.reconcile()
+    text = render("status", [rig.orch.status(lun).to_json()])
+    assert "sessions unmanaged: the array does not offer VPD 0xC1" in text
