@@ -54,7 +54,7 @@ class DeviceBusyError(SwitchAgentError):
     def __init__(self, device: str, holders: list[str]) -> None:
         self.device = device
         self.holders = holders
-        super().__init__(f"{device} is in use ({', '.join(holders) or 'open, holder not found'}); "
+        super().__init__(f"{device} is busy: in use ({', '.join(holders) or 'open, holder not found'}); "
                          "close it (umount, stop the process) and log out again; nothing was changed")
 
 

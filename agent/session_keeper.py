@@ -22,6 +22,8 @@ backoff (``LoginFailure``), so nothing here loops tightly.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -214,18 +216,32 @@ class SessionKeeper:
             self.ledger.save()
 
     async def join(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Joined:
-        """Log in to the members that own pages and have no logged-in session, before they are routed to."""
+        """Log in to the members that own pages and have no logged-in session, before they are routed to
+        (and, while at it, the other logins of the plan); nothing when no member joins."""
         plan = await self._plan(lun, topology, page_map, held_devs)
         if plan is None or not plan.join_first:
             return Joined()
         target = self._targets[self._target_of[lun.wwid]]
         sids: list[int] = []
         members: set[int] = set()
+        # With members joining, the other members' missing sessions are logged in in the same pass:
+        # after a first login the whole set is there when the first epoch is built.
+        by_member: dict[int, list[Login]] = {}
         for login in plan.logins:
-            if login.member_id in plan.join_first:
-                made = await self._login(target, login)
-                sids += made
-                members |= {login.member_id} if made else set()
+            by_member.setdefault(login.member_id, []).append(login)
+
+        async def join_member(logins: list[Login]) -> list[int]:
+            made: list[int] = []
+            for login in logins:
+                made += await self._login(target, login)
+            return made
+
+        # Members side by side (each login is a second or more of iscsiadm and iscsid): the
+        # pages wait for the slowest, not for the sum.
+        results = await asyncio.gather(*(join_member(logins) for logins in by_member.values()))
+        for member_id, made in zip(by_member, results):
+            sids += made
+            members |= {member_id} if made else set()
         if sids:
             self.ledger.save()
         await self._replan(lun, target, held_devs)
@@ -302,12 +318,12 @@ class SessionKeeper:
 
     async def _plan(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Plan | None:
         """Find the LUN's target and members, and plan; None (with lun.sessions saying why) when unmanaged."""
-        sessions = await self.host.iscsi_sessions()
-        devices = {p.device for p in topology.paths}
-        targets = sorted({s.target_name for s in sessions if devices & set(s.disks)})
         if not self.config.manage_sessions:
             self._unmanaged(lun, None, "manage_sessions = false")
             return None
+        sessions = await self.host.iscsi_sessions()
+        devices = {p.device for p in topology.paths}
+        targets = sorted({s.target_name for s in sessions if devices & set(s.disks)})
         if not targets:
             self._unmanaged(lun, None, "no iSCSI session carries its paths")
             return None
@@ -319,8 +335,11 @@ class SessionKeeper:
             self._unmanaged(lun, name, "logged out with `switch-agent logout`; `switch-agent login` again")
             return None
         if topology.map_source != "page-map":
-            self._unmanaged(lun, name, f"map source {topology.map_source}: member portals from "
-                                       "SendTargets are not used yet")
+            # Its portals would come from SendTargets discovery (agent.portals.match_sendtargets),
+            # which iscsiadm runs over TCP itself: the sandboxed daemon has no IP (RestrictAddressFamilies).
+            self._unmanaged(lun, name, f"map source {topology.map_source}: the array does not list its "
+                                       "members' portals (SendTargets matching is not run by the daemon); "
+                                       "log in to every member's portal")
             return None
         try:
             portals = await self._member_portals(topology)
@@ -425,8 +444,10 @@ class SessionKeeper:
                             login.portal, login.iface, exc)
                 break
             target.failures.pop(login.key, None)
+            # This login's: logins to other members may run beside it (join() runs them side by side).
             new = sorted(s.sid for s in await self.host.iscsi_sessions()
-                         if s.sid not in before and s.target_name == target.name)
+                         if s.sid not in before and s.target_name == target.name
+                         and _same_portal(s.portal, login.portal) and (s.iface_name or DEFAULT_IFACE) == login.iface)
             entry.sids.update(new)
             made += new
             if via is None and new:
@@ -494,6 +515,16 @@ def load_chap(config: Config) -> ChapCredentials | None:
     if config.chap_credentials_file is None:
         return None
     return load_chap_credentials(config.chap_credentials_file)
+
+
+def _same_portal(a: Portal | None, b: Portal) -> bool:
+    """Equal portals, addresses compared as IP addresses (sysfs and VPD 0xC1 may spell IPv6 apart)."""
+    if a is None or a.port != b.port:
+        return False
+    try:
+        return ipaddress.ip_address(a.address) == ipaddress.ip_address(b.address)
+    except ValueError:
+        return a.address.lower() == b.address.lower()
 
 
 def _merge(groups: Iterable[tuple[MemberView, ...]]) -> list[MemberView]:

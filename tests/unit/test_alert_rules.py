@@ -18,7 +18,7 @@ RULES_DIR = Path(__file__).resolve().parents[2] / "packaging" / "prometheus"
 RULES = RULES_DIR / "switch-agent.rules.yml"
 RULE_TESTS = RULES_DIR / "switch-agent.rules.test.yml"
 ALERTS = ("SwitchAgentLunNotRouted", "SwitchAgentMemberWithoutActivePath", "SwitchAgentMapStale",
-          "SwitchAgentReconcileErrors", "SwitchAgentMetricsNotWritten")
+          "SwitchAgentReconcileErrors", "SwitchAgentMetricsNotWritten", "SwitchAgentMemberSessionsShort")
 
 
 @pytest.fixture(scope="module")

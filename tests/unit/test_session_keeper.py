@@ -144,7 +144,9 @@ def test_members_are_logged_in_before_pages_are_routed_to_them(tmp_path):
     # The first epoch already routes every page to its owner: members 1 and 2 were logged in first.
     assert lun.state == "routed"
     assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
-    assert [len(rig.sessions_of(n)) for n in range(3)] == [1, 2, 2]
+    # Member 0's second session came in the same pass: the whole set is there at the first epoch.
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
+    assert rig.orch.luns[rig.system.wwid].epoch == 1
     rig.settle()
     assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
     state = lun.sessions
@@ -384,3 +386,26 @@ def test_unmanaged_status_says_why(tmp_path):
     lun = rig.reconcile()
     text = render("status", [rig.orch.status(lun).to_json()])
     assert "sessions unmanaged: the array does not offer VPD 0xC1" in text
+
+
+def test_a_joined_member_whose_paths_do_not_show_is_waited_for_a_bounded_time(tmp_path):
+    import time
+
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, iscsiadm_timeout_s=1.0))
+    first = set(rig.system.paths)
+    describe = rig.system.describe_path
+
+    async def only_the_first(device, luns=None):  # the new disks never get a wwid (a stuck scan)
+        return await describe(device, luns) if device in first else None
+
+    rig.system.describe_path = only_the_first
+    class AllBut(set):
+        def __contains__(self, name):
+            return name not in first
+
+    rig.system.not_in_mpath = AllBut()  # nor does multipathd take them
+    started = time.monotonic()
+    lun = rig.reconcile()
+    assert 1.0 <= time.monotonic() - started < 10
+    assert lun.state == "routed"  # routed over the paths there are
+    assert len(rig.iscsi.sessions) == 6
