@@ -226,6 +226,8 @@ def cmd_remove_member(args: argparse.Namespace) -> int:
     info = control.request(run_dir, "info")
     result = control.request(run_dir, "retire-member", number=args.member)
     # Its pages now belong to the others; drain and drop its paths, then its port.
+    if args.wait_for_logout is not None:
+        _wait_for_host_logout(info["iqn"], args.member, args.wait_for_logout)
     for session in initiator.sessions(info["iqn"]):
         if session.member_number == args.member:
             initiator.remove_paths(session.devices)
@@ -233,6 +235,17 @@ def cmd_remove_member(args: argparse.Namespace) -> int:
     control.request(run_dir, "delete-member", number=args.member)
     _emit(args, result, f"removed m{args.member}, generation {result['generation']}")
     return 0
+
+
+def _wait_for_host_logout(iqn: str, member: int, timeout_s: float) -> None:
+    """Let the host's own session manager (the agent) log out of a retired member, as an array's
+    member removal does: the member leaves the map and waits for the initiators to go."""
+    deadline = time.monotonic() + timeout_s
+    while any(s.member_number == member for s in initiator.sessions(iqn)):
+        if time.monotonic() >= deadline:
+            raise ControlError(f"the host still has sessions to m{member} {timeout_s:.0f} s after it was "
+                               "retired (it is retired, out of the map, but not deleted)")
+        time.sleep(0.2)  # polling sysfs with a deadline
 
 
 def cmd_corrupt(args: argparse.Namespace) -> int:
@@ -336,8 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--fraction", type=float, required=True)
     add("resize", cmd_resize, "grow or shrink the volume").add_argument("--size", type=_parse_size, required=True)
     add("add-member", cmd_add_member, "a new member with its own portal; it takes ~1/(M+1) of the pages")
-    add("remove-member", cmd_remove_member, "move a member's pages away, log out of it, delete it").add_argument(
-        "member", type=int, help="member number k (m<k>)")
+    remove = add("remove-member", cmd_remove_member, "move a member's pages away, log out of it, delete it")
+    remove.add_argument("member", type=int, help="member number k (m<k>)")
+    remove.add_argument("--wait-for-logout", type=float, metavar="S",
+                        help="leave the logout to the host (its agent): wait up to S s for its sessions to "
+                             "the member to end before deleting it")
     login = add("login", cmd_login, "iscsiadm discovery and login (all members or one)")
     login.add_argument("--member", type=int)
     credentials(login, "write these CHAP credentials into the node records before logging in")

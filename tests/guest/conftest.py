@@ -38,3 +38,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.guest)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A failure's traceback at once, not only in the summary: a guest run that hits the rig's
+    timeout is killed before pytest prints its summary."""
+    if report.failed and os.environ.get("SWITCH_AGENT_VM"):
+        print(f"\n--- {report.nodeid} {report.when} failed:\n{report.longreprtext[-4000:]}", flush=True)
