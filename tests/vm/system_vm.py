@@ -244,6 +244,19 @@ def package(say_=say) -> Path:
     return debs[-1]
 
 
+def missing_dependencies(deb: Path, image: Image) -> list[str]:
+    """The .deb's Depends that the image lacks: the guest has no network, so apt could not fetch them."""
+    depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True,
+                             check=True).stdout
+    installed = {line.split()[0] for line in (image.directory / "manifest.txt").read_text().splitlines()[1:]}
+    missing = []
+    for clause in depends.split(","):
+        names = {alt.split()[0].split(":")[0] for alt in clause.split("|") if alt.strip()}
+        if names and not names & installed:
+            missing.append(clause.strip())
+    return missing
+
+
 @dataclass
 class ScenarioResult:
     rc: int
@@ -270,6 +283,10 @@ def run_scenario(workdir: Path, timeout_s: float = 1500.0, deb: Path | None = No
     t = time.monotonic()
     deb = deb or package()
     timings["package_s"] = round(time.monotonic() - t, 1)
+    missing = missing_dependencies(deb, image)
+    if missing:
+        raise RuntimeError(f"{deb.name} depends on what the image lacks: {missing}; add them to "
+                           f"{SYSTEM / 'packages.txt'} (the guest installs offline)")
     workdir.mkdir(parents=True, exist_ok=True)
     machine = Machine(image, workdir)
     machine.prepare()

@@ -51,3 +51,25 @@ def test_qemu_boots_the_image_kernel_with_systemd_and_no_kvm(tmp_path: Path) -> 
     assert [d.split(",")[0] for d in drives] == [f"file={tmp_path / 'work' / 'root.img'}",
                                                  f"file={tmp_path / 'work' / 'array.img'}"]
     assert f"mount_tag={system_vm.SHARE_TAG}" in " ".join(argv)
+
+
+def _deb(tmp_path: Path, depends: str) -> Path:
+    import subprocess
+
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: t\nVersion: 1\nArchitecture: all\nMaintainer: t <t@example.org>\nDescription: t\n"
+        f"Depends: {depends}\n")
+    subprocess.run(["dpkg-deb", "-b", "--root-owner-group", str(root), str(tmp_path / "t.deb")], check=True,
+                   capture_output=True)
+    return tmp_path / "t.deb"
+
+
+@pytest.mark.skipif(not __import__("shutil").which("dpkg-deb"), reason="needs dpkg-deb")
+def test_missing_dependencies_names_what_the_offline_guest_lacks(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "manifest.txt").write_text("kernel 6.1.0-57-amd64\npython3 3.11.2-1\nopen-iscsi 2.1.8-1\n")
+    deb = _deb(tmp_path, "python3:any (>= 3.11~), open-iscsi, python3-numpy (>= 1:1.24), foo | open-iscsi")
+    assert system_vm.missing_dependencies(deb, system_vm.Image(image)) == ["python3-numpy (>= 1:1.24)"]

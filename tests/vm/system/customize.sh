@@ -48,6 +48,7 @@ ln -sf /etc/systemd/system/swtest-runner.service "$R/etc/systemd/system/multi-us
 
 # Timers that would wake up during a test and compete for two TCG CPUs.
 # rtslib-fb-targetctl restores (and at shutdown clears) a saved LIO setup: the emulator owns LIO.
-for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer rtslib-fb-targetctl.service; do
+for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer \
+            rtslib-fb-targetctl.service; do
     ln -sf /dev/null "$R/etc/systemd/system/$unit"
 done

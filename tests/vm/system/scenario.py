@@ -332,7 +332,9 @@ def boot2(run: Run) -> None:
         if not found:
             raise StepFailed(f"{MOUNTPOINT} is not mounted after the reboot")
         source = found[0]["source"]
-        uuid = sh("dmsetup", "info", "-c", "--noheadings", "-o", "uuid", source).stdout.strip()
+        rdev = os.stat(source).st_rdev
+        uuid = sh("dmsetup", "info", "-c", "--noheadings", "-o", "uuid", "-j", str(os.major(rdev)),
+                  "-m", str(os.minor(rdev))).stdout.strip()
         if not uuid.startswith("SWAGENT-top-"):
             raise StepFailed(f"{MOUNTPOINT} is mounted from {source} (dm uuid {uuid!r}), not the routed device")
         mount_unit = sh("systemctl", "show", "-p", "ActiveState,ActiveEnterTimestampMonotonic",
