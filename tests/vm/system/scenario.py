@@ -50,15 +50,14 @@ Description=Emulated scale-out iSCSI array (switch-agent tests/array), {MEMBERS}
 RequiresMountsFor=/var/lib/swemu
 Wants=sys-kernel-config.mount
 After=sys-kernel-config.mount local-fs.target
-Before=iscsid.service open-iscsi.service remote-fs-pre.target
+Before=open-iscsi.service remote-fs-pre.target
 
 [Service]
 Type=exec
 RuntimeDirectory=switch-agent-emu
 Environment=PYTHONPATH={EMU} SWEMU_RUN_DIR=/run/switch-agent-emu SWEMU_DATA_DIR=/var/lib/swemu/data
 WorkingDirectory={EMU}
-ExecStartPre=/bin/sh -c 'for k in $(seq 2 {MEMBERS}); do ip addr replace 127.0.0.$k/8 dev lo; done'
-ExecStart=/usr/bin/python3 -m tests.array _serve --members {MEMBERS} --layout striped --size 1G --page-size 1M --keep-data
+{"".join(f"ExecStartPre=/sbin/ip addr replace 127.0.0.{k}/8 dev lo{chr(10)}" for k in range(2, MEMBERS + 1))}ExecStart=/usr/bin/python3 -m tests.array _serve --members {MEMBERS} --layout striped --size 1G --page-size 1M --keep-data
 # Ready when the control socket answers (the server listens once every member serves).
 ExecStartPost=/usr/bin/python3 {EMU}/swemu_ready.py
 # Stopped after open-iscsi has logged out (the reverse of Before=): delete the LIO objects.
@@ -202,7 +201,8 @@ def fio(name: str, *, size: str = "32M", loops: int = 1, background: bool = Fals
 
 
 def fio_result(name: str, rc: int) -> dict[str, Any]:
-    job = json.loads((OUT / f"fio-{name}.json").read_text())["jobs"][0]
+    text = (OUT / f"fio-{name}.json").read_text()
+    job = json.loads(text[text.index("{"):])["jobs"][0]  # fio may print notes before its JSON
     result = {"rc": rc, "error": job["error"], "written_mib": round(job["write"]["io_bytes"] / 2**20, 1),
               "verified_mib": round(job["read"]["io_bytes"] / 2**20, 1)}
     if rc != 0 or job["error"] != 0 or job["read"]["io_bytes"] == 0:
@@ -384,8 +384,7 @@ def boot2(run: Run) -> None:
     run.step("systemctl stop switch-agent: I/O goes on", stop)
 
     def trigger() -> dict[str, Any]:
-        cursor = sh("journalctl", "-n", "0", "--show-cursor", "--quiet", check=False).stdout.strip()
-        cursor = cursor.split("cursor: ", 1)[-1] if "cursor: " in cursor else ""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 1))
         sh("udevadm", "control", "--log-level=debug")
         before = array("info")["generation"]
         moved = array("move", fraction=0.25)
@@ -398,7 +397,7 @@ def boot2(run: Run) -> None:
         record = wait_for(lambda: routed(generation), 300, f"the moved pages routed (generation {generation})")
         routed_s = time.monotonic() - t
         sh("udevadm", "control", "--log-level=info")
-        args = ["journalctl", "--no-pager", "-o", "cat"] + ([f"--after-cursor={cursor}"] if cursor else [])
+        args = ["journalctl", "--no-pager", "-o", "cat", f"--since={since}"]
         udev_lines = [line for line in sh(*args, "-u", "systemd-udevd").stdout.splitlines()
                       if "switch-agent trigger" in line]
         starts = [line for line in sh(*args, "-u", "switch-agent.service", "-u", "switch-agent.socket").stdout
@@ -424,7 +423,9 @@ def boot2(run: Run) -> None:
         by_wwid = sh("journalctl", "-u", "switch-agent", f"WWID={wwid}", "-o", "cat", "--no-pager").stdout
         boots = sorted({e.get("_BOOT_ID") for e in with_wwid})
         if not with_wwid:
-            raise StepFailed(f"no journal entry of switch-agent carries WWID={wwid} ({len(entries)} entries)")
+            seen = sorted({str(e["WWID"]) for e in entries if "WWID" in e})
+            raise StepFailed(f"no journal entry of switch-agent carries WWID={wwid} ({len(entries)} entries; "
+                             f"WWIDs seen: {seen})")
         return {"entries": len(entries), "with_wwid": len(with_wwid), "fields": fields, "boots": len(boots),
                 "example": with_wwid[-1].get("MESSAGE"), "members": sorted({e["MEMBER"] for e in with_wwid
                                                                              if "MEMBER" in e}),
