@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser("daemon", help="run the agent in the foreground (for systemd)",
                             description="Watch udev for multipath LUNs of configured arrays and keep "
-                                        "each one routed. Logs go to stderr (journald). SIGTERM stops "
-                                        "the daemon and leaves routed devices in place.")
+                                        "each one routed. Run by systemd, it logs to the journal with the "
+                                        "fields WWID, MPATH and MEMBER (journalctl -u switch-agent "
+                                        "WWID=<wwid>) and takes its control socket from switch-agent.socket; "
+                                        "anywhere else it logs to stderr and binds the socket itself. "
+                                        "SIGTERM stops the daemon and leaves routed devices in place.")
     daemon.add_argument("--poll-interval", type=float, metavar="SECONDS",
                         help="how often to poll each LUN's map generation (config: poll_interval_s)")
     daemon.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -107,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "of the LUN behind a SCSI device (--scsi-device /devices/...) and "
                                          "return without waiting. With switch-agent.socket listening, a "
                                          "daemon that is down is started by this request, and reads it once "
-                                         f"it runs; the wait for its answer ends after {TRIGGER_TIMEOUT_S:g} s "
-                                         "(exit 0), so udev never stalls on it. Silent and exit 0 when "
-                                         "neither the daemon nor its socket is there.")
+                                         f"it runs; the wait for its answer ends after {TRIGGER_TIMEOUT_S:g} s. "
+                                         "Exit 0 either way, silent when neither the daemon nor its socket is there, "
+                                         "so udev never stalls on it.")
     what = trigger.add_mutually_exclusive_group(required=True)
     what.add_argument("lun", nargs="?", help="wwid or mpath-<wwid>")
     what.add_argument("--scsi-device", metavar="DEVPATH", help="udev DEVPATH of a scsi_device")

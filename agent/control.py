@@ -220,6 +220,12 @@ async def _listen(path: Path, directory_fd: int, on_connect: OnConnect) -> async
     else:
         if not stat.S_ISSOCK(old.st_mode):
             raise ControlSocketError(path, "exists and is not a socket")
+        if _listening(path):
+            # Not a dead daemon's: switch-agent.socket's. Binding over it would leave the socket
+            # unit listening on a removed name, and nothing could start the daemon through it.
+            raise ControlSocketError(path, "another process listens on it (switch-agent.socket?); start the "
+                                           "daemon through it (`systemctl start switch-agent`) or stop it first "
+                                           "(`systemctl stop switch-agent.socket`)")
         os.unlink(path.name, dir_fd=directory_fd)
     old_umask = os.umask(0o177)
     try:
@@ -228,6 +234,21 @@ async def _listen(path: Path, directory_fd: int, on_connect: OnConnect) -> async
         raise ControlSocketError(path, exc.strerror or str(exc)) from None
     finally:
         os.umask(old_umask)
+
+
+def _listening(path: Path, table: Path = Path("/proc/net/unix")) -> bool:
+    """Whether a listening unix socket is bound to `path` (the kernel's table; connecting to find out
+    would start the daemon through a socket unit)."""
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path; __SO_ACCEPTCON (0x10000) in Flags: listening
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+            return True
+    return False
 
 
 def _connection_handler(handler: Handler, allowed_uid: int, read_timeout_s: float, max_clients: int) -> OnConnect:

@@ -10,7 +10,6 @@ failure. SIGTERM stops the daemon and leaves every routed device in place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
@@ -73,23 +72,24 @@ class LunScheduler:
         if pending:
             pending.cancel()
         try:
-            with self._about(wwid):
+            with logfields.about(**self._fields(wwid)):
                 return await self.orchestrator.reconcile(wwid)
         finally:
             self.after_reconcile()
 
-    def _about(self, wwid: str) -> contextlib.AbstractContextManager[None]:
+    def _fields(self, wwid: str) -> dict[str, str | None]:
         """The journal fields of every message logged while working on `wwid` (agent.logfields)."""
         lun = self.orchestrator.luns.get(wwid)
-        return logfields.about(WWID=wwid, MPATH=lun.topology.mpath_name if lun and lun.topology else None)
+        return {"WWID": wwid, "MPATH": lun.topology.mpath_name if lun and lun.topology else None}
+
+    def _task_about(self, wwid: str) -> None:
+        """The fields for the rest of this task: reconcile and heal runs are tasks of their own."""
+        logfields.replace(**self._fields(wwid))
 
     async def _run(self, wwid: str, delay: float) -> None:
         await self.sleep(delay)
         self._pending.pop(wwid, None)
-        with self._about(wwid):
-            await self._reconcile(wwid)
-
-    async def _reconcile(self, wwid: str) -> None:
+        self._task_about(wwid)
         try:
             await self.orchestrator.reconcile(wwid)
         except (NotOurArrayError, LunNotFoundError) as exc:
@@ -118,10 +118,7 @@ class LunScheduler:
     async def _heal(self, wwid: str, delay: float, attempt: int, events: dict[str, int] | None) -> None:
         await self.sleep(delay)
         self._healing.pop(wwid, None)
-        with self._about(wwid):
-            await self._heal_now(wwid, attempt, events)
-
-    async def _heal_now(self, wwid: str, attempt: int, events: dict[str, int] | None) -> None:
+        self._task_about(wwid)
         try:
             still_failed = await self.orchestrator.heal_paths(wwid, events)
         except Exception:  # a bug must not kill the daemon's other LUNs
@@ -351,10 +348,14 @@ class Daemon:
             # From the udev rule: schedule and return at once; udev must not wait on us.
             # Checked as the CLI checks it: anyone root can send any bytes here, not only the CLI.
             what, value = control.check_trigger(request)
+            # At info: the one trace in the daemon's log that the rule ran (udev logs RUN only at debug).
             if what == "scsi_device":
+                LOG.info("udev rule: trigger for SCSI device %s", value)
                 await self._on_trigger(Trigger(TriggerKind.UNIT_ATTENTION, scsi_sys_path=value, detail="udev rule"))
             else:
-                self.scheduler.trigger(value.removeprefix("mpath-"), "udev rule")
+                wwid = value.removeprefix("mpath-")
+                LOG.info("%s: udev rule: trigger", wwid, extra=logfields.lun(wwid))
+                self.scheduler.trigger(wwid, "udev rule")
             return {"scheduled": True}
         if command == "refresh":
             ref = _text(request, "lun")

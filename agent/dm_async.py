@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import logging
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -138,8 +139,9 @@ class AsyncDeviceMapper:
         return await asyncio.to_thread(_resume_suspended, self.dm, uuids)
 
     async def _waiting_for_udev(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # In the caller's context, as to_thread runs it: its log messages keep their LUN's fields.
         return await asyncio.get_running_loop().run_in_executor(
-            self._udev_waits, functools.partial(call, *args, **kwargs))
+            self._udev_waits, functools.partial(contextvars.copy_context().run, call, *args, **kwargs))
 
 
 def swap_table(dm: SyncDeviceMapper, uuid: str, targets: list[Any], *, udev_flags: int = 0,

@@ -53,6 +53,12 @@ def add(**fields: str | None) -> None:
     _CURRENT.set(tuple({**dict(_CURRENT.get()), **_checked(fields)}.items()))
 
 
+def replace(**fields: str | None) -> None:
+    """The current task's fields from here on are `fields` alone (for a task of its own: asyncio gave
+    it a copy of its creator's context, and what that held is about something else)."""
+    _CURRENT.set(tuple(_checked(fields).items()))
+
+
 def current() -> dict[str, str]:
     return dict(_CURRENT.get())
 

@@ -261,3 +261,27 @@ def test_a_request_that_was_sent_but_not_answered_is_told_apart(tmp_path):
     with pytest.raises(control.NoAnswerError):
         control.request(tmp_path / "run" / "control.sock", {"command": "status"}, timeout_s=0.2)
     unit.close()
+
+
+def test_a_daemon_started_by_hand_leaves_the_socket_units_socket_alone(tmp_path):
+    """Not activated, with switch-agent.socket listening on the path: refuse, do not bind over it."""
+    path = tmp_path / "run" / "control.sock"
+    unit = listening_socket(path)
+    inode = path.stat().st_ino
+
+    async def handler(request):
+        return {}
+
+    async def main():
+        with pytest.raises(control.ControlSocketError, match="another process listens on it"):
+            await control.serve(path, handler, allowed_uid=os.getuid())
+
+    asyncio.run(main())
+    assert path.stat().st_ino == inode
+    unit.close()
+    # The socket of a daemon that died (nobody listens): replaced as before.
+    async def dead():
+        async with await control.serve(path, handler, allowed_uid=os.getuid()):
+            assert await asyncio.to_thread(control.request, path, {"command": "status"}) == {}
+
+    asyncio.run(dead())

@@ -7,8 +7,11 @@ import asyncio
 import io
 import logging
 import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +215,134 @@ def test_the_daemons_own_messages_carry_the_luns_and_the_members_fields(tmp_path
     assert all(e.get("MPATH") == mpath for e in about_lun if "reconciled in" in e["MESSAGE"])
     reinstated = [e for e in about_lun if "reinstated" in e["MESSAGE"]]
     assert reinstated and reinstated[0]["MEMBER"] == member and reinstated[0]["PRIORITY"] == "6"
+
+
+def test_messages_from_the_worker_threads_keep_the_luns_fields(tmp_path):
+    """dm calls that wait for udev run on a pool of their own (not to_thread): they keep the caller's context."""
+    from agent.dm_async import AsyncDeviceMapper
+
+    fake = FakeJournal(tmp_path / "socket")
+    handler = journal.JournalHandler(fake.path)
+    log = logging.getLogger("agent.test.threads")
+    log.propagate = False
+    log.addHandler(handler)
+
+    class WaitingDm:
+        def device_remove(self, name=None, *, uuid=None, wait_for_udev=True):
+            log.warning("udev cookie: udev did not complete in time")  # what dm_udev_sync says from that thread
+
+    async def main():
+        dm = AsyncDeviceMapper(WaitingDm())  # type: ignore[arg-type]
+        with logfields.about(WWID="3600a"):
+            await dm._waiting_for_udev(dm.dm.device_remove, uuid="SWAGENT-top-3600a")
+            await asyncio.to_thread(log.warning, "from to_thread")
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert [(e["MESSAGE"][:10], e.get("WWID")) for e in fake.entries()] == [
+        ("udev cooki", "3600a"), ("from to_th", "3600a")]
+    fake.close()
+
+
+JOURNALD = Path("/lib/systemd/systemd-journald")
+REAL_JOURNAL_SCRIPT = r"""
+set -eu
+mount -t tmpfs tmpfs /run   # a private /run in a private mount namespace: the host's is not touched
+mkdir -p /run/systemd/journal
+SYSTEMD_LOG_LEVEL=warning "$1" >/dev/null 2>&1 &
+journald=$!
+i=0; until [ -S /run/systemd/journal/socket ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; done
+"$2" -c "$3"
+journalctl --directory=/run/log/journal --sync >/dev/null 2>&1 || sleep 1
+journalctl --directory=/run/log/journal WWID=36001405journalcheck -o json --all
+kill $journald
+"""
+REAL_JOURNAL_CLIENT = """
+import logging, socket
+from agent import journal, logfields
+handler = journal.JournalHandler()
+log = logging.getLogger("agent.check")
+log.addHandler(handler)
+log.setLevel(logging.INFO)
+with logfields.about(WWID="36001405journalcheck", MPATH="mpathj"):
+    log.info("routed", extra=logfields.member("m2"))
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("with a traceback")
+    handler._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    log.warning("big %s", "z" * 300000)
+log.info("about nothing")
+"""
+
+
+def _can_run_journald() -> bool:
+    if os.geteuid() != 0 or not JOURNALD.exists() or not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_run_journald(), reason="needs root, unshare and systemd-journald")
+def test_a_real_journald_takes_the_entries_and_finds_them_by_field():
+    """systemd-journald itself, in a private mount namespace, behind the handler: plain, traceback, memfd."""
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", REAL_JOURNAL_SCRIPT, "sh",
+                           str(JOURNALD), sys.executable, REAL_JOURNAL_CLIENT],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    entries = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(e["MESSAGE"][:16], e["PRIORITY"], e.get("MEMBER"), e["MPATH"]) for e in entries] == [
+        ("routed", "6", "m2", "mpathj"), ("with a traceback", "3", None, "mpathj"),
+        ("big " + "z" * 12, "4", None, "mpathj")]
+    assert "ValueError: boom" in entries[1]["MESSAGE"] and entries[1]["EXCEPTION"] == "ValueError"
+    assert len(entries[2]["MESSAGE"]) == 300004  # sent in a sealed memfd
+    assert all(e["SYSLOG_IDENTIFIER"] == "switch-agent" for e in entries)
+
+
+def test_a_trigger_from_the_udev_rule_is_in_the_journal_with_its_lun(tmp_path):
+    """The sign that the rule really ran `switch-agent trigger`: the daemon's info line, with WWID."""
+    from agent import cli
+
+    fake = FakeJournal(tmp_path / "journal.socket")
+    handler = journal.JournalHandler(fake.path)
+    agent_log = logging.getLogger("agent")
+    old_level = agent_log.level
+    agent_log.setLevel(logging.INFO)
+    agent_log.addHandler(handler)
+    system = FakeSystem(tmp_path=tmp_path / "store")
+    cfg = config(tmp_path)
+
+    async def main():
+        async with running(cfg, system) as (daemon, _):
+            await until(lambda: routed(system, daemon))
+            argv = ["--socket", str(cfg.socket_path), "trigger", f"mpath-{system.wwid}"]
+            return await asyncio.to_thread(cli.main, argv)
+
+    try:
+        assert asyncio.run(main()) == cli.EXIT_OK
+    finally:
+        agent_log.removeHandler(handler)
+        agent_log.setLevel(old_level)
+        handler.close()
+    entries = [e for e in fake.entries() if "udev rule: trigger" in e["MESSAGE"]]
+    fake.close()
+    assert [(e["WWID"], e["PRIORITY"]) for e in entries] == [(system.wwid, "6")]
+
+
+def test_a_task_replaces_the_fields_it_inherited_and_its_creator_keeps_its_own():
+    async def other_lun() -> dict[str, str]:
+        logfields.replace(WWID="B", MPATH=None)  # B's multipath name not known yet: no stale MPATH of A's
+        await asyncio.sleep(0)
+        return logfields.current()
+
+    async def main() -> tuple[dict[str, str], dict[str, str]]:
+        with logfields.about(WWID="A", MPATH="mpatha"):
+            inner = await asyncio.create_task(other_lun())
+            return inner, logfields.current()
+
+    assert asyncio.run(main()) == ({"WWID": "B"}, {"WWID": "A", "MPATH": "mpatha"})
+    assert logfields.current() == {}
