@@ -310,6 +310,10 @@ def report(result: ScenarioResult) -> str:
         what = json.dumps(s.get("details") if s["ok"] else s.get("error"))
         lines.append(f"boot {s['boot']} {'ok  ' if s['ok'] else 'FAIL'} {s['seconds']:6.1f} s  {s['step']}: "
                      f"{what[:600]}")
+    up2 = next((s for s in result.steps() if s["step"] == "system up (after the reboot)"), None)
+    if up2 and "reboot_requested_at" in result.results:
+        lines.append(f"reboot: {up2['ended_at'] - result.results['reboot_requested_at']:.1f} s from "
+                     "`systemctl reboot` to the second boot's system up (shutdown included)")
     lines.append(f"boot1_ok={result.results.get('boot1_ok')} boot2_ok={result.results.get('boot2_ok')} "
                  f"(work dir {result.workdir})")
     return "\n".join(lines)

@@ -62,3 +62,5 @@ def test_install_and_reboot_in_systemd_guest(tmp_path: Path) -> None:
     assert trigger["udev_trigger_count"] > 0
     assert trigger["record_generation"] == trigger["generation"]
     assert "WWID" in steps["journalctl -u switch-agent -o json: structured fields"]["details"]["fields"]
+    for disk in ("root.img", "array.img"):  # ~1 GB each; the logs and results stay
+        (result.workdir / disk).unlink(missing_ok=True)

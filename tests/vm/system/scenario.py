@@ -113,6 +113,7 @@ class Run:
             record["error"] = f"{type(exc).__name__}: {exc}"
             log(traceback.format_exc())
         record["seconds"] = round(time.monotonic() - started, 1)
+        record["ended_at"] = round(time.time(), 1)  # the guest's clock runs on across the reboot
         log(f"    {'ok' if record['ok'] else 'FAILED'} in {record['seconds']} s: "
             f"{json.dumps(record.get('details', record.get('error')))[:2000]}")
         self.results["steps"].append(record)
@@ -315,6 +316,7 @@ def boot1(run: Run) -> None:
         return {"files": len(manifest), "mib": round(sum((FILES / n).stat().st_size for n in manifest) / 2**20, 1)}
     run.step("checksummed files", files)
     run.results["reboot_requested_uptime_s"] = float(Path("/proc/uptime").read_text().split()[0])
+    run.results["reboot_requested_at"] = round(time.time(), 1)
     run.save()
 
 
@@ -402,13 +404,16 @@ def boot2(run: Run) -> None:
                       if "switch-agent trigger" in line]
         starts = [line for line in sh(*args, "-u", "switch-agent.service", "-u", "switch-agent.socket").stdout
                   .splitlines() if "Start" in line]
+        # The daemon's own line for each trigger it received (one per udev RUN that reached it).
+        daemon_lines = [line for line in sh(*args, "-u", "switch-agent.service").stdout.splitlines()
+                        if "udev rule: trigger" in line]
         if not udev_lines:
             raise StepFailed("udev's log shows no `switch-agent trigger` after the move")
         details = {"generation_before": before, "generation": generation, "moved": moved,
                    "daemon_started_s": round(started_s, 1), "routed_s": round(routed_s, 1),
                    "record_generation": record["generation"],
                    "udev_trigger_lines": udev_lines[:6], "udev_trigger_count": len(udev_lines),
-                   "service_starts": starts[:6]}
+                   "service_starts": starts[:6], "daemon_trigger_lines": daemon_lines[:6]}
         details["quiet_after_move"] = quiet_window()
         return details
     run.step("a move's unit attention: udev's trigger starts the daemon, moved pages routed", trigger)
