@@ -59,7 +59,7 @@ Environment=PYTHONPATH={EMU} SWEMU_RUN_DIR=/run/switch-agent-emu SWEMU_DATA_DIR=
 WorkingDirectory={EMU}
 {"".join(f"ExecStartPre=/sbin/ip addr replace 127.0.0.{k}/8 dev lo{chr(10)}" for k in range(2, MEMBERS + 1))}ExecStart=/usr/bin/python3 -m tests.array _serve --members {MEMBERS} --layout striped --size 1G --page-size 1M --keep-data
 # Ready when the control socket answers (the server listens once every member serves).
-ExecStartPost=/usr/bin/python3 {EMU}/swemu_ready.py
+ExecStartPost=/usr/bin/python3 {EMU}/swemu_ready.py $MAINPID
 # Stopped after open-iscsi has logged out (the reverse of Before=): delete the LIO objects.
 ExecStop=/usr/bin/python3 -c 'from tests.array import control; control.request(control.run_dir(), "shutdown", timeout=120)'
 TimeoutStartSec=360
@@ -69,10 +69,13 @@ TimeoutStopSec=150
 WantedBy=multi-user.target
 """
 
-SWEMU_READY = """import sys, time
+SWEMU_READY = """import os, sys, time
 from tests.array import control
+server = int(sys.argv[1])  # $MAINPID: a server that died will never answer
 directory, deadline = control.run_dir(), time.monotonic() + 300
 while not control.server_running(directory):
+    if not os.path.exists(f"/proc/{server}"):
+        sys.exit("the emulated array's server exited (journalctl -u swemu)")
     if time.monotonic() > deadline:
         sys.exit("the emulated array did not come up within 300 s")
     time.sleep(0.2)  # polling the control socket, bounded by the deadline
