@@ -448,6 +448,8 @@ def collect() -> None:
                                                          "--no-pager"],
                        "dmesg.txt": ["dmesg"],
                        "dmsetup.txt": ["dmsetup", "table"],
+                       "devices.txt": ["sh", "-c", "cat /proc/devices; systemctl show switch-agent "
+                                       "-p DevicePolicy -p DeviceAllow -p ActiveState -p NRestarts"],
                        "emulator.log": ["journalctl", "-b", "-u", "swemu", "--no-pager"]}.items():
         try:
             (OUT / f"boot{boot_number()}-{name}").write_text(sh(*argv, check=False, timeout=120).stdout)
