@@ -62,6 +62,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             "--seed", str(args.seed), "--luns", str(args.luns)]
     if args.no_member_portals:
         argv.append("--no-member-portals")
+    if args.keep_data:
+        argv.append("--keep-data")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                SWEMU_RUN_DIR=str(run_dir))
     env.pop(CHAP_ENV, None)
@@ -303,7 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(ServerConfig(run_dir=control.run_dir(), members=args.members, layout=args.layout,
                             size_bytes=args.size, page_size_bytes=args.page_size, seed=args.seed,
                             luns=args.luns, chap=parse_chap(chap) if chap else None,
-                            member_portals=not args.no_member_portals))
+                            member_portals=not args.no_member_portals, keep_data=args.keep_data))
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -330,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="volumes, each LUN i of every member; LUN 0 follows the control commands")
         p.add_argument("--no-member-portals", action="store_true",
                        help="do not offer VPD 0xC1 (a protocol-1.0 array: hosts cannot manage its sessions)")
+        p.add_argument("--keep-data", action="store_true",
+                       help="serve the data already in the data directory ($SWEMU_DATA_DIR) instead of "
+                            "starting from zeros: the array's disks survive a restart (same --size)")
 
     def credentials(p: argparse.ArgumentParser, what: str) -> None:
         group = p.add_mutually_exclusive_group()

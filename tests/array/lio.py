@@ -91,8 +91,10 @@ class LioArray:
                  control: str = CONTROL, chap: Chap | None = None) -> None:
         import rtslib_fb  # only in the guest: the host has no configfs
 
-        # rtslib's RTSRoot insists on its dbroot directory existing, though we save nothing.
-        Path("/etc/target").mkdir(exist_ok=True)
+        # rtslib's RTSRoot insists on its dbroot directory existing, though we save nothing:
+        # /etc/target for PyPI's rtslib-fb, /etc/rtslib-fb-target for Debian's python3-rtslib-fb.
+        for dbroot in ("/etc/target", "/etc/rtslib-fb-target"):
+            Path(dbroot).mkdir(exist_ok=True)
         self._rts = rtslib_fb
         self.iqn = iqn
         self.volume = volume

@@ -54,6 +54,8 @@ class ServerConfig:
     """CHAP every member's TPG requires; None: no authentication."""
     member_portals: bool = True
     """False: no VPD 0xC1 (a protocol-1.0 array, whose sessions a host cannot manage)."""
+    keep_data: bool = False
+    """True: serve the data already in the data directory (an array that survives a host's reboot)."""
 
 
 @dataclass
@@ -81,7 +83,8 @@ class ArrayServer:
         self.volume = ArrayVolume(size_bytes=config.size_bytes, page_size_bytes=config.page_size_bytes,
                                   members=config.members, layout=config.layout, seed=config.seed)
         data_dir = Path(os.environ.get("SWEMU_DATA_DIR", config.run_dir / "data"))
-        shutil.rmtree(data_dir, ignore_errors=True)  # a new volume reads as zeros
+        if not config.keep_data:
+            shutil.rmtree(data_dir, ignore_errors=True)  # a new volume reads as zeros
         self.store = SparseStore(data_dir, config.size_bytes)
         self.identity = LuIdentity.for_volume(config.volume_name)
         self.lu = LogicalUnit(self.volume, self.store, self.identity, member_portals=config.member_portals)

@@ -44,9 +44,10 @@ command -v dpkg-query >/dev/null 2>&1 || die "not a Debian system (no dpkg-query
 #   prometheus-node-exporter and tmux for the metrics test (tests/guest/test_metrics.py),
 #   and prometheus for its promtool, which checks packaging/prometheus/ on the host.
 # gcc, python3-dev: the editable install compiles the encoder's C core.
+# mmdebstrap: the systemd guest's own Debian root (tests/vm/system/build-image.sh).
 PKGS="gcc python3-dev qemu-system-x86 linux-image-amd64 busybox-static file util-linux-extra
       open-iscsi multipath-tools dmsetup sg3-utils libiscsi-bin fio kmod
-      iproute2 udev procps prometheus prometheus-node-exporter tmux"
+      iproute2 udev procps prometheus prometheus-node-exporter tmux mmdebstrap"
 
 if [ ! -x "$VENV/bin/python" ]; then
     PY=$(command -v python3 || true)
