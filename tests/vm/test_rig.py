@@ -43,6 +43,8 @@ def junit_cases(results: Path) -> list[tuple[str, str, str]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome, message = child.tag, child.get("message", "")
+                if child.tag == "skipped" and child.get("type") == "pytest.xfail":
+                    outcome = "xfailed"  # pytest.xfail(): a gap the test names, not a skip
         cases.append((case.get("name", "?"), outcome, message))
     return cases
 
@@ -51,13 +53,21 @@ def check_rig_status(proc: subprocess.CompletedProcess, results: Path) -> None:
     assert proc.returncode != RIG_FAILURE, f"the VM rig itself failed; logs in {results}"
 
 
-def run_guest_tests(tmp_path: Path, *options: str, tests: list[str], min_cases: int) -> None:
-    """Boot one VM with the rig `options`, run guest pytest on `tests`; every case must pass."""
+def run_guest_tests(tmp_path: Path, *options: str, tests: list[str], min_cases: int,
+                    known_gaps: frozenset[str] = frozenset()) -> None:
+    """Boot one VM with the rig `options`, run guest pytest on `tests`; every case must pass.
+
+    A case named in `known_gaps` may instead end in pytest.xfail(): it ran all its other
+    checks and measured a bound an open issue has not met yet; that is printed, never hidden.
+    """
     results = tmp_path / "vm"
     proc = rig(results, *options, command=guest_pytest(results, "-s", *tests))
     check_rig_status(proc, results)
     cases = junit_cases(results)
-    not_passed = [c for c in cases if c[1] != "passed"]
+    for name, outcome, message in cases:
+        if outcome == "xfailed" and name in known_gaps:
+            print(f"KNOWN GAP (not a pass): {name}: {message}")
+    not_passed = [c for c in cases if c[1] != "passed" and not (c[1] == "xfailed" and c[0] in known_gaps)]
     assert proc.returncode == 0 and not not_passed, f"{tests}: not passed {not_passed}; logs in {results}"
     assert len(cases) >= min_cases, cases
 
