@@ -65,7 +65,10 @@ def sessions(target: str, sys_root: Path = SYS) -> list[Session]:
         address = ""
         for conn in (sys_root / "class/iscsi_connection").glob(f"connection{entry.name[7:]}:*"):
             address = _read(conn / "persistent_address") or _read(conn / "address")
-        devices = sorted(p.name for p in (entry / "device").glob("target*/*:*:*:*/block/*"))
+        try:
+            devices = sorted(p.name for p in (entry / "device").glob("target*/*:*:*:*/block/*"))
+        except FileNotFoundError:  # logged out while being read (the glob's scandir raises): going away
+            continue
         found.append(Session(entry.name, target, tpgt, address, devices))
     return found
 
