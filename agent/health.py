@@ -52,6 +52,15 @@ class PathHealth:
                 if events is None or leg.name in lun.failed_legs or leg.name not in events
                 or lun.leg_events.get(leg.name) != events[leg.name]]
 
+    async def _answers(self, wwid: str, device: str) -> bool:
+        """TEST UNIT READY over the path; a disk that is gone (its session logged out) does not answer."""
+        try:
+            path = self.system.open_path(device)
+        except SwitchAgentError as exc:  # the node went away: the path stays failed, the other legs still heal
+            LOG.info("%s: failed path %s cannot be opened: %s", wwid, device, exc)
+            return False
+        return await path_answers(path)
+
     async def heal_paths(self, lun: LunState, events: dict[str, int] | None = None) -> int:
         """Reinstate legs' failed paths that answer TEST UNIT READY again; returns how many stay failed.
 
@@ -85,7 +94,7 @@ class PathHealth:
                     if state.active:
                         continue
                     device = by_dev.get(state.dev)
-                    if device is None or not await path_answers(self.system.open_path(device)):
+                    if device is None or not await self._answers(lun.wwid, device):
                         failed_here += 1
                         continue
                     try:

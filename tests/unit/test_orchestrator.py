@@ -285,6 +285,30 @@ def test_a_restarted_daemon_adopts_what_the_last_one_left(tmp_path, crash):
     assert ours == sorted([top, lun.stack.plan.switch_name, *(leg.name for leg in lun.stack.plan.legs)])
 
 
+def test_a_failed_path_whose_disk_is_gone_does_not_stop_the_heal_of_the_others(tmp_path):
+    # Seen in the guest: a session logged out (its /dev/sdX removed) while its path was failed in a
+    # leg; opening it raised, and the whole heal round of the LUN ended in "unexpected error".
+    from agent.kernel.sgio import ScsiDeviceError
+    system, orch = make(tmp_path, members=3, paths_per_member=2)
+    lun = reconcile(orch, system.wwid)
+    failed = []
+    for plan_leg, own in zip(lun.stack.plan.legs[:2], lun.stack.plan.leg_paths[:2]):
+        leg = system.dm.devices[plan_leg.name]
+        system.dm.target_message(leg.name, 0, f"fail_path {own[0][0]}")
+        failed.append((leg, own[0][0], next(n for n, d in system.devs.items() if d == own[0][0])))
+    (_, gone_dev, gone_sd), (back_leg, back_dev, _) = failed
+    real_open = system.open_path
+
+    def open_path(device):
+        if device == gone_sd:
+            raise ScsiDeviceError(device, None, errno.ENOENT, "open")
+        return real_open(device)
+
+    system.open_path = open_path
+    assert asyncio.run(orch.heal_paths(system.wwid)) == 1
+    assert back_dev not in back_leg.failed and gone_dev in failed[0][0].failed
+
+
 def test_failed_leg_paths_are_reinstated_once_they_answer_again(tmp_path):
     system, orch = make(tmp_path, members=3, paths_per_member=2)
     lun = reconcile(orch, system.wwid)
