@@ -139,15 +139,17 @@ def test_a_corrupt_map_leaves_routing_as_it_was(routed, kind):
     generation = array("info")["generation"]
     wait_for(lambda: status()[0]["generation"] == generation, 30, "the daemon to apply the move")
     before = our_devices()
-    # Several bad answers: multipathd's path checker meets the move's unit attentions on the other
-    # paths and the daemon looks again on its own, so it may take some of them before `refresh` does.
-    array("corrupt-next-map", kind=kind, count=6)
+    # Many bad answers: multipathd's path checker meets the move's unit attentions on the other
+    # paths and the daemon looks again on its own, so it may take some of them before `refresh` does;
+    # and since protocol 1.2 one look may take three (the changes-since question, then the whole
+    # map's header and entries as the fallback). 6 ran out before `refresh` on 6.12 (2026-12-06).
+    array("corrupt-next-map", kind=kind, count=18)
     result = agent_cli("refresh", routed["wwid"], check=False)
     assert result.returncode == 1 and "GET PAGE MAP" in result.stderr, result.stderr
     record = status()[0]
     assert record["state"] == "routed" and "GET PAGE MAP" in record["last_error"]
     assert our_devices() == before  # same devices, same tables: nothing half-built, nothing torn down
-    for _attempt in range(8):  # the array answers properly again once the bad answers are used up
+    for _attempt in range(24):  # the array answers properly again once the bad answers are used up
         try:
             refresh(routed["wwid"])
             break
