@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable, TypeVar
 
 from agent.scsipath import ScsiPath, data_in, read_capacity
 from protocol import pagemap, pagemap_changes, scsi
 from protocol.errors import CapacityMismatchError, ChangesUnavailableError, GenerationChangedError, SwitchAgentError
 from protocol.pagemap import MemberIdentity, PageMap, PageMapHeader
 
+T = TypeVar("T")
 LOG = logging.getLogger(__name__)
 
 VPD_LENGTH = 255
@@ -87,11 +89,7 @@ async def fetch_page_map(path: ScsiPath, *, restarts: int) -> PageMap:
             while not assembler.complete:
                 cdb = pagemap.build_get_page_map_cdb(assembler.next_page, allocation)
                 data = await data_in(path, cdb, allocation)
-                if len(data) > OFF_LOOP_DECODE_BYTES:
-                    chunk = await asyncio.to_thread(pagemap.decode_page_map_response, data)
-                else:
-                    chunk = pagemap.decode_page_map_response(data)
-                assembler.add(chunk)
+                assembler.add(await _decode(pagemap.decode_page_map_response, data))
         except (GenerationChangedError, CapacityMismatchError) as exc:
             if attempt == restarts:
                 raise
@@ -102,6 +100,13 @@ async def fetch_page_map(path: ScsiPath, *, restarts: int) -> PageMap:
                   result.total_pages)
         return result
     raise AssertionError("unreachable")
+
+
+async def _decode(decoder: Callable[[bytes], T], data: bytes) -> T:
+    """`decoder(data)`, in a worker thread when the answer is large enough to stall the event loop."""
+    if len(data) > OFF_LOOP_DECODE_BYTES:
+        return await asyncio.to_thread(decoder, data)
+    return decoder(data)
 
 
 async def fetch_page_map_changes(path: ScsiPath, current: PageMap) -> PageMap:
@@ -117,11 +122,7 @@ async def fetch_page_map_changes(path: ScsiPath, current: PageMap) -> PageMap:
     while not assembler.complete:
         cdb = pagemap_changes.build_changes_since_cdb(assembler.since, allocation)
         data = await data_in(path, cdb, allocation)
-        if len(data) > OFF_LOOP_DECODE_BYTES:
-            chunk = await asyncio.to_thread(pagemap_changes.decode_changes_response, data)
-        else:
-            chunk = pagemap_changes.decode_changes_response(data)
-        assembler.add(chunk)
+        assembler.add(await _decode(pagemap_changes.decode_changes_response, data))
     result = assembler.result()
     LOG.debug("%s: page map generation %d -> %d: %d pages changed", path.name, current.generation,
               result.generation, 0 if result.changed_pages is None else result.changed_pages.size)
