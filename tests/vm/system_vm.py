@@ -22,6 +22,7 @@ exits when the guest powers off.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -82,12 +83,27 @@ class Image:
 
 
 def ensure_image() -> Image:
-    """The cached image for the current inputs, built first if missing (needs root, network for apt)."""
+    """The cached image for the current inputs, built first if missing (needs root, network for apt).
+
+    One build at a time: tests/run.sh starts one in the background while the host tests run, and
+    the guest test that needs the image waits for it here instead of building a second.
+    """
     key = image_key()
     final = CACHE / key
     if (final / "complete").exists():
         return Image(final)
     CACHE.mkdir(parents=True, exist_ok=True)
+    lock = os.open(CACHE / ".build.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "complete").exists():  # built by whoever held the lock
+            return Image(final)
+        return _build_image(key, final)
+    finally:
+        os.close(lock)
+
+
+def _build_image(key: str, final: Path) -> Image:
     building = CACHE / f"{key}.building"
     shutil.rmtree(building, ignore_errors=True)
     say(f"building the image {key} (mmdebstrap, a few minutes) into {building}")
@@ -98,7 +114,7 @@ def ensure_image() -> Image:
     building.rename(final)
     # Older images (other keys) take gigabytes: keep only this one.
     for old in CACHE.iterdir():
-        if old.name != key:
+        if old.name != key and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     built = time.monotonic() - started
     say(f"image {key} built in {built:.0f} s")
