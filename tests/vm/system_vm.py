@@ -307,7 +307,10 @@ def run_scenario(workdir: Path, timeout_s: float = 1500.0, deb: Path | None = No
     machine = Machine(image, workdir)
     machine.prepare()
     shutil.copy(deb, machine.share / deb.name)
-    shutil.copy(SYSTEM / "scenario.py", machine.share / "scenario.py")
+    # The scenario follows the README's install steps as written (tests/vm/system/readme_steps.py).
+    for name in ("scenario.py", "readme_steps.py"):
+        shutil.copy(SYSTEM / name, machine.share / name)
+    shutil.copy(REPO / "README.md", machine.share / "README.md")
     subprocess.run(["tar", "-cf", str(machine.share / "emu.tar"), "--exclude=__pycache__", "--exclude=*.pyc",
                     *EMULATOR_TREES], cwd=REPO, check=True)
     (machine.share / "boot.sh").write_text(SCENARIO_BOOT_SH)

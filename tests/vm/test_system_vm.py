@@ -73,3 +73,29 @@ def test_missing_dependencies_names_what_the_offline_guest_lacks(tmp_path: Path)
     (image / "manifest.txt").write_text("kernel 6.1.0-57-amd64\npython3 3.11.2-1\nopen-iscsi 2.1.8-1\n")
     deb = _deb(tmp_path, "python3:any (>= 3.11~), open-iscsi, python3-numpy (>= 1:1.24), foo | open-iscsi")
     assert system_vm.missing_dependencies(deb, system_vm.Image(image)) == ["python3-numpy (>= 1:1.24)"]
+
+
+def test_the_readme_install_steps_give_the_scenario_its_commands() -> None:
+    """The systemd guest runs the README's blocks as written: this pins what it expects to find there."""
+    from tests.vm.system.readme_steps import commands, fill, install_steps
+
+    steps = install_steps((system_vm.REPO / "README.md").read_text())
+    assert ["apt", "install", "./dist/switch-agent_*.deb"] in commands(steps[1][0], cwd="/nonexistent")
+    assert "find_multipaths no" in steps[2][0] and steps[2][0].startswith("defaults {")
+    assert ["systemctl", "enable", "--now", "switch-agent.socket", "switch-agent"] in commands(steps[3][0])
+    login = commands(steps[4][0], portal="192.0.2.1", iqn="iqn.2026-11.org.example:v")
+    assert login[0] == ["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", "192.0.2.1"]
+    assert ["iscsiadm", "-m", "node", "-T", "iqn.2026-11.org.example:v", "--login"] in login
+    fstab = fill(steps[5][0], wwid="36001").split()
+    assert fstab[:3] == ["/dev/switch-agent/switch-36001", "/srv/volume", "ext4"] and "_netdev" in fstab[3]
+    assert ["mount", "/srv/volume"] in commands(steps[5][1], wwid="36001")
+
+
+def test_readme_steps_refuse_a_placeholder_left_unfilled(tmp_path: Path) -> None:
+    from tests.vm.system.readme_steps import ReadmeError, commands
+
+    (tmp_path / "a_1.deb").write_text("")
+    assert commands("apt install ./a_*.deb  # <comment> is dropped\n", cwd=str(tmp_path)) == [
+        ["apt", "install", "./a_1.deb"]]
+    with pytest.raises(ReadmeError, match="iqn"):
+        commands("iscsiadm -T <iqn> --login\n", portal="x")

@@ -42,6 +42,10 @@ IQN = "iqn.2026-11.org.switch-agent:vol0"
 MEMBERS = 3
 
 sys.path.insert(0, str(EMU))
+from readme_steps import commands, fill, install_steps  # noqa: E402 (beside this file in the share)
+
+# The README's "Install on a host", as the administrator copies it: step -> its fenced blocks.
+README = install_steps((SHARE / "README.md").read_text())
 
 SWEMU_UNIT = f"""[Unit]
 Description=Emulated scale-out iSCSI array (switch-agent tests/array), {MEMBERS} members
@@ -80,14 +84,6 @@ while not control.server_running(directory):
         sys.exit("the emulated array did not come up within 300 s")
     time.sleep(0.2)  # polling the control socket, bounded by the deadline
 """
-
-MULTIPATH_DEFAULTS = """defaults {
-    user_friendly_names no
-    find_multipaths no
-    polling_interval 2
-}
-"""
-
 
 # -- running steps -----------------------------------------------------------------------------
 
@@ -136,6 +132,17 @@ def log(msg: str) -> None:
     print(line, flush=True)
     with open(OUT / "scenario.log", "a") as f:
         f.write(line + "\n")
+
+
+def readme(step: int, block: int = 0, *, cwd: str = "/", **values: str) -> list[dict[str, Any]]:
+    """Run README step `step`'s block `block` line by line, as written (no shell); what each printed."""
+    ran = []
+    for argv in commands(README[step][block], cwd=cwd, **values):
+        if argv[0] == "editor":  # the administrator's look at the configuration: its default fits
+            continue
+        proc = sh(*argv, cwd=cwd, timeout=600)
+        ran.append({"argv": " ".join(argv), "stdout": proc.stdout.strip()[-300:]})
+    return ran
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -250,43 +257,50 @@ def boot1(run: Run) -> None:
     run.step("the array: swemu.service", emulator)
 
     def install() -> dict[str, Any]:
+        # README step 1's apt line, run from a directory laid out as the clone it assumes (the host
+        # built the package with the step's build-deb.sh). The guest has no network: every dependency
+        # must already be installed. apt's "Do you want to continue?" is answered yes by configuration.
         deb = next(SHARE.glob("switch-agent_*_*.deb"))
-        local = Path("/root") / deb.name
-        local.write_bytes(deb.read_bytes())
-        # The guest has no network at all: every dependency must already be installed.
-        proc = sh("apt-get", "install", "-y", f"./{local.name}", cwd="/root",
-                  env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), timeout=600)
+        (Path("/root/dist") / deb.name).parent.mkdir(exist_ok=True)
+        (Path("/root/dist") / deb.name).write_bytes(deb.read_bytes())
+        Path("/etc/apt/apt.conf.d/90swtest-yes").write_text('APT::Get::Assume-Yes "true";\n')
+        apt = [argv for argv in commands(README[1][0], cwd="/root") if argv[0] == "apt"]
+        if len(apt) != 1:
+            raise StepFailed(f"README step 1 has no single apt line: {README[1][0]!r}")
+        proc = sh(*apt[0], cwd="/root", env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), timeout=600)
         version = sh("dpkg-query", "-W", "-f=${Version} ${Status}", "switch-agent").stdout
         new = [line for line in proc.stdout.splitlines() if "newly installed" in line]
-        return {"package": version, "apt": new, "socket_unit": Path("/lib/systemd/system/switch-agent.socket").exists()}
-    installed = run.step("apt install ./switch-agent_*.deb", install)
+        return {"ran": " ".join(apt[0]), "package": version, "apt": new}
+    run.step("README step 1: apt install ./dist/switch-agent_*.deb", install)
 
     def multipath() -> dict[str, Any]:
+        # The README's defaults block, then this array's devices block, as step 2 says.
         device = (EMU / "tests/array/multipath.conf").read_text()
-        Path("/etc/multipath.conf").write_text(MULTIPATH_DEFAULTS + device)
+        Path("/etc/multipath.conf").write_text(README[2][0] + "\n" + device)
         sh("systemctl", "restart", "multipathd")
-        return {}
-    run.step("multipath.conf (README step 2)", multipath)
+        return {"defaults": README[2][0].splitlines()}
+    run.step("README step 2: /etc/multipath.conf, restart multipathd", multipath)
 
     def enable() -> dict[str, Any]:
-        units = ["switch-agent.socket", "switch-agent"] if installed["socket_unit"] else ["switch-agent"]
-        sh("systemctl", "enable", "--now", *units, timeout=300)
-        return {"enabled": units, "active": {u: sh("systemctl", "is-active", u, check=False).stdout.strip()
-                                             for u in units}}
-    run.step("systemctl enable --now switch-agent.socket switch-agent", enable)
+        ran = readme(3)
+        units = ["switch-agent.socket", "switch-agent"]
+        return {"ran": [r["argv"] for r in ran],
+                "active": {u: sh("systemctl", "is-active", u, check=False).stdout.strip() for u in units}}
+    run.step("README step 3: systemctl enable --now switch-agent.socket switch-agent", enable)
 
     def login() -> dict[str, Any]:
-        sh("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", "127.0.0.1")
-        sh("iscsiadm", "-m", "node", "-T", IQN, "-o", "update", "-n", "node.startup", "-v", "automatic")
-        sh("iscsiadm", "-m", "node", "-T", IQN, "--login", timeout=300)
+        ran = readme(4, 0, portal="127.0.0.1", iqn=IQN)
         startup = sh("iscsiadm", "-m", "node", "-T", IQN, "-o", "show").stdout
-        return {"node.startup": sorted({line.split("=")[1].strip() for line in startup.splitlines()
+        return {"ran": [r["argv"] for r in ran],
+                "node.startup": sorted({line.split("=")[1].strip() for line in startup.splitlines()
                                         if line.startswith("node.startup")})}
-    run.step("node records (node.startup = automatic) and login", login)
+    run.step("README step 4: node records (node.startup = automatic) and login", login)
 
     def wait_routed() -> dict[str, Any]:
         record = wait_for(routed, 300, "the volume to be routed over every member")
-        return {"wwid": record["wwid"], "device": record["device"], "generation": record["generation"]}
+        ls = readme(4, 1)
+        return {"wwid": record["wwid"], "device": record["device"], "generation": record["generation"],
+                "ls": ls[0]["stdout"]}
     lun = run.step("routed", wait_routed)
     STATE.mkdir(parents=True, exist_ok=True)
     (STATE / "lun.json").write_text(json.dumps(lun))
@@ -294,17 +308,15 @@ def boot1(run: Run) -> None:
     def filesystem() -> dict[str, Any]:
         dev = f"/dev/switch-agent/switch-{lun['wwid']}"
         wait_for(lambda: Path(dev).exists(), 60, dev)
-        sh("mkfs.ext4", "-q", dev, timeout=600)
-        MOUNTPOINT.mkdir(parents=True, exist_ok=True)
-        line = (f"{dev}  {MOUNTPOINT}  ext4  _netdev,x-systemd.after=switch-agent.service,"
-                f"x-systemd.device-timeout=3min  0  2\n")
+        line = fill(README[5][0], wwid=lun["wwid"])
+        if f" {MOUNTPOINT} " not in line:
+            raise StepFailed(f"README step 5's fstab line does not mount {MOUNTPOINT}: {line!r}")
         with open("/etc/fstab", "a") as f:
             f.write(line)
-        sh("systemctl", "daemon-reload")
-        sh("mount", str(MOUNTPOINT))
+        ran = readme(5, 1, wwid=lun["wwid"])
         source = sh("findmnt", "-n", "-o", "SOURCE", str(MOUNTPOINT)).stdout.strip()
-        return {"fstab": line.strip(), "source": source}
-    run.step("mkfs.ext4 + fstab (_netdev) + mount", filesystem)
+        return {"fstab": line.strip(), "ran": [r["argv"] for r in ran], "source": source}
+    run.step("README step 5: mkfs.ext4, fstab (_netdev), mount", filesystem)
 
     def files() -> dict[str, Any]:
         FILES.mkdir(parents=True, exist_ok=True)
