@@ -41,7 +41,6 @@ FILES = MOUNTPOINT / "files"
 IQN = "iqn.2026-11.org.switch-agent:vol0"
 MEMBERS = 3
 
-sys.path.insert(0, str(EMU))
 from readme_steps import commands, fill, install_steps  # noqa: E402 (beside this file in the share)
 
 # The README's "Install on a host", as the administrator copies it: step -> its fenced blocks.
@@ -166,6 +165,10 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
 # -- the array and the agent -----------------------------------------------------------------------
 
 def array(op: str, **args: Any) -> Any:
+    # EMU joins the path only now that it exists: an import that looked there before would have
+    # cached "nothing here" for it (sys.path_importer_cache), and `tests` would never be found.
+    if str(EMU) not in sys.path:
+        sys.path.insert(0, str(EMU))
     from tests.array import control
     return control.request(Path("/run/switch-agent-emu"), op, **args)
 
