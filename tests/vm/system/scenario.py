@@ -173,10 +173,6 @@ def array(op: str, **args: Any) -> Any:
     return control.request(Path("/run/switch-agent-emu"), op, **args)
 
 
-def forwarded_cmds(stats: dict[str, Any]) -> int:
-    return sum(m["forwarded_cmds"] for m in stats["members"].values())
-
-
 def agent_status() -> list[dict[str, Any]]:
     proc = sh("switch-agent", "status", "--json", check=False, timeout=60)
     if proc.returncode:
@@ -224,23 +220,34 @@ def fio_result(name: str, rc: int) -> dict[str, Any]:
     return result
 
 
-def quiet_window(seconds: float = 2.0) -> dict[str, Any]:
-    """Reset the array's counters, run verified writes for `seconds` or more, count what was forwarded."""
-    array("stats", reset=True)
+def quiet_window(seconds: float = 2.0, deadline_s: float = 120.0) -> dict[str, Any]:
+    """Verified writes in windows of `seconds` or more until one forwards nothing (before `deadline_s`).
+
+    As in the rig's session tests: while the agent completes the sessions and gives their paths to
+    the legs (after a boot or a change), some I/O is forwarded; the goal is a window with none.
+    """
     started = time.monotonic()
-    fio("quiet", size="16M")
-    elapsed = time.monotonic() - started
-    while elapsed < seconds:  # at least `seconds` of I/O in the window
+    earlier: list[int] = []
+    while True:
+        array("stats", reset=True)
+        window_started = time.monotonic()
         fio("quiet", size="16M")
-        elapsed = time.monotonic() - started
-    stats = array("stats")
-    members = stats["members"].values()
-    direct = sum(m["direct_cmds"] for m in members)
-    forwarded = forwarded_cmds(stats)
-    details = {"window_s": round(elapsed, 1), "direct_cmds": direct, "forwarded_cmds": forwarded}
-    if forwarded or not direct:
-        raise StepFailed(f"I/O forwarded in the window (or none at all): {details}")
-    return details
+        elapsed = time.monotonic() - window_started
+        while elapsed < seconds:  # at least `seconds` of I/O in the window
+            fio("quiet", size="16M")
+            elapsed = time.monotonic() - window_started
+        members = array("stats")["members"].values()
+        direct = sum(m["direct_cmds"] for m in members)
+        forwarded = sum(m["forwarded_cmds"] for m in members)
+        details = {"window_s": round(elapsed, 1), "direct_cmds": direct, "forwarded_cmds": forwarded,
+                   "quiet_after_s": round(time.monotonic() - started, 1), "earlier_windows_forwarded": earlier}
+        if not direct:
+            raise StepFailed(f"no I/O reached the array in the window: {details}")
+        if not forwarded:
+            return details
+        if time.monotonic() - started > deadline_s:
+            raise StepFailed(f"I/O still forwarded after {deadline_s:.0f} s: {details}")
+        earlier.append(forwarded)
 
 
 # -- boot 1 --------------------------------------------------------------------------------------
