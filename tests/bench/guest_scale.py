@@ -262,7 +262,8 @@ async def bench_fetch(config: Config, paths: list[str], repeat: int) -> dict:
     return {
         "device": device, "pages": page_map.total_pages, "members": len(page_map.members),
         "generation": page_map.generation, "commands": len(cdbs), "bytes": counting.bytes_in,
-        "allocation": max(length for _, length in cdbs),  # the first may be a header read "agent_s": scale_lib.summary(times),
+        "allocation": max(length for _, length in cdbs),  # the first may be a header read
+        "agent_s": scale_lib.summary(times),
         "sgio_no_decode_s": scale_lib.summary(agent_only_io),
         "sg_raw_s": scale_lib.summary(sg_times), "sg_raw_last_bytes": sg_bytes,
         "cdb_first": cdbs[0][0].hex(),
