@@ -36,9 +36,12 @@ from typing import Any, Callable, Iterable, Protocol
 from agent.config import ChapCredentials, Config, load_chap_credentials
 from agent.kernel.iscsi import (
     DEFAULT_IFACE,
+    Arg,
     Iscsiadm,
     IscsiadmError,
     IscsiNotFoundError,
+    chap_settings,
+    startup_setting,
 )
 from agent.kernel.sysfs import IscsiSession, Portal
 from agent.lun import LunState, MemberSessionsState, SessionsState
@@ -500,14 +503,14 @@ class SessionKeeper:
 async def configure_record(iscsiadm: Iscsiadm, target: str, portal: Portal, iface: str, config: Config, *,
                            startup: str) -> None:
     """A node record as the agent makes them: login timeouts inside iscsiadm_timeout_s, CHAP from
-    chap_credentials_file (when set), node.startup."""
-    for name, value in RECORD_SETTINGS:
-        await iscsiadm.node_update(target, portal, name, value, iface=iface)
+    chap_credentials_file (when set), node.startup -- in one iscsiadm call (a joining member's
+    first login waits for it)."""
+    settings: list[tuple[str, Arg]] = [*RECORD_SETTINGS]
     chap = load_chap(config)
     if chap is not None:
-        await iscsiadm.node_set_chap(target, portal, username=chap.username, password=chap.password,
-                                     username_in=chap.username_in, password_in=chap.password_in, iface=iface)
-    await iscsiadm.node_set_startup(target, portal, startup, iface=iface)
+        settings += chap_settings(chap.username, chap.password, chap.username_in, chap.password_in)
+    settings.append(startup_setting(startup))
+    await iscsiadm.node_update_many(target, portal, settings, iface=iface)
 
 
 def load_chap(config: Config) -> ChapCredentials | None:

@@ -140,6 +140,33 @@ def test_exit_codes_map_to_typed_errors(fake: FakeIscsiadm) -> None:
         assert issubclass(err_type, IscsiadmError)
 
 
+def test_several_settings_in_one_update_call(fake: FakeIscsiadm, caplog: pytest.LogCaptureFixture) -> None:
+    adm = Iscsiadm(fake)
+    caplog.set_level(logging.DEBUG)
+    run(adm.node_new(TARGET, P0))
+    calls = len(fake.calls)
+    run(adm.node_update_many(TARGET, P0, [("node.startup", "manual"), ("node.conn[0].timeo.login_timeout", "15"),
+                                          ("node.session.auth.password", Secret(PASSWORD))]))
+    assert len(fake.calls) == calls + 1
+    assert fake.calls[-1][-13:] == ["-o", "update", "-n", "node.startup", "-v", "manual",
+                                    "-n", "node.conn[0].timeo.login_timeout", "-v", "15",
+                                    "-n", "node.session.auth.password", "-v", PASSWORD][-13:]
+    record = fake.records[(TARGET, P0, "default")]
+    assert (record["node.startup"], record["node.conn[0].timeo.login_timeout"],
+            record["node.session.auth.password"]) == ("manual", "15", PASSWORD)
+    assert PASSWORD not in caplog.text and "node.session.auth.password -v ***" in caplog.text
+    # One bad name: iscsiadm says 7 and writes none of them.
+    with pytest.raises(IscsiInvalidError) as err:
+        run(adm.node_update_many(TARGET, P0, [("node.startup", "automatic"), ("node.no_such_thing", "1"),
+                                              ("node.session.auth.password", Secret("other-" + PASSWORD))]))
+    assert PASSWORD not in str(err.value)
+    assert record["node.startup"] == "manual" and record["node.session.auth.password"] == PASSWORD
+    with pytest.raises(ValueError):
+        run(adm.node_update_many(TARGET, P0, []))
+    with pytest.raises(ValueError):
+        run(adm.node_update_many(TARGET, P0, [("node.startup", "manual"), ("node.startup; x", "1")]))
+
+
 def test_unknown_exit_code_is_the_base_error() -> None:
     async def runner(argv):
         return RunResult(77, "", "odd\n")

@@ -161,6 +161,8 @@ def test_members_are_logged_in_before_pages_are_routed_to_them(tmp_path):
     assert record["node.conn[0].timeo.login_timeout"] == "15"
     assert record["node.session.initial_login_retry_max"] == "2"
     assert record["node.startup"] == "manual"
+    updates = [call for call in rig.iscsi.calls if "update" in call and str(portal_of(1)) in call]
+    assert len(updates) == 1, updates  # one iscsiadm call for all the settings
 
 
 def test_a_leaving_member_is_logged_out_only_after_no_leg_holds_its_paths(tmp_path):
