@@ -146,6 +146,17 @@ class Discovery:
         return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, paths,
                         mpath.map_size_sectors, source.name if source else "page-map")
 
+    async def add_new_paths(self, mpath: MpathMap, topology: Topology) -> Topology:
+        """`topology` (discovered moments ago) with the paths `mpath` has and it has not: only those
+        are asked which member they land on (a joining member's new disks, waited for)."""
+        source = mapsources.get(topology.map_source)
+        had = {(p.device, p.dev): p for p in topology.paths}
+        new = [(device, dev) for device, dev in mpath.slaves if (device, dev) not in had]
+        found = dict(zip(new, await asyncio.gather(*(self._identify(source, mpath.wwid, device, dev)
+                                                     for device, dev in new))))
+        paths = tuple(had.get(slave) or found[slave] for slave in mpath.slaves)
+        return dataclasses.replace(topology, paths=paths)
+
     async def _identify(self, source: mapsources.MapSource, wwid: str, device: str, dev: str) -> PathInfo:
         try:
             member_id, member_name = await source.identify(self.system.open_path(device))

@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Any, Callable, Container, Protocol
 
-from agent import logfields
+from agent import logfields, mapsources
 from agent.apply import PlanApplier
 from agent.config import Config
 from agent.discovery import Discovery, LunNotFoundError, NotOurArrayError
@@ -63,7 +63,7 @@ class NoTargetError(SwitchAgentError):
     """`logout` of something that names no iSCSI target the daemon knows."""
 
 
-JOIN_POLL_S = 0.5
+JOIN_POLL_S = 0.25
 """How often the paths of a member just logged in to are looked for (udev and multipathd add them)."""
 JOIN_WAIT_MAX_S = 30.0
 
@@ -164,7 +164,12 @@ class Orchestrator:
                 fetched = self.clock()
                 if self.sessions is not None:
                     # Members that own pages and have no session: logged in before the legs are planned.
-                    topology = lun.topology = await self._join_members(lun, topology, page_map)
+                    joined = await self._join_members(lun, topology, page_map)
+                    if joined is not topology:
+                        topology = lun.topology = joined
+                        # The logins took seconds: a page move meanwhile (its trigger waits for this
+                        # reconcile) goes into this epoch, not into another reconcile after it.
+                        page_map = await self._map_now(topology, page_map)
                     # Sessions about to be logged out: their paths leave the legs first.
                     topology = _without(topology, self.sessions.released_devs(wwid))
                 # A routed device keeps its name while it lives, whatever the template now says.
@@ -238,7 +243,8 @@ class Orchestrator:
         deadline = self.clock() + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
         while True:
             self.discovery.expect_paths(lun.wwid, await self.sessions.disks_of(joined.sids))
-            topology = await self.discovery.discover(await self.discovery.find_mpath(lun.wwid))
+            # Only the new disks are asked which member they land on: the rest were, moments ago.
+            topology = await self.discovery.add_new_paths(await self.discovery.find_mpath(lun.wwid), topology)
             waiting = sorted(m for m in joined.members
                              if not any(p.usable for p in topology.paths_of_member(m)))
             if not waiting:
@@ -250,17 +256,37 @@ class Orchestrator:
                 return topology
             await asyncio.sleep(JOIN_POLL_S)
 
+    async def _map_now(self, topology: Topology, page_map: PageMap) -> PageMap:
+        """The map's changes since `page_map`, where the array offers that cheaply; else, or on any
+        trouble, or when the size moved (the next reconcile sees to that), `page_map` itself."""
+        source = mapsources.get(topology.map_source)
+        for path in topology.paths:
+            if not path.usable:
+                continue
+            try:
+                async with asyncio.timeout(self.config.fetch_timeout_s):
+                    updated = await source.fetch_changes(self.system.open_path(path.device), page_map)
+            except (TimeoutError, SwitchAgentError) as exc:
+                LOG.info("%s: map not checked again after the join: %s", topology.wwid, exc or "timed out")
+                return page_map
+            if updated is None or updated.total_pages != page_map.total_pages:
+                return page_map
+            if updated.generation != page_map.generation:
+                LOG.info("%s: generation %d while members joined; routing it", topology.wwid, updated.generation)
+            return updated
+        return page_map
+
     async def keep_sessions(self, wwid: str) -> bool:
         """Run the rest of the LUN's session plan; True when the LUN needs a reconcile (paths to add or release)."""
         lun = self.luns.get(wwid)
         if self.sessions is None or lun is None or wwid in self.withdrawn:
             return False
-        async with lun.lock:
-            try:
-                return await self.sessions.keep(lun, self.held_devs())
-            except SwitchAgentError as exc:
-                LOG.warning("%s: session keeping failed: %s", wwid, exc)
-                return False
+        try:
+            # The LUN's lock for deciding, not for the logins (a page move's reconcile goes first).
+            return await self.sessions.keep(lun, self.held_devs, lun.lock)
+        except SwitchAgentError as exc:
+            LOG.warning("%s: session keeping failed: %s", wwid, exc)
+            return False
 
     def held_devs(self) -> set[str]:
         """Every path (major:minor) a live leg holds."""

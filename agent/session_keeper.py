@@ -23,6 +23,8 @@ backoff (``LoginFailure``), so nothing here loops tightly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -169,6 +171,10 @@ class _Target:
     released_devs: frozenset[str] = frozenset()
     plan: Plan | None = None
     login_failures: Counter[int] = field(default_factory=Counter)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while logins to the target run: ``join()`` (under the LUN's lock) and ``keep()`` (not
+    under it, so that a page move's reconcile need not wait for a second session) never log in to
+    the same member side by side."""
 
 
 @dataclass(frozen=True)
@@ -219,30 +225,30 @@ class SessionKeeper:
             self.ledger.save()
 
     async def join(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Joined:
-        """Log in to the members that own pages and have no logged-in session, before they are routed to
-        (and, while at it, the other logins of the plan); nothing when no member joins."""
+        """Log in one session to each member that owns pages and has no logged-in session, before it
+        is routed to; nothing when no member joins. Its other sessions, and the other members'
+        missing ones, are ``keep()``'s: the pages wait for one login per member, not for the set."""
+        if not _may_join(topology, page_map):
+            return Joined()  # every page owner has a path: nothing to plan for here (keep() does the rest)
         plan = await self._plan(lun, topology, page_map, held_devs)
         if plan is None or not plan.join_first:
             return Joined()
         target = self._targets[self._target_of[lun.wwid]]
+        async with target.lock:
+            # keep() may have logged some in meanwhile: plan again over what sysfs shows now.
+            plan = await self._replan(lun, target, held_devs)
+            if plan is None or not plan.join_first:
+                return Joined()
+            first: dict[int, Login] = {}
+            for login in plan.logins:
+                if login.member_id in plan.join_first and login.member_id not in first:
+                    first[login.member_id] = dataclasses.replace(login, count=1)
+            # Members side by side (each login is a second or more of iscsiadm and iscsid): the
+            # pages wait for the slowest, not for the sum.
+            results = await asyncio.gather(*(self._login(target, login) for login in first.values()))
         sids: list[int] = []
         members: set[int] = set()
-        # With members joining, the other members' missing sessions are logged in in the same pass:
-        # after a first login the whole set is there when the first epoch is built.
-        by_member: dict[int, list[Login]] = {}
-        for login in plan.logins:
-            by_member.setdefault(login.member_id, []).append(login)
-
-        async def join_member(logins: list[Login]) -> list[int]:
-            made: list[int] = []
-            for login in logins:
-                made += await self._login(target, login)
-            return made
-
-        # Members side by side (each login is a second or more of iscsiadm and iscsid): the
-        # pages wait for the slowest, not for the sum.
-        results = await asyncio.gather(*(join_member(logins) for logins in by_member.values()))
-        for member_id, made in zip(by_member, results):
+        for member_id, made in zip(first, results):
             sids += made
             members |= {member_id} if made else set()
         if sids:
@@ -250,27 +256,40 @@ class SessionKeeper:
         await self._replan(lun, target, held_devs)
         return Joined(frozenset(members), tuple(sids))
 
-    async def keep(self, lun: LunState, held_devs: set[str]) -> bool:
+    async def keep(self, lun: LunState, held_devs: Callable[[], set[str]],
+                   lun_lock: asyncio.Lock | None = None) -> bool:
         """The rest of the plan for the LUN's target; True when the legs must change (a reconcile):
-        sessions to release, or new sessions whose disks the legs should take."""
-        if lun.topology is None or lun.stack is None:
-            return False
-        plan = await self._plan(lun, lun.topology, lun.stack.page_map, held_devs)
-        if plan is None:
-            return False
-        target = self._targets[self._target_of[lun.wwid]]
+        sessions to release, or new sessions whose disks the legs should take.
+
+        Planning, logouts and releases run under ``lun_lock`` (the legs hold still while it is
+        decided what no leg holds); the logins do not: a second session takes a second or more,
+        and a page move's reconcile must not wait behind it. ``held_devs``: the legs' paths now."""
+        async with lun_lock or contextlib.nullcontext():
+            if lun.topology is None or lun.stack is None:
+                return False
+            plan = await self._plan(lun, lun.topology, lun.stack.page_map, held_devs())
+            if plan is None:
+                return False
+            target = self._targets[self._target_of[lun.wwid]]
+            for action in plan.actions:
+                if isinstance(action, Logout):
+                    await self._logout(target, action)
+            before = target.released_devs
+            target.release = {r.sid for r in plan.release}
+            target.released_devs = frozenset(await self._devs_of(target.name, target.release))
         made: list[int] = []
-        for action in plan.actions:
-            if isinstance(action, Login):
-                made += await self._login(target, action)
-            else:
-                await self._logout(target, action)
-        before = target.released_devs
-        target.release = {r.sid for r in plan.release}
-        target.released_devs = frozenset(await self._devs_of(target.name, target.release))
+        if any(isinstance(action, Login) for action in plan.actions):
+            async with target.lock:
+                # A join may have run meanwhile: log in what is missing now.
+                fresh = await self._replan(lun, target, held_devs())
+                by_member: dict[int, list[Login]] = {}
+                for login in fresh.logins if fresh else ():
+                    by_member.setdefault(login.member_id, []).append(login)
+                for logins in await asyncio.gather(*(self._logins(target, logins) for logins in by_member.values())):
+                    made += logins
         if plan.actions:
             self.ledger.save()
-            await self._replan(lun, target, held_devs)
+            await self._replan(lun, target, held_devs())
         return bool(made) or target.released_devs != before
 
     async def disks_of(self, sids: Iterable[int]) -> list[str]:
@@ -425,6 +444,13 @@ class SessionKeeper:
 
     # -- running it ---------------------------------------------------------------
 
+    async def _logins(self, target: _Target, logins: list[Login]) -> list[int]:
+        """One member's logins, one after another (its second session goes beside its first)."""
+        made: list[int] = []
+        for login in logins:
+            made += await self._login(target, login)
+        return made
+
     async def _login(self, target: _Target, login: Login) -> list[int]:
         """Run one Login action; the new session ids (recorded as ours). Stops at the first failure."""
         entry = self.ledger.of(target.name)
@@ -518,6 +544,13 @@ def load_chap(config: Config) -> ChapCredentials | None:
     if config.chap_credentials_file is None:
         return None
     return load_chap_credentials(config.chap_credentials_file)
+
+
+def _may_join(topology: Topology, page_map: PageMap) -> bool:
+    """A member owns pages and no usable path lands on it: a join to plan for (else none can be:
+    a member with a logged-in session has a path in the map, or soon will as ``keep()`` adds it)."""
+    reached = {p.member_id for p in topology.paths if p.usable}
+    return any(count and member_id not in reached for member_id, count in page_map.pages_per_member().items())
 
 
 def _same_portal(a: Portal | None, b: Portal) -> bool:

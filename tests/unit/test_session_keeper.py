@@ -141,13 +141,15 @@ def make(tmp_path, *, members: int = 3, config: Config = CONFIG, first_login: bo
 def test_members_are_logged_in_before_pages_are_routed_to_them(tmp_path):
     rig = make(tmp_path)
     lun = rig.reconcile()
-    # The first epoch already routes every page to its owner: members 1 and 2 were logged in first.
+    # The first epoch already routes every page to its owner: members 1 and 2 were logged in first,
+    # one session each, side by side (the pages wait for one login, not for the whole set).
     assert lun.state == "routed"
     assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
-    # Member 0's second session came in the same pass: the whole set is there at the first epoch.
-    assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [1, 1, 1]
     assert rig.orch.luns[rig.system.wwid].epoch == 1
+    # The second sessions are keep()'s, and their disks join the legs of the same epoch.
     rig.settle()
+    assert rig.orch.luns[rig.system.wwid].epoch == 1
     assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
     state = lun.sessions
     assert state is not None and state.managed and state.target == TARGET
@@ -410,4 +412,68 @@ def test_a_joined_member_whose_paths_do_not_show_is_waited_for_a_bounded_time(tm
     lun = rig.reconcile()
     assert 1.0 <= time.monotonic() - started < 10
     assert lun.state == "routed"  # routed over the paths there are
-    assert len(rig.iscsi.sessions) == 6
+    assert len(rig.iscsi.sessions) == 3  # the admin's, and one to each joining member
+
+
+def test_a_new_member_is_routed_after_its_first_session_and_a_move_meanwhile_goes_into_that_epoch(tmp_path):
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))  # 4 members x 2
+    rig.reconcile()
+    rig.settle()
+    volume = rig.system.volume
+    new = volume.add_member()
+    rig.iscsi.add_member_portal(new.number)
+    handle = rig.iscsi.handle
+
+    def move_during_the_login(argv):  # the array moves pages while the agent logs in to the new member
+        if "--login" in argv and str(portal_of(new.number)) in argv and not volume.change_times[-1:] == ["moved"]:
+            volume.move_pages(0.25)
+            volume.change_times.append("moved")  # once
+        return handle(argv)
+
+    rig.iscsi.handle = move_during_the_login  # type: ignore[method-assign]
+    calls = len(rig.iscsi.calls)
+    lun = rig.reconcile()
+    # One reconcile: the new member got one session (its second is keep()'s), and the epoch it built
+    # routes the move made during the login too -- no page is left to another reconcile.
+    assert len(rig.sessions_of(new.number)) == 1
+    assert lun.stack is not None and lun.stack.page_map.generation == volume.generation
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+    # The record: made, set up in one call, logged in (no -o new beside it before the routing).
+    made = [c for c in rig.iscsi.calls[calls:] if str(portal_of(new.number)) in c]
+    assert [next(op for op in ("--login", "new", "update") if op in c) for c in made] == \
+        ["--login", "new", "update", "--login"]
+    rig.settle()
+    assert len(rig.sessions_of(new.number)) == 2
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+
+
+def test_keeping_sessions_logs_in_without_holding_the_lun(tmp_path):
+    rig = make(tmp_path)
+    rig.reconcile()  # one session per member: keep() logs in the second ones
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    real = rig.keeper.iscsiadm.runner
+
+    async def slow_second_sessions(argv):
+        if "-r" in argv and "new" in argv:
+            entered.set()
+            await gate.wait()
+        return await real(argv)
+
+    rig.keeper.iscsiadm.runner = slow_second_sessions
+    wwid = rig.system.wwid
+
+    async def scenario():
+        keeping = asyncio.create_task(rig.orch.keep_sessions(wwid))
+        await asyncio.wait_for(entered.wait(), 5)
+        # A page move meanwhile: its reconcile does not wait for the logins.
+        rig.system.volume.move_pages(0.25)
+        lun = await asyncio.wait_for(rig.orch.reconcile(wwid), 5)
+        assert rig.system.misrouted_pages(f"switch-{wwid}") == 0 and not keeping.done()
+        gate.set()
+        assert await asyncio.wait_for(keeping, 5)  # new sessions: the legs must take them
+        return lun
+
+    asyncio.run(scenario())
+    rig.settle()
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
