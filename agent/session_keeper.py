@@ -387,10 +387,10 @@ class SessionKeeper:
         if entry.sids - live:  # ended behind our back (or by us): not ours to track any more
             entry.sids &= live
             self.ledger.save()
-        views = []
-        for s in mine:
-            devs = await self._devs_of_session(s)
-            views.append(SessionView.from_sysfs(s, ours=s.sid in entry.sids, held_by_legs=bool(devs & held_devs)))
+        # Side by side: a plan stands in the way of a joining member's first login.
+        devs_of = await asyncio.gather(*(self._devs_of_session(s) for s in mine))
+        views = [SessionView.from_sysfs(s, ours=s.sid in entry.sids, held_by_legs=bool(devs & held_devs))
+                 for s, devs in zip(mine, devs_of)]
         members = _merge(target.views.values())
         # A member that left and has no session any more is forgotten.
         gone = {m.member_id for m in members if not m.in_map
@@ -517,13 +517,12 @@ class SessionKeeper:
         return devs
 
     async def _devs_of_session(self, session: IscsiSession) -> set[str]:
-        devs = set()
-        for disk in session.disks:
+        async def devnum(disk: str) -> str | None:
             try:
-                devs.add(await self.host.disk_devnum(disk))
+                return await self.host.disk_devnum(disk)
             except SwitchAgentError:
-                pass  # going away
-        return devs
+                return None  # going away
+        return {d for d in await asyncio.gather(*(devnum(disk) for disk in session.disks)) if d is not None}
 
 
 async def configure_record(iscsiadm: Iscsiadm, target: str, portal: Portal, iface: str, config: Config, *,
