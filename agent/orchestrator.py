@@ -240,15 +240,19 @@ class Orchestrator:
             return topology
         if not joined.members:
             return topology
-        deadline = self.clock() + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
+        waited = self.clock()
+        deadline = waited + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
+        looks = 0
         while True:
+            looks += 1
             self.discovery.expect_paths(lun.wwid, await self.sessions.disks_of(joined.sids))
             # Only the new disks are asked which member they land on: the rest were, moments ago.
             topology = await self.discovery.add_new_paths(await self.discovery.find_mpath(lun.wwid), topology)
             waiting = sorted(m for m in joined.members
                              if not any(p.usable for p in topology.paths_of_member(m)))
             if not waiting:
-                LOG.info("%s: member(s) %s logged in; routing to them", lun.wwid, ",".join(map(str, joined.members)))
+                LOG.info("%s: member(s) %s logged in; routing to them (their paths waited for %.2f s, %d look(s))",
+                         lun.wwid, ",".join(map(str, joined.members)), self.clock() - waited, looks)
                 return topology
             if self.clock() >= deadline:
                 LOG.warning("%s: no path to member(s) %s yet after their login; routing without them",

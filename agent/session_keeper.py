@@ -230,10 +230,13 @@ class SessionKeeper:
         missing ones, are ``keep()``'s: the pages wait for one login per member, not for the set."""
         if not _may_join(topology, page_map):
             return Joined()  # every page owner has a path: nothing to plan for here (keep() does the rest)
+        started = self.clock()
         plan = await self._plan(lun, topology, page_map, held_devs)
         if plan is None or not plan.join_first:
             return Joined()
         target = self._targets[self._target_of[lun.wwid]]
+        LOG.info("%s: member(s) %s join; planned in %.2f s", target.name, ",".join(map(str, sorted(plan.join_first))),
+                 self.clock() - started)
         async with target.lock:
             # keep() may have logged some in meanwhile: plan again over what sysfs shows now.
             plan = await self._replan(lun, target, held_devs)
@@ -457,12 +460,14 @@ class SessionKeeper:
         made: list[int] = []
         via = login.via_sid
         for _ in range(login.count):
+            started = self.clock()
+            steps = ""
             before = {s.sid for s in await self.host.iscsi_sessions()}
             try:
                 if via is not None:
                     await self.iscsiadm.session_new(via)
                 else:
-                    await self._record_login(target.name, login.portal, login.iface)
+                    steps = await self._record_login(target.name, login.portal, login.iface)
             except (IscsiadmError, SwitchAgentError) as exc:
                 key = login.key
                 old = target.failures.get(key)
@@ -481,21 +486,30 @@ class SessionKeeper:
             made += new
             if via is None and new:
                 via = new[0]
-            LOG.info("%s: logged in to member %d at %s over %s (%s): session %s", target.name,
-                     login.member_id, login.portal, login.iface, login.reason, ",".join(map(str, new)) or "?")
+            # With what it took: a joining member's pages wait for its first login.
+            LOG.info("%s: logged in to member %d at %s over %s (%s): session %s in %.2f s%s", target.name,
+                     login.member_id, login.portal, login.iface, login.reason, ",".join(map(str, new)) or "?",
+                     self.clock() - started, steps)
         return made
 
-    async def _record_login(self, target: str, portal: Portal, iface: str) -> None:
-        """Log in the node record (target, portal, iface); made first, with our settings, if missing."""
+    async def _record_login(self, target: str, portal: Portal, iface: str) -> str:
+        """Log in the node record (target, portal, iface); made first, with our settings, if missing.
+        Returns what it took when the record was made (for the log), else ""."""
+        started = self.clock()
         try:
             await self.iscsiadm.node_login(target, portal, iface=iface)
-            return
+            return ""
         except IscsiNotFoundError:
             pass  # no such record: make it
+        looked = self.clock()
         await self.iscsiadm.node_new(target, portal, iface=iface)
         self.ledger.of(target).records.add((portal.address, portal.port, iface))
+        made = self.clock()
         await configure_record(self.iscsiadm, target, portal, iface, self.config, startup=AGENT_RECORD_STARTUP)
+        configured = self.clock()
         await self.iscsiadm.node_login(target, portal, iface=iface)
+        return (f" (no record: looked {looked - started:.2f} s, made {made - looked:.2f} s, set up "
+                f"{configured - made:.2f} s, logged in {self.clock() - configured:.2f} s)")
 
     async def _logout(self, target: _Target, logout: Logout) -> None:
         try:
