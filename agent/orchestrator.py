@@ -245,9 +245,10 @@ class Orchestrator:
         looks = 0
         while True:
             looks += 1
-            self.discovery.expect_paths(lun.wwid, await self.sessions.disks_of(joined.sids))
+            disks = await self.sessions.disks_of(joined.sids)
+            self.discovery.expect_paths(lun.wwid, disks)  # for the reconciles before multipathd has them
             # Only the new disks are asked which member they land on: the rest were, moments ago.
-            topology = await self.discovery.add_new_paths(await self.discovery.find_mpath(lun.wwid), topology)
+            topology = await self.discovery.with_disks(topology, disks)
             waiting = sorted(m for m in joined.members
                              if not any(p.usable for p in topology.paths_of_member(m)))
             if not waiting:

@@ -171,6 +171,10 @@ class _Target:
     released_devs: frozenset[str] = frozenset()
     plan: Plan | None = None
     login_failures: Counter[int] = field(default_factory=Counter)
+    seen_sids: frozenset[int] = frozenset()
+    """Every session id (of any target) the last plan's sysfs read showed."""
+    login_runs: int = 0
+    """keep()'s login phases so far: a join planned before one ran plans again."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while logins to the target run: ``join()`` (under the LUN's lock) and ``keep()`` (not
     under it, so that a page move's reconcile need not wait for a second session) never log in to
@@ -200,6 +204,8 @@ class SessionKeeper:
         self._target_of: dict[str, str] = {}
         """wwid -> target name."""
         self._forgotten: set[str] = set()
+        self._devnums: dict[str, str] = {}
+        """sd disk name -> major:minor (fixed for a name: sd.c derives both from one index)."""
         """Targets `logout` took away: left alone until the next `login` asks again."""
 
     # -- what the orchestrator asks -------------------------------------------------
@@ -231,6 +237,8 @@ class SessionKeeper:
         if not _may_join(topology, page_map):
             return Joined()  # every page owner has a path: nothing to plan for here (keep() does the rest)
         started = self.clock()
+        known = self._targets.get(self._target_of.get(lun.wwid, ""))
+        runs = known.login_runs if known else -1
         plan = await self._plan(lun, topology, page_map, held_devs)
         if plan is None or not plan.join_first:
             return Joined()
@@ -238,17 +246,20 @@ class SessionKeeper:
         LOG.info("%s: member(s) %s join; planned in %.2f s", target.name, ",".join(map(str, sorted(plan.join_first))),
                  self.clock() - started)
         async with target.lock:
-            # keep() may have logged some in meanwhile: plan again over what sysfs shows now.
-            plan = await self._replan(lun, target, held_devs)
-            if plan is None or not plan.join_first:
-                return Joined()
+            if target.login_runs != runs:
+                # keep() logged in meanwhile: plan again over what sysfs shows now.
+                plan = await self._replan(lun, target, held_devs)
+                if plan is None or not plan.join_first:
+                    return Joined()
             first: dict[int, Login] = {}
             for login in plan.logins:
                 if login.member_id in plan.join_first and login.member_id not in first:
                     first[login.member_id] = dataclasses.replace(login, count=1)
             # Members side by side (each login is a second or more of iscsiadm and iscsid): the
-            # pages wait for the slowest, not for the sum.
-            results = await asyncio.gather(*(self._login(target, login) for login in first.values()))
+            # pages wait for the slowest, not for the sum. No other login of ours runs meanwhile
+            # (the lock), so the sessions the plan saw are the "before" of each.
+            results = await asyncio.gather(*(self._login(target, login, before=target.seen_sids)
+                                             for login in first.values()))
         sids: list[int] = []
         members: set[int] = set()
         for member_id, made in zip(first, results):
@@ -256,7 +267,9 @@ class SessionKeeper:
             members |= {member_id} if made else set()
         if sids:
             self.ledger.save()
-        await self._replan(lun, target, held_devs)
+        if members != set(first):
+            await self._replan(lun, target, held_devs)  # the status shows the failure now
+        # (else the keep() after the reconcile publishes it: the pages need not wait for a sysfs read)
         return Joined(frozenset(members), tuple(sids))
 
     async def keep(self, lun: LunState, held_devs: Callable[[], set[str]],
@@ -283,13 +296,17 @@ class SessionKeeper:
         made: list[int] = []
         if any(isinstance(action, Login) for action in plan.actions):
             async with target.lock:
-                # A join may have run meanwhile: log in what is missing now.
-                fresh = await self._replan(lun, target, held_devs())
-                by_member: dict[int, list[Login]] = {}
-                for login in fresh.logins if fresh else ():
-                    by_member.setdefault(login.member_id, []).append(login)
-                for logins in await asyncio.gather(*(self._logins(target, logins) for logins in by_member.values())):
-                    made += logins
+                try:
+                    # A join may have run meanwhile: log in what is missing now.
+                    fresh = await self._replan(lun, target, held_devs())
+                    by_member: dict[int, list[Login]] = {}
+                    for login in fresh.logins if fresh else ():
+                        by_member.setdefault(login.member_id, []).append(login)
+                    for logins in await asyncio.gather(*(self._logins(target, logins)
+                                                         for logins in by_member.values())):
+                        made += logins
+                finally:
+                    target.login_runs += 1
         if plan.actions:
             self.ledger.save()
             await self._replan(lun, target, held_devs())
@@ -346,7 +363,17 @@ class SessionKeeper:
         if not self.config.manage_sessions:
             self._unmanaged(lun, None, "manage_sessions = false")
             return None
-        sessions = await self.host.iscsi_sessions()
+        # VPD 0xC1 asked beside the sysfs read (a joining member's first login waits for both).
+        asked = asyncio.ensure_future(self._member_portals(topology)) if topology.map_source == "page-map" else None
+        try:
+            sessions = await self.host.iscsi_sessions()
+            return await self._plan_with(lun, topology, page_map, held_devs, sessions, asked)
+        finally:
+            _drop(asked)
+
+    async def _plan_with(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str],
+                         sessions: list[IscsiSession], asked: asyncio.Future[tuple[MemberPortals, ...] | None] | None,
+                         ) -> Plan | None:
         devices = {p.device for p in topology.paths}
         targets = sorted({s.target_name for s in sessions if devices & set(s.disks)})
         if not targets:
@@ -367,7 +394,7 @@ class SessionKeeper:
                                        "log in to every member's portal")
             return None
         try:
-            portals = await self._member_portals(topology)
+            portals = await asked if asked is not None else await self._member_portals(topology)
         except SwitchAgentError as exc:
             self._unmanaged(lun, name, f"cannot read VPD 0xC1 (member portals): {exc}")
             return None
@@ -384,6 +411,7 @@ class SessionKeeper:
         """Plan over what sysfs shows now, and publish the per-member status on every LUN of the target."""
         if sessions is None:
             sessions = await self.host.iscsi_sessions()
+        target.seen_sids = frozenset(s.sid for s in sessions)
         entry = self.ledger.of(target.name)
         mine = [s for s in sessions if s.target_name == target.name]
         live = {s.sid for s in mine}
@@ -454,15 +482,17 @@ class SessionKeeper:
             made += await self._login(target, login)
         return made
 
-    async def _login(self, target: _Target, login: Login) -> list[int]:
-        """Run one Login action; the new session ids (recorded as ours). Stops at the first failure."""
+    async def _login(self, target: _Target, login: Login, before: frozenset[int] | None = None) -> list[int]:
+        """Run one Login action; the new session ids (recorded as ours). Stops at the first failure.
+        ``before``: the session ids there are now, when the caller knows (else sysfs is read)."""
         entry = self.ledger.of(target.name)
         made: list[int] = []
         via = login.via_sid
-        for _ in range(login.count):
+        for i in range(login.count):
             started = self.clock()
             steps = ""
-            before = {s.sid for s in await self.host.iscsi_sessions()}
+            if before is None or i > 0:
+                before = frozenset(s.sid for s in await self.host.iscsi_sessions())
             try:
                 if via is not None:
                     await self.iscsiadm.session_new(via)
@@ -532,8 +562,12 @@ class SessionKeeper:
 
     async def _devs_of_session(self, session: IscsiSession) -> set[str]:
         async def devnum(disk: str) -> str | None:
+            # An sd disk's name and number come from the same index (sd.c): one read per name.
+            if disk in self._devnums:
+                return self._devnums[disk]
             try:
-                return await self.host.disk_devnum(disk)
+                found = self._devnums[disk] = await self.host.disk_devnum(disk)
+                return found
             except SwitchAgentError:
                 return None  # going away
         return {d for d in await asyncio.gather(*(devnum(disk) for disk in session.disks)) if d is not None}
@@ -557,6 +591,16 @@ def load_chap(config: Config) -> ChapCredentials | None:
     if config.chap_credentials_file is None:
         return None
     return load_chap_credentials(config.chap_credentials_file)
+
+
+def _drop(task: asyncio.Future[Any] | None) -> None:
+    """A VPD 0xC1 read the plan did not need after all: cancelled, and its error (if any) taken."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
 
 
 def _may_join(topology: Topology, page_map: PageMap) -> bool:
