@@ -150,67 +150,80 @@ class Orchestrator:
             previous = lun.stack.page_map if lun.stack else None
             # A routed LUN's array is known: its paths are only asked which member they land on.
             known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
+            # Node records for members with no session yet, made beside discovery and the fetch: a
+            # member that joins now then waits for its login only.
+            preparing = asyncio.create_task(self.sessions.prepare(lun, known)) \
+                if self.sessions is not None and known is not None else None
             try:
-                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid), known)
-                logfields.add(MPATH=topology.mpath_name)
-                discovered = self.clock()
-                page_map = await self.discovery.fetch_map(topology, previous)
-                if _pages_for(topology, page_map) != page_map.total_pages:
-                    # The array resized the volume and a path still shows the old capacity (its unit
-                    # attention went to a daemon that died, or is still queued): re-read, look again.
-                    await self.rescan_paths([p.device for p in topology.paths], wwid)
-                    topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid),
-                                                                            known)
-                fetched = self.clock()
-                if self.sessions is not None:
-                    # Members that own pages and have no session: logged in before the legs are planned.
-                    joined = await self._join_members(lun, topology, page_map)
-                    if joined is not topology:
-                        topology = lun.topology = joined
-                        # The logins took seconds: a page move meanwhile (its trigger waits for this
-                        # reconcile) goes into this epoch, not into another reconcile after it.
-                        page_map = await self._map_now(topology, page_map)
-                    # Sessions about to be logged out: their paths leave the legs first.
-                    topology = _without(topology, self.sessions.released_devs(wwid))
-                # A routed device keeps its name while it lives, whatever the template now says.
-                top_name = lun.stack.plan.top_name if lun.stack else None
-                plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
-                if lun.stack and plan.same_shape_as(lun.stack.plan):
-                    await self.applier.reload_changed_legs(lun, plan)
-                    await self.applier.update_live_switch(lun, plan, page_map)
-                else:
-                    # A new epoch names a new switch and legs, built beside the live ones.
-                    top_name = await self.applier.claim_top_name(topology)
-                    lun.epoch += 1
-                    await self.applier.build_and_swap(lun, plan_stack(self.config, topology, page_map,
-                                                                      epoch=lun.epoch, top_name=top_name),
-                                                      page_map, slot.release)
-            except NotOurArrayError:
-                self.luns.pop(wwid, None)
-                raise
-            except SwitchAgentError as exc:
-                self._failed(lun, exc)
-                raise
-            except Exception as exc:  # a bug: the LUN shows it and is retried like any other failure
-                LOG.exception("%s: unexpected error while reconciling", wwid)
-                error = InternalError(f"{wwid}: internal error: {type(exc).__name__}: {exc}")
-                self._failed(lun, error)
-                raise error from exc
-            lun.failures = 0
-            lun.state = State.ROUTED
-            lun.reconciles["ok"] = lun.reconciles.get("ok", 0) + 1
-            lun.map_confirmed_at = self.clock()
-            if previous is not None and previous.generation != page_map.generation:
-                moved = page_map.changed_pages if page_map.changed_since == previous.generation else None
-                lun.moved_pages = pages_moved(previous, page_map) if moved is None else moved
-                lun.moved_since = previous.generation
-            # Where a reconcile's time goes, for `status --json` and for tuning convergence.
-            lun.last_reconcile = {"discover_s": round(discovered - started, 3),
-                                  "fetch_s": round(fetched - discovered, 3),
-                                  "kernel_s": round(self.clock() - fetched, 3)}
-            LOG.info("%s: reconciled in %.2f s (discover %.2f, fetch %.2f, kernel %.2f)", wwid,
-                     self.clock() - started, *lun.last_reconcile.values())
-            return lun
+                return await self._reconcile(lun, wwid, started, previous, known, slot)
+            finally:
+                if preparing is not None:
+                    await asyncio.gather(preparing, return_exceptions=True)
+
+    async def _reconcile(self, lun: LunState, wwid: str, started: float, previous: PageMap | None,
+                         known: Topology | None, slot: _Slot) -> LunState:
+        """The reconcile itself, under the LUN's lock (see reconcile)."""
+        try:
+            topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid), known)
+            logfields.add(MPATH=topology.mpath_name)
+            discovered = self.clock()
+            page_map = await self.discovery.fetch_map(topology, previous)
+            if _pages_for(topology, page_map) != page_map.total_pages:
+                # The array resized the volume and a path still shows the old capacity (its unit
+                # attention went to a daemon that died, or is still queued): re-read, look again.
+                await self.rescan_paths([p.device for p in topology.paths], wwid)
+                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid),
+                                                                        known)
+            fetched = self.clock()
+            if self.sessions is not None:
+                # Members that own pages and have no session: logged in before the legs are planned.
+                joined = await self._join_members(lun, topology, page_map)
+                if joined is not topology:
+                    topology = lun.topology = joined
+                    # The logins took seconds: a page move meanwhile (its trigger waits for this
+                    # reconcile) goes into this epoch, not into another reconcile after it.
+                    page_map = await self._map_now(topology, page_map)
+                # Sessions about to be logged out: their paths leave the legs first.
+                topology = _without(topology, self.sessions.released_devs(wwid))
+            # A routed device keeps its name while it lives, whatever the template now says.
+            top_name = lun.stack.plan.top_name if lun.stack else None
+            plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
+            if lun.stack and plan.same_shape_as(lun.stack.plan):
+                await self.applier.reload_changed_legs(lun, plan)
+                await self.applier.update_live_switch(lun, plan, page_map)
+            else:
+                # A new epoch names a new switch and legs, built beside the live ones.
+                top_name = await self.applier.claim_top_name(topology)
+                lun.epoch += 1
+                await self.applier.build_and_swap(lun, plan_stack(self.config, topology, page_map,
+                                                                  epoch=lun.epoch, top_name=top_name),
+                                                  page_map, slot.release)
+        except NotOurArrayError:
+            self.luns.pop(wwid, None)
+            raise
+        except SwitchAgentError as exc:
+            self._failed(lun, exc)
+            raise
+        except Exception as exc:  # a bug: the LUN shows it and is retried like any other failure
+            LOG.exception("%s: unexpected error while reconciling", wwid)
+            error = InternalError(f"{wwid}: internal error: {type(exc).__name__}: {exc}")
+            self._failed(lun, error)
+            raise error from exc
+        lun.failures = 0
+        lun.state = State.ROUTED
+        lun.reconciles["ok"] = lun.reconciles.get("ok", 0) + 1
+        lun.map_confirmed_at = self.clock()
+        if previous is not None and previous.generation != page_map.generation:
+            moved = page_map.changed_pages if page_map.changed_since == previous.generation else None
+            lun.moved_pages = pages_moved(previous, page_map) if moved is None else moved
+            lun.moved_since = previous.generation
+        # Where a reconcile's time goes, for `status --json` and for tuning convergence.
+        lun.last_reconcile = {"discover_s": round(discovered - started, 3),
+                              "fetch_s": round(fetched - discovered, 3),
+                              "kernel_s": round(self.clock() - fetched, 3)}
+        LOG.info("%s: reconciled in %.2f s (discover %.2f, fetch %.2f, kernel %.2f)", wwid,
+                 self.clock() - started, *lun.last_reconcile.values())
+        return lun
 
     def _failed(self, lun: LunState, exc: SwitchAgentError) -> None:
         """Record a failed reconcile; a LUN we never routed and that has no multipath map is forgotten."""

@@ -171,6 +171,8 @@ class _Target:
     released_devs: frozenset[str] = frozenset()
     plan: Plan | None = None
     login_failures: Counter[int] = field(default_factory=Counter)
+    ready: set[tuple[str, int, str]] = field(default_factory=set)
+    """(address, port, iface) of node records known to be there (made by ``prepare()``, or found)."""
     seen_sids: frozenset[int] = frozenset()
     """Every session id (of any target) the last plan's sysfs read showed."""
     login_runs: int = 0
@@ -229,6 +231,60 @@ class SessionKeeper:
             portal, iface = record
             self.ledger.of(target).records.add((portal.address, portal.port, iface))
             self.ledger.save()
+
+    async def prepare(self, lun: LunState, topology: Topology) -> None:
+        """Make the node records a join would log in with, for every member VPD 0xC1 lists that has
+        no session, ahead of the join: the orchestrator runs this beside a routed LUN's discovery
+        and map fetch, so that a joining member's pages wait for its ``--login`` only, not for three
+        iscsiadm calls more (a look, ``-o new``, ``-o update``). Never logs in; errors are left to
+        the join, which makes a missing record itself."""
+        name = self._target_of.get(lun.wwid)
+        target = self._targets.get(name or "")
+        if (target is None or name in self._forgotten or not self.config.manage_sessions
+                or topology.map_source != "page-map" or lun.stack is None):
+            return
+        try:
+            portals, sessions = await asyncio.gather(self._member_portals(topology), self.host.iscsi_sessions())
+        except SwitchAgentError as exc:
+            LOG.debug("%s: no records prepared: %s", target.name, exc)
+            return
+        if portals is None:
+            return
+        # Where the policy would log in a member with no session, as if it owned pages now.
+        views = [SessionView.from_sysfs(s, ours=False, held_by_legs=False) for s in sessions
+                 if s.target_name == target.name]
+        reached = {v.portal for v in views}
+        members = [dataclasses.replace(m, owns_pages=m.owns_pages or not set(m.portals) & reached)
+                   for m in self._views(target, lun.stack.page_map, portals) if m.in_map]
+        try:
+            plan = plan_sessions(members, views, self.config, host_sessions=len(sessions),
+                                 failures=target.failures, now_s=self.clock())
+        except MemberListError:
+            return
+        entry = self.ledger.of(target.name)
+        wanted = [(login.portal, login.iface) for login in plan.logins if login.via_sid is None
+                  and not set(next(m.portals for m in members if m.member_id == login.member_id)) & reached]
+        wanted = [(p, i) for p, i in wanted
+                  if (p.address, p.port, i) not in target.ready and (p.address, p.port, i) not in entry.records]
+        if not wanted:
+            return
+        async with target.lock:
+            for portal, iface in wanted:
+                started = self.clock()
+                try:
+                    if not await self.iscsiadm.node_exists(target.name, portal, iface=iface):
+                        await self.iscsiadm.node_new(target.name, portal, iface=iface)
+                        entry.records.add((portal.address, portal.port, iface))
+                        self.ledger.save()
+                        await configure_record(self.iscsiadm, target.name, portal, iface, self.config,
+                                               startup=AGENT_RECORD_STARTUP)
+                        LOG.info("%s: node record for %s over %s made ahead of its login in %.2f s", target.name,
+                                 portal, iface, self.clock() - started)
+                except (IscsiadmError, SwitchAgentError) as exc:
+                    LOG.info("%s: node record for %s over %s not made ahead (the login makes it): %s",
+                             target.name, portal, iface, exc)
+                    continue
+                target.ready.add((portal.address, portal.port, iface))
 
     async def join(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Joined:
         """Log in one session to each member that owns pages and has no logged-in session, before it

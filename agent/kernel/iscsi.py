@@ -382,6 +382,16 @@ class Iscsiadm:
         await self.node_update_many(target, portal, chap_settings(username, password, username_in, password_in),
                                     iface=iface)
 
+    async def node_exists(self, target: str, portal: Portal, *, iface: str = DEFAULT_IFACE,
+                          timeout_s: float | None = None) -> bool:
+        """Whether the node record (target, portal, iface) is there (``-o show``; its text, which
+        may hold CHAP settings, is not kept). Unlike ``--login`` it changes nothing."""
+        try:
+            await self.run([*self._node(target, portal, iface), "-o", "show"], timeout_s=timeout_s)
+        except IscsiNotFoundError:
+            return False
+        return True
+
     async def node_delete(self, target: str, portal: Portal, *, iface: str = DEFAULT_IFACE,
                           timeout_s: float | None = None) -> None:
         """Delete the node record (iscsiadm logs its sessions out first, if any)."""

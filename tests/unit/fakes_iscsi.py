@@ -243,6 +243,8 @@ class FakeIscsiadm:
             for name, value in pairs:
                 self.records[key][name] = value
             return self._ok()
+        if op == "show":
+            return self._ok("".join(f"{k} = {v}\n" for k, v in sorted(self.records[key].items())))
         if op == "delete":
             for s in [s for s in self.sessions.values() if (s.target, s.portal, s.iface) == key]:
                 self._end(s)

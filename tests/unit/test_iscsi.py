@@ -167,6 +167,14 @@ def test_several_settings_in_one_update_call(fake: FakeIscsiadm, caplog: pytest.
         run(adm.node_update_many(TARGET, P0, [("node.startup", "manual"), ("node.startup; x", "1")]))
 
 
+def test_node_exists_looks_without_changing_anything(fake: FakeIscsiadm) -> None:
+    adm = Iscsiadm(fake)
+    assert not run(adm.node_exists(TARGET, P0))
+    run(adm.node_new(TARGET, P0))
+    assert run(adm.node_exists(TARGET, P0)) and not run(adm.node_exists(TARGET, P0, iface="iface1"))
+    assert fake.calls[-1][-2:] == ["-o", "show"] and fake.sessions == {}
+
+
 def test_unknown_exit_code_is_the_base_error() -> None:
     async def runner(argv):
         return RunResult(77, "", "odd\n")
