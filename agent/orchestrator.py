@@ -177,12 +177,8 @@ class Orchestrator:
             fetched = self.clock()
             if self.sessions is not None:
                 # Members that own pages and have no session: logged in before the legs are planned.
-                joined = await self._join_members(lun, topology, page_map)
-                if joined is not topology:
-                    topology = lun.topology = joined
-                    # The logins took seconds: a page move meanwhile (its trigger waits for this
-                    # reconcile) goes into this epoch, not into another reconcile after it.
-                    page_map = await self._map_now(topology, page_map)
+                topology, page_map = await self._join_members(lun, topology, page_map)
+                lun.topology = topology
                 # Sessions about to be logged out: their paths leave the legs first.
                 topology = _without(topology, self.sessions.released_devs(wwid))
             # A routed device keeps its name while it lives, whatever the template now says.
@@ -243,30 +239,44 @@ class Orchestrator:
 
     # -- sessions (agent.session_keeper) -----------------------------------------
 
-    async def _join_members(self, lun: LunState, topology: Topology, page_map: PageMap) -> Topology:
-        """Log in to joining members, then wait (bounded) until discovery shows their paths."""
+    async def _join_members(self, lun: LunState, topology: Topology, page_map: PageMap) -> tuple[Topology, PageMap]:
+        """Log in to joining members, then wait (bounded) until their paths show; the topology with
+        them, and the map as the array has it by then (the logins took seconds: a page move meanwhile
+        goes into the epoch being built, not into another reconcile after it). Unchanged when no
+        member joined."""
         assert self.sessions is not None
         try:
             joined = await self.sessions.join(lun, topology, page_map, self.held_devs())
         except SwitchAgentError as exc:  # routing goes on over the sessions there are
             LOG.warning("%s: session keeping failed: %s", lun.wwid, exc)
-            return topology
+            return topology, page_map
         if not joined.members:
-            return topology
+            return topology, page_map
+        # Asked beside the wait for the paths: one round trip less before the routing.
+        rechecked = asyncio.create_task(self._map_now(topology, page_map))
+        try:
+            topology = await self._wait_for_paths(lun, topology, joined.members, joined.sids)
+            return topology, await rechecked
+        finally:
+            rechecked.cancel()
+
+    async def _wait_for_paths(self, lun: LunState, topology: Topology, members: frozenset[int],
+                              sids: tuple[int, ...]) -> Topology:
+        """The topology once the joined members' sessions show a usable path each, or at the deadline."""
+        assert self.sessions is not None
         waited = self.clock()
         deadline = waited + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
         looks = 0
         while True:
             looks += 1
-            disks = await self.sessions.disks_of(joined.sids)
+            disks = await self.sessions.disks_of(sids)
             self.discovery.expect_paths(lun.wwid, disks)  # for the reconciles before multipathd has them
             # Only the new disks are asked which member they land on: the rest were, moments ago.
             topology = await self.discovery.with_disks(topology, disks)
-            waiting = sorted(m for m in joined.members
-                             if not any(p.usable for p in topology.paths_of_member(m)))
+            waiting = sorted(m for m in members if not any(p.usable for p in topology.paths_of_member(m)))
             if not waiting:
                 LOG.info("%s: member(s) %s logged in; routing to them (their paths waited for %.2f s, %d look(s))",
-                         lun.wwid, ",".join(map(str, joined.members)), self.clock() - waited, looks)
+                         lun.wwid, ",".join(map(str, sorted(members))), self.clock() - waited, looks)
                 return topology
             if self.clock() >= deadline:
                 LOG.warning("%s: no path to member(s) %s yet after their login; routing without them",
