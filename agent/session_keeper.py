@@ -42,6 +42,7 @@ from agent.kernel.iscsi import (
     Iscsiadm,
     IscsiadmError,
     IscsiNotFoundError,
+    NodeRecords,
     chap_settings,
     startup_setting,
 )
@@ -173,6 +174,8 @@ class _Target:
     login_failures: Counter[int] = field(default_factory=Counter)
     ready: set[tuple[str, int, str]] = field(default_factory=set)
     """(address, port, iface) of node records known to be there (made by ``prepare()``, or found)."""
+    session_records: tuple[tuple[Portal, str], ...] = ()
+    """(portal, iface) of the target's sessions at the last plan: their node records exist."""
     seen_sids: frozenset[int] = frozenset()
     """Every session id (of any target) the last plan's sysfs read showed."""
     login_runs: int = 0
@@ -195,10 +198,12 @@ class SessionKeeper:
     """Plans and runs each target's logins and logouts; keeps the ledger and the status."""
 
     def __init__(self, config: Config, host: SessionHost, iscsiadm: Iscsiadm, *, ledger_path: Path,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], node_records: NodeRecords | None = None) -> None:
         self.config = config
         self.host = host
         self.iscsiadm = iscsiadm
+        self.node_records = node_records
+        """Where a record's absence is seen without an iscsiadm call (None: always ask iscsiadm)."""
         self.clock = clock
         self.ledger = SessionLedger(ledger_path)
         self.ledger.load()
@@ -253,6 +258,7 @@ class SessionKeeper:
         # Where the policy would log in a member with no session, as if it owned pages now.
         views = [SessionView.from_sysfs(s, ours=False, held_by_legs=False) for s in sessions
                  if s.target_name == target.name]
+        target.session_records = tuple((v.portal, v.iface) for v in views if v.portal is not None)
         reached = {v.portal for v in views}
         members = [dataclasses.replace(m, owns_pages=m.owns_pages or not set(m.portals) & reached)
                    for m in self._views(target, lun.stack.page_map, portals) if m.in_map]
@@ -272,7 +278,7 @@ class SessionKeeper:
             for portal, iface in wanted:
                 started = self.clock()
                 try:
-                    if not await self.iscsiadm.node_exists(target.name, portal, iface=iface):
+                    if await self._record_absent(target, portal, iface):
                         await self.iscsiadm.node_new(target.name, portal, iface=iface)
                         entry.records.add((portal.address, portal.port, iface))
                         self.ledger.save()
@@ -470,6 +476,7 @@ class SessionKeeper:
         target.seen_sids = frozenset(s.sid for s in sessions)
         entry = self.ledger.of(target.name)
         mine = [s for s in sessions if s.target_name == target.name]
+        target.session_records = tuple((s.portal, s.iface_name or DEFAULT_IFACE) for s in mine if s.portal)
         live = {s.sid for s in mine}
         if entry.sids - live:  # ended behind our back (or by us): not ours to track any more
             entry.sids &= live
@@ -582,9 +589,13 @@ class SessionKeeper:
         """Log in the node record (target, portal, iface); made first, with our settings, if missing.
         Returns what it took when the record was made (for the log), else ""."""
         started = self.clock()
+        known = self._targets.get(target)
         try:
-            await self.iscsiadm.node_login(target, portal, iface=iface)
-            return ""
+            # Straight to making it where the record directory says there is none (a login
+            # that fails is an iscsiadm call, most of a second in a TCG guest).
+            if known is None or not await self._record_absent(known, portal, iface, ask=False):
+                await self.iscsiadm.node_login(target, portal, iface=iface)
+                return ""
         except IscsiNotFoundError:
             pass  # no such record: make it
         looked = self.clock()
@@ -596,6 +607,16 @@ class SessionKeeper:
         await self.iscsiadm.node_login(target, portal, iface=iface)
         return (f" (no record: looked {looked - started:.2f} s, made {made - looked:.2f} s, set up "
                 f"{configured - made:.2f} s, logged in {self.clock() - configured:.2f} s)")
+
+    async def _record_absent(self, target: _Target, portal: Portal, iface: str, *, ask: bool = True) -> bool:
+        """Whether the node record (portal, iface) of the target is missing: from the record directory
+        where that can tell (NodeRecords), else from iscsiadm (``ask``), else False (assume there)."""
+        if self.node_records is not None:
+            absent = await asyncio.to_thread(self.node_records.absent, target.name, portal, iface,
+                                             known=target.session_records)
+            if absent is not None:
+                return absent
+        return not await self.iscsiadm.node_exists(target.name, portal, iface=iface) if ask else False
 
     async def _logout(self, target: _Target, logout: Logout) -> None:
         try:

@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -417,6 +419,57 @@ class Iscsiadm:
     async def session_logout(self, sid: int, *, timeout_s: float | None = None) -> None:
         """Log out session ``sid`` only (the record's other sessions stay)."""
         await self.run(["-m", "session", "-r", _sid_arg(sid), "--logout"], timeout_s=timeout_s)
+
+
+NODE_DB_DIRS = ("/etc/iscsi/nodes", "/var/lib/iscsi/nodes")
+"""Where open-iscsi keeps node records (its ``ISCSI_DB_ROOT``: Debian's, and RHEL's and SUSE's)."""
+
+
+class NodeRecords:
+    """Whether a node record exists, from open-iscsi's record directory, without running iscsiadm.
+
+    A record is ``<db>/<target>/<address>,<port>,<tpgt>/<iface>`` (open-iscsi's idbm; ``tpgt`` is -1
+    for a record made with ``-o new``). The layout is open-iscsi's, not an interface it promises,
+    so an answer counts only where a record known to exist (that of a logged-in session) is found
+    the same way; otherwise ``absent()`` says None and the caller asks iscsiadm. Nothing is written.
+    """
+
+    def __init__(self, dirs: Sequence[str] = NODE_DB_DIRS) -> None:
+        self.dirs = tuple(dirs)
+
+    def absent(self, target: str, portal: Portal, iface: str, *, known: Sequence[tuple[Portal, str]]) -> bool | None:
+        """True: no record for (target, portal, iface) in the record directory that holds the records
+        of ``known`` (portal, iface) pairs of the target; None when no directory holds those (then
+        this cannot tell); False: it is there."""
+        for db in self.dirs:
+            entries = self._entries(os.path.join(db, target))
+            if entries and known and all(self._has(db, target, entries, p, i) for p, i in known):
+                return not self._has(db, target, entries, portal, iface)
+        return None
+
+    @staticmethod
+    def _entries(path: str) -> list[str]:
+        try:
+            return os.listdir(path)
+        except OSError:
+            return []
+
+    @staticmethod
+    def _has(db: str, target: str, entries: list[str], portal: Portal, iface: str) -> bool:
+        for entry in entries:  # "<address>,<port>,<tpgt>"
+            address, _, port = entry.rpartition(",")[0].rpartition(",")
+            if not (port.isdigit() and int(port) == portal.port and _same_address(address, portal.address)):
+                continue
+            if os.path.lexists(os.path.join(db, target, entry, iface)):
+                return True
+        return False
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.lower() == b.lower()
 
 
 def startup_setting(startup: str) -> tuple[str, Arg]:

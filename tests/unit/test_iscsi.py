@@ -22,6 +22,7 @@ from agent.kernel.iscsi import (
     IscsiLoginError,
     IscsiNotFoundError,
     IscsiSessionExistsError,
+    NodeRecords,
     RunResult,
     Secret,
     parse_sendtargets,
@@ -173,6 +174,26 @@ def test_node_exists_looks_without_changing_anything(fake: FakeIscsiadm) -> None
     run(adm.node_new(TARGET, P0))
     assert run(adm.node_exists(TARGET, P0)) and not run(adm.node_exists(TARGET, P0, iface="iface1"))
     assert fake.calls[-1][-2:] == ["-o", "show"] and fake.sessions == {}
+
+
+def test_node_records_tell_absence_only_where_known_records_are_found(tmp_path: Path) -> None:
+    etc, var = tmp_path / "etc", tmp_path / "var"
+    (etc / TARGET / "127.0.0.1,3260,1" / "default").mkdir(parents=True)  # iscsiadm 2.1.8: iface is a file
+    records = NodeRecords([str(var), str(etc)])
+    known = [(P0, "default")]
+    assert records.absent(TARGET, P1, "default", known=known) is True
+    assert records.absent(TARGET, P0, "default", known=known) is False
+    assert records.absent(TARGET, P0, "iface1", known=known) is True
+    (etc / TARGET / "127.0.0.2,3260,-1").mkdir()
+    (etc / TARGET / "127.0.0.2,3260,-1" / "default").write_text("node.startup = manual\n")
+    assert records.absent(TARGET, P1, "default", known=known) is False
+    # Where a record known to exist is not found, it cannot tell: iscsiadm is asked.
+    assert records.absent(TARGET, P1, "default", known=[(Portal("127.0.0.9", 3260), "default")]) is None
+    assert records.absent(TARGET, P1, "default", known=[]) is None
+    assert NodeRecords([str(tmp_path / "none")]).absent(TARGET, P1, "default", known=known) is None
+    # IPv6, as open-iscsi names its directories.
+    (etc / TARGET / "fd00::1,3260,-1" / "default").mkdir(parents=True)
+    assert records.absent(TARGET, Portal("fd00:0::1", 3260), "default", known=known) is False
 
 
 def test_unknown_exit_code_is_the_base_error() -> None:

@@ -510,3 +510,31 @@ def ledger_records(rig: Rig) -> set[tuple[str, int, str]]:
     ledger = SessionLedger(rig.ledger)
     ledger.load()
     return ledger.of(TARGET).records
+
+
+def test_where_the_record_directory_tells_a_record_is_missing_no_iscsiadm_call_looks(tmp_path):
+    from agent.kernel.iscsi import NodeRecords
+
+    db = tmp_path / "nodes"
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))
+    rig.keeper.node_records = NodeRecords([str(db)])
+
+    def mirror() -> None:  # open-iscsi's record directory, as iscsiadm keeps it
+        for target, portal, iface in rig.iscsi.records:
+            (db / target / f"{portal.address},{portal.port},-1").mkdir(parents=True, exist_ok=True)
+            (db / target / f"{portal.address},{portal.port},-1" / iface).write_text("")
+
+    mirror()
+    rig.reconcile()  # members 1 and 2 join: their records are made without a failing login first
+    ops = [next(op for op in ("--login", "new", "update", "show") if op in c) for c in rig.iscsi.calls
+           if str(portal_of(1)) in c]
+    assert ops == ["new", "update", "--login"], ops
+    rig.settle()
+    mirror()
+    lun = rig.orch.luns[rig.system.wwid]
+    new = rig.system.volume.add_member()
+    rig.iscsi.add_member_portal(new.number)
+    calls = len(rig.iscsi.calls)
+    asyncio.run(rig.keeper.prepare(lun, lun.topology))
+    ops = [next(op for op in ("--login", "new", "update", "show") if op in c) for c in rig.iscsi.calls[calls:]]
+    assert ops == ["new", "update"]  # no -o show: the directory said there is none
