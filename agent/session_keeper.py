@@ -313,23 +313,28 @@ class SessionKeeper:
                 plan = await self._replan(lun, target, held_devs)
                 if plan is None or not plan.join_first:
                     return Joined()
-            first: dict[int, Login] = {}
+            by_member: dict[int, list[Login]] = {}
             for login in plan.logins:
-                if login.member_id in plan.join_first and login.member_id not in first:
-                    first[login.member_id] = dataclasses.replace(login, count=1)
+                if lun.stack is None:
+                    # Nothing routed yet: the whole set before the first epoch (its disks, and udev's
+                    # reads of them, are done with before the routed device carries I/O).
+                    by_member.setdefault(login.member_id, []).append(login)
+                elif login.member_id in plan.join_first and login.member_id not in by_member:
+                    # Routed: a joining member's pages wait for its first session only.
+                    by_member[login.member_id] = [dataclasses.replace(login, count=1)]
             # Members side by side (each login is a second or more of iscsiadm and iscsid): the
             # pages wait for the slowest, not for the sum. No other login of ours runs meanwhile
-            # (the lock), so the sessions the plan saw are the "before" of each.
-            results = await asyncio.gather(*(self._login(target, login, before=target.seen_sids)
-                                             for login in first.values()))
+            # (the lock), so the sessions the plan saw are the "before" of each member's first.
+            results = await asyncio.gather(*(self._logins(target, logins, before=target.seen_sids)
+                                             for logins in by_member.values()))
         sids: list[int] = []
         members: set[int] = set()
-        for member_id, made in zip(first, results):
+        for member_id, made in zip(by_member, results):
             sids += made
-            members |= {member_id} if made else set()
+            members |= {member_id} if made and member_id in plan.join_first else set()
         if sids:
             self.ledger.save()
-        if members != set(first):
+        if members != set(plan.join_first):
             await self._replan(lun, target, held_devs)  # the status shows the failure now
         # (else the keep() after the reconcile publishes it: the pages need not wait for a sysfs read)
         return Joined(frozenset(members), tuple(sids))
@@ -538,11 +543,12 @@ class SessionKeeper:
 
     # -- running it ---------------------------------------------------------------
 
-    async def _logins(self, target: _Target, logins: list[Login]) -> list[int]:
-        """One member's logins, one after another (its second session goes beside its first)."""
+    async def _logins(self, target: _Target, logins: list[Login], before: frozenset[int] | None = None) -> list[int]:
+        """One member's logins, one after another (its second session goes beside its first);
+        ``before``: the session ids there are now, for the first (see ``_login``)."""
         made: list[int] = []
-        for login in logins:
-            made += await self._login(target, login)
+        for i, login in enumerate(logins):
+            made += await self._login(target, login, before=before if i == 0 else None)
         return made
 
     async def _login(self, target: _Target, login: Login, before: frozenset[int] | None = None) -> list[int]:

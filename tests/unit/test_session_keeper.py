@@ -141,15 +141,13 @@ def make(tmp_path, *, members: int = 3, config: Config = CONFIG, first_login: bo
 def test_members_are_logged_in_before_pages_are_routed_to_them(tmp_path):
     rig = make(tmp_path)
     lun = rig.reconcile()
-    # The first epoch already routes every page to its owner: members 1 and 2 were logged in first,
-    # one session each, side by side (the pages wait for one login, not for the whole set).
+    # The first epoch already routes every page to its owner: members 1 and 2 were logged in first.
     assert lun.state == "routed"
     assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
-    assert [len(rig.sessions_of(n)) for n in range(3)] == [1, 1, 1]
+    # Nothing was routed yet: the whole set came in the same pass, before the first epoch.
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
     assert rig.orch.luns[rig.system.wwid].epoch == 1
-    # The second sessions are keep()'s, and their disks join the legs of the same epoch.
     rig.settle()
-    assert rig.orch.luns[rig.system.wwid].epoch == 1
     assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
     state = lun.sessions
     assert state is not None and state.managed and state.target == TARGET
@@ -412,7 +410,7 @@ def test_a_joined_member_whose_paths_do_not_show_is_waited_for_a_bounded_time(tm
     lun = rig.reconcile()
     assert 1.0 <= time.monotonic() - started < 10
     assert lun.state == "routed"  # routed over the paths there are
-    assert len(rig.iscsi.sessions) == 3  # the admin's, and one to each joining member
+    assert len(rig.iscsi.sessions) == 6
 
 
 def test_a_new_member_is_routed_after_its_first_session_and_a_move_meanwhile_goes_into_that_epoch(tmp_path):
@@ -450,7 +448,9 @@ def test_a_new_member_is_routed_after_its_first_session_and_a_move_meanwhile_goe
 
 def test_keeping_sessions_logs_in_without_holding_the_lun(tmp_path):
     rig = make(tmp_path)
-    rig.reconcile()  # one session per member: keep() logs in the second ones
+    rig.reconcile()
+    rig.settle()
+    rig.iscsi.kill_session(rig.sessions_of(1)[0].sid)  # keep() logs one in again beside the other
     gate = asyncio.Event()
     entered = asyncio.Event()
     real = rig.keeper.iscsiadm.runner
