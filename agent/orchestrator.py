@@ -145,20 +145,22 @@ class Orchestrator:
         if wwid in self.withdrawn:
             raise LunNotFoundError(f"{wwid}: logged out with `switch-agent logout`; `switch-agent login` to route it")
         lun = self.luns.setdefault(wwid, LunState(wwid))
-        async with lun.lock, _Slot(self._parallel) as slot:
-            started = self.clock()
-            previous = lun.stack.page_map if lun.stack else None
-            # A routed LUN's array is known: its paths are only asked which member they land on.
-            known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
-            # Node records for members with no session yet, made beside discovery and the fetch: a
-            # member that joins now then waits for its login only.
-            preparing = asyncio.create_task(self.sessions.prepare(lun, known)) \
-                if self.sessions is not None and known is not None else None
-            try:
+        # Node records for members with no session yet, made beside the wait for the LUN, its
+        # discovery and its map fetch: a member that joins now then waits for its login only.
+        routed = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
+        preparing = asyncio.create_task(self.sessions.prepare(lun, routed)) \
+            if self.sessions is not None and routed is not None else None
+        try:
+            async with lun.lock, _Slot(self._parallel) as slot:
+                started = self.clock()
+                previous = lun.stack.page_map if lun.stack else None
+                # A routed LUN's array is known: its paths are only asked which member they land on.
+                known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) \
+                    else None
                 return await self._reconcile(lun, wwid, started, previous, known, slot)
-            finally:
-                if preparing is not None:
-                    await asyncio.gather(preparing, return_exceptions=True)
+        finally:
+            if preparing is not None:
+                await asyncio.gather(preparing, return_exceptions=True)
 
     async def _reconcile(self, lun: LunState, wwid: str, started: float, previous: PageMap | None,
                          known: Topology | None, slot: _Slot) -> LunState:
