@@ -347,31 +347,19 @@ class SessionKeeper:
         Planning, logouts and releases run under ``lun_lock`` (the legs hold still while it is
         decided what no leg holds); the logins do not: a second session takes a second or more,
         and a page move's reconcile must not wait behind it. ``held_devs``: the legs' paths now."""
-        if lun.topology is None or lun.stack is None:
-            return False
-        # Sysfs and VPD 0xC1 read before the LUN's lock: a reconcile (a member joining) that comes
-        # meanwhile waits for the plan itself, not for a SCSI round trip and a sysfs walk.
-        asked = asyncio.ensure_future(self._member_portals(lun.topology)) \
-            if self.config.manage_sessions and lun.topology.map_source == "page-map" else None
-        try:
-            sessions = await self.host.iscsi_sessions()
-            if asked is not None:
-                await asyncio.wait([asked])
-            async with lun_lock or contextlib.nullcontext():
-                if lun.topology is None or lun.stack is None:
-                    return False
-                plan = await self._plan(lun, lun.topology, lun.stack.page_map, held_devs(), read=(sessions, asked))
-                if plan is None:
-                    return False
-                target = self._targets[self._target_of[lun.wwid]]
-                for action in plan.actions:
-                    if isinstance(action, Logout):
-                        await self._logout(target, action)
-                before = target.released_devs
-                target.release = {r.sid for r in plan.release}
-                target.released_devs = frozenset(await self._devs_of(target.name, target.release, sessions))
-        finally:
-            _drop(asked)
+        async with lun_lock or contextlib.nullcontext():
+            if lun.topology is None or lun.stack is None:
+                return False
+            plan = await self._plan(lun, lun.topology, lun.stack.page_map, held_devs())
+            if plan is None:
+                return False
+            target = self._targets[self._target_of[lun.wwid]]
+            for action in plan.actions:
+                if isinstance(action, Logout):
+                    await self._logout(target, action)
+            before = target.released_devs
+            target.release = {r.sid for r in plan.release}
+            target.released_devs = frozenset(await self._devs_of(target.name, target.release))
         made: list[int] = []
         if any(isinstance(action, Login) for action in plan.actions):
             async with target.lock:
@@ -437,16 +425,11 @@ class SessionKeeper:
 
     # -- planning ---------------------------------------------------------------
 
-    async def _plan(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str], *,
-                    read: tuple[list[IscsiSession], asyncio.Future[tuple[MemberPortals, ...] | None] | None]
-                    | None = None) -> Plan | None:
-        """Find the LUN's target and members, and plan; None (with lun.sessions saying why) when unmanaged.
-        ``read``: the sessions and the VPD 0xC1 read, when the caller read them already."""
+    async def _plan(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Plan | None:
+        """Find the LUN's target and members, and plan; None (with lun.sessions saying why) when unmanaged."""
         if not self.config.manage_sessions:
             self._unmanaged(lun, None, "manage_sessions = false")
             return None
-        if read is not None:
-            return await self._plan_with(lun, topology, page_map, held_devs, *read)
         # VPD 0xC1 asked beside the sysfs read (a joining member's first login waits for both).
         asked = asyncio.ensure_future(self._member_portals(topology)) if topology.map_source == "page-map" else None
         try:
@@ -653,9 +636,9 @@ class SessionKeeper:
         LOG.info("%s: logged out session %d of member %s (%s)", target.name, logout.sid,
                  logout.member_id if logout.member_id is not None else "-", logout.reason)
 
-    async def _devs_of(self, target: str, sids: set[int], sessions: list[IscsiSession] | None = None) -> set[str]:
+    async def _devs_of(self, target: str, sids: set[int]) -> set[str]:
         devs: set[str] = set()
-        for s in sessions if sessions is not None else await self.host.iscsi_sessions():
+        for s in await self.host.iscsi_sessions():
             if s.sid in sids and s.target_name == target:
                 devs |= await self._devs_of_session(s)
         return devs
