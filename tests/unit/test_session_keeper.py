@@ -538,3 +538,46 @@ def test_where_the_record_directory_tells_a_record_is_missing_no_iscsiadm_call_l
     asyncio.run(rig.keeper.prepare(lun, lun.topology))
     ops = [next(op for op in ("--login", "new", "update", "show") if op in c) for c in rig.iscsi.calls[calls:]]
     assert ops == ["new", "update"]  # no -o show: the directory said there is none
+
+
+def test_a_keeping_run_waiting_for_the_lun_does_not_lose_the_session_a_join_made_meanwhile(tmp_path):
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))
+    rig.reconcile()
+    rig.settle()
+    new = rig.system.volume.add_member()
+    rig.iscsi.add_member_portal(new.number)
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real = rig.keeper.iscsiadm.runner
+
+    async def slow_join_login(argv):
+        if "--login" in argv and str(portal_of(new.number)) in argv:
+            entered.set()
+            await gate.wait()
+        return await real(argv)
+
+    rig.keeper.iscsiadm.runner = slow_join_login
+    wwid = rig.system.wwid
+
+    async def scenario():
+        reconciling = asyncio.create_task(rig.orch.reconcile(wwid))
+        await asyncio.wait_for(entered.wait(), 5)  # the join holds the LUN, its login under way
+        keeping = asyncio.create_task(rig.orch.keep_sessions(wwid))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(reconciling, 5)
+        await asyncio.wait_for(keeping, 5)
+
+    asyncio.run(scenario())
+    made = {s.sid for s in rig.sessions_of(new.number)}
+    assert made and made <= ledger_records_sids(rig)  # the join's session (and keep()'s) still ours
+    rig.settle()
+    rig.system.volume.remove_member(new.number)
+    rig.reconcile()
+    rig.settle()
+    assert rig.sessions_of(new.number) == []  # ours, so logged out once no leg holds it
+
+
+def ledger_records_sids(rig: Rig) -> set[int]:
+    ledger = SessionLedger(rig.ledger)
+    ledger.load()
+    return ledger.of(TARGET).sids
