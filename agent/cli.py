@@ -327,13 +327,14 @@ def run_daemon(args: argparse.Namespace, config: Config, socket_path: Path) -> i
     limit_malloc_arenas()
 
     async def serve() -> None:
-        from agent.kernel.iscsi import Iscsiadm
+        from agent.kernel.iscsi import Iscsiadm, NodeRecords
         from agent.session_keeper import LEDGER_NAME, SessionKeeper
 
         system = RealSystem(config)
         # The ledger beside the control socket: /run (a tmpfs) -- kept across restarts, not reboots.
         keeper = SessionKeeper(config, system, Iscsiadm(timeout_s=config.iscsiadm_timeout_s),
-                               ledger_path=socket_path.parent / LEDGER_NAME, clock=time.monotonic)
+                               ledger_path=socket_path.parent / LEDGER_NAME, clock=time.monotonic,
+                               node_records=NodeRecords())
         daemon = Daemon(config, system, open_udev_events(), sessions=keeper)
         install_signal_handlers(daemon)
         await daemon.run()

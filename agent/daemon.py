@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+from collections import Counter
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from agent import activation, control, logfields, mapview
@@ -60,10 +61,13 @@ class LunScheduler:
         self.after_routed = after_routed
         """Called with the wwid after every reconcile that succeeded (the sessions are kept)."""
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._reasons: dict[str, Counter[str]] = {}
+        """wwid -> what asked for its pending run (logged when it starts: which reconciles were needed)."""
         self._healing: dict[str, asyncio.Task[None]] = {}
 
     def trigger(self, wwid: str, reason: str, *, delay_s: float | None = None) -> None:
         """Reconcile `wwid` soon; triggers that arrive while one is pending fold into it."""
+        self._reasons.setdefault(wwid, Counter())[reason] += 1
         if wwid in self._pending:
             LOG.debug("%s: %s folded into the pending run", wwid, reason)
             return
@@ -76,6 +80,7 @@ class LunScheduler:
         pending = self._pending.pop(wwid, None)
         if pending:
             pending.cancel()
+        self._reasons.pop(wwid, None)
         try:
             with logfields.about(**self._fields(wwid)):
                 return await self.orchestrator.reconcile(wwid)
@@ -95,6 +100,9 @@ class LunScheduler:
         await self.sleep(delay)
         self._pending.pop(wwid, None)
         self._task_about(wwid)
+        reasons = self._reasons.pop(wwid, Counter())
+        LOG.info("%s: reconcile for %s", wwid, ", ".join(r + (f" x{n}" if n > 1 else "")
+                                                        for r, n in reasons.items()) or "?")
         try:
             await self.orchestrator.reconcile(wwid)
             self.after_routed(wwid)
@@ -139,6 +147,7 @@ class LunScheduler:
         """Cancel everything pending and wait for it to stop."""
         tasks = [*self._pending.values(), *self._healing.values()]
         self._pending.clear()
+        self._reasons.clear()
         self._healing.clear()
         for task in tasks:
             task.cancel()

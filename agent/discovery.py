@@ -146,6 +146,20 @@ class Discovery:
         return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, paths,
                         mpath.map_size_sectors, source.name if source else "page-map")
 
+    async def with_disks(self, topology: Topology, devices: list[str]) -> Topology:
+        """`topology` (discovered moments ago) with those of `devices` it lacks that are paths of its
+        LUN (its wwid and size): only they are asked which member they land on. For a joining
+        member's new disks, waited for: multipathd's map is not read again for them."""
+        had = {p.device for p in topology.paths}
+        described = await asyncio.gather(*(self.system.describe_path(d) for d in devices if d not in had))
+        new = [p for p in described
+               if p is not None and p.wwid == topology.wwid and p.size_sectors == topology.size_sectors]
+        if not new:
+            return topology
+        source = mapsources.get(topology.map_source)
+        found = await asyncio.gather(*(self._identify(source, topology.wwid, p.device, p.dev) for p in new))
+        return dataclasses.replace(topology, paths=topology.paths + tuple(found))
+
     async def _identify(self, source: mapsources.MapSource, wwid: str, device: str, dev: str) -> PathInfo:
         try:
             member_id, member_name = await source.identify(self.system.open_path(device))

@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Any, Callable, Container, Protocol
 
-from agent import logfields
+from agent import logfields, mapsources
 from agent.apply import PlanApplier
 from agent.config import Config
 from agent.discovery import Discovery, LunNotFoundError, NotOurArrayError
@@ -63,7 +63,7 @@ class NoTargetError(SwitchAgentError):
     """`logout` of something that names no iSCSI target the daemon knows."""
 
 
-JOIN_POLL_S = 0.5
+JOIN_POLL_S = 0.25
 """How often the paths of a member just logged in to are looked for (udev and multipathd add them)."""
 JOIN_WAIT_MAX_S = 30.0
 
@@ -145,67 +145,83 @@ class Orchestrator:
         if wwid in self.withdrawn:
             raise LunNotFoundError(f"{wwid}: logged out with `switch-agent logout`; `switch-agent login` to route it")
         lun = self.luns.setdefault(wwid, LunState(wwid))
-        async with lun.lock, _Slot(self._parallel) as slot:
-            started = self.clock()
-            previous = lun.stack.page_map if lun.stack else None
-            # A routed LUN's array is known: its paths are only asked which member they land on.
-            known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
-            try:
-                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid), known)
-                logfields.add(MPATH=topology.mpath_name)
-                discovered = self.clock()
-                page_map = await self.discovery.fetch_map(topology, previous)
-                if _pages_for(topology, page_map) != page_map.total_pages:
-                    # The array resized the volume and a path still shows the old capacity (its unit
-                    # attention went to a daemon that died, or is still queued): re-read, look again.
-                    await self.rescan_paths([p.device for p in topology.paths], wwid)
-                    topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid),
-                                                                            known)
-                fetched = self.clock()
-                if self.sessions is not None:
-                    # Members that own pages and have no session: logged in before the legs are planned.
-                    topology = lun.topology = await self._join_members(lun, topology, page_map)
-                    # Sessions about to be logged out: their paths leave the legs first.
-                    topology = _without(topology, self.sessions.released_devs(wwid))
-                # A routed device keeps its name while it lives, whatever the template now says.
-                top_name = lun.stack.plan.top_name if lun.stack else None
-                plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
-                if lun.stack and plan.same_shape_as(lun.stack.plan):
-                    await self.applier.reload_changed_legs(lun, plan)
-                    await self.applier.update_live_switch(lun, plan, page_map)
-                else:
-                    # A new epoch names a new switch and legs, built beside the live ones.
-                    top_name = await self.applier.claim_top_name(topology)
-                    lun.epoch += 1
-                    await self.applier.build_and_swap(lun, plan_stack(self.config, topology, page_map,
-                                                                      epoch=lun.epoch, top_name=top_name),
-                                                      page_map, slot.release)
-            except NotOurArrayError:
-                self.luns.pop(wwid, None)
-                raise
-            except SwitchAgentError as exc:
-                self._failed(lun, exc)
-                raise
-            except Exception as exc:  # a bug: the LUN shows it and is retried like any other failure
-                LOG.exception("%s: unexpected error while reconciling", wwid)
-                error = InternalError(f"{wwid}: internal error: {type(exc).__name__}: {exc}")
-                self._failed(lun, error)
-                raise error from exc
-            lun.failures = 0
-            lun.state = State.ROUTED
-            lun.reconciles["ok"] = lun.reconciles.get("ok", 0) + 1
-            lun.map_confirmed_at = self.clock()
-            if previous is not None and previous.generation != page_map.generation:
-                moved = page_map.changed_pages if page_map.changed_since == previous.generation else None
-                lun.moved_pages = pages_moved(previous, page_map) if moved is None else moved
-                lun.moved_since = previous.generation
-            # Where a reconcile's time goes, for `status --json` and for tuning convergence.
-            lun.last_reconcile = {"discover_s": round(discovered - started, 3),
-                                  "fetch_s": round(fetched - discovered, 3),
-                                  "kernel_s": round(self.clock() - fetched, 3)}
-            LOG.info("%s: reconciled in %.2f s (discover %.2f, fetch %.2f, kernel %.2f)", wwid,
-                     self.clock() - started, *lun.last_reconcile.values())
-            return lun
+        # Node records for members with no session yet, made beside the wait for the LUN, its
+        # discovery and its map fetch: a member that joins now then waits for its login only.
+        routed = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
+        preparing = asyncio.create_task(self.sessions.prepare(lun, routed)) \
+            if self.sessions is not None and routed is not None else None
+        try:
+            async with lun.lock, _Slot(self._parallel) as slot:
+                started = self.clock()
+                previous = lun.stack.page_map if lun.stack else None
+                # A routed LUN's array is known: its paths are only asked which member they land on.
+                known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) \
+                    else None
+                return await self._reconcile(lun, wwid, started, previous, known, slot)
+        finally:
+            if preparing is not None:
+                await asyncio.gather(preparing, return_exceptions=True)
+
+    async def _reconcile(self, lun: LunState, wwid: str, started: float, previous: PageMap | None,
+                         known: Topology | None, slot: _Slot) -> LunState:
+        """The reconcile itself, under the LUN's lock (see reconcile)."""
+        try:
+            topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid), known)
+            logfields.add(MPATH=topology.mpath_name)
+            discovered = self.clock()
+            page_map = await self.discovery.fetch_map(topology, previous)
+            if _pages_for(topology, page_map) != page_map.total_pages:
+                # The array resized the volume and a path still shows the old capacity (its unit
+                # attention went to a daemon that died, or is still queued): re-read, look again.
+                await self.rescan_paths([p.device for p in topology.paths], wwid)
+                topology = lun.topology = await self.discovery.discover(await self.discovery.find_mpath(wwid),
+                                                                        known)
+            fetched = self.clock()
+            if self.sessions is not None:
+                # Members that own pages and have no session: logged in before the legs are planned.
+                topology, page_map = await self._join_members(lun, topology, page_map)
+                lun.topology = topology
+                # Sessions about to be logged out: their paths leave the legs first.
+                topology = _without(topology, self.sessions.released_devs(wwid))
+            # A routed device keeps its name while it lives, whatever the template now says.
+            top_name = lun.stack.plan.top_name if lun.stack else None
+            plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
+            if lun.stack and plan.same_shape_as(lun.stack.plan):
+                await self.applier.reload_changed_legs(lun, plan)
+                await self.applier.update_live_switch(lun, plan, page_map)
+            else:
+                # A new epoch names a new switch and legs, built beside the live ones.
+                top_name = await self.applier.claim_top_name(topology)
+                lun.epoch += 1
+                await self.applier.build_and_swap(lun, plan_stack(self.config, topology, page_map,
+                                                                  epoch=lun.epoch, top_name=top_name),
+                                                  page_map, slot.release)
+        except NotOurArrayError:
+            self.luns.pop(wwid, None)
+            raise
+        except SwitchAgentError as exc:
+            self._failed(lun, exc)
+            raise
+        except Exception as exc:  # a bug: the LUN shows it and is retried like any other failure
+            LOG.exception("%s: unexpected error while reconciling", wwid)
+            error = InternalError(f"{wwid}: internal error: {type(exc).__name__}: {exc}")
+            self._failed(lun, error)
+            raise error from exc
+        lun.failures = 0
+        lun.state = State.ROUTED
+        lun.reconciles["ok"] = lun.reconciles.get("ok", 0) + 1
+        lun.map_confirmed_at = self.clock()
+        if previous is not None and previous.generation != page_map.generation:
+            moved = page_map.changed_pages if page_map.changed_since == previous.generation else None
+            lun.moved_pages = pages_moved(previous, page_map) if moved is None else moved
+            lun.moved_since = previous.generation
+        # Where a reconcile's time goes, for `status --json` and for tuning convergence.
+        lun.last_reconcile = {"discover_s": round(discovered - started, 3),
+                              "fetch_s": round(fetched - discovered, 3),
+                              "kernel_s": round(self.clock() - fetched, 3)}
+        LOG.info("%s: reconciled in %.2f s (discover %.2f, fetch %.2f, kernel %.2f)", wwid,
+                 self.clock() - started, *lun.last_reconcile.values())
+        return lun
 
     def _failed(self, lun: LunState, exc: SwitchAgentError) -> None:
         """Record a failed reconcile; a LUN we never routed and that has no multipath map is forgotten."""
@@ -225,24 +241,44 @@ class Orchestrator:
 
     # -- sessions (agent.session_keeper) -----------------------------------------
 
-    async def _join_members(self, lun: LunState, topology: Topology, page_map: PageMap) -> Topology:
-        """Log in to joining members, then wait (bounded) until discovery shows their paths."""
+    async def _join_members(self, lun: LunState, topology: Topology, page_map: PageMap) -> tuple[Topology, PageMap]:
+        """Log in to joining members, then wait (bounded) until their paths show; the topology with
+        them, and the map as the array has it by then (the logins took seconds: a page move meanwhile
+        goes into the epoch being built, not into another reconcile after it). Unchanged when no
+        member joined."""
         assert self.sessions is not None
         try:
             joined = await self.sessions.join(lun, topology, page_map, self.held_devs())
         except SwitchAgentError as exc:  # routing goes on over the sessions there are
             LOG.warning("%s: session keeping failed: %s", lun.wwid, exc)
-            return topology
+            return topology, page_map
         if not joined.members:
-            return topology
-        deadline = self.clock() + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
+            return topology, page_map
+        # Asked beside the wait for the paths: one round trip less before the routing.
+        rechecked = asyncio.create_task(self._map_now(topology, page_map))
+        try:
+            topology = await self._wait_for_paths(lun, topology, joined.members, joined.sids)
+            return topology, await rechecked
+        finally:
+            rechecked.cancel()
+
+    async def _wait_for_paths(self, lun: LunState, topology: Topology, members: frozenset[int],
+                              sids: tuple[int, ...]) -> Topology:
+        """The topology once the joined members' sessions show a usable path each, or at the deadline."""
+        assert self.sessions is not None
+        waited = self.clock()
+        deadline = waited + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
+        looks = 0
         while True:
-            self.discovery.expect_paths(lun.wwid, await self.sessions.disks_of(joined.sids))
-            topology = await self.discovery.discover(await self.discovery.find_mpath(lun.wwid))
-            waiting = sorted(m for m in joined.members
-                             if not any(p.usable for p in topology.paths_of_member(m)))
+            looks += 1
+            disks = await self.sessions.disks_of(sids)
+            self.discovery.expect_paths(lun.wwid, disks)  # for the reconciles before multipathd has them
+            # Only the new disks are asked which member they land on: the rest were, moments ago.
+            topology = await self.discovery.with_disks(topology, disks)
+            waiting = sorted(m for m in members if not any(p.usable for p in topology.paths_of_member(m)))
             if not waiting:
-                LOG.info("%s: member(s) %s logged in; routing to them", lun.wwid, ",".join(map(str, joined.members)))
+                LOG.info("%s: member(s) %s logged in; routing to them (their paths waited for %.2f s, %d look(s))",
+                         lun.wwid, ",".join(map(str, sorted(members))), self.clock() - waited, looks)
                 return topology
             if self.clock() >= deadline:
                 LOG.warning("%s: no path to member(s) %s yet after their login; routing without them",
@@ -250,17 +286,37 @@ class Orchestrator:
                 return topology
             await asyncio.sleep(JOIN_POLL_S)
 
+    async def _map_now(self, topology: Topology, page_map: PageMap) -> PageMap:
+        """The map's changes since `page_map`, where the array offers that cheaply; else, or on any
+        trouble, or when the size moved (the next reconcile sees to that), `page_map` itself."""
+        source = mapsources.get(topology.map_source)
+        for path in topology.paths:
+            if not path.usable:
+                continue
+            try:
+                async with asyncio.timeout(self.config.fetch_timeout_s):
+                    updated = await source.fetch_changes(self.system.open_path(path.device), page_map)
+            except (TimeoutError, SwitchAgentError) as exc:
+                LOG.info("%s: map not checked again after the join: %s", topology.wwid, exc or "timed out")
+                return page_map
+            if updated is None or updated.total_pages != page_map.total_pages:
+                return page_map
+            if updated.generation != page_map.generation:
+                LOG.info("%s: generation %d while members joined; routing it", topology.wwid, updated.generation)
+            return updated
+        return page_map
+
     async def keep_sessions(self, wwid: str) -> bool:
         """Run the rest of the LUN's session plan; True when the LUN needs a reconcile (paths to add or release)."""
         lun = self.luns.get(wwid)
         if self.sessions is None or lun is None or wwid in self.withdrawn:
             return False
-        async with lun.lock:
-            try:
-                return await self.sessions.keep(lun, self.held_devs())
-            except SwitchAgentError as exc:
-                LOG.warning("%s: session keeping failed: %s", wwid, exc)
-                return False
+        try:
+            # The LUN's lock for deciding, not for the logins (a page move's reconcile goes first).
+            return await self.sessions.keep(lun, self.held_devs, lun.lock)
+        except SwitchAgentError as exc:
+            LOG.warning("%s: session keeping failed: %s", wwid, exc)
+            return False
 
     def held_devs(self) -> set[str]:
         """Every path (major:minor) a live leg holds."""

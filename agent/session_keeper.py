@@ -23,6 +23,8 @@ backoff (``LoginFailure``), so nothing here loops tightly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -36,9 +38,13 @@ from typing import Any, Callable, Iterable, Protocol
 from agent.config import ChapCredentials, Config, load_chap_credentials
 from agent.kernel.iscsi import (
     DEFAULT_IFACE,
+    Arg,
     Iscsiadm,
     IscsiadmError,
     IscsiNotFoundError,
+    NodeRecords,
+    chap_settings,
+    startup_setting,
 )
 from agent.kernel.sysfs import IscsiSession, Portal
 from agent.lun import LunState, MemberSessionsState, SessionsState
@@ -166,6 +172,18 @@ class _Target:
     released_devs: frozenset[str] = frozenset()
     plan: Plan | None = None
     login_failures: Counter[int] = field(default_factory=Counter)
+    ready: set[tuple[str, int, str]] = field(default_factory=set)
+    """(address, port, iface) of node records known to be there (made by ``prepare()``, or found)."""
+    session_records: tuple[tuple[Portal, str], ...] = ()
+    """(portal, iface) of the target's sessions at the last plan: their node records exist."""
+    seen_sids: frozenset[int] = frozenset()
+    """Every session id (of any target) the last plan's sysfs read showed."""
+    login_runs: int = 0
+    """keep()'s login phases so far: a join planned before one ran plans again."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while logins to the target run: ``join()`` (under the LUN's lock) and ``keep()`` (not
+    under it, so that a page move's reconcile need not wait for a second session) never log in to
+    the same member side by side."""
 
 
 @dataclass(frozen=True)
@@ -180,10 +198,12 @@ class SessionKeeper:
     """Plans and runs each target's logins and logouts; keeps the ledger and the status."""
 
     def __init__(self, config: Config, host: SessionHost, iscsiadm: Iscsiadm, *, ledger_path: Path,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], node_records: NodeRecords | None = None) -> None:
         self.config = config
         self.host = host
         self.iscsiadm = iscsiadm
+        self.node_records = node_records
+        """Where a record's absence is seen without an iscsiadm call (None: always ask iscsiadm)."""
         self.clock = clock
         self.ledger = SessionLedger(ledger_path)
         self.ledger.load()
@@ -191,6 +211,8 @@ class SessionKeeper:
         self._target_of: dict[str, str] = {}
         """wwid -> target name."""
         self._forgotten: set[str] = set()
+        self._devnums: dict[str, str] = {}
+        """sd disk name -> major:minor (fixed for a name: sd.c derives both from one index)."""
         """Targets `logout` took away: left alone until the next `login` asks again."""
 
     # -- what the orchestrator asks -------------------------------------------------
@@ -215,59 +237,146 @@ class SessionKeeper:
             self.ledger.of(target).records.add((portal.address, portal.port, iface))
             self.ledger.save()
 
+    async def prepare(self, lun: LunState, topology: Topology) -> None:
+        """Make the node records a join would log in with, for every member VPD 0xC1 lists that has
+        no session, ahead of the join: the orchestrator runs this beside a routed LUN's discovery
+        and map fetch, so that a joining member's pages wait for its ``--login`` only, not for three
+        iscsiadm calls more (a look, ``-o new``, ``-o update``). Never logs in; errors are left to
+        the join, which makes a missing record itself."""
+        name = self._target_of.get(lun.wwid)
+        target = self._targets.get(name or "")
+        if (target is None or name in self._forgotten or not self.config.manage_sessions
+                or topology.map_source != "page-map" or lun.stack is None):
+            return
+        try:
+            portals, sessions = await asyncio.gather(self._member_portals(topology), self.host.iscsi_sessions())
+        except SwitchAgentError as exc:
+            LOG.debug("%s: no records prepared: %s", target.name, exc)
+            return
+        if portals is None:
+            return
+        # Where the policy would log in a member with no session, as if it owned pages now.
+        views = [SessionView.from_sysfs(s, ours=False, held_by_legs=False) for s in sessions
+                 if s.target_name == target.name]
+        target.session_records = tuple((v.portal, v.iface) for v in views if v.portal is not None)
+        reached = {v.portal for v in views}
+        members = [dataclasses.replace(m, owns_pages=m.owns_pages or not set(m.portals) & reached)
+                   for m in self._views(target, lun.stack.page_map, portals) if m.in_map]
+        try:
+            plan = plan_sessions(members, views, self.config, host_sessions=len(sessions),
+                                 failures=target.failures, now_s=self.clock())
+        except MemberListError:
+            return
+        entry = self.ledger.of(target.name)
+        wanted = [(login.portal, login.iface) for login in plan.logins if login.via_sid is None
+                  and not set(next(m.portals for m in members if m.member_id == login.member_id)) & reached]
+        wanted = [(p, i) for p, i in wanted
+                  if (p.address, p.port, i) not in target.ready and (p.address, p.port, i) not in entry.records]
+        if not wanted:
+            return
+        async with target.lock:
+            for portal, iface in wanted:
+                started = self.clock()
+                try:
+                    if await self._record_absent(target, portal, iface):
+                        await self.iscsiadm.node_new(target.name, portal, iface=iface)
+                        entry.records.add((portal.address, portal.port, iface))
+                        self.ledger.save()
+                        await configure_record(self.iscsiadm, target.name, portal, iface, self.config,
+                                               startup=AGENT_RECORD_STARTUP)
+                        LOG.info("%s: node record for %s over %s made ahead of its login in %.2f s", target.name,
+                                 portal, iface, self.clock() - started)
+                except (IscsiadmError, SwitchAgentError) as exc:
+                    LOG.info("%s: node record for %s over %s not made ahead (the login makes it): %s",
+                             target.name, portal, iface, exc)
+                    continue
+                target.ready.add((portal.address, portal.port, iface))
+
     async def join(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str]) -> Joined:
-        """Log in to the members that own pages and have no logged-in session, before they are routed to
-        (and, while at it, the other logins of the plan); nothing when no member joins."""
+        """Log in one session to each member that owns pages and has no logged-in session, before it
+        is routed to; nothing when no member joins. Its other sessions, and the other members'
+        missing ones, are ``keep()``'s: the pages wait for one login per member, not for the set."""
+        if not _may_join(topology, page_map):
+            return Joined()  # every page owner has a path: nothing to plan for here (keep() does the rest)
+        started = self.clock()
+        known = self._targets.get(self._target_of.get(lun.wwid, ""))
+        runs = known.login_runs if known else -1
         plan = await self._plan(lun, topology, page_map, held_devs)
         if plan is None or not plan.join_first:
             return Joined()
         target = self._targets[self._target_of[lun.wwid]]
+        LOG.info("%s: member(s) %s join; planned in %.2f s", target.name, ",".join(map(str, sorted(plan.join_first))),
+                 self.clock() - started)
+        async with target.lock:
+            if target.login_runs != runs:
+                # keep() logged in meanwhile: plan again over what sysfs shows now.
+                plan = await self._replan(lun, target, held_devs)
+                if plan is None or not plan.join_first:
+                    return Joined()
+            by_member: dict[int, list[Login]] = {}
+            for login in plan.logins:
+                if lun.stack is None:
+                    # Nothing routed yet: the whole set before the first epoch (its disks, and udev's
+                    # reads of them, are done with before the routed device carries I/O).
+                    by_member.setdefault(login.member_id, []).append(login)
+                elif login.member_id in plan.join_first and login.member_id not in by_member:
+                    # Routed: a joining member's pages wait for its first session only.
+                    by_member[login.member_id] = [dataclasses.replace(login, count=1)]
+            # Members side by side (each login is a second or more of iscsiadm and iscsid): the
+            # pages wait for the slowest, not for the sum. No other login of ours runs meanwhile
+            # (the lock), so the sessions the plan saw are the "before" of each member's first.
+            results = await asyncio.gather(*(self._logins(target, logins, before=target.seen_sids)
+                                             for logins in by_member.values()))
         sids: list[int] = []
         members: set[int] = set()
-        # With members joining, the other members' missing sessions are logged in in the same pass:
-        # after a first login the whole set is there when the first epoch is built.
-        by_member: dict[int, list[Login]] = {}
-        for login in plan.logins:
-            by_member.setdefault(login.member_id, []).append(login)
-
-        async def join_member(logins: list[Login]) -> list[int]:
-            made: list[int] = []
-            for login in logins:
-                made += await self._login(target, login)
-            return made
-
-        # Members side by side (each login is a second or more of iscsiadm and iscsid): the
-        # pages wait for the slowest, not for the sum.
-        results = await asyncio.gather(*(join_member(logins) for logins in by_member.values()))
         for member_id, made in zip(by_member, results):
             sids += made
-            members |= {member_id} if made else set()
+            members |= {member_id} if made and member_id in plan.join_first else set()
         if sids:
             self.ledger.save()
-        await self._replan(lun, target, held_devs)
+        if members != set(plan.join_first):
+            await self._replan(lun, target, held_devs)  # the status shows the failure now
+        # (else the keep() after the reconcile publishes it: the pages need not wait for a sysfs read)
         return Joined(frozenset(members), tuple(sids))
 
-    async def keep(self, lun: LunState, held_devs: set[str]) -> bool:
+    async def keep(self, lun: LunState, held_devs: Callable[[], set[str]],
+                   lun_lock: asyncio.Lock | None = None) -> bool:
         """The rest of the plan for the LUN's target; True when the legs must change (a reconcile):
-        sessions to release, or new sessions whose disks the legs should take."""
-        if lun.topology is None or lun.stack is None:
-            return False
-        plan = await self._plan(lun, lun.topology, lun.stack.page_map, held_devs)
-        if plan is None:
-            return False
-        target = self._targets[self._target_of[lun.wwid]]
+        sessions to release, or new sessions whose disks the legs should take.
+
+        Planning, logouts and releases run under ``lun_lock`` (the legs hold still while it is
+        decided what no leg holds); the logins do not: a second session takes a second or more,
+        and a page move's reconcile must not wait behind it. ``held_devs``: the legs' paths now."""
+        async with lun_lock or contextlib.nullcontext():
+            if lun.topology is None or lun.stack is None:
+                return False
+            plan = await self._plan(lun, lun.topology, lun.stack.page_map, held_devs())
+            if plan is None:
+                return False
+            target = self._targets[self._target_of[lun.wwid]]
+            for action in plan.actions:
+                if isinstance(action, Logout):
+                    await self._logout(target, action)
+            before = target.released_devs
+            target.release = {r.sid for r in plan.release}
+            target.released_devs = frozenset(await self._devs_of(target.name, target.release))
         made: list[int] = []
-        for action in plan.actions:
-            if isinstance(action, Login):
-                made += await self._login(target, action)
-            else:
-                await self._logout(target, action)
-        before = target.released_devs
-        target.release = {r.sid for r in plan.release}
-        target.released_devs = frozenset(await self._devs_of(target.name, target.release))
+        if any(isinstance(action, Login) for action in plan.actions):
+            async with target.lock:
+                try:
+                    # A join may have run meanwhile: log in what is missing now.
+                    fresh = await self._replan(lun, target, held_devs())
+                    by_member: dict[int, list[Login]] = {}
+                    for login in fresh.logins if fresh else ():
+                        by_member.setdefault(login.member_id, []).append(login)
+                    for logins in await asyncio.gather(*(self._logins(target, logins)
+                                                         for logins in by_member.values())):
+                        made += logins
+                finally:
+                    target.login_runs += 1
         if plan.actions:
             self.ledger.save()
-            await self._replan(lun, target, held_devs)
+            await self._replan(lun, target, held_devs())
         return bool(made) or target.released_devs != before
 
     async def disks_of(self, sids: Iterable[int]) -> list[str]:
@@ -321,7 +430,17 @@ class SessionKeeper:
         if not self.config.manage_sessions:
             self._unmanaged(lun, None, "manage_sessions = false")
             return None
-        sessions = await self.host.iscsi_sessions()
+        # VPD 0xC1 asked beside the sysfs read (a joining member's first login waits for both).
+        asked = asyncio.ensure_future(self._member_portals(topology)) if topology.map_source == "page-map" else None
+        try:
+            sessions = await self.host.iscsi_sessions()
+            return await self._plan_with(lun, topology, page_map, held_devs, sessions, asked)
+        finally:
+            _drop(asked)
+
+    async def _plan_with(self, lun: LunState, topology: Topology, page_map: PageMap, held_devs: set[str],
+                         sessions: list[IscsiSession], asked: asyncio.Future[tuple[MemberPortals, ...] | None] | None,
+                         ) -> Plan | None:
         devices = {p.device for p in topology.paths}
         targets = sorted({s.target_name for s in sessions if devices & set(s.disks)})
         if not targets:
@@ -342,7 +461,7 @@ class SessionKeeper:
                                        "log in to every member's portal")
             return None
         try:
-            portals = await self._member_portals(topology)
+            portals = await asked if asked is not None else await self._member_portals(topology)
         except SwitchAgentError as exc:
             self._unmanaged(lun, name, f"cannot read VPD 0xC1 (member portals): {exc}")
             return None
@@ -359,16 +478,18 @@ class SessionKeeper:
         """Plan over what sysfs shows now, and publish the per-member status on every LUN of the target."""
         if sessions is None:
             sessions = await self.host.iscsi_sessions()
+        target.seen_sids = frozenset(s.sid for s in sessions)
         entry = self.ledger.of(target.name)
         mine = [s for s in sessions if s.target_name == target.name]
+        target.session_records = tuple((s.portal, s.iface_name or DEFAULT_IFACE) for s in mine if s.portal)
         live = {s.sid for s in mine}
         if entry.sids - live:  # ended behind our back (or by us): not ours to track any more
             entry.sids &= live
             self.ledger.save()
-        views = []
-        for s in mine:
-            devs = await self._devs_of_session(s)
-            views.append(SessionView.from_sysfs(s, ours=s.sid in entry.sids, held_by_legs=bool(devs & held_devs)))
+        # Side by side: a plan stands in the way of a joining member's first login.
+        devs_of = await asyncio.gather(*(self._devs_of_session(s) for s in mine))
+        views = [SessionView.from_sysfs(s, ours=s.sid in entry.sids, held_by_legs=bool(devs & held_devs))
+                 for s, devs in zip(mine, devs_of)]
         members = _merge(target.views.values())
         # A member that left and has no session any more is forgotten.
         gone = {m.member_id for m in members if not m.in_map
@@ -422,18 +543,30 @@ class SessionKeeper:
 
     # -- running it ---------------------------------------------------------------
 
-    async def _login(self, target: _Target, login: Login) -> list[int]:
-        """Run one Login action; the new session ids (recorded as ours). Stops at the first failure."""
+    async def _logins(self, target: _Target, logins: list[Login], before: frozenset[int] | None = None) -> list[int]:
+        """One member's logins, one after another (its second session goes beside its first);
+        ``before``: the session ids there are now, for the first (see ``_login``)."""
+        made: list[int] = []
+        for i, login in enumerate(logins):
+            made += await self._login(target, login, before=before if i == 0 else None)
+        return made
+
+    async def _login(self, target: _Target, login: Login, before: frozenset[int] | None = None) -> list[int]:
+        """Run one Login action; the new session ids (recorded as ours). Stops at the first failure.
+        ``before``: the session ids there are now, when the caller knows (else sysfs is read)."""
         entry = self.ledger.of(target.name)
         made: list[int] = []
         via = login.via_sid
-        for _ in range(login.count):
-            before = {s.sid for s in await self.host.iscsi_sessions()}
+        for i in range(login.count):
+            started = self.clock()
+            steps = ""
+            if before is None or i > 0:
+                before = frozenset(s.sid for s in await self.host.iscsi_sessions())
             try:
                 if via is not None:
                     await self.iscsiadm.session_new(via)
                 else:
-                    await self._record_login(target.name, login.portal, login.iface)
+                    steps = await self._record_login(target.name, login.portal, login.iface)
             except (IscsiadmError, SwitchAgentError) as exc:
                 key = login.key
                 old = target.failures.get(key)
@@ -452,21 +585,44 @@ class SessionKeeper:
             made += new
             if via is None and new:
                 via = new[0]
-            LOG.info("%s: logged in to member %d at %s over %s (%s): session %s", target.name,
-                     login.member_id, login.portal, login.iface, login.reason, ",".join(map(str, new)) or "?")
+            # With what it took: a joining member's pages wait for its first login.
+            LOG.info("%s: logged in to member %d at %s over %s (%s): session %s in %.2f s%s", target.name,
+                     login.member_id, login.portal, login.iface, login.reason, ",".join(map(str, new)) or "?",
+                     self.clock() - started, steps)
         return made
 
-    async def _record_login(self, target: str, portal: Portal, iface: str) -> None:
-        """Log in the node record (target, portal, iface); made first, with our settings, if missing."""
+    async def _record_login(self, target: str, portal: Portal, iface: str) -> str:
+        """Log in the node record (target, portal, iface); made first, with our settings, if missing.
+        Returns what it took when the record was made (for the log), else ""."""
+        started = self.clock()
+        known = self._targets.get(target)
         try:
-            await self.iscsiadm.node_login(target, portal, iface=iface)
-            return
+            # Straight to making it where the record directory says there is none (a login
+            # that fails is an iscsiadm call, most of a second in a TCG guest).
+            if known is None or not await self._record_absent(known, portal, iface, ask=False):
+                await self.iscsiadm.node_login(target, portal, iface=iface)
+                return ""
         except IscsiNotFoundError:
             pass  # no such record: make it
+        looked = self.clock()
         await self.iscsiadm.node_new(target, portal, iface=iface)
         self.ledger.of(target).records.add((portal.address, portal.port, iface))
+        made = self.clock()
         await configure_record(self.iscsiadm, target, portal, iface, self.config, startup=AGENT_RECORD_STARTUP)
+        configured = self.clock()
         await self.iscsiadm.node_login(target, portal, iface=iface)
+        return (f" (no record: looked {looked - started:.2f} s, made {made - looked:.2f} s, set up "
+                f"{configured - made:.2f} s, logged in {self.clock() - configured:.2f} s)")
+
+    async def _record_absent(self, target: _Target, portal: Portal, iface: str, *, ask: bool = True) -> bool:
+        """Whether the node record (portal, iface) of the target is missing: from the record directory
+        where that can tell (NodeRecords), else from iscsiadm (``ask``), else False (assume there)."""
+        if self.node_records is not None:
+            absent = await asyncio.to_thread(self.node_records.absent, target.name, portal, iface,
+                                             known=target.session_records)
+            if absent is not None:
+                return absent
+        return not await self.iscsiadm.node_exists(target.name, portal, iface=iface) if ask else False
 
     async def _logout(self, target: _Target, logout: Logout) -> None:
         try:
@@ -488,26 +644,29 @@ class SessionKeeper:
         return devs
 
     async def _devs_of_session(self, session: IscsiSession) -> set[str]:
-        devs = set()
-        for disk in session.disks:
+        async def devnum(disk: str) -> str | None:
+            # An sd disk's name and number come from the same index (sd.c): one read per name.
+            if disk in self._devnums:
+                return self._devnums[disk]
             try:
-                devs.add(await self.host.disk_devnum(disk))
+                found = self._devnums[disk] = await self.host.disk_devnum(disk)
+                return found
             except SwitchAgentError:
-                pass  # going away
-        return devs
+                return None  # going away
+        return {d for d in await asyncio.gather(*(devnum(disk) for disk in session.disks)) if d is not None}
 
 
 async def configure_record(iscsiadm: Iscsiadm, target: str, portal: Portal, iface: str, config: Config, *,
                            startup: str) -> None:
     """A node record as the agent makes them: login timeouts inside iscsiadm_timeout_s, CHAP from
-    chap_credentials_file (when set), node.startup."""
-    for name, value in RECORD_SETTINGS:
-        await iscsiadm.node_update(target, portal, name, value, iface=iface)
+    chap_credentials_file (when set), node.startup -- in one iscsiadm call (a joining member's
+    first login waits for it)."""
+    settings: list[tuple[str, Arg]] = [*RECORD_SETTINGS]
     chap = load_chap(config)
     if chap is not None:
-        await iscsiadm.node_set_chap(target, portal, username=chap.username, password=chap.password,
-                                     username_in=chap.username_in, password_in=chap.password_in, iface=iface)
-    await iscsiadm.node_set_startup(target, portal, startup, iface=iface)
+        settings += chap_settings(chap.username, chap.password, chap.username_in, chap.password_in)
+    settings.append(startup_setting(startup))
+    await iscsiadm.node_update_many(target, portal, settings, iface=iface)
 
 
 def load_chap(config: Config) -> ChapCredentials | None:
@@ -515,6 +674,23 @@ def load_chap(config: Config) -> ChapCredentials | None:
     if config.chap_credentials_file is None:
         return None
     return load_chap_credentials(config.chap_credentials_file)
+
+
+def _drop(task: asyncio.Future[Any] | None) -> None:
+    """A VPD 0xC1 read the plan did not need after all: cancelled, and its error (if any) taken."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
+def _may_join(topology: Topology, page_map: PageMap) -> bool:
+    """A member owns pages and no usable path lands on it: a join to plan for (else none can be:
+    a member with a logged-in session has a path in the map, or soon will as ``keep()`` adds it)."""
+    reached = {p.member_id for p in topology.paths if p.usable}
+    return any(count and member_id not in reached for member_id, count in page_map.pages_per_member().items())
 
 
 def _same_portal(a: Portal | None, b: Portal) -> bool:

@@ -258,8 +258,8 @@ class Plan:
     release: tuple[Release, ...]
     deferred: tuple[Deferred, ...]
     join_first: frozenset[int]
-    """Members that own pages and have no logged-in session: route pages to them only after their
-    logins (the orchestrator waits for their disks before it builds the epoch that routes to them)."""
+    """Members that own pages and have no logged-in session: route pages to them only after a first
+    login (the orchestrator waits for its disk before it builds the epoch that routes to them)."""
     members: tuple[MemberSessions, ...]
 
     @property

@@ -1,7 +1,7 @@
 """open-iscsi's ``iscsiadm``, run without a shell, with a timeout, off the event loop; no policy.
 
 Each method is one iscsiadm command (named after it: ``discovery_sendtargets``,
-``node_new``, ``node_update``, ``node_login``, ``node_logout``, ``node_delete``,
+``node_new``, ``node_update`` / ``node_update_many``, ``node_login``, ``node_logout``, ``node_delete``,
 ``session_new``, ``session_logout``), built as an argv list and handed to an
 injectable runner (``run_subprocess``: an asyncio subprocess; tests pass a fake
 iscsiadm). Session *state* is read from sysfs (``agent.kernel.sysfs``:
@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -352,36 +354,45 @@ class Iscsiadm:
                           iface: str = DEFAULT_IFACE, timeout_s: float | None = None) -> None:
         """Set one setting of a node record (``node.startup``, ``node.session.nr_sessions`` ...).
         Pass a secret value as ``Secret(...)``: it is kept out of logs and errors."""
-        shown_value = value.value if isinstance(value, Secret) else value
-        if "\n" in shown_value or "\0" in shown_value:
-            raise ValueError(f"value of {name} has a newline or NUL")  # the record file is line-based
-        await self.run([*self._node(target, portal, iface), "-o", "update",
-                        "-n", _check_value("setting name", name, _SETTING_OK), "-v", value], timeout_s=timeout_s)
+        await self.node_update_many(target, portal, [(name, value)], iface=iface, timeout_s=timeout_s)
+
+    async def node_update_many(self, target: str, portal: Portal, settings: Sequence[tuple[str, Arg]], *,
+                               iface: str = DEFAULT_IFACE, timeout_s: float | None = None) -> None:
+        """Set several settings of a node record in one iscsiadm call (``-o update -n N1 -v V1 -n N2
+        -v V2 ...``: iscsiadm takes every pair): each call is most of a second under TCG, and a
+        joining member's record waits for them. Secrets as in ``node_update``."""
+        if not settings:
+            raise ValueError("no settings to update")
+        args: list[Arg] = [*self._node(target, portal, iface), "-o", "update"]
+        for name, value in settings:
+            shown_value = value.value if isinstance(value, Secret) else value
+            if "\n" in shown_value or "\0" in shown_value:
+                raise ValueError(f"value of {name} has a newline or NUL")  # the record file is line-based
+            args += ["-n", _check_value("setting name", name, _SETTING_OK), "-v", value]
+        await self.run(args, timeout_s=timeout_s)
 
     async def node_set_startup(self, target: str, portal: Portal, startup: str, *,
                                iface: str = DEFAULT_IFACE) -> None:
         """``node.startup``: ``manual``, ``automatic`` (iscsid logs it in at start) or ``onboot``."""
-        if startup not in STARTUP_MODES:
-            raise ValueError(f"node.startup must be one of {', '.join(STARTUP_MODES)}, got {startup!r}")
-        await self.node_update(target, portal, "node.startup", startup, iface=iface)
+        await self.node_update_many(target, portal, [startup_setting(startup)], iface=iface)
 
     async def node_set_chap(self, target: str, portal: Portal, *, username: str, password: str,
                             username_in: str | None = None, password_in: str | None = None,
                             iface: str = DEFAULT_IFACE) -> None:
         """Write CHAP into the node record (``node.session.auth.*``), ``_in`` for mutual CHAP.
         Username and password are passed as ``Secret``s: never logged, never in an error."""
-        if not username or not password or (username_in is None) != (password_in is None):
-            raise ValueError("CHAP needs a username and a password (and both or neither _in)")
-        settings: list[tuple[str, Arg]] = [
-            ("node.session.auth.authmethod", "CHAP"),
-            ("node.session.auth.username", Secret(username)),
-            ("node.session.auth.password", Secret(password)),
-        ]
-        if username_in is not None and password_in is not None:
-            settings += [("node.session.auth.username_in", Secret(username_in)),
-                         ("node.session.auth.password_in", Secret(password_in))]
-        for name, value in settings:
-            await self.node_update(target, portal, name, value, iface=iface)
+        await self.node_update_many(target, portal, chap_settings(username, password, username_in, password_in),
+                                    iface=iface)
+
+    async def node_exists(self, target: str, portal: Portal, *, iface: str = DEFAULT_IFACE,
+                          timeout_s: float | None = None) -> bool:
+        """Whether the node record (target, portal, iface) is there (``-o show``; its text, which
+        may hold CHAP settings, is not kept). Unlike ``--login`` it changes nothing."""
+        try:
+            await self.run([*self._node(target, portal, iface), "-o", "show"], timeout_s=timeout_s)
+        except IscsiNotFoundError:
+            return False
+        return True
 
     async def node_delete(self, target: str, portal: Portal, *, iface: str = DEFAULT_IFACE,
                           timeout_s: float | None = None) -> None:
@@ -408,6 +419,80 @@ class Iscsiadm:
     async def session_logout(self, sid: int, *, timeout_s: float | None = None) -> None:
         """Log out session ``sid`` only (the record's other sessions stay)."""
         await self.run(["-m", "session", "-r", _sid_arg(sid), "--logout"], timeout_s=timeout_s)
+
+
+NODE_DB_DIRS = ("/etc/iscsi/nodes", "/var/lib/iscsi/nodes")
+"""Where open-iscsi keeps node records (its ``ISCSI_DB_ROOT``: Debian's, and RHEL's and SUSE's)."""
+
+
+class NodeRecords:
+    """Whether a node record exists, from open-iscsi's record directory, without running iscsiadm.
+
+    A record is ``<db>/<target>/<address>,<port>,<tpgt>/<iface>`` (open-iscsi's idbm; ``tpgt`` is -1
+    for a record made with ``-o new``). The layout is open-iscsi's, not an interface it promises,
+    so an answer counts only where a record known to exist (that of a logged-in session) is found
+    the same way; otherwise ``absent()`` says None and the caller asks iscsiadm. Nothing is written.
+    """
+
+    def __init__(self, dirs: Sequence[str] = NODE_DB_DIRS) -> None:
+        self.dirs = tuple(dirs)
+
+    def absent(self, target: str, portal: Portal, iface: str, *, known: Sequence[tuple[Portal, str]]) -> bool | None:
+        """True: no record for (target, portal, iface) in the record directory that holds the records
+        of ``known`` (portal, iface) pairs of the target; None when no directory holds those (then
+        this cannot tell); False: it is there."""
+        for db in self.dirs:
+            entries = self._entries(os.path.join(db, target))
+            if entries and known and all(self._has(db, target, entries, p, i) for p, i in known):
+                return not self._has(db, target, entries, portal, iface)
+        return None
+
+    @staticmethod
+    def _entries(path: str) -> list[str]:
+        try:
+            return os.listdir(path)
+        except OSError:
+            return []
+
+    @staticmethod
+    def _has(db: str, target: str, entries: list[str], portal: Portal, iface: str) -> bool:
+        for entry in entries:  # "<address>,<port>,<tpgt>"
+            address, _, port = entry.rpartition(",")[0].rpartition(",")
+            if not (port.isdigit() and int(port) == portal.port and _same_address(address, portal.address)):
+                continue
+            if os.path.lexists(os.path.join(db, target, entry, iface)):
+                return True
+        return False
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.lower() == b.lower()
+
+
+def startup_setting(startup: str) -> tuple[str, Arg]:
+    """``node.startup``: ``manual``, ``automatic`` (iscsid logs it in at start) or ``onboot``."""
+    if startup not in STARTUP_MODES:
+        raise ValueError(f"node.startup must be one of {', '.join(STARTUP_MODES)}, got {startup!r}")
+    return ("node.startup", startup)
+
+
+def chap_settings(username: str, password: str, username_in: str | None = None,
+                  password_in: str | None = None) -> list[tuple[str, Arg]]:
+    """The node-record settings of CHAP (``_in``: mutual CHAP), the credentials as ``Secret``s."""
+    if not username or not password or (username_in is None) != (password_in is None):
+        raise ValueError("CHAP needs a username and a password (and both or neither _in)")
+    settings: list[tuple[str, Arg]] = [
+        ("node.session.auth.authmethod", "CHAP"),
+        ("node.session.auth.username", Secret(username)),
+        ("node.session.auth.password", Secret(password)),
+    ]
+    if username_in is not None and password_in is not None:
+        settings += [("node.session.auth.username_in", Secret(username_in)),
+                     ("node.session.auth.password_in", Secret(password_in))]
+    return settings
 
 
 def _sid_arg(sid: int) -> str:

@@ -21,7 +21,8 @@ What is read, and from where (paths relative to the root, normally ``/sys``):
 
 Sizes in ``size`` files are always 512-byte sectors, whatever the logical block
 size (``block/genhd.c``). Every read goes through aiofiles, so a sysfs read that
-blocks (it can, on a device being torn down) never stalls the event loop.
+blocks (it can, on a device being torn down) never stalls the event loop; the iSCSI
+sessions, dozens of small reads, are read whole in one worker-thread call.
 
 Errors::
 
@@ -33,6 +34,7 @@ Errors::
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -396,50 +398,67 @@ class Sysfs:
             probe = os.path.dirname(probe)
         if session_dir is None:
             return None
-        return await self._session_at(session_dir, detail=False)
+        return await asyncio.to_thread(self._session_at, session_dir, detail=False)
 
     async def iscsi_session_names(self) -> list[str]:
         """Every ``sessionN`` under ``class/iscsi_session``, in numeric order (none: no sessions,
         or iscsi_transport not loaded)."""
-        try:
-            names = await self.list_dir("class", "iscsi_session")
-        except SysfsMissingError:
-            return []
-        return sorted((n for n in names if _SESSION.match(n)), key=lambda n: int(n[len("session"):]))
+        return await asyncio.to_thread(self._session_names)
 
     async def iscsi_session_by_id(self, sid: int | str) -> IscsiSession:
         """Session ``sid`` (``3`` or ``"session3"``) with its state, iface, host and disks."""
         name = sid if isinstance(sid, str) else f"session{sid}"
         if not _SESSION.match(name):
             raise ValueError(f"not an iSCSI session name: {sid!r}")
-        real = await self.resolve("class", "iscsi_session", name)
-        # class/iscsi_session/sessionN -> .../hostH/sessionN/iscsi_session/sessionN
-        return await self._session_at(os.path.dirname(os.path.dirname(real)), detail=True)
+        return await asyncio.to_thread(self._session_by_name, name)
 
     async def iscsi_sessions(self) -> list[IscsiSession]:
         """Every iSCSI session with its state, iface, host and disks; one that goes away while
-        being read (logged out meanwhile) is left out."""
+        being read (logged out meanwhile) is left out.
+
+        All of it in one worker-thread call: a dozen small reads per session, each its own
+        thread hop, cost the session keeper seconds per plan in a TCG guest (docs/sessions.md)."""
+        return await asyncio.to_thread(self._sessions)
+
+    # -- iSCSI sessions, read on a worker thread (plain blocking calls) ------------
+
+    def _sessions(self) -> list[IscsiSession]:
         found = []
-        for name in await self.iscsi_session_names():
+        for name in self._session_names():
             try:
-                found.append(await self.iscsi_session_by_id(name))
+                found.append(self._session_by_name(name))
             except SysfsMissingError as exc:
                 LOG.debug("iSCSI %s went away while listing: %s", name, exc)
         return found
 
-    async def _session_at(self, session_dir: str, *, detail: bool) -> IscsiSession:
+    def _session_names(self) -> list[str]:
+        try:
+            names = _list_sync(self.path("class", "iscsi_session"))
+        except SysfsMissingError:
+            return []
+        return sorted((n for n in names if _SESSION.match(n)), key=lambda n: int(n[len("session"):]))
+
+    def _session_by_name(self, name: str) -> IscsiSession:
+        link = self.path("class", "iscsi_session", name)
+        if not os.path.lexists(link):
+            raise SysfsMissingError(link, "no such link")
+        # class/iscsi_session/sessionN -> .../hostH/sessionN/iscsi_session/sessionN
+        return self._session_at(os.path.dirname(os.path.dirname(os.path.realpath(link))), detail=True)
+
+    def _session_at(self, session_dir: str, *, detail: bool) -> IscsiSession:
         """Read the session whose device directory (``.../hostH/sessionN``) is ``session_dir``."""
         session = os.path.basename(session_dir)
-        attrs = (session_dir, "iscsi_session", session)
-        target_name = await self.read_attr(*attrs, "targetname")
-        tpgt = await self._optional_int(*attrs, "tpgt")
+        attrs = os.path.join(session_dir, "iscsi_session", session)
+        target_name = _read_sync(os.path.join(attrs, "targetname"))
+        tpgt = _optional_int_sync(os.path.join(attrs, "tpgt"))
         portals = []
-        for entry in await self.list_dir(session_dir):
+        entries = _list_sync(session_dir)
+        for entry in entries:
             if not _CONNECTION.match(entry):
                 continue
-            conn = (session_dir, entry, "iscsi_connection", entry)
-            address = await self.read_attr(*conn, "persistent_address")
-            port = await self.read_int(*conn, "persistent_port")
+            conn = os.path.join(session_dir, entry, "iscsi_connection", entry)
+            address = _read_sync(os.path.join(conn, "persistent_address"))
+            port = _int_sync(os.path.join(conn, "persistent_port"))
             portals.append(Portal(address, port))
         found = IscsiSession(session=session, target_name=target_name, tpgt=tpgt, portals=tuple(portals))
         if not detail:
@@ -447,27 +466,12 @@ class Sysfs:
         host_dir = os.path.basename(os.path.dirname(session_dir))
         return replace(
             found,
-            state=await self.read_attr(*attrs, "state"),
-            recovery_tmo_s=await self._optional_int(*attrs, "recovery_tmo"),
-            iface_name=await self._optional_attr(*attrs, "ifacename"),
+            state=_read_sync(os.path.join(attrs, "state")),
+            recovery_tmo_s=_optional_int_sync(os.path.join(attrs, "recovery_tmo")),
+            iface_name=_optional_sync(os.path.join(attrs, "ifacename")),
             host=int(host_dir[4:]) if _HOST.match(host_dir) else None,
-            disks=await self._session_disks(session_dir),
+            disks=_session_disks_sync(session_dir, entries),
         )
-
-    async def _session_disks(self, session_dir: str) -> tuple[str, ...]:
-        """The sd disks under ``sessionN/targetH:C:T/H:C:T:L/block/``."""
-        disks = []
-        for target in await self.list_dir(session_dir):
-            if not _TARGET.match(target):
-                continue
-            for lun in await self.list_dir(session_dir, target):
-                if not _HCTL.match(lun):
-                    continue
-                try:
-                    disks.extend(await self.list_dir(session_dir, target, lun, "block"))
-                except SysfsMissingError:
-                    pass  # a LUN with no block device (yet), e.g. still being scanned
-        return tuple(sorted(disks))
 
     async def _optional_attr(self, *parts: str) -> str | None:
         """An attribute a transport may leave out (or fail to read: ``ENOTCONN`` while the
@@ -477,16 +481,6 @@ class Sysfs:
         except SysfsError:
             return None
         return text or None
-
-    async def _optional_int(self, *parts: str) -> int | None:
-        """A decimal attribute that may be missing; garbled is still an error."""
-        text = await self._optional_attr(*parts)
-        if text is None:
-            return None
-        try:
-            return int(text.strip(), 10)
-        except ValueError as exc:
-            raise SysfsGarbledError(self.path(*parts), f"expected a decimal integer, got {text!r}") from exc
 
     async def scsi_disk(self, name: str) -> ScsiDisk:
         """What sysfs says about sd device ``name``."""
@@ -502,3 +496,80 @@ class Sysfs:
             model=(await self.read_attr("block", name, "device", "model")).strip(),
             iscsi=await self.iscsi_session(name),
         )
+
+
+# -- blocking reads, for the worker thread -------------------------------------------
+
+
+def _read_sync(path: str) -> str:
+    """One attribute's text, without the trailing newline (``Sysfs.read_attr``'s errors)."""
+    LOG.debug("sysfs read %s", path)
+    try:
+        with open(path, "r", encoding="utf-8", errors="strict") as f:
+            text = f.read()
+    except FileNotFoundError as exc:
+        raise SysfsMissingError(path, "no such attribute") from exc
+    except UnicodeDecodeError as exc:
+        raise SysfsGarbledError(path, f"not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            raise SysfsMissingError(path, f"device gone ({os.strerror(exc.errno)})") from exc
+        raise SysfsError(path, f"read failed: {os.strerror(exc.errno or 0)}") from exc
+    return text.rstrip("\n")
+
+
+def _int_sync(path: str) -> int:
+    text = _read_sync(path)
+    try:
+        return int(text.strip(), 10)
+    except ValueError as exc:
+        raise SysfsGarbledError(path, f"expected a decimal integer, got {text!r}") from exc
+
+
+def _optional_sync(path: str) -> str | None:
+    """An attribute a transport may leave out (or fail to read: ``ENOTCONN`` while the
+    connection is down): None instead of an error."""
+    try:
+        text = _read_sync(path)
+    except SysfsError:
+        return None
+    return text or None
+
+
+def _optional_int_sync(path: str) -> int | None:
+    """A decimal attribute that may be missing; garbled is still an error."""
+    text = _optional_sync(path)
+    if text is None:
+        return None
+    try:
+        return int(text.strip(), 10)
+    except ValueError as exc:
+        raise SysfsGarbledError(path, f"expected a decimal integer, got {text!r}") from exc
+
+
+def _list_sync(path: str) -> list[str]:
+    LOG.debug("sysfs list %s", path)
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError as exc:
+        raise SysfsMissingError(path, "no such directory") from exc
+    except NotADirectoryError as exc:
+        raise SysfsGarbledError(path, "not a directory") from exc
+    except OSError as exc:
+        raise SysfsError(path, f"listing failed: {os.strerror(exc.errno or 0)}") from exc
+
+
+def _session_disks_sync(session_dir: str, entries: list[str]) -> tuple[str, ...]:
+    """The sd disks under ``sessionN/targetH:C:T/H:C:T:L/block/``."""
+    disks = []
+    for target in entries:
+        if not _TARGET.match(target):
+            continue
+        for lun in _list_sync(os.path.join(session_dir, target)):
+            if not _HCTL.match(lun):
+                continue
+            try:
+                disks.extend(_list_sync(os.path.join(session_dir, target, lun, "block")))
+            except SysfsMissingError:
+                pass  # a LUN with no block device (yet), e.g. still being scanned
+    return tuple(sorted(disks))

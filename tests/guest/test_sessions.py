@@ -311,9 +311,12 @@ def test_a_new_member_gets_its_sessions_without_a_login(rig):
     with writer(rig, seed=13) as io:
         io.wait_for_writes(50)
         array("stats", reset=True)
+        add_wall = time.time()
         new = array("add-member")
         array("move", fraction=0.25)
         moved_at = array("info")["change_times"][-1]
+        # Wall-clock times, to find them in the daemon's log (its lines carry the wall clock).
+        moved_wall = time.time() - (time.monotonic() - moved_at)
         wait_for(lambda: sessions_right(target, rig["per_member"]) and new["number"] in logged_in(target), 90,
                  "the new member's sessions, in its leg")
         sessions_s = time.monotonic() - moved_at
@@ -323,13 +326,20 @@ def test_a_new_member_gets_its_sessions_without_a_login(rig):
     assert_clean(io)
     last_s = max(last_write_at - moved_at, 0.0) if writes else 0.0
     record("(b) member added, pages moved", sessions_in_legs_s=round(sessions_s, 1), forwarded_cmds=cmds,
-           forwarded_writes=writes, last_misrouted_write_s=round(last_s, 1), writes=io.writes)
+           forwarded_writes=writes, last_misrouted_write_s=round(last_s, 1), writes=io.writes,
+           add_member_called_at=_wall(add_wall), moved_at=_wall(moved_wall),
+           last_misrouted_write_at=_wall(moved_wall + last_s) if writes else None)
     assert logged_in(target)[new["number"]] == rig["per_member"]
     if last_s > LAST_MISROUTED_WRITE_S:
-        # Not met yet (issue #15): the join waits for every new session's disk before it builds the
-        # epoch that routes the moved pages. Shown as a known gap by the wrapper, never as a pass.
+        # Not met yet (issue #15): the join now waits for one session, its record made ahead, but
+        # iscsiadm's calls and the epoch still take 5.8-7.8 s in a TCG guest (docs/sessions.md).
+        # Shown as a known gap by the wrapper, never as a pass.
         pytest.xfail(f"last misrouted write {last_s:.1f} s after the pages moved, over the issue's "
                      f"{LAST_MISROUTED_WRITE_S} s")
+
+
+def _wall(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
 
 
 class LegSampler:

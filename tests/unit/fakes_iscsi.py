@@ -163,22 +163,33 @@ class FakeIscsiadm:
 
     @staticmethod
     def _parse(args: list[str]) -> tuple[dict[str, str] | None, set[str]]:
+        """Options and flags; the -n/-v pairs, as iscsiadm takes several, also as ``pairs`` (name NUL
+        value, one per line) in the options."""
         takes = {"-m": "m", "-t": "t", "-p": "p", "-T": "T", "-I": "I", "-o": "o", "-n": "n", "-v": "v",
                  "-r": "r", "--op": "o"}
         flags_ = {"--login": "login", "-l": "login", "--logout": "logout", "-u": "logout"}
         opts: dict[str, str] = {}
         flags: set[str] = set()
+        pairs: list[str] = []
+        name: str | None = None
         i = 0
         while i < len(args):
             a = args[i]
             if a in takes and i + 1 < len(args):
                 opts[takes[a]] = args[i + 1]
+                if a == "-n":
+                    name = args[i + 1]
+                elif a == "-v" and name is not None:
+                    pairs.append(f"{name}\0{args[i + 1]}")
+                    name = None
                 i += 2
             elif a in flags_:
                 flags.add(flags_[a])
                 i += 1
             else:
                 return None, flags
+        if pairs:
+            opts["pairs"] = "\n".join(pairs)
         return opts, flags
 
     @staticmethod
@@ -223,11 +234,17 @@ class FakeIscsiadm:
         if key not in self.records:
             return self._fail(IscsiErr.NO_OBJS_FOUND, "iscsiadm: No records found")
         if op == "update":
-            name, value = opts.get("n"), opts.get("v")
-            if name not in NODE_SETTINGS or value is None:
-                return self._fail(IscsiErr.INVAL, f"iscsiadm: Cannot modify {name}. Invalid param name.")
-            self.records[key][name] = value
+            pairs = [tuple(p.split("\0", 1)) for p in opts["pairs"].split("\n")] if "pairs" in opts else []
+            if not pairs:
+                return self._fail(IscsiErr.INVAL, "iscsiadm: update requires name and value")
+            for name, _ in pairs:  # all checked before any is written, as iscsiadm writes the record once
+                if name not in NODE_SETTINGS:
+                    return self._fail(IscsiErr.INVAL, f"iscsiadm: Cannot modify {name}. Invalid param name.")
+            for name, value in pairs:
+                self.records[key][name] = value
             return self._ok()
+        if op == "show":
+            return self._ok("".join(f"{k} = {v}\n" for k, v in sorted(self.records[key].items())))
         if op == "delete":
             for s in [s for s in self.sessions.values() if (s.target, s.portal, s.iface) == key]:
                 self._end(s)

@@ -22,6 +22,7 @@ from agent.kernel.iscsi import (
     IscsiLoginError,
     IscsiNotFoundError,
     IscsiSessionExistsError,
+    NodeRecords,
     RunResult,
     Secret,
     parse_sendtargets,
@@ -138,6 +139,61 @@ def test_exit_codes_map_to_typed_errors(fake: FakeIscsiadm) -> None:
     assert err.value.code is IscsiErr.PDU_TIMEOUT
     for err_type in (IscsiNotFoundError, IscsiLoginError, IscsiConnectError):
         assert issubclass(err_type, IscsiadmError)
+
+
+def test_several_settings_in_one_update_call(fake: FakeIscsiadm, caplog: pytest.LogCaptureFixture) -> None:
+    adm = Iscsiadm(fake)
+    caplog.set_level(logging.DEBUG)
+    run(adm.node_new(TARGET, P0))
+    calls = len(fake.calls)
+    run(adm.node_update_many(TARGET, P0, [("node.startup", "manual"), ("node.conn[0].timeo.login_timeout", "15"),
+                                          ("node.session.auth.password", Secret(PASSWORD))]))
+    assert len(fake.calls) == calls + 1
+    assert fake.calls[-1][-13:] == ["-o", "update", "-n", "node.startup", "-v", "manual",
+                                    "-n", "node.conn[0].timeo.login_timeout", "-v", "15",
+                                    "-n", "node.session.auth.password", "-v", PASSWORD][-13:]
+    record = fake.records[(TARGET, P0, "default")]
+    assert (record["node.startup"], record["node.conn[0].timeo.login_timeout"],
+            record["node.session.auth.password"]) == ("manual", "15", PASSWORD)
+    assert PASSWORD not in caplog.text and "node.session.auth.password -v ***" in caplog.text
+    # One bad name: iscsiadm says 7 and writes none of them.
+    with pytest.raises(IscsiInvalidError) as err:
+        run(adm.node_update_many(TARGET, P0, [("node.startup", "automatic"), ("node.no_such_thing", "1"),
+                                              ("node.session.auth.password", Secret("other-" + PASSWORD))]))
+    assert PASSWORD not in str(err.value)
+    assert record["node.startup"] == "manual" and record["node.session.auth.password"] == PASSWORD
+    with pytest.raises(ValueError):
+        run(adm.node_update_many(TARGET, P0, []))
+    with pytest.raises(ValueError):
+        run(adm.node_update_many(TARGET, P0, [("node.startup", "manual"), ("node.startup; x", "1")]))
+
+
+def test_node_exists_looks_without_changing_anything(fake: FakeIscsiadm) -> None:
+    adm = Iscsiadm(fake)
+    assert not run(adm.node_exists(TARGET, P0))
+    run(adm.node_new(TARGET, P0))
+    assert run(adm.node_exists(TARGET, P0)) and not run(adm.node_exists(TARGET, P0, iface="iface1"))
+    assert fake.calls[-1][-2:] == ["-o", "show"] and fake.sessions == {}
+
+
+def test_node_records_tell_absence_only_where_known_records_are_found(tmp_path: Path) -> None:
+    etc, var = tmp_path / "etc", tmp_path / "var"
+    (etc / TARGET / "127.0.0.1,3260,1" / "default").mkdir(parents=True)  # iscsiadm 2.1.8: iface is a file
+    records = NodeRecords([str(var), str(etc)])
+    known = [(P0, "default")]
+    assert records.absent(TARGET, P1, "default", known=known) is True
+    assert records.absent(TARGET, P0, "default", known=known) is False
+    assert records.absent(TARGET, P0, "iface1", known=known) is True
+    (etc / TARGET / "127.0.0.2,3260,-1").mkdir()
+    (etc / TARGET / "127.0.0.2,3260,-1" / "default").write_text("node.startup = manual\n")
+    assert records.absent(TARGET, P1, "default", known=known) is False
+    # Where a record known to exist is not found, it cannot tell: iscsiadm is asked.
+    assert records.absent(TARGET, P1, "default", known=[(Portal("127.0.0.9", 3260), "default")]) is None
+    assert records.absent(TARGET, P1, "default", known=[]) is None
+    assert NodeRecords([str(tmp_path / "none")]).absent(TARGET, P1, "default", known=known) is None
+    # IPv6, as open-iscsi names its directories.
+    (etc / TARGET / "fd00::1,3260,-1" / "default").mkdir(parents=True)
+    assert records.absent(TARGET, Portal("fd00:0::1", 3260), "default", known=known) is False
 
 
 def test_unknown_exit_code_is_the_base_error() -> None:

@@ -54,6 +54,9 @@ def test_login_makes_the_record_with_the_agents_settings_and_one_session():
     record = iscsi.records[(VOL, GROUP, "default")]
     assert record["node.startup"] == "automatic"
     assert record["node.conn[0].timeo.login_timeout"] == "15"
+    # Once made, its settings in one iscsiadm call: each call is most of a second in a TCG guest.
+    made = next(i for i, call in enumerate(iscsi.calls) if "new" in call)
+    assert sum("update" in call for call in iscsi.calls[made:]) == 1
     assert len(iscsi.sessions) == 1
     # Discovery wrote no records for the other portals it listed.
     assert list(iscsi.records) == [(VOL, GROUP, "default")]

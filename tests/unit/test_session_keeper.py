@@ -144,7 +144,7 @@ def test_members_are_logged_in_before_pages_are_routed_to_them(tmp_path):
     # The first epoch already routes every page to its owner: members 1 and 2 were logged in first.
     assert lun.state == "routed"
     assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
-    # Member 0's second session came in the same pass: the whole set is there at the first epoch.
+    # Nothing was routed yet: the whole set came in the same pass, before the first epoch.
     assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
     assert rig.orch.luns[rig.system.wwid].epoch == 1
     rig.settle()
@@ -161,6 +161,8 @@ def test_members_are_logged_in_before_pages_are_routed_to_them(tmp_path):
     assert record["node.conn[0].timeo.login_timeout"] == "15"
     assert record["node.session.initial_login_retry_max"] == "2"
     assert record["node.startup"] == "manual"
+    updates = [call for call in rig.iscsi.calls if "update" in call and str(portal_of(1)) in call]
+    assert len(updates) == 1, updates  # one iscsiadm call for all the settings
 
 
 def test_a_leaving_member_is_logged_out_only_after_no_leg_holds_its_paths(tmp_path):
@@ -409,3 +411,173 @@ def test_a_joined_member_whose_paths_do_not_show_is_waited_for_a_bounded_time(tm
     assert 1.0 <= time.monotonic() - started < 10
     assert lun.state == "routed"  # routed over the paths there are
     assert len(rig.iscsi.sessions) == 6
+
+
+def test_a_new_member_is_routed_after_its_first_session_and_a_move_meanwhile_goes_into_that_epoch(tmp_path):
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))  # 4 members x 2
+    rig.reconcile()
+    rig.settle()
+    volume = rig.system.volume
+    new = volume.add_member()
+    rig.iscsi.add_member_portal(new.number)
+    handle = rig.iscsi.handle
+
+    def move_during_the_login(argv):  # the array moves pages while the agent logs in to the new member
+        if "--login" in argv and str(portal_of(new.number)) in argv and not volume.change_times[-1:] == ["moved"]:
+            volume.move_pages(0.25)
+            volume.change_times.append("moved")  # once
+        return handle(argv)
+
+    rig.iscsi.handle = move_during_the_login  # type: ignore[method-assign]
+    calls = len(rig.iscsi.calls)
+    lun = rig.reconcile()
+    # One reconcile: the new member got one session (its second is keep()'s), and the epoch it built
+    # routes the move made during the login too -- no page is left to another reconcile.
+    assert len(rig.sessions_of(new.number)) == 1
+    assert lun.stack is not None and lun.stack.page_map.generation == volume.generation
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+    # The record: made once, set up in one call, logged in once (no -o new beside it before the
+    # routing). Whether prepare() (beside the discovery) or the join made it depends on who ran first.
+    made = [next(op for op in ("--login", "new", "update", "show") if op in c)
+            for c in rig.iscsi.calls[calls:] if str(portal_of(new.number)) in c]
+    assert (made.count("new"), made.count("update"), made[-1]) == (1, 1, "--login"), made
+    rig.settle()
+    assert len(rig.sessions_of(new.number)) == 2
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+
+
+def test_keeping_sessions_logs_in_without_holding_the_lun(tmp_path):
+    rig = make(tmp_path)
+    rig.reconcile()
+    rig.settle()
+    rig.iscsi.kill_session(rig.sessions_of(1)[0].sid)  # keep() logs one in again beside the other
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    real = rig.keeper.iscsiadm.runner
+
+    async def slow_second_sessions(argv):
+        if "-r" in argv and "new" in argv:
+            entered.set()
+            await gate.wait()
+        return await real(argv)
+
+    rig.keeper.iscsiadm.runner = slow_second_sessions
+    wwid = rig.system.wwid
+
+    async def scenario():
+        keeping = asyncio.create_task(rig.orch.keep_sessions(wwid))
+        await asyncio.wait_for(entered.wait(), 5)
+        # A page move meanwhile: its reconcile does not wait for the logins.
+        rig.system.volume.move_pages(0.25)
+        lun = await asyncio.wait_for(rig.orch.reconcile(wwid), 5)
+        assert rig.system.misrouted_pages(f"switch-{wwid}") == 0 and not keeping.done()
+        gate.set()
+        assert await asyncio.wait_for(keeping, 5)  # new sessions: the legs must take them
+        return lun
+
+    asyncio.run(scenario())
+    rig.settle()
+    assert [len(rig.sessions_of(n)) for n in range(3)] == [2, 2, 2]
+
+
+def test_records_for_a_member_with_no_session_are_made_ahead_of_its_join(tmp_path):
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))
+    rig.reconcile()
+    rig.settle()
+    lun = rig.orch.luns[rig.system.wwid]
+    new = rig.system.volume.add_member()
+    rig.iscsi.add_member_portal(new.number)
+    key = (TARGET, portal_of(new.number), "default")
+    calls = len(rig.iscsi.calls)
+    asyncio.run(rig.keeper.prepare(lun, lun.topology))
+    ops = [next(op for op in ("--login", "new", "update", "show") if op in c) for c in rig.iscsi.calls[calls:]]
+    assert ops == ["show", "new", "update"]  # looked, made, set up: never logged in
+    assert rig.iscsi.records[key]["node.startup"] == "manual" and rig.sessions_of(new.number) == []
+    assert (portal_of(new.number).address, 3260, "default") in ledger_records(rig)
+    # Again: nothing (the record is known), and members with sessions get none.
+    calls = len(rig.iscsi.calls)
+    asyncio.run(rig.keeper.prepare(lun, lun.topology))
+    assert rig.iscsi.calls[calls:] == []
+    # The join then only logs in.
+    rig.reconcile()
+    ops = [next(op for op in ("--login", "new", "update", "show") if op in c) for c in rig.iscsi.calls[calls:]
+           if str(portal_of(new.number)) in c]
+    assert ops == ["--login"] and len(rig.sessions_of(new.number)) == 1
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+
+
+def ledger_records(rig: Rig) -> set[tuple[str, int, str]]:
+    ledger = SessionLedger(rig.ledger)
+    ledger.load()
+    return ledger.of(TARGET).records
+
+
+def test_where_the_record_directory_tells_a_record_is_missing_no_iscsiadm_call_looks(tmp_path):
+    from agent.kernel.iscsi import NodeRecords
+
+    db = tmp_path / "nodes"
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))
+    rig.keeper.node_records = NodeRecords([str(db)])
+
+    def mirror() -> None:  # open-iscsi's record directory, as iscsiadm keeps it
+        for target, portal, iface in rig.iscsi.records:
+            (db / target / f"{portal.address},{portal.port},-1").mkdir(parents=True, exist_ok=True)
+            (db / target / f"{portal.address},{portal.port},-1" / iface).write_text("")
+
+    mirror()
+    rig.reconcile()  # members 1 and 2 join: their records are made without a failing login first
+    ops = [next(op for op in ("--login", "new", "update", "show") if op in c) for c in rig.iscsi.calls
+           if str(portal_of(1)) in c]
+    assert ops == ["new", "update", "--login"], ops
+    rig.settle()
+    mirror()
+    lun = rig.orch.luns[rig.system.wwid]
+    new = rig.system.volume.add_member()
+    rig.iscsi.add_member_portal(new.number)
+    calls = len(rig.iscsi.calls)
+    asyncio.run(rig.keeper.prepare(lun, lun.topology))
+    ops = [next(op for op in ("--login", "new", "update", "show") if op in c) for c in rig.iscsi.calls[calls:]]
+    assert ops == ["new", "update"]  # no -o show: the directory said there is none
+
+
+def test_a_keeping_run_waiting_for_the_lun_does_not_lose_the_session_a_join_made_meanwhile(tmp_path):
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))
+    rig.reconcile()
+    rig.settle()
+    new = rig.system.volume.add_member()
+    rig.iscsi.add_member_portal(new.number)
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real = rig.keeper.iscsiadm.runner
+
+    async def slow_join_login(argv):
+        if "--login" in argv and str(portal_of(new.number)) in argv:
+            entered.set()
+            await gate.wait()
+        return await real(argv)
+
+    rig.keeper.iscsiadm.runner = slow_join_login
+    wwid = rig.system.wwid
+
+    async def scenario():
+        reconciling = asyncio.create_task(rig.orch.reconcile(wwid))
+        await asyncio.wait_for(entered.wait(), 5)  # the join holds the LUN, its login under way
+        keeping = asyncio.create_task(rig.orch.keep_sessions(wwid))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(reconciling, 5)
+        await asyncio.wait_for(keeping, 5)
+
+    asyncio.run(scenario())
+    made = {s.sid for s in rig.sessions_of(new.number)}
+    assert made and made <= ledger_records_sids(rig)  # the join's session (and keep()'s) still ours
+    rig.settle()
+    rig.system.volume.remove_member(new.number)
+    rig.reconcile()
+    rig.settle()
+    assert rig.sessions_of(new.number) == []  # ours, so logged out once no leg holds it
+
+
+def ledger_records_sids(rig: Rig) -> set[int]:
+    ledger = SessionLedger(rig.ledger)
+    ledger.load()
+    return ledger.of(TARGET).sids
