@@ -177,15 +177,17 @@ class Machine:
         lock = take_vm_lock(say)
         try:
             started = time.monotonic()
-            proc = subprocess.Popen(self.qemu_argv(), stdin=subprocess.DEVNULL,
-                                    stdout=open(self.workdir / "qemu.log", "wb"), stderr=subprocess.STDOUT)
-            try:
-                rc = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                say(f"the guest did not power off within {timeout_s:.0f} s: killing QEMU")
-                proc.kill()
-                proc.wait()
-                rc = 124
+            # Closed when QEMU is done: pytest (filterwarnings = error) fails a test that leaks it.
+            with open(self.workdir / "qemu.log", "wb") as log:
+                proc = subprocess.Popen(self.qemu_argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT)
+                try:
+                    rc = proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    say(f"the guest did not power off within {timeout_s:.0f} s: killing QEMU")
+                    proc.kill()
+                    proc.wait()
+                    rc = 124
             self.timings["qemu_s"] = round(time.monotonic() - started, 1)
             return rc
         finally:
