@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Any, Callable, Container, Protocol
 
-from agent import logfields, mapsources
+from agent import logfields
 from agent.apply import PlanApplier
 from agent.config import Config
 from agent.discovery import Discovery, LunNotFoundError, NotOurArrayError
@@ -255,7 +255,7 @@ class Orchestrator:
         if not joined.members:
             return topology, page_map
         # Asked beside the wait for the paths: one round trip less before the routing.
-        rechecked = asyncio.create_task(self._map_now(topology, page_map))
+        rechecked = asyncio.create_task(self.discovery.map_now(topology, page_map))
         try:
             topology = await self._wait_for_paths(lun, topology, joined.members, joined.sids)
             return topology, await rechecked
@@ -285,26 +285,6 @@ class Orchestrator:
                             lun.wwid, ",".join(map(str, waiting)))
                 return topology
             await asyncio.sleep(JOIN_POLL_S)
-
-    async def _map_now(self, topology: Topology, page_map: PageMap) -> PageMap:
-        """The map's changes since `page_map`, where the array offers that cheaply; else, or on any
-        trouble, or when the size moved (the next reconcile sees to that), `page_map` itself."""
-        source = mapsources.get(topology.map_source)
-        for path in topology.paths:
-            if not path.usable:
-                continue
-            try:
-                async with asyncio.timeout(self.config.fetch_timeout_s):
-                    updated = await source.fetch_changes(self.system.open_path(path.device), page_map)
-            except (TimeoutError, SwitchAgentError) as exc:
-                LOG.info("%s: map not checked again after the join: %s", topology.wwid, exc or "timed out")
-                return page_map
-            if updated is None or updated.total_pages != page_map.total_pages:
-                return page_map
-            if updated.generation != page_map.generation:
-                LOG.info("%s: generation %d while members joined; routing it", topology.wwid, updated.generation)
-            return updated
-        return page_map
 
     async def keep_sessions(self, wwid: str) -> bool:
         """Run the rest of the LUN's session plan; True when the LUN needs a reconcile (paths to add or release)."""
