@@ -239,14 +239,8 @@ class Sysfs:
         try:
             async with aiofiles.open(path, "r", encoding="utf-8", errors="strict") as f:
                 text = await f.read()
-        except FileNotFoundError as exc:
-            raise SysfsMissingError(path, "no such attribute") from exc
-        except UnicodeDecodeError as exc:
-            raise SysfsGarbledError(path, f"not UTF-8 text: {exc}") from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENXIO):
-                raise SysfsMissingError(path, f"device gone ({os.strerror(exc.errno)})") from exc
-            raise SysfsError(path, f"read failed: {os.strerror(exc.errno or 0)}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _read_error(path, exc) from exc
         stripped: str = text.rstrip("\n")
         return stripped
 
@@ -507,15 +501,20 @@ def _read_sync(path: str) -> str:
     try:
         with open(path, "r", encoding="utf-8", errors="strict") as f:
             text = f.read()
-    except FileNotFoundError as exc:
-        raise SysfsMissingError(path, "no such attribute") from exc
-    except UnicodeDecodeError as exc:
-        raise SysfsGarbledError(path, f"not UTF-8 text: {exc}") from exc
-    except OSError as exc:
-        if exc.errno in (errno.ENODEV, errno.ENXIO):
-            raise SysfsMissingError(path, f"device gone ({os.strerror(exc.errno)})") from exc
-        raise SysfsError(path, f"read failed: {os.strerror(exc.errno or 0)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _read_error(path, exc) from exc
     return text.rstrip("\n")
+
+
+def _read_error(path: str, exc: OSError | UnicodeDecodeError) -> SysfsError:
+    """The typed error of a failed attribute read, the same for the event loop's and the thread's reads."""
+    if isinstance(exc, FileNotFoundError):
+        return SysfsMissingError(path, "no such attribute")
+    if isinstance(exc, UnicodeDecodeError):
+        return SysfsGarbledError(path, f"not UTF-8 text: {exc}")
+    if exc.errno in (errno.ENODEV, errno.ENXIO):
+        return SysfsMissingError(path, f"device gone ({os.strerror(exc.errno)})")
+    return SysfsError(path, f"read failed: {os.strerror(exc.errno or 0)}")
 
 
 def _int_sync(path: str) -> int:
