@@ -451,17 +451,7 @@ def test_keeping_sessions_logs_in_without_holding_the_lun(tmp_path):
     rig.reconcile()
     rig.settle()
     rig.iscsi.kill_session(rig.sessions_of(1)[0].sid)  # keep() logs one in again beside the other
-    gate = asyncio.Event()
-    entered = asyncio.Event()
-    real = rig.keeper.iscsiadm.runner
-
-    async def slow_second_sessions(argv):
-        if "-r" in argv and "new" in argv:
-            entered.set()
-            await gate.wait()
-        return await real(argv)
-
-    rig.keeper.iscsiadm.runner = slow_second_sessions
+    entered, gate = hold_iscsiadm(rig, lambda argv: "-r" in argv and "new" in argv)  # second sessions
     wwid = rig.system.wwid
 
     async def scenario():
@@ -546,16 +536,7 @@ def test_a_keeping_run_waiting_for_the_lun_does_not_lose_the_session_a_join_made
     rig.settle()
     new = rig.system.volume.add_member()
     rig.iscsi.add_member_portal(new.number)
-    gate, entered = asyncio.Event(), asyncio.Event()
-    real = rig.keeper.iscsiadm.runner
-
-    async def slow_join_login(argv):
-        if "--login" in argv and str(portal_of(new.number)) in argv:
-            entered.set()
-            await gate.wait()
-        return await real(argv)
-
-    rig.keeper.iscsiadm.runner = slow_join_login
+    entered, gate = hold_iscsiadm(rig, lambda argv: "--login" in argv and str(portal_of(new.number)) in argv)
     wwid = rig.system.wwid
 
     async def scenario():
@@ -575,6 +556,22 @@ def test_a_keeping_run_waiting_for_the_lun_does_not_lose_the_session_a_join_made
     rig.reconcile()
     rig.settle()
     assert rig.sessions_of(new.number) == []  # ours, so logged out once no leg holds it
+
+
+def hold_iscsiadm(rig: Rig, when) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the keeper's iscsiadm calls that match `when` wait: (entered, set when one waits; gate, set to let
+    it go on)."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+    real = rig.keeper.iscsiadm.runner
+
+    async def held(argv):
+        if when(argv):
+            entered.set()
+            await gate.wait()
+        return await real(argv)
+
+    rig.keeper.iscsiadm.runner = held
+    return entered, gate
 
 
 def ledger_records_sids(rig: Rig) -> set[int]:
