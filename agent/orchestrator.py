@@ -147,7 +147,7 @@ class Orchestrator:
         lun = self.luns.setdefault(wwid, LunState(wwid))
         # Node records for members with no session yet, made beside the wait for the LUN, its
         # discovery and its map fetch: a member that joins now then waits for its login only.
-        routed = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) else None
+        routed = _routed_topology(lun)
         preparing = asyncio.create_task(self.sessions.prepare(lun, routed)) \
             if self.sessions is not None and routed is not None else None
         try:
@@ -155,9 +155,8 @@ class Orchestrator:
                 started = self.clock()
                 previous = lun.stack.page_map if lun.stack else None
                 # A routed LUN's array is known: its paths are only asked which member they land on.
-                known = lun.topology if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths) \
-                    else None
-                return await self._reconcile(lun, wwid, started, previous, known, slot)
+                # (Looked at again: the LUN may have changed while this waited for its lock.)
+                return await self._reconcile(lun, wwid, started, previous, _routed_topology(lun), slot)
         finally:
             if preparing is not None:
                 await asyncio.gather(preparing, return_exceptions=True)
@@ -409,6 +408,13 @@ def _without(topology: Topology, devs: frozenset[str]) -> Topology:
     if not devs or kept == topology.paths or not any(p.usable for p in kept):
         return topology
     return dataclasses.replace(topology, paths=kept)
+
+
+def _routed_topology(lun: LunState) -> Topology | None:
+    """What the last reconcile found for a routed LUN with a usable path; None otherwise."""
+    if lun.stack and lun.topology and any(p.usable for p in lun.topology.paths):
+        return lun.topology
+    return None
 
 
 def _pages_for(topology: Topology, page_map: PageMap) -> int:
