@@ -211,9 +211,9 @@ class SessionKeeper:
         self._target_of: dict[str, str] = {}
         """wwid -> target name."""
         self._forgotten: set[str] = set()
+        """Targets `logout` took away: left alone until the next `login` asks again."""
         self._devnums: dict[str, str] = {}
         """sd disk name -> major:minor (fixed for a name: sd.c derives both from one index)."""
-        """Targets `logout` took away: left alone until the next `login` asks again."""
 
     # -- what the orchestrator asks -------------------------------------------------
 
@@ -279,9 +279,7 @@ class SessionKeeper:
                 started = self.clock()
                 try:
                     if await self._record_absent(target, portal, iface):
-                        await self.iscsiadm.node_new(target.name, portal, iface=iface)
-                        entry.records.add((portal.address, portal.port, iface))
-                        self.ledger.save()
+                        await self._new_record(target.name, portal, iface)
                         await configure_record(self.iscsiadm, target.name, portal, iface, self.config,
                                                startup=AGENT_RECORD_STARTUP)
                         LOG.info("%s: node record for %s over %s made ahead of its login in %.2f s", target.name,
@@ -605,14 +603,19 @@ class SessionKeeper:
         except IscsiNotFoundError:
             pass  # no such record: make it
         looked = self.clock()
-        await self.iscsiadm.node_new(target, portal, iface=iface)
-        self.ledger.of(target).records.add((portal.address, portal.port, iface))
+        await self._new_record(target, portal, iface)
         made = self.clock()
         await configure_record(self.iscsiadm, target, portal, iface, self.config, startup=AGENT_RECORD_STARTUP)
         configured = self.clock()
         await self.iscsiadm.node_login(target, portal, iface=iface)
         return (f" (no record: looked {looked - started:.2f} s, made {made - looked:.2f} s, set up "
                 f"{configured - made:.2f} s, logged in {self.clock() - configured:.2f} s)")
+
+    async def _new_record(self, target: str, portal: Portal, iface: str) -> None:
+        """``-o new`` of a node record, remembered in the ledger as the agent's (``logout`` deletes it)."""
+        await self.iscsiadm.node_new(target, portal, iface=iface)
+        self.ledger.of(target).records.add((portal.address, portal.port, iface))
+        self.ledger.save()
 
     async def _record_absent(self, target: _Target, portal: Portal, iface: str, *, ask: bool = True) -> bool:
         """Whether the node record (portal, iface) of the target is missing: from the record directory
