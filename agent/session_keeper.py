@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
@@ -578,7 +577,8 @@ class SessionKeeper:
             # This login's: logins to other members may run beside it (join() runs them side by side).
             new = sorted(s.sid for s in await self.host.iscsi_sessions()
                          if s.sid not in before and s.target_name == target.name
-                         and _same_portal(s.portal, login.portal) and (s.iface_name or DEFAULT_IFACE) == login.iface)
+                         and s.portal is not None and s.portal.same_as(login.portal)
+                         and (s.iface_name or DEFAULT_IFACE) == login.iface)
             entry.sids.update(new)
             made += new
             if via is None and new:
@@ -694,16 +694,6 @@ def _may_join(topology: Topology, page_map: PageMap) -> bool:
     a member with a logged-in session has a path in the map, or soon will as ``keep()`` adds it)."""
     reached = {p.member_id for p in topology.paths if p.usable}
     return any(count and member_id not in reached for member_id, count in page_map.pages_per_member().items())
-
-
-def _same_portal(a: Portal | None, b: Portal) -> bool:
-    """Equal portals, addresses compared as IP addresses (sysfs and VPD 0xC1 may spell IPv6 apart)."""
-    if a is None or a.port != b.port:
-        return False
-    try:
-        return ipaddress.ip_address(a.address) == ipaddress.ip_address(b.address)
-    except ValueError:
-        return a.address.lower() == b.address.lower()
 
 
 def _merge(groups: Iterable[tuple[MemberView, ...]]) -> list[MemberView]:

@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from agent.kernel.sysfs import Portal
+from agent.kernel.sysfs import Portal, same_address
 from protocol.errors import SwitchAgentError
 
 LOG = logging.getLogger(__name__)
@@ -458,18 +457,11 @@ class NodeRecords:
     def _has(db: str, target: str, entries: list[str], portal: Portal, iface: str) -> bool:
         for entry in entries:  # "<address>,<port>,<tpgt>"
             address, _, port = entry.rpartition(",")[0].rpartition(",")
-            if not (port.isdigit() and int(port) == portal.port and _same_address(address, portal.address)):
+            if not (port.isdigit() and int(port) == portal.port and same_address(address, portal.address)):
                 continue
             if os.path.lexists(os.path.join(db, target, entry, iface)):
                 return True
         return False
-
-
-def _same_address(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
-    except ValueError:
-        return a.lower() == b.lower()
 
 
 def startup_setting(startup: str) -> tuple[str, Arg]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -152,6 +153,19 @@ class Portal:
 
     def __str__(self) -> str:
         return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+    def same_as(self, other: Portal) -> bool:
+        """Equal portals, addresses compared as IP addresses (sysfs, VPD 0xC1 and open-iscsi's record
+        names may spell an IPv6 address apart, or in brackets)."""
+        return self.port == other.port and same_address(self.address, other.address)
+
+
+def same_address(a: str, b: str) -> bool:
+    """Equal IP addresses however spelled; other names compared case-insensitively."""
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.lower() == b.lower()
 
 
 SESSION_LOGGED_IN = "LOGGED_IN"

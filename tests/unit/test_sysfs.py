@@ -205,3 +205,13 @@ def test_devnum_parse() -> None:
     for bad in ("253", "a:b", "1:2:3", ""):
         with pytest.raises(ValueError):
             DevNum.parse(bad)
+
+
+def test_portals_compare_addresses_as_ip_addresses() -> None:
+    from agent.kernel.sysfs import Portal
+
+    assert Portal("fd00::1", 3260).same_as(Portal("fd00:0:0::1", 3260))
+    assert Portal("[fd00::1]", 3260).same_as(Portal("fd00::1", 3260))
+    assert not Portal("fd00::1", 3260).same_as(Portal("fd00::1", 3261))
+    assert not Portal("10.0.0.1", 3260).same_as(Portal("10.0.0.2", 3260))
+    assert Portal("Array.Example", 3260).same_as(Portal("array.example", 3260))
