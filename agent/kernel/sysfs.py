@@ -292,12 +292,8 @@ class Sysfs:
         LOG.debug("sysfs list %s", path)
         try:
             return sorted(await aiofiles.os.listdir(path))
-        except FileNotFoundError as exc:
-            raise SysfsMissingError(path, "no such directory") from exc
-        except NotADirectoryError as exc:
-            raise SysfsGarbledError(path, "not a directory") from exc
         except OSError as exc:
-            raise SysfsError(path, f"listing failed: {os.strerror(exc.errno or 0)}") from exc
+            raise _list_error(path, exc) from exc
 
     async def resolve(self, *parts: str) -> str:
         """The real path behind a sysfs symlink (e.g. ``block/sdb/device``)."""
@@ -564,12 +560,17 @@ def _list_sync(path: str) -> list[str]:
     LOG.debug("sysfs list %s", path)
     try:
         return sorted(os.listdir(path))
-    except FileNotFoundError as exc:
-        raise SysfsMissingError(path, "no such directory") from exc
-    except NotADirectoryError as exc:
-        raise SysfsGarbledError(path, "not a directory") from exc
     except OSError as exc:
-        raise SysfsError(path, f"listing failed: {os.strerror(exc.errno or 0)}") from exc
+        raise _list_error(path, exc) from exc
+
+
+def _list_error(path: str, exc: OSError) -> SysfsError:
+    """The typed error of a failed directory listing, the same for the event loop's and the thread's."""
+    if isinstance(exc, FileNotFoundError):
+        return SysfsMissingError(path, "no such directory")
+    if isinstance(exc, NotADirectoryError):
+        return SysfsGarbledError(path, "not a directory")
+    return SysfsError(path, f"listing failed: {os.strerror(exc.errno or 0)}")
 
 
 def _session_disks_sync(session_dir: str, entries: list[str]) -> tuple[str, ...]:
