@@ -204,24 +204,24 @@ class Discovery:
         raise last or PlanError(topology.wwid, "no usable path to fetch the page map")
 
     async def map_now(self, topology: Topology, page_map: PageMap) -> PageMap:
-        """The map's changes since `page_map`, where the array offers that cheaply; else, or on any
-        trouble, or when the size moved (the next reconcile sees to that), `page_map` itself."""
+        """The map's changes since `page_map` over the first usable path, where the array offers that
+        cheaply; else, or on any trouble, or when the size moved (the next reconcile sees to that),
+        `page_map` itself (no other path is tried: this is a second look, not the fetch)."""
+        path = next((p for p in topology.paths if p.usable), None)
+        if path is None:
+            return page_map
         source = mapsources.get(topology.map_source)
-        for path in topology.paths:
-            if not path.usable:
-                continue
-            try:
-                async with asyncio.timeout(self.config.fetch_timeout_s):
-                    updated = await source.fetch_changes(self.system.open_path(path.device), page_map)
-            except (TimeoutError, SwitchAgentError) as exc:
-                LOG.info("%s: map not checked again after the join: %s", topology.wwid, exc or "timed out")
-                return page_map
-            if updated is None or updated.total_pages != page_map.total_pages:
-                return page_map
-            if updated.generation != page_map.generation:
-                LOG.info("%s: generation %d while members joined; routing it", topology.wwid, updated.generation)
-            return updated
-        return page_map
+        try:
+            async with asyncio.timeout(self.config.fetch_timeout_s):
+                updated = await source.fetch_changes(self.system.open_path(path.device), page_map)
+        except (TimeoutError, SwitchAgentError) as exc:
+            LOG.info("%s: map not checked again after the join: %s", topology.wwid, exc or "timed out")
+            return page_map
+        if updated is None or updated.total_pages != page_map.total_pages:
+            return page_map
+        if updated.generation != page_map.generation:
+            LOG.info("%s: generation %d while members joined; routing it", topology.wwid, updated.generation)
+        return updated
 
     async def rescan_paths(self, devices: list[str], wwid: str = "-") -> None:
         """Make the kernel re-read each path's capacity (it does not on CAPACITY DATA HAS CHANGED).
