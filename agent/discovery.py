@@ -104,18 +104,29 @@ class Discovery:
         return dataclasses.replace(mpath, slaves=mpath.slaves + tuple(extra)) if extra else mpath
 
     async def discover(self, mpath: MpathMap, known: Topology | None = None) -> Topology:
-        """Ask every path which member it lands on; the first answer also says whose array it is.
+        """Which member every path lands on; the first answer also says whose array it is.
 
         `known`: what the last successful reconcile found for this LUN. Its
         array and map source stand (an array does not change vendor under a
-        routed LUN), so every path is asked only which member it lands on, all
-        side by side: a page move's reconcile costs one round trip here, not
-        three one after another.
+        routed LUN). A path still on the iSCSI session it answered over then
+        keeps that member, unasked (``PathInfo.remembered``: a page move's
+        reconcile routes without waiting for a SCSI command per path;
+        ``confirm`` asks them after routing). The others are asked side by
+        side: one round trip, not one after another.
         """
+        identities = await self.system.path_identities([device for device, _ in mpath.slaves])
         if known is not None and known.wwid == mpath.wwid:
             known_source = mapsources.get(known.map_source)
-            infos = await asyncio.gather(*(self._identify(known_source, mpath.wwid, device, dev)
-                                           for device, dev in mpath.slaves))
+            answered: dict[tuple[str, str, str | None], PathInfo] = {
+                (p.device, p.dev, p.identity): p for p in known.paths if p.usable and p.identity}
+
+            async def member_of(device: str, dev: str) -> PathInfo:
+                earlier = answered.get((device, dev, identities.get(device)))
+                if earlier is not None:
+                    return dataclasses.replace(earlier, remembered=True)
+                return await self._identify(known_source, mpath.wwid, device, dev, identities.get(device))
+
+            infos = await asyncio.gather(*(member_of(device, dev) for device, dev in mpath.slaves))
             return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, tuple(infos),
                             mpath.map_size_sectors, known_source.name)
         found: dict[str, PathInfo] = {}
@@ -136,15 +147,30 @@ class Discovery:
             except SwitchAgentError as exc:
                 found[device] = _unusable(mpath.wwid, device, dev, exc)
                 continue
-            found[device] = await self._identify(source, mpath.wwid, device, dev)
+            found[device] = await self._identify(source, mpath.wwid, device, dev, identities.get(device))
         if source is not None:
             # The rest side by side: one path after another cost seconds of a page move's convergence.
-            for info in await asyncio.gather(*(self._identify(source, mpath.wwid, device, dev)
-                                               for device, dev in slaves)):
+            for info in await asyncio.gather(*(self._identify(source, mpath.wwid, device, dev,
+                                                              identities.get(device)) for device, dev in slaves)):
                 found[info.device] = info
         paths = tuple(found[device] for device, _ in mpath.slaves if device in found)
         return Topology(mpath.wwid, mpath.name, mpath.device, mpath.size_sectors, paths,
                         mpath.map_size_sectors, source.name if source else "page-map")
+
+    async def confirm(self, topology: Topology) -> Topology:
+        """`topology` with every remembered path asked again which member it lands on (side by side)."""
+        source = mapsources.get(topology.map_source)
+        remembered = [p.device for p in topology.paths if p.remembered]
+        if not remembered:
+            return topology
+        identities = await self.system.path_identities(remembered)
+
+        async def asked(path: PathInfo) -> PathInfo:
+            if not path.remembered:
+                return path
+            return await self._identify(source, topology.wwid, path.device, path.dev, identities.get(path.device))
+
+        return dataclasses.replace(topology, paths=tuple(await asyncio.gather(*map(asked, topology.paths))))
 
     async def with_disks(self, topology: Topology, devices: list[str]) -> Topology:
         """`topology` (discovered moments ago) with those of `devices` it lacks that are paths of its
@@ -157,15 +183,18 @@ class Discovery:
         if not new:
             return topology
         source = mapsources.get(topology.map_source)
-        found = await asyncio.gather(*(self._identify(source, topology.wwid, p.device, p.dev) for p in new))
+        identities = await self.system.path_identities([p.device for p in new])
+        found = await asyncio.gather(*(self._identify(source, topology.wwid, p.device, p.dev, identities.get(p.device))
+                                       for p in new))
         return dataclasses.replace(topology, paths=topology.paths + tuple(found))
 
-    async def _identify(self, source: mapsources.MapSource, wwid: str, device: str, dev: str) -> PathInfo:
+    async def _identify(self, source: mapsources.MapSource, wwid: str, device: str, dev: str,
+                        identity: str | None) -> PathInfo:
         try:
             member_id, member_name = await source.identify(self.system.open_path(device))
         except SwitchAgentError as exc:
             return _unusable(wwid, device, dev, exc)
-        return PathInfo(device, dev, member_id, member_name)
+        return PathInfo(device, dev, member_id, member_name, identity=identity)
 
     def _our_array(self, vendor: str, product: str) -> ArrayMatch | None:
         return next((a for a in self.config.arrays if vendor.strip() == a.vendor and product.strip() == a.product),

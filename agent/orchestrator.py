@@ -80,6 +80,10 @@ class System(Protocol):
         """Every multipathd map (DM_UUID mpath-*) present now; with `wwid`, only that LUN's."""
         ...
 
+    async def path_identities(self, devices: list[str]) -> dict[str, str]:
+        """For each path that is a running iSCSI path: a text that names its session while it lives."""
+        ...
+
     def open_path(self, device: str) -> PollablePath:
         """A SCSI path to send commands through."""
         ...
@@ -156,7 +160,8 @@ class Orchestrator:
                 previous = lun.stack.page_map if lun.stack else None
                 # A routed LUN's array is known: its paths are only asked which member they land on.
                 # (Looked at again: the LUN may have changed while this waited for its lock.)
-                return await self._reconcile(lun, wwid, started, previous, _routed_topology(lun), slot)
+                lun = await self._reconcile(lun, wwid, started, previous, _routed_topology(lun), slot)
+                return await self._confirm_members(lun, slot)
         finally:
             if preparing is not None:
                 await asyncio.gather(preparing, return_exceptions=True)
@@ -221,6 +226,20 @@ class Orchestrator:
         LOG.info("%s: reconciled in %.2f s (discover %.2f, fetch %.2f, kernel %.2f)", wwid,
                  self.clock() - started, *lun.last_reconcile.values())
         return lun
+
+    async def _confirm_members(self, lun: LunState, slot: _Slot) -> LunState:
+        """Ask the paths whose member was remembered (same iSCSI session) again, now that the pages
+        are routed; if one answers otherwise (a portal moved under a live session), reconcile again
+        with every path asked."""
+        assert lun.topology is not None
+        confirmed = await self.discovery.confirm(lun.topology)
+        if _members(confirmed) == _members(lun.topology):
+            lun.topology = confirmed
+            return lun
+        LOG.warning("%s: a path lands on another member than before over the same session; routing again",
+                    lun.wwid)
+        return await self._reconcile(lun, lun.wwid, self.clock(), lun.stack.page_map if lun.stack else None,
+                                     None, slot)
 
     def _failed(self, lun: LunState, exc: SwitchAgentError) -> None:
         """Record a failed reconcile; a LUN we never routed and that has no multipath map is forgotten."""
@@ -408,6 +427,11 @@ def _without(topology: Topology, devs: frozenset[str]) -> Topology:
     if not devs or kept == topology.paths or not any(p.usable for p in kept):
         return topology
     return dataclasses.replace(topology, paths=kept)
+
+
+def _members(topology: Topology) -> list[tuple[str, str, int | None, bool]]:
+    """Each path with the member it lands on, as routing sees it."""
+    return [(p.device, p.dev, p.member_id, p.usable) for p in topology.paths]
 
 
 def _routed_topology(lun: LunState) -> Topology | None:

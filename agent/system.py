@@ -115,6 +115,10 @@ class RealSystem:
             LOG.debug("%s: not a usable path: %s", device, exc)
             return None
 
+    async def path_identities(self, devices: list[str]) -> dict[str, str]:
+        """What names each running iSCSI path's session while it lives (others are left out)."""
+        return await self.sysfs.iscsi_path_identities(devices)
+
     def open_path(self, device: str) -> ScsiDevice:
         """The sd node of a path, opened once and kept for SG_IO (again if the node was replaced)."""
         scsi = self._paths.get(device)

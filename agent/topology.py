@@ -46,6 +46,11 @@ class PathInfo:
     member_name: str | None = None
     usable: bool = True
     error: str | None = None
+    identity: str | None = None
+    """What names the path's iSCSI session while it lives (``Sysfs.iscsi_path_identities``) when
+    its member was asked; None: not iSCSI, or not running then."""
+    remembered: bool = False
+    """member_id is what the path answered over the same session before, not asked this time."""
 
 
 @dataclass(frozen=True)

@@ -404,6 +404,26 @@ class Sysfs:
             return None
         return await asyncio.to_thread(self._session_at, session_dir, detail=False)
 
+    async def iscsi_path_identities(self, names: list[str]) -> dict[str, str]:
+        """For each sd disk of ``names`` that is a running iSCSI path: what names that path while it
+        lives, its scsi_device's real path (``.../sessionN/targetH:C:T/H:C:T:L``). Session numbers
+        are never reused while the kernel runs (``iscsi_session_nr``), so the same text means the
+        same session. Left out: disks that are gone, not iSCSI, or not ``running`` (blocked in
+        recovery, offline). All of it in one worker-thread call."""
+        return await asyncio.to_thread(self._path_identities, [_check_name(n) for n in names])
+
+    def _path_identities(self, names: list[str]) -> dict[str, str]:
+        found = {}
+        root = os.path.realpath(self.root)
+        for name in names:
+            device = self.path("block", name, "device")
+            real = os.path.realpath(device)
+            if not any(_SESSION.match(part) for part in os.path.relpath(real, root).split(os.sep)):
+                continue
+            if _optional_sync(os.path.join(device, "state")) == "running":
+                found[name] = real
+        return found
+
     async def iscsi_session_names(self) -> list[str]:
         """Every ``sessionN`` under ``class/iscsi_session``, in numeric order (none: no sessions,
         or iscsi_transport not loaded)."""

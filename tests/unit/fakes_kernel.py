@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import errno
 import threading
 from dataclasses import dataclass, field
@@ -35,6 +37,10 @@ from tests.array.volume import ArrayVolume
 MiB = 1024 * 1024
 
 
+_SESSION_IDS = itertools.count(1)
+"""Session numbers, never reused while the kernel runs (as iscsi_session_nr)."""
+
+
 class FakeArrayPath:
     """One sd path to one member of the emulated array, shaped like agent.kernel.sgio.ScsiDevice."""
 
@@ -45,6 +51,8 @@ class FakeArrayPath:
         self.max_transfer = max_transfer
         self.broken = False
         self.commands = 0
+        self.session = next(_SESSION_IDS)
+        """The iSCSI session the path hangs under (a new FakeArrayPath is a new session)."""
 
     async def max_transfer_bytes(self) -> int:
         return self.max_transfer
@@ -374,6 +382,11 @@ class FakeSystem:
     def open_path(self, device: str) -> FakeArrayPath:
         return self.paths[device]
 
+    async def path_identities(self, devices: list[str]) -> dict[str, str]:
+        """Running paths by their session (a broken path is not running)."""
+        return {d: f"host{self.paths[d].session}/session{self.paths[d].session}" for d in devices
+                if d in self.paths and not self.paths[d].broken}
+
     async def describe_path(self, device: str, luns=None) -> NewPath | None:
         if device not in self.paths or (luns is not None and self.wwid not in luns):
             return None
@@ -421,6 +434,12 @@ class ManyLunSystem:
 
     def open_path(self, device: str) -> FakeArrayPath:
         return self._owner[device].open_path(device)
+
+    async def path_identities(self, devices: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for system in self.systems:
+            found.update(await system.path_identities([d for d in devices if d in system.paths]))
+        return found
 
     async def describe_path(self, device: str, luns=None) -> NewPath | None:
         system = self._owner.get(device)

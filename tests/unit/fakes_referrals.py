@@ -130,6 +130,10 @@ class FakeLioSystem:
     def open_path(self, device: str) -> FakeLioPath:
         return self.paths[device]
 
+    async def path_identities(self, devices: list[str]) -> dict[str, str]:
+        """Every path on the session it was made with."""
+        return {d: f"session-{d}" for d in devices if d in self.paths}
+
     async def block_devices_of_scsi(self, scsi_sys_path: str) -> list[str]:
         return []
 

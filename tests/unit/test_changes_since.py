@@ -15,7 +15,7 @@ from protocol import dmswitch_encoder, pagemap_changes
 from protocol.pagemap import GET_PAGE_MAP_OPCODE
 from protocol.scsi import ScsiStatus
 from tests.array.volume import ChangeLog
-from tests.unit.fakes_kernel import MiB, FakeSystem
+from tests.unit.fakes_kernel import MiB, FakeArrayPath, FakeSystem
 
 
 def make(tmp_path, **kw) -> tuple[FakeSystem, Orchestrator, list[bytes]]:
@@ -162,12 +162,77 @@ def test_a_move_costs_one_identify_per_path_side_by_side_and_one_changes_command
     assert system.misrouted_pages(f"switch-{system.wwid}") == 0
 
 
+def _record_order(system: FakeSystem) -> list[str]:
+    """What reaches the array and the switch, in order: "vpd" per member question, "msg" per message."""
+    events: list[str] = []
+    handle, message = system.lu.handle, system.dm.target_message
+
+    def recording(member, cdb, data_out=b""):
+        if bytes(cdb[:3]) == bytes([0x12, 0x01, 0xC0]):
+            events.append("vpd")
+        return handle(member, cdb, data_out)
+
+    def messaging(*args, **kwargs):
+        events.append("msg")
+        return message(*args, **kwargs)
+
+    system.lu.handle = recording
+    system.dm.target_message = messaging
+    return events
+
+
+def test_a_move_is_routed_before_the_paths_are_asked_their_members_again(tmp_path):
+    """Paths on the sessions they answered over keep their members for the routing; asked after it."""
+    system, orch, _cdbs = make(tmp_path, paths_per_member=1)
+    events = _record_order(system)
+    system.volume.move_pages(1 / 4096)
+    lun = reconcile(system, orch)
+    assert "msg" in events and events.index("msg") < events.index("vpd"), events
+    assert events.count("vpd") == 3  # every path confirmed once the pages were routed
+    assert not any(p.remembered for p in lun.topology.paths)
+    assert system.misrouted_pages(f"switch-{system.wwid}") == 0
+
+
+def test_a_path_on_a_new_session_is_asked_its_member_before_routing(tmp_path):
+    """Same disk name and major:minor, new iSCSI session (logged out and in): what it lands on is asked."""
+    system, orch, _cdbs = make(tmp_path, paths_per_member=1)
+    lun = orch.luns[system.wwid]
+    first, second = lun.topology.paths[0], lun.topology.paths[1]
+    lost = system.paths[first.device].member_number
+    system.paths[first.device] = FakeArrayPath(system.lu, system.paths[second.device].member_number, first.device)
+    events = _record_order(system)
+    system.volume.move_pages(1 / 4096)
+    lun = reconcile(system, orch)
+    assert events[0] == "vpd" and events.count("vpd") == 1 + 2  # the new session's first, the rest after
+    assert lun.topology.paths[0].member_id == second.member_id
+    assert system.misrouted_pages(f"switch-{system.wwid}") == _pages_of(system, lost)  # it has no path now
+
+
+def test_a_path_that_stops_answering_is_not_remembered(tmp_path):
+    """A path that is not running (here: its transport gone) is asked, and found unusable, before routing."""
+    system, orch, _cdbs = make(tmp_path, paths_per_member=2)
+    first = orch.luns[system.wwid].topology.paths[0]
+    system.paths[first.device].broken = True
+    system.volume.move_pages(1 / 4096)
+    lun = reconcile(system, orch)
+    assert not lun.topology.paths[0].usable
+    assert first.dev not in {d for own, other in lun.stack.plan.leg_paths for d in (*own, *other)}
+
+
 def test_a_path_that_now_lands_on_another_member_is_still_seen(tmp_path):
+    """A portal moved under a live session: the routing goes out on the remembered member, the
+    confirmation after it finds the change, and the reconcile routes again with every path asked."""
     system, orch, _cdbs = make(tmp_path, paths_per_member=1)
     lun = orch.luns[system.wwid]
     first, second = lun.topology.paths[0], lun.topology.paths[1]
     # The array now answers the first path as the second's member (a portal moved).
+    lost = system.paths[first.device].member_number
     system.paths[first.device].member_number = system.paths[second.device].member_number
     system.volume.move_pages(1 / 4096)
     lun = reconcile(system, orch)
     assert lun.topology.paths[0].member_id == second.member_id
+    assert system.misrouted_pages(f"switch-{system.wwid}") == _pages_of(system, lost)  # it has no path now
+
+
+def _pages_of(system: FakeSystem, number: int) -> int:
+    return int((system.volume.owners == system.volume.index_of(number)).sum())

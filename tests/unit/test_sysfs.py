@@ -144,6 +144,18 @@ def test_scsi_disk_with_iscsi_session(tree: Path) -> None:
     assert str(disk.iscsi.portal) == "127.0.0.2:3261"
 
 
+def test_iscsi_path_identities_name_running_iscsi_paths_by_their_session(tree: Path) -> None:
+    sysfs = Sysfs(tree)
+    found = run(sysfs.iscsi_path_identities(["sda", "sdb", "sdc", "sdq"]))
+    # sda is a local disk, sdq is gone: neither has an identity; the others name their session.
+    assert sorted(found) == ["sdb", "sdc"]
+    assert found["sdb"].endswith(os.path.join("host2", "session1", "target2:0:0", "2:0:0:0"))
+    assert found["sdc"].endswith(os.path.join("session2", "target3:0:0", "3:0:0:0"))
+    # A path in recovery is not named: what it lands on must be asked again once it runs.
+    (Path(found["sdb"]) / "state").write_text("blocked\n")
+    assert sorted(run(sysfs.iscsi_path_identities(["sdb", "sdc"]))) == ["sdc"]
+
+
 def test_non_iscsi_disk_has_no_session(tree: Path) -> None:
     disk = run(Sysfs(tree).scsi_disk("sda"))
     assert disk.iscsi is None
