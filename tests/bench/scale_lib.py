@@ -281,16 +281,28 @@ def floor_steps(runs: list[dict]) -> str:
 
 
 def install_limit(res: dict) -> str | None:
-    """What the install's time goes to, from the encoder's own timing and py-spy over one install."""
+    """What keeps the install above its floor: the top device's udev wait where the floor shows it
+    (its top step with and without the wait), else the encoder; and py-spy's busiest frames."""
+    fl = res.get("floor") or {}
+    bare = [r["top_s"] for r in (fl.get("kernel") or {}).get("runs", []) if "top_s" in r]
+    waited = [r["top_s"] for r in (fl.get("top_udev") or {}).get("runs", []) if "top_s" in r]
     enc = res.get("encode", {}).get("agent")
-    if not enc:
+    if bare and waited:
+        with_udev = _med((fl.get("top_udev") or {}).get("s"))
+        text = (f"the top device's udev wait, which users need (they open it by name): the floor's top step takes "
+                f"{_s(statistics.median(waited))} with it, {_s(statistics.median(bare))} without; the floor "
+                f"that waits as the agent must is {_s(with_udev)}")
+    elif enc:
+        text = f"the agent's encoder, {_s(_med(enc['s']))} alone under TCG"
+    else:
         return None
-    text = f"the agent's encoder, {_s(_med(enc['s']))} alone under TCG"
     spy = res.get("install_pyspy") or {}
-    on_stack = dict(spy.get("on_stack", []))
-    hits = next((n for f, n in on_stack.items() if f.startswith("encode_region_mappings")), None)
-    if hits is not None and spy.get("samples"):
+    hits = next((n for f, n in spy.get("on_stack", []) if f.startswith("encode_region_mappings")), None)
+    if not (bare and waited) and hits is not None and spy.get("samples"):
         text += f", on the stack in {hits} of {spy['samples']} py-spy samples of the install"
+    elif spy.get("samples") and spy.get("innermost"):
+        busiest = ", ".join(f"`{frame}` {n}" for frame, n in spy["innermost"][:3])
+        text += f"; py-spy over one install ({spy['samples']} samples, all threads): innermost {busiest}"
     return text
 
 

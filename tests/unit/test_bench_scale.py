@@ -254,6 +254,20 @@ def test_floor_row_compares_the_install_with_bare_ioctls() -> None:
     assert fast.met == "yes" and "limited" not in fast.note
 
 
+def test_an_install_over_its_floor_names_the_top_devices_udev_wait_when_the_floor_shows_it() -> None:
+    bare = [{"total_s": 0.3, "top_s": 0.02}, {"total_s": 0.3, "top_s": 0.04}]
+    waited = [{"total_s": 1.2, "top_s": 0.9}, {"total_s": 1.3, "top_s": 1.0}]
+    floor = {"messages": 20, "bytes": 1000, "kernel": {"s": t(0.3), "runs": bare},
+             "top_udev": {"s": t(1.25), "runs": waited}}
+    spy = {"samples": 140, "innermost": [["semop (dm_udev_sync.py)", 80], ["ioctl (dm.py)", 20], ["x", 1]]}
+    row = scale_lib.build_rows({**SAMPLE, "floor": floor, "install_pyspy": spy})[0]
+    assert row.met == "no"
+    assert ("limited by the top device's udev wait, which users need (they open it by name): the floor's top "
+            "step takes 0.950 s with it, 0.030 s without; the floor that waits as the agent must is 1.250 s"
+            in row.note)
+    assert "py-spy over one install (140 samples, all threads): innermost `semop (dm_udev_sync.py)` 80" in row.note
+
+
 def test_the_section_keeps_earlier_runs_for_comparison(tmp_path, monkeypatch) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n")
