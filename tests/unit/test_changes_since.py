@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from protocol import dmswitch_encoder, pagemap_changes
 from protocol.pagemap import GET_PAGE_MAP_OPCODE
 from protocol.scsi import ScsiStatus
 from tests.array.volume import ChangeLog
+from tests.unit.fakes_hostile import CHANGES_FIELDS, hostile_paths, is_changes_since, resign_page_map
 from tests.unit.fakes_kernel import MiB, FakeArrayPath, FakeSystem
 
 
@@ -236,3 +238,40 @@ def test_a_path_that_now_lands_on_another_member_is_still_seen(tmp_path):
 
 def _pages_of(system: FakeSystem, number: int) -> int:
     return int((system.volume.owners == system.volume.index_of(number)).sum())
+
+
+def _forge_changes(answer: bytes, **fields: int) -> bytes:
+    """A changes-since answer with header fields replaced (CHANGES_FIELDS names) and re-signed."""
+    buf = bytearray(answer)
+    for name, value in fields.items():
+        offset, fmt = CHANGES_FIELDS[name]
+        struct.pack_into(fmt, buf, offset, value)
+    return resign_page_map(buf)
+
+
+@pytest.mark.parametrize("garble", [
+    lambda a: a[:20],  # cut short
+    lambda a: bytes(b ^ 0x5A for b in a),  # every byte flipped (the CRCs no longer match)
+    lambda a: _forge_changes(a, total_pages=1 << 40),  # signed, but a volume no host has
+    lambda a: _forge_changes(a, member_count=0),
+    lambda a: _forge_changes(a, run_count=0xFFFFFFFF),
+], ids=["short", "flipped", "huge-volume", "no-members", "run-count"])
+def test_the_second_look_after_a_join_keeps_the_map_it_had_on_garbage(tmp_path, garble):
+    """map_now (the map asked again beside the wait for a joining member's paths) takes the array's
+    answer only when it decodes and fits: else the map it had, and nothing else is asked."""
+    system, orch, cdbs = make(tmp_path)
+    lun = orch.luns[system.wwid]
+    had = lun.stack.page_map
+    system.volume.move_pages(0.01)
+    hostile_paths(system, rewrite=lambda cdb, a: garble(a) if is_changes_since(cdb) else a)
+    assert asyncio.run(orch.discovery.map_now(lun.topology, had)) is had
+    assert len(cdbs) == 1 and is_changes_since(cdbs[0])  # one question, no whole-map fetch after it
+
+
+def test_the_second_look_after_a_join_takes_a_good_answer(tmp_path):
+    system, orch, _cdbs = make(tmp_path)
+    lun = orch.luns[system.wwid]
+    system.volume.move_pages(0.01)
+    now = asyncio.run(orch.discovery.map_now(lun.topology, lun.stack.page_map))
+    assert now.generation == system.volume.generation
+    assert np.array_equal(now.owners, system.volume.owners)
