@@ -117,6 +117,15 @@ def forge_page_map(answer: bytes, **fields: int) -> bytes:
     return resign_page_map(buf)
 
 
+def forge_changes(answer: bytes, **fields: int) -> bytes:
+    """A changes-since answer with header fields replaced (CHANGES_FIELDS names) and re-signed."""
+    buf = bytearray(answer)
+    for name, value in fields.items():
+        offset, fmt = CHANGES_FIELDS[name]
+        struct.pack_into(fmt, buf, offset, value)
+    return resign_page_map(buf)
+
+
 def read_capacity_16(block_count: int, block_bytes: int) -> bytes:
     """READ CAPACITY(16) data saying `block_count` blocks (returned LBA = count - 1) of `block_bytes`."""
     return scsi.encode_read_capacity_16(scsi.ReadCapacity16Data(returned_lba=block_count - 1,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import struct
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from protocol import dmswitch_encoder, pagemap_changes
 from protocol.pagemap import GET_PAGE_MAP_OPCODE
 from protocol.scsi import ScsiStatus
 from tests.array.volume import ChangeLog
-from tests.unit.fakes_hostile import CHANGES_FIELDS, hostile_paths, is_changes_since, resign_page_map
+from tests.unit.fakes_hostile import forge_changes, hostile_paths, is_changes_since
 from tests.unit.fakes_kernel import MiB, FakeArrayPath, FakeSystem
 
 
@@ -240,21 +239,12 @@ def _pages_of(system: FakeSystem, number: int) -> int:
     return int((system.volume.owners == system.volume.index_of(number)).sum())
 
 
-def _forge_changes(answer: bytes, **fields: int) -> bytes:
-    """A changes-since answer with header fields replaced (CHANGES_FIELDS names) and re-signed."""
-    buf = bytearray(answer)
-    for name, value in fields.items():
-        offset, fmt = CHANGES_FIELDS[name]
-        struct.pack_into(fmt, buf, offset, value)
-    return resign_page_map(buf)
-
-
 @pytest.mark.parametrize("garble", [
     lambda a: a[:20],  # cut short
     lambda a: bytes(b ^ 0x5A for b in a),  # every byte flipped (the CRCs no longer match)
-    lambda a: _forge_changes(a, total_pages=1 << 40),  # signed, but a volume no host has
-    lambda a: _forge_changes(a, member_count=0),
-    lambda a: _forge_changes(a, run_count=0xFFFFFFFF),
+    lambda a: forge_changes(a, total_pages=1 << 40),  # signed, but a volume no host has
+    lambda a: forge_changes(a, member_count=0),
+    lambda a: forge_changes(a, run_count=0xFFFFFFFF),
 ], ids=["short", "flipped", "huge-volume", "no-members", "run-count"])
 def test_the_second_look_after_a_join_keeps_the_map_it_had_on_garbage(tmp_path, garble):
     """map_now (the map asked again beside the wait for a joining member's paths) takes the array's

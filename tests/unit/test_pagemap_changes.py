@@ -27,7 +27,7 @@ from protocol.scsi import ScsiStatus
 from tests.array.lu import LogicalUnit, LuIdentity
 from tests.array.store import SparseStore
 from tests.array.volume import ArrayVolume, ChangeLog
-from tests.unit.fakes_hostile import CHANGES_FIELDS, resign_page_map
+from tests.unit.fakes_hostile import forge_changes, resign_page_map
 
 MEMBERS3 = (pm.Member(11, "member-a"), pm.Member(22, "member-b"), pm.Member(33, "member-c"))
 PAGES = 1000
@@ -45,14 +45,6 @@ def answer(pages=(), owners=(), *, status=ChangesStatus.CHANGES, since=5, to=7, 
         status=status, current_generation=current, total_pages=total, page_size_sectors=page, members=members,
         allocation_length=alloc, from_generation=since, to_generation=to,
         pages=np.asarray(pages, dtype=np.int64), owners=np.asarray(owners, dtype=np.int64))
-
-
-def forge(data: bytes, **fields: int) -> bytes:
-    buf = bytearray(data)
-    for name, value in fields.items():
-        offset, fmt = CHANGES_FIELDS[name]
-        struct.pack_into(fmt, buf, offset, value)
-    return resign_page_map(buf)
 
 
 def apply(current: pm.PageMap, *answers: bytes) -> pm.PageMap:
@@ -161,11 +153,11 @@ def test_an_answer_from_another_generation_is_refused():
 def test_generations_from_the_future_or_going_nowhere_are_refused():
     data = answer([1], [0])
     with pytest.raises(ValueRangeError, match="generations"):
-        pc.decode_changes_response(forge(data, to_generation=8))  # past the array's current (7)
+        pc.decode_changes_response(forge_changes(data, to_generation=8))  # past the array's current (7)
     with pytest.raises(ValueRangeError, match="generations"):
-        pc.decode_changes_response(forge(data, to_generation=5))  # no progress, with runs
+        pc.decode_changes_response(forge_changes(data, to_generation=5))  # no progress, with runs
     with pytest.raises(ValueRangeError, match="generations"):
-        pc.decode_changes_response(forge(data, from_generation=9))
+        pc.decode_changes_response(forge_changes(data, from_generation=9))
     with pytest.raises(EncodeError):  # the array side refuses to say it, too
         answer([1], [0], since=8, to=7, current=7)
 
@@ -209,19 +201,19 @@ def test_checksums_magic_and_lengths():
     with pytest.raises(TruncatedError):
         pc.decode_changes_response(data[:40])
     with pytest.raises(ValueRangeError, match="response length"):
-        pc.decode_changes_response(forge(data, run_count=3))
+        pc.decode_changes_response(forge_changes(data, run_count=3))
     with pytest.raises(ValueRangeError, match="status"):
-        pc.decode_changes_response(forge(data, status=9))
+        pc.decode_changes_response(forge_changes(data, status=9))
     with pytest.raises(ValueRangeError, match="run count"):
-        pc.decode_changes_response(forge(data, status=int(ChangesStatus.TOO_OLD)))
+        pc.decode_changes_response(forge_changes(data, status=int(ChangesStatus.TOO_OLD)))
 
 
 def test_oversize_claims_are_refused_before_anything_is_sized_by_them():
     data = answer([1], [0])
     with pytest.raises(ValueRangeError, match="total pages"):
-        pc.decode_changes_response(forge(data, total_pages=pm.MAX_PAGES + 1))
+        pc.decode_changes_response(forge_changes(data, total_pages=pm.MAX_PAGES + 1))
     with pytest.raises(ValueRangeError, match="run count"):
-        pc.decode_changes_response(forge(data, run_count=PAGES + 1,
+        pc.decode_changes_response(forge_changes(data, run_count=PAGES + 1,
                                          response_length=pc.response_length(3, PAGES + 1)))
 
 
