@@ -110,18 +110,18 @@ def resign_page_map(buf: bytearray) -> bytes:
 
 def forge_page_map(answer: bytes, **fields: int) -> bytes:
     """A GET PAGE MAP answer with header fields replaced (PAGE_MAP_FIELDS names) and re-signed."""
-    buf = bytearray(answer)
-    for name, value in fields.items():
-        offset, fmt = PAGE_MAP_FIELDS[name]
-        struct.pack_into(fmt, buf, offset, value)
-    return resign_page_map(buf)
+    return _forge(answer, PAGE_MAP_FIELDS, fields)
 
 
 def forge_changes(answer: bytes, **fields: int) -> bytes:
     """A changes-since answer with header fields replaced (CHANGES_FIELDS names) and re-signed."""
+    return _forge(answer, CHANGES_FIELDS, fields)
+
+
+def _forge(answer: bytes, layout: dict[str, tuple[int, str]], fields: dict[str, int]) -> bytes:
     buf = bytearray(answer)
     for name, value in fields.items():
-        offset, fmt = CHANGES_FIELDS[name]
+        offset, fmt = layout[name]
         struct.pack_into(fmt, buf, offset, value)
     return resign_page_map(buf)
 
