@@ -225,7 +225,10 @@ def build_rows(res: dict) -> list[Row]:
             goal_met(t <= goal),
             f"{dm.get('count', '?')} message(s), {dm.get('bytes', 0):,} bytes; fetched as {how}; of it the agent's "
             f"reconcile {_s(rec)}" + (f" ({split})" if split else "")
-            + f" (no detection delay: reconcile starts at once); median of {len(diffs)}"))
+            + f" (no detection delay: reconcile starts at once)"
+            + (f"; from the move request {_s(statistics.median(r['request_to_routed_s'] for r in diffs))}"
+               if all("request_to_routed_s" in r for r in diffs) else "")
+            + f"; median of {len(diffs)}"))
     if res.get("host_encoder"):
         rows.append(encoder_row(res["host_encoder"]))
     many = res.get("many_luns")

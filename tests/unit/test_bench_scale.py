@@ -68,7 +68,7 @@ SAMPLE = {
               "allocation": 1 << 20, "bytes": 393380},
     "diff": [{"change_to_routed_s": 1.5, "reconcile_s": 1.4, "moved_pages": 1000}],
     "diff_one_page": [{"change_to_routed_s": 0.08, "reconcile_s": 0.07, "moved_pages": 1, "changes_since": True,
-                       "reconcile_parts_s": {"discover_s": 0.03, "fetch_s": 0.02, "kernel_s": 0.02}}],
+                       "request_to_routed_s": 0.13, "reconcile_parts_s": {"discover_s": 0.03, "fetch_s": 0.02, "kernel_s": 0.02}}],
 }
 
 
@@ -89,6 +89,7 @@ def test_rows_compare_with_the_fastest_kernel_bound_and_state_goals() -> None:
     one = next(r for r in rows if r.what.startswith("diff: 1 page"))
     assert one.goal == "<= 0.1 s" and one.met == "yes"
     assert "changes since" in one.note and "discover 0.030 s" in one.note
+    assert "from the move request 0.130 s" in one.note and "move request" not in thousand.note  # older JSON
     table = scale_lib.render_table(rows)
     assert table.count("\n") == len(rows) + 1
 
