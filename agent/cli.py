@@ -198,12 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         map_row, request["map_cells"] = cells_for(terminal.columns, terminal.lines)
     try:
         result = control.request(socket_path, request)
-    except control.DaemonNotRunningError as exc:
-        print(f"switch-agent: {exc}", file=sys.stderr)
-        return EXIT_NO_DAEMON
     except control.ControlError as exc:
-        print(f"switch-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _request_failed(exc)
     if args.json:
         print(json.dumps(result, indent=2))
     elif map_row:
@@ -214,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render(args.command, result))
     return EXIT_OK
+
+
+def _request_failed(exc: control.ControlError, refused: str = "") -> int:
+    """Say why a request to the daemon failed; the exit status (3 when no daemon runs)."""
+    if isinstance(exc, control.DaemonNotRunningError):
+        print(f"switch-agent: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    print(f"switch-agent: {refused}{exc}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def run_trigger(args: argparse.Namespace, socket_path: Path) -> int:
@@ -282,12 +287,8 @@ def run_login(args: argparse.Namespace, config: Config, socket_path: Path) -> in
 def run_logout(args: argparse.Namespace, socket_path: Path) -> int:
     try:
         result = control.request(socket_path, {"command": "logout", "ref": args.ref})
-    except control.DaemonNotRunningError as exc:
-        print(f"switch-agent: {exc}", file=sys.stderr)
-        return EXIT_NO_DAEMON
     except control.ControlError as exc:
-        print(f"switch-agent: logout refused: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _request_failed(exc, "logout refused: ")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
