@@ -238,6 +238,19 @@ def test_cli_without_daemon_exits_3(tmp_path, capsys):
     assert "not running" in capsys.readouterr().err
 
 
+def test_logout_says_no_daemon_or_why_it_was_refused(tmp_path, capsys, monkeypatch):
+    sock = str(tmp_path / "none.sock")
+    assert cli.main(["--socket", sock, "logout", "iqn.2026-11.org.example:vol"]) == cli.EXIT_NO_DAEMON
+    assert "not running" in capsys.readouterr().err
+
+    def refused(*args, **kwargs):
+        raise control.ControlError("/dev/mapper/vol0 is busy")
+
+    monkeypatch.setattr(control, "request", refused)
+    assert cli.main(["--socket", sock, "logout", "iqn.2026-11.org.example:vol"]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == "switch-agent: logout refused: /dev/mapper/vol0 is busy\n"
+
+
 def test_trigger_is_silent_without_daemon_and_refuses_odd_arguments(tmp_path, capsys):
     sock = str(tmp_path / "none.sock")
     assert cli.main(["--socket", sock, "trigger", "mpath-36001405aa"]) == cli.EXIT_OK
