@@ -13,7 +13,7 @@ from agent.events import MPATH_UUID_PREFIX
 from agent.kernel.dm import DeviceMapper
 from agent.kernel.dm_abi import DeviceEntry
 from agent.kernel.sgio import ScsiDevice
-from agent.kernel.sysfs import IscsiSession, Sysfs, SysfsError
+from agent.kernel.sysfs import BlockStack, IscsiSession, Sysfs, SysfsError
 from agent.kernel.udev import PyudevSource, UdevMonitor
 from agent.portals import read_member_portals
 from agent.topology import MpathMap, NewPath
@@ -44,46 +44,20 @@ class RealSystem:
         """Every multipathd map now (or only `wwid`'s), with its path devices; forgets paths that went away.
 
         One DM_LIST_DEVICES names every dm device with its uuid, so sysfs is
-        read only for multipathd's maps, and those reads go out side by side:
-        a reconcile runs this each time, and under load every sysfs read costs
-        worker-thread round trips (docs/benchmarks.md, "Measurements behind the code").
+        read only for multipathd's maps, and all of those reads in one
+        worker-thread call: a reconcile runs this each time, and under load
+        every thread hop costs (docs/benchmarks.md, "Measurements behind the code").
         """
         wanted = MPATH_UUID_PREFIX + wwid if wwid else None
         entries = [e for e in await asyncio.to_thread(self.dm.list_devices)
                    if e.uuid == wanted or (wanted is None and e.uuid.startswith(MPATH_UUID_PREFIX))]
-        maps = [m for m in await asyncio.gather(*(self._read_map(e) for e in entries)) if m is not None]
+        stacks = await self.sysfs.stacks([f"dm-{e.minor}" for e in entries])
+        maps = [_mpath_map(e, stacks[f"dm-{e.minor}"]) for e in entries if f"dm-{e.minor}" in stacks]
         # Close only what is gone: a path of no map may be one a reconcile took before multipathd.
         for name, scsi in list(self._paths.items()):
             if not self._still_open_on_node(scsi):
                 self._paths.pop(name).close()
         return maps
-
-    async def _read_map(self, entry: DeviceEntry) -> MpathMap | None:
-        kernel_name = f"dm-{entry.minor}"
-        try:
-            dm_slaves, dm_size = await asyncio.gather(self.sysfs.slaves(kernel_name),
-                                                      self.sysfs.size_sectors(kernel_name))
-        except SysfsError as exc:  # removed between the ioctl and now
-            LOG.debug("%s: went away while listing: %s", entry.name, exc)
-            return None
-        slaves, sizes = [], []
-        for slave, found in zip(dm_slaves, await asyncio.gather(*(self._read_slave(s) for s in dm_slaves),
-                                                                return_exceptions=True)):
-            if isinstance(found, SysfsError):  # a path going away while we look
-                LOG.debug("%s: path %s vanished: %s", entry.name, slave, found)
-            elif isinstance(found, BaseException):
-                raise found
-            else:
-                slaves.append((slave, found[0]))
-                sizes.append(found[1])
-        # The legs sit on the paths, not on multipathd's map: their size is what counts, and
-        # after a rescan it follows the array even when multipathd's map has not been resized.
-        size = min(sizes) if sizes else dm_size
-        return MpathMap(entry.uuid[len(MPATH_UUID_PREFIX):], entry.name, kernel_name, size, tuple(slaves), dm_size)
-
-    async def _read_slave(self, name: str) -> tuple[str, int]:
-        devnum, size = await asyncio.gather(self.sysfs.block_devnum(name), self.sysfs.size_sectors(name))
-        return str(devnum), size
 
     def _still_open_on_node(self, scsi: ScsiDevice) -> bool:
         """Whether the path's /dev node is still the one our fd was opened on (devtmpfs makes a new one per disk).
@@ -156,6 +130,14 @@ class RealSystem:
             return await self.sysfs.list_dir(os.path.join(scsi_sys_path, "block"))
         except SysfsError:
             return []
+
+
+def _mpath_map(entry: DeviceEntry, stack: BlockStack) -> MpathMap:
+    # The legs sit on the paths, not on multipathd's map: their size is what counts, and
+    # after a rescan it follows the array even when multipathd's map has not been resized.
+    size = min(s for _, _, s in stack.slaves) if stack.slaves else stack.size_sectors
+    return MpathMap(entry.uuid[len(MPATH_UUID_PREFIX):], entry.name, f"dm-{entry.minor}", size,
+                    tuple((slave, str(dev)) for slave, dev, _ in stack.slaves), stack.size_sectors)
 
 
 def multipath_wwid(kernel_wwid: str) -> str | None:

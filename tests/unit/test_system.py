@@ -76,13 +76,24 @@ def test_multipath_maps_are_read_from_sysfs_only_for_the_lun_asked_about(tmp_pat
     maps = asyncio.run(system.find_mpath_maps())
     assert [(m.wwid, m.device, m.slaves, m.size_sectors) for m in maps] == [
         ("3600a", "dm-0", (("sda", "8:0"), ("sdb", "8:16")), 2048), ("3600b", "dm-1", (("sdc", "8:32"),), 4096)]
-    listed = []
-    list_dir = system.sysfs.list_dir
+    read = []
+    stacks = system.sysfs._stacks
 
-    async def counting(*parts):
-        listed.append(parts)
-        return await list_dir(*parts)
+    def counting(names):
+        read.append(names)
+        return stacks(names)
 
-    system.sysfs.list_dir = counting
+    system.sysfs._stacks = counting
     assert [m.wwid for m in asyncio.run(system.find_mpath_maps("3600b"))] == ["3600b"]
-    assert listed == [("block", "dm-1", "slaves")]
+    assert read == [["dm-1"]]  # one worker-thread call, for the one map asked about
+
+
+def test_a_map_removed_while_listed_is_left_out_and_so_is_a_path_that_does_not_read(tmp_path, monkeypatch):
+    system = make(tmp_path, monkeypatch)
+    add_disk(tmp_path, "sda", dev="8:0", wwid=None)
+    add_map(tmp_path, 0, ["sda"])
+    system.dm = SimpleNamespace(list_devices=lambda: [
+        DeviceEntry("mpatha", "mpath-3600a", 254, 0, 0), DeviceEntry("mpathb", "mpath-3600b", 254, 1, 0)])
+    assert [m.wwid for m in asyncio.run(system.find_mpath_maps())] == ["3600a"]  # dm-1 has no sysfs entry
+    (tmp_path / "sys" / "block" / "sda" / "dev").write_text("eight:zero\n")
+    assert [m.slaves for m in asyncio.run(system.find_mpath_maps())] == [()]  # as a path going away
