@@ -64,24 +64,28 @@ class PlanApplier:
                                            "multipath aliases or change device_name")
         return wanted
 
-    async def reload_changed_legs(self, lun: LunState, plan: StackPlan) -> None:
+    async def reload_changed_legs(self, lun: LunState, plan: StackPlan, *, preferred: bool | None = None) -> None:
         """Paths came or went: give the affected legs their new path groups, in place.
 
         Only the leg's own table is swapped (noflush, as multipathd reloads its
         maps, so queued I/O moves to the new table instead of failing); the
-        switch above keeps its region map.
+        switch above keeps its region map. ``preferred``: True, only the legs
+        whose own paths changed; False, only those whose fallback alone did (the
+        rest of a True call); None, all. The plan is the LUN's once a call not
+        True is done.
         """
         assert lun.stack is not None
         member_of = {p.dev: p.member_name for p in lun.topology.paths} if lun.topology else {}
         for leg, paths, old_paths in zip(plan.legs, plan.leg_paths, lun.stack.plan.leg_paths):
-            if paths == old_paths:
+            if paths == old_paths or (preferred is not None and preferred != (paths[0] != old_paths[0])):
                 continue
             await self.dm.swap_table(leg.uuid, leg.targets, udev_flags=leg.udev_flags, noflush=True)
             # The leg's own paths are its member's (none: the member lost its sessions).
             member = member_of.get(paths[0][0]) if paths[0] else None
             LOG.info("%s: %s now prefers %s (fallback %s)", lun.wwid, leg.name, " ".join(paths[0]) or "-",
                      " ".join(paths[1]) or "-", extra=logfields.member(member))
-        lun.stack.plan = plan
+        if preferred is not True:
+            lun.stack.plan = plan
 
     async def update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
         """Same legs, same geometry: send only the regions whose owner changed.
