@@ -186,12 +186,7 @@ class Orchestrator:
             top_name = lun.stack.plan.top_name if lun.stack else None
             plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
             if lun.stack and plan.same_shape_as(lun.stack.plan):
-                # The legs whose own paths changed, then the switch, then the others' fallbacks: a
-                # page moved to a member that just joined is forwarded until its leg and the
-                # switch both route it there; the fallback paths of the rest are no part of that.
-                await self.applier.reload_changed_legs(lun, plan, preferred=True)
-                await self.applier.update_live_switch(lun, plan, page_map)
-                await self.applier.reload_changed_legs(lun, plan, preferred=False)
+                await self.applier.update_in_place(lun, plan, page_map)
             else:
                 # A new epoch names a new switch and legs, built beside the live ones.
                 top_name = await self.applier.claim_top_name(topology)
