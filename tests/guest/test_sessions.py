@@ -360,12 +360,7 @@ def test_a_new_member_gets_its_sessions_without_a_login(rig):
            add_member_called_at=_wall(add_wall), moved_at=_wall(moved_wall),
            last_misrouted_write_at=_wall(moved_wall + last_s) if writes else None)
     assert logged_in(target)[new["number"]] == rig["per_member"]
-    if last_s > LAST_MISROUTED_WRITE_S:
-        # Not met yet (issue #15): the join waits for one session, its record made ahead, but
-        # iscsiadm's login and the routing still take 5.8-7.8 s in a TCG guest (docs/sessions.md).
-        # Shown as a known gap by the wrapper, never as a pass.
-        pytest.xfail(f"last misrouted write {last_s:.1f} s after the pages moved, over the issue's "
-                     f"{LAST_MISROUTED_WRITE_S} s")
+    assert last_s <= LAST_MISROUTED_WRITE_S, f"last misrouted write {last_s:.1f} s after the pages moved"
 
 
 def _wall(t: float) -> str:
