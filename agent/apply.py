@@ -64,24 +64,34 @@ class PlanApplier:
                                            "multipath aliases or change device_name")
         return wanted
 
-    async def reload_changed_legs(self, lun: LunState, plan: StackPlan) -> None:
-        """Paths came or went: give the affected legs their new path groups, in place.
+    async def update_in_place(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
+        """Same shape: the legs whose own paths changed, then the switch's changed regions, then the
+        legs whose fallback paths alone changed. A page moved to a member that just joined is
+        forwarded until its leg and the switch both route it there; the others' fallbacks are no
+        part of that (in the guest run of 21:00 the joining member's leg was the last of four)."""
+        assert lun.stack is not None
+        old = lun.stack.plan
+        await self._reload_changed_legs(lun, plan, old, preferred=True)
+        await self.update_live_switch(lun, plan, page_map)
+        await self._reload_changed_legs(lun, plan, old, preferred=False)
+
+    async def _reload_changed_legs(self, lun: LunState, plan: StackPlan, old: StackPlan, *, preferred: bool) -> None:
+        """Paths came or went: give the affected legs their new path groups, in place -- those whose
+        own paths changed (``preferred``), or those whose fallback alone did (not ``preferred``).
 
         Only the leg's own table is swapped (noflush, as multipathd reloads its
         maps, so queued I/O moves to the new table instead of failing); the
         switch above keeps its region map.
         """
-        assert lun.stack is not None
         member_of = {p.dev: p.member_name for p in lun.topology.paths} if lun.topology else {}
-        for leg, paths, old_paths in zip(plan.legs, plan.leg_paths, lun.stack.plan.leg_paths):
-            if paths == old_paths:
+        for leg, paths, old_paths in zip(plan.legs, plan.leg_paths, old.leg_paths):
+            if paths == old_paths or preferred != (paths[0] != old_paths[0]):
                 continue
             await self.dm.swap_table(leg.uuid, leg.targets, udev_flags=leg.udev_flags, noflush=True)
             # The leg's own paths are its member's (none: the member lost its sessions).
             member = member_of.get(paths[0][0]) if paths[0] else None
             LOG.info("%s: %s now prefers %s (fallback %s)", lun.wwid, leg.name, " ".join(paths[0]) or "-",
                      " ".join(paths[1]) or "-", extra=logfields.member(member))
-        lun.stack.plan = plan
 
     async def update_live_switch(self, lun: LunState, plan: StackPlan, page_map: PageMap) -> None:
         """Same legs, same geometry: send only the regions whose owner changed.

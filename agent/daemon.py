@@ -342,14 +342,19 @@ class Daemon:
             polled = self.orchestrator.clock()
             for lun, stack in routed:
                 # None (no path answered) differs too: reconcile finds out and reports why.
-                if generations[lun.wwid] != stack.page_map.generation:
+                moved = generations[lun.wwid] != stack.page_map.generation
+                if moved:
                     self.scheduler.trigger(lun.wwid, "map generation changed", delay_s=0)
                 else:
                     lun.map_confirmed_at = polled
                 if check_legs and self.orchestrator.legs_to_check(lun, events):
                     self.scheduler.heal(lun.wwid, events=events)
-                # A session killed or given up on is restored here (its backoff permitting).
-                self.keep_sessions_soon(lun.wwid)
+                # A session killed or given up on is restored here (its backoff permitting). Not
+                # when the map moved: a keeping run started now would take the LUN's lock before
+                # the reconcile (its plan's reads, about a second in a TCG guest, while a joining
+                # member's pages are forwarded), and the reconcile is followed by one anyway.
+                if not moved:
+                    self.keep_sessions_soon(lun.wwid)
             self.metrics.write()
 
     async def _dm_events(self) -> dict[str, int] | None:

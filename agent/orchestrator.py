@@ -66,6 +66,8 @@ class NoTargetError(SwitchAgentError):
 JOIN_POLL_S = 0.25
 """How often the paths of a member just logged in to are looked for (udev and multipathd add them)."""
 JOIN_WAIT_MAX_S = 30.0
+LOCK_WAIT_LOGGED_S = 0.1
+"""A reconcile that waited longer than this for its LUN says so (info): time a page move waits."""
 
 
 class System(Protocol):
@@ -154,9 +156,13 @@ class Orchestrator:
         routed = _routed_topology(lun)
         preparing = asyncio.create_task(self.sessions.prepare(lun, routed)) \
             if self.sessions is not None and routed is not None else None
+        asked = self.clock()
         try:
             async with lun.lock, _Slot(self._parallel) as slot:
                 started = self.clock()
+                if started - asked > LOCK_WAIT_LOGGED_S:
+                    # Where a page move's reaction goes: behind a keeping run, a heal, another reconcile.
+                    LOG.info("%s: waited %.2f s for the LUN", wwid, started - asked)
                 previous = lun.stack.page_map if lun.stack else None
                 # A routed LUN's array is known: its paths are only asked which member they land on.
                 # (Looked at again: the LUN may have changed while this waited for its lock.)
@@ -191,8 +197,7 @@ class Orchestrator:
             top_name = lun.stack.plan.top_name if lun.stack else None
             plan = plan_stack(self.config, topology, page_map, epoch=lun.epoch, top_name=top_name)
             if lun.stack and plan.same_shape_as(lun.stack.plan):
-                await self.applier.reload_changed_legs(lun, plan)
-                await self.applier.update_live_switch(lun, plan, page_map)
+                await self.applier.update_in_place(lun, plan, page_map)
             else:
                 # A new epoch names a new switch and legs, built beside the live ones.
                 top_name = await self.applier.claim_top_name(topology)

@@ -204,7 +204,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 # -- changes -------------------------------------------------------------------------------
 
 def cmd_move(args: argparse.Namespace) -> int:
-    result = control.request(control.run_dir(), "move", fraction=args.fraction)
+    extra = {} if args.to is None else {"to": args.to}
+    result = control.request(control.run_dir(), "move", fraction=args.fraction, **extra)
     _emit(args, result, f"moved {result['moved_pages']} pages, generation {result['generation']}")
     return 0
 
@@ -217,7 +218,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_add_member(args: argparse.Namespace) -> int:
-    result = control.request(control.run_dir(), "add-member")
+    result = control.request(control.run_dir(), "add-member", empty=args.empty)
     _emit(args, result, f"added {result['name']} (id {result['member_id']}) at {result['portal']}, "
                         f"generation {result['generation']}")
     return 0
@@ -350,10 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("info", cmd_info, "volume, members, their path devices and the multipath map")
     add("stats", cmd_stats, "per-member direct/forwarded counters").add_argument(
         "--reset", action="store_true", help="zero the counters after printing them")
-    add("move", cmd_move, "reassign a fraction of the pages (new generation)").add_argument(
-        "--fraction", type=float, required=True)
+    move = add("move", cmd_move, "reassign a fraction of the pages (new generation)")
+    move.add_argument("--fraction", type=float, required=True)
+    move.add_argument("--to", type=int, metavar="K", help="give the pages to member m<K> (from the others)")
     add("resize", cmd_resize, "grow or shrink the volume").add_argument("--size", type=_parse_size, required=True)
-    add("add-member", cmd_add_member, "a new member with its own portal; it takes ~1/(M+1) of the pages")
+    add("add-member", cmd_add_member, "a new member with its own portal; it takes ~1/(M+1) of the pages").add_argument(
+        "--empty", action="store_true", help="it joins owning no pages (then: move --fraction F --to K)")
     remove = add("remove-member", cmd_remove_member, "move a member's pages away, log out of it, delete it")
     remove.add_argument("member", type=int, help="member number k (m<k>)")
     remove.add_argument("--wait-for-logout", type=float, metavar="S",

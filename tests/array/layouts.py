@@ -79,6 +79,25 @@ def moved(owners: np.ndarray, fraction: float, members: int,
     return out, count
 
 
+def moved_to(owners: np.ndarray, fraction: float, index: int, members: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A copy with round(fraction * pages) pages that member `index` does not own given to it.
+
+    Fewer when fewer are owned by others (the rest already are its). Returns the new owners and
+    how many pages changed owner: how a pool rebalances onto a member that joined empty.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise LayoutError(f"fraction must be within 0..1, got {fraction}")
+    if not 0 <= index < members:
+        raise LayoutError(f"member index {index} is not in 0..{members - 1}")
+    out = owners.copy()
+    others = np.flatnonzero(owners != index)
+    count = min(int(round(owners.size * fraction)), others.size)
+    if count:
+        out[rng.choice(others, size=count, replace=False)] = index
+    return out, count
+
+
 def with_member_added(owners: np.ndarray, members_before: int,
                       rng: np.random.Generator) -> np.ndarray:
     """A copy where a new member (index `members_before`) takes about 1/(M+1) of the pages."""

@@ -305,8 +305,8 @@ class ArrayServer:
                 member.counters = type(member.counters)()
         return {"generation": self.volume.generation, "members": stats}
 
-    def _op_move(self, fraction: float) -> dict[str, Any]:
-        moved = self.volume.move_pages(float(fraction))
+    def _op_move(self, fraction: float, to: int | None = None) -> dict[str, Any]:
+        moved = self.volume.move_pages(float(fraction), to=None if to is None else int(to))
         return {"moved_pages": moved, "generation": self.volume.generation}
 
     def _op_resize(self, size: int) -> _Deferred | dict[str, Any]:
@@ -319,9 +319,9 @@ class ArrayServer:
                   "generation": self.volume.generation}
         return _Deferred(lambda: [self.lio.set_size(n, size) for n in numbers], lambda _r: result)
 
-    def _op_add_member(self) -> _Deferred:
+    def _op_add_member(self, empty: bool = False) -> _Deferred:
         self._single_lun_only("add-member")
-        member = self.volume.add_member()
+        member = self.volume.add_member(take_pages=not empty)
 
         def finish(device: TcmuDevice) -> dict[str, Any]:
             self._attach(member.number, device)

@@ -243,10 +243,15 @@ class ArrayVolume:
 
     # -- changes (each makes a new generation) ------------------------------------
 
-    def move_pages(self, fraction: float) -> int:
-        """Reassign round(fraction * pages) pages to other members; return how many moved."""
+    def move_pages(self, fraction: float, *, to: int | None = None) -> int:
+        """Reassign round(fraction * pages) pages to other members, or all of them to live member
+        number `to`; return how many moved."""
         before = self.owners
-        self.owners, count = layouts.moved(self.owners, fraction, len(self.members), self.rng)
+        if to is None:
+            self.owners, count = layouts.moved(self.owners, fraction, len(self.members), self.rng)
+        else:
+            self.owners, count = layouts.moved_to(self.owners, fraction, self.index_of(to),
+                                                  len(self.members), self.rng)
         self._changed(ASC_INQUIRY_DATA_HAS_CHANGED, before)
         return count
 
@@ -258,13 +263,18 @@ class ArrayVolume:
                                       len(self.members), self.rng)
         self._changed(ASC_CAPACITY_DATA_HAS_CHANGED)
 
-    def add_member(self) -> ArrayMember:
-        """A new member (the next unused number) that takes about 1/(M+1) of the pages."""
+    def add_member(self, *, take_pages: bool = True) -> ArrayMember:
+        """A new member (the next unused number) that takes about 1/(M+1) of the pages.
+
+        take_pages=False: it joins owning none (VPD 0xC1 and the page map's member table list it),
+        as an EqualLogic member does before the pool rebalances onto it (move_pages(to=)).
+        """
         if len(self.members) >= 254:
             raise ArrayStateError("the array already has 254 members")
         member = ArrayMember(self._next_number)
         self._next_number += 1
-        self.owners = layouts.with_member_added(self.owners, len(self.members), self.rng)
+        if take_pages:
+            self.owners = layouts.with_member_added(self.owners, len(self.members), self.rng)
         self.members.append(member)
         self._changed(ASC_INQUIRY_DATA_HAS_CHANGED)
         return member

@@ -67,6 +67,23 @@ def test_move_changes_exactly_the_fraction() -> None:
     assert new.max() < 3
 
 
+def test_move_to_one_member_takes_pages_only_from_the_others() -> None:
+    owners = layouts.build("striped", 1000, 4, np.random.default_rng(0))
+    owners[owners == 3] = 0  # member 3 owns nothing yet (joined empty)
+    new, count = layouts.moved_to(owners, 0.25, 3, 4, np.random.default_rng(1))
+    assert count == 250
+    changed = new != owners
+    assert int(changed.sum()) == 250 and (new[changed] == 3).all()
+    assert int((new == 3).sum()) == 250
+    # Asked for more than the others own: all of theirs, no more.
+    everything, count = layouts.moved_to(new, 1.0, 3, 4, np.random.default_rng(2))
+    assert count == 750 and (everything == 3).all()
+    with pytest.raises(LayoutError):
+        layouts.moved_to(owners, 0.1, 4, 4, np.random.default_rng(0))
+    with pytest.raises(LayoutError):
+        layouts.moved_to(owners, 1.5, 3, 4, np.random.default_rng(0))
+
+
 def test_remove_member_reassigns_and_renumbers() -> None:
     owners = layouts.build("striped", 999, 3, np.random.default_rng(0))
     new = layouts.with_member_removed(owners, 1, 3, np.random.default_rng(0))
@@ -144,6 +161,25 @@ def test_add_and_remove_members_keep_numbers_stable() -> None:
     vol.forget_member(1)
     with pytest.raises(ArrayStateError):
         vol.member(1)
+
+
+def test_a_member_added_empty_is_listed_and_owns_nothing_until_pages_move_to_it() -> None:
+    vol = ArrayVolume(size_bytes=40 * MIB, page_size_bytes=MIB, members=3)
+    before = vol.owners.copy()
+    added = vol.add_member(take_pages=False)
+    assert added.number == 3 and vol.generation == 2
+    assert np.array_equal(vol.owners, before)
+    assert [m.member_id for m in vol.page_map_members()] == [1, 2, 3, 4]
+    assert [m.member_id for m in vol.member_portals().members] == [1, 2, 3, 4]
+    assert vol.describe()["members"][3]["pages"] == 0
+    for number in range(4):  # every member, the new one too, says the inquiry data changed
+        assert vol.take_unit_attention(number) == ASC_INQUIRY_DATA_HAS_CHANGED
+    assert vol.move_pages(0.25, to=3) == 10
+    assert vol.generation == 3 and vol.describe()["members"][3]["pages"] == 10
+    assert int((vol.owners != before).sum()) == 10
+    assert vol.take_unit_attention(0) == ASC_INQUIRY_DATA_HAS_CHANGED
+    with pytest.raises(ArrayStateError):
+        vol.move_pages(0.1, to=7)
 
 
 def test_corruption_is_consumed() -> None:

@@ -99,6 +99,25 @@ def test_member_and_size_changes_refused_with_several_luns(make_server) -> None:
     assert srv._op_move(0.1)["moved_pages"] > 0
 
 
+def test_cli_add_member_empty_and_move_to() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["add-member", "--empty"]).empty is True
+    assert parser.parse_args(["add-member"]).empty is False
+    args = parser.parse_args(["move", "--fraction", "0.25", "--to", "3"])
+    assert (args.fraction, args.to) == (0.25, 3)
+    assert parser.parse_args(["move", "--fraction", "0.25"]).to is None
+
+
+def test_add_member_empty_then_move_to_it_over_the_control_ops(make_server) -> None:
+    srv = make_server(1)
+    before = srv.volume.owners.copy()
+    srv._op_add_member(empty=True)  # the LIO part is deferred work, not run here
+    assert [m.number for m in srv.volume.members] == [0, 1, 2, 3]
+    assert (srv.volume.owners == before).all()
+    moved = srv._op_move(0.25, to=3)
+    assert moved["moved_pages"] == round(0.25 * before.size) == int((srv.volume.owners == 3).sum())
+
+
 def test_zero_luns_refused(make_server) -> None:
     with pytest.raises(ArrayStateError):
         make_server(0)

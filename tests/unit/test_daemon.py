@@ -123,6 +123,37 @@ def test_polling_notices_a_new_generation(tmp_path):
     run(main())
 
 
+def test_a_poll_round_that_sees_the_map_move_starts_no_keeping_run(tmp_path):
+    """It would take the LUN's lock before the reconcile it triggers (docs/sessions.md, (b))."""
+    system = FakeSystem(tmp_path=tmp_path / "store", layout="random")
+    cfg = config(tmp_path, poll_interval_s=0.02)
+    top = f"switch-{system.wwid}"
+    rounds: list[list[str]] = []
+
+    async def main():
+        async with running(cfg, system) as (daemon, _):
+            await until(lambda: routed(system, daemon))
+            poll, trigger = daemon.orchestrator.poll_generations, daemon.scheduler.trigger
+
+            async def polled(luns):
+                rounds.append([])
+                return await poll(luns)
+
+            daemon.orchestrator.poll_generations = polled
+            daemon.scheduler.trigger = lambda wwid, reason, **kw: (rounds and rounds[-1].append(reason),
+                                                                  trigger(wwid, reason, **kw))
+            daemon.keep_sessions_soon = lambda wwid: rounds and rounds[-1].append("keep")
+            await until(lambda: len(rounds) >= 3)
+            system.volume.move_pages(0.2)
+            await until(lambda: system.misrouted_pages(top) == 0)
+            await until(lambda: len(rounds) >= 3 and rounds[-2] == ["keep"])
+
+    run(main())
+    moved = [r for r in rounds if "map generation changed" in r]
+    assert moved and all("keep" not in r for r in moved), rounds
+    assert ["keep"] in rounds  # the other rounds keep the sessions
+
+
 def test_a_multipath_map_appearing_later_is_routed(tmp_path):
     system = FakeSystem(tmp_path=tmp_path / "store")
     system.mpath_present = False

@@ -341,6 +341,24 @@ def test_paths_coming_and_going_reload_the_legs_in_place(tmp_path):
     assert ("load", lun.stack.plan.legs[0].name) in system.dm.log[built:]
 
 
+def test_a_leg_gaining_its_own_path_and_the_switch_go_before_the_other_legs_fallbacks(tmp_path):
+    system, orch = make(tmp_path, members=3, paths_per_member=1, layout="random")
+    lun = reconcile(orch, system.wwid)
+    legs = [leg.name for leg in lun.stack.plan.legs]
+    built = len(system.dm.log)
+    system.add_path(1)  # member m1's new session (as after a join), and pages moved meanwhile
+    system.volume.move_pages(0.2)
+    lun = reconcile(orch, system.wwid)
+    assert lun.epoch == 1 and system.misrouted_pages(top_name(system)) == 0
+    done = [entry for entry in system.dm.log[built:] if entry[0] in ("load", "message")]
+    switch = ("message", lun.stack.plan.switch_name)
+    # m1's leg prefers the new path before the switch routes the moved pages; the others only
+    # gain a fallback path, after it.
+    assert done.index(("load", legs[1])) < done.index(switch) < done.index(("load", legs[0]))
+    assert done.index(switch) < done.index(("load", legs[2]))
+    assert done.count(("load", legs[1])) == 1
+
+
 def test_a_new_disk_of_the_lun_joins_its_leg_before_multipathd_has_it(tmp_path):
     system, orch = make(tmp_path, members=3, paths_per_member=1, layout="random")
     lun = reconcile(orch, system.wwid)

@@ -17,8 +17,4 @@ from tests.vm.test_rig import run_guest_tests
 @pytest.mark.guest
 def test_session_management_in_guest(tmp_path: Path) -> None:
     run_guest_tests(tmp_path, "--members", "3", "--no-login", "--size", "256M", "--page-size", "1M",
-                    "--timeout", "900", tests=["tests/guest/test_sessions.py"], min_cases=8,
-                    # Issue #15's 5 s bound on (b) is not met yet: the case checks everything else and
-                    # ends in xfail with the time it measured (19 s on main on 2026-12-06; 5.8-7.8 s
-                    # on branch joinfast, docs/sessions.md).
-                    known_gaps=frozenset({"test_a_new_member_gets_its_sessions_without_a_login"}))
+                    "--timeout", "900", tests=["tests/guest/test_sessions.py"], min_cases=8)
