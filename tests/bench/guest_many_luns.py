@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{st['last_map_s']:.1f} s -> last routed {st['last_routed_s']:.1f} s: tail "
                   f"{100 * st['tail_fraction']:.1f} % (goal <= 20 %)", flush=True)
         result.update(all_routed_s=(sampler.all_routed_at or time.monotonic()) - t0, routed=routed,
-                      max_concurrent=max_concurrent)
+                      max_concurrent=max_concurrent,
+                      reconcile_profile=scale_lib.reconcile_profile(daemon.log_path.read_text(errors="replace")))
         print(f"guest-luns: {routed}/{luns} routed after {result['all_routed_s']:.1f} s "
               f"(login {result['login_s']:.1f} s), at most {max_concurrent} built at once", flush=True)
         # Idle: every LUN routed, the daemon only polls. The logins' last udev events and unit

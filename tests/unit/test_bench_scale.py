@@ -298,3 +298,29 @@ def test_encoder_row_states_goal_baseline_and_ratio() -> None:
     bigger = {**ENCODER, "compiled": {**ENCODER["compiled"], "bytes": 1_275_179}}
     assert scale_lib.encoder_row(bigger).met == "no"
     assert scale_lib.encoder_row({**ENCODER, "identical": False}).met == "no"
+
+
+DAEMON_LOG = """\
+2026-12-06 21:19:42,294 INFO agent.orchestrator: 3600a: reconciled in 14.00 s (discover 9.00, fetch 3.00, kernel 2.00)
+2026-12-06 21:19:43,000 INFO agent.daemon: 3600a: reconcile for mpath-ready
+2026-12-06 21:19:46,563 INFO agent.orchestrator: 3600b: reconciled in 4.00 s (discover 2.00, fetch 1.00, kernel 1.00)
+2026-12-06 21:20:46,563 INFO agent.orchestrator: 3600a: reconciled in 2.00 s (discover 1.00, fetch 0.50, kernel 0.50)
+2026-12-06 21:21:04,924 WARNING agent.kernel.dm_udev_sync: udev cookie 0x40d76f: udev did not complete within 30.0 s
+"""
+
+
+def test_reconcile_profile_from_the_daemons_log_names_the_storms_limit() -> None:
+    p = scale_lib.reconcile_profile(DAEMON_LOG)
+    assert p["reconciles"] == 3 and p["luns"] == 2 and p["udev_timeouts"] == 1
+    assert p["median_s"] == {"total": 4.0, "discover": 2.0, "fetch": 1.0, "kernel": 1.0}
+    assert p["sum_s"]["total"] == 20.0 and p["sum_s"]["discover"] == 12.0
+    assert scale_lib.reconcile_profile("no such lines\n") == {}
+    late = {**STORM, "max_parallel_luns": 8, "reconcile_profile": p,
+            "storm": {**STORM["storm"], "tail_fraction": 0.3}}
+    tail = scale_lib.build_rows({"many_luns": late})[3]
+    assert tail.met == "no"
+    assert ("limited by the reconciles themselves: 3 for 2 LUNs" in tail.note
+            and "median reconcile 4.0 s (discover 2.0, fetch 1.0, kernel 1.0)" in tail.note
+            and "of their sum discover 60 %, fetch 22 %, kernel 18 %" in tail.note and "1 of its 30 s waits" in tail.note)
+    met = scale_lib.build_rows({"many_luns": {**late, "storm": {**STORM["storm"], "tail_fraction": 0.1}}})[3]
+    assert met.met == "yes" and "limited" not in met.note
