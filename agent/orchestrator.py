@@ -280,21 +280,23 @@ class Orchestrator:
         # Asked beside the wait for the paths: one round trip less before the routing.
         rechecked = asyncio.create_task(self.discovery.map_now(topology, page_map))
         try:
-            topology = await self._wait_for_paths(lun, topology, joined.members, joined.sids)
+            topology = await self._wait_for_paths(lun, topology, joined.members, joined.sids, joined.disks)
             return topology, await rechecked
         finally:
             rechecked.cancel()
 
     async def _wait_for_paths(self, lun: LunState, topology: Topology, members: frozenset[int],
-                              sids: tuple[int, ...]) -> Topology:
-        """The topology once the joined members' sessions show a usable path each, or at the deadline."""
+                              sids: tuple[int, ...], seen: tuple[str, ...] = ()) -> Topology:
+        """The topology once the joined members' sessions show a usable path each, or at the deadline.
+        ``seen``: their disks as the logins saw them, for the first look (no sysfs read of its own)."""
         assert self.sessions is not None
         waited = self.clock()
         deadline = waited + min(self.config.iscsiadm_timeout_s, JOIN_WAIT_MAX_S)
         looks = 0
         while True:
             looks += 1
-            disks = await self.sessions.disks_of(sids)
+            # The kernel often has the disk before iscsiadm returns: the login's own read saw it.
+            disks = list(seen) if looks == 1 and seen else await self.sessions.disks_of(sids)
             self.discovery.expect_paths(lun.wwid, disks)  # for the reconciles before multipathd has them
             # Only the new disks are asked which member they land on: the rest were, moments ago.
             topology = await self.discovery.with_disks(topology, disks)

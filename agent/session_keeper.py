@@ -191,6 +191,9 @@ class Joined:
 
     members: frozenset[int] = frozenset()
     sids: tuple[int, ...] = ()
+    disks: tuple[str, ...] = ()
+    """Their disks as the logins' own sysfs reads saw them (none yet where the kernel's scan was not
+    done): the first look for their paths needs no read of its own."""
 
 
 class SessionKeeper:
@@ -322,7 +325,8 @@ class SessionKeeper:
             # Members side by side (each login is a second or more of iscsiadm and iscsid): the
             # pages wait for the slowest, not for the sum. No other login of ours runs meanwhile
             # (the lock), so the sessions the plan saw are the "before" of each member's first.
-            results = await asyncio.gather(*(self._logins(target, logins, before=target.seen_sids)
+            seen: list[str] = []
+            results = await asyncio.gather(*(self._logins(target, logins, before=target.seen_sids, disks=seen)
                                              for logins in by_member.values()))
         sids: list[int] = []
         members: set[int] = set()
@@ -334,7 +338,7 @@ class SessionKeeper:
         if members != set(plan.join_first):
             await self._replan(lun, target, held_devs)  # the status shows the failure now
         # (else the keep() after the reconcile publishes it: the pages need not wait for a sysfs read)
-        return Joined(frozenset(members), tuple(sids))
+        return Joined(frozenset(members), tuple(sids), tuple(seen))
 
     async def keep(self, lun: LunState, held_devs: Callable[[], set[str]],
                    lun_lock: asyncio.Lock | None = None) -> bool:
@@ -540,17 +544,20 @@ class SessionKeeper:
 
     # -- running it ---------------------------------------------------------------
 
-    async def _logins(self, target: _Target, logins: list[Login], before: frozenset[int] | None = None) -> list[int]:
+    async def _logins(self, target: _Target, logins: list[Login], before: frozenset[int] | None = None,
+                      disks: list[str] | None = None) -> list[int]:
         """One member's logins, one after another (its second session goes beside its first);
-        ``before``: the session ids there are now, for the first (see ``_login``)."""
+        ``before``: the session ids there are now, for the first (see ``_login``); ``disks``: see there."""
         made: list[int] = []
         for i, login in enumerate(logins):
-            made += await self._login(target, login, before=before if i == 0 else None)
+            made += await self._login(target, login, before=before if i == 0 else None, disks=disks)
         return made
 
-    async def _login(self, target: _Target, login: Login, before: frozenset[int] | None = None) -> list[int]:
+    async def _login(self, target: _Target, login: Login, before: frozenset[int] | None = None,
+                     disks: list[str] | None = None) -> list[int]:
         """Run one Login action; the new session ids (recorded as ours). Stops at the first failure.
-        ``before``: the session ids there are now, when the caller knows (else sysfs is read)."""
+        ``before``: the session ids there are now, when the caller knows (else sysfs is read);
+        ``disks``: the new sessions' disks that read saw are added to it."""
         entry = self.ledger.of(target.name)
         made: list[int] = []
         via = login.via_sid
@@ -575,10 +582,13 @@ class SessionKeeper:
                 break
             target.failures.pop(login.key, None)
             # This login's: logins to other members may run beside it (join() runs them side by side).
-            new = sorted(s.sid for s in await self.host.iscsi_sessions()
-                         if s.sid not in before and s.target_name == target.name
-                         and s.portal is not None and s.portal.same_as(login.portal)
-                         and (s.iface_name or DEFAULT_IFACE) == login.iface)
+            found = [s for s in await self.host.iscsi_sessions()
+                     if s.sid not in before and s.target_name == target.name
+                     and s.portal is not None and s.portal.same_as(login.portal)
+                     and (s.iface_name or DEFAULT_IFACE) == login.iface]
+            new = sorted(s.sid for s in found)
+            if disks is not None:
+                disks += [d for s in found for d in s.disks]
             entry.sids.update(new)
             made += new
             if via is None and new:

@@ -446,6 +446,38 @@ def test_a_new_member_is_routed_after_its_first_session_and_a_move_meanwhile_goe
     assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
 
 
+def test_a_member_joining_empty_gets_a_record_then_on_its_pages_one_login_and_no_new_epoch(tmp_path):
+    rig = make(tmp_path, config=dataclasses.replace(CONFIG, max_sessions_per_volume=16))
+    rig.reconcile()
+    rig.settle()
+    volume = rig.system.volume
+    new = volume.add_member(take_pages=False)  # joins owning nothing (VPD 0xC1 lists it)
+    rig.iscsi.add_member_portal(new.number)
+    lun = rig.reconcile()
+    rig.settle()
+    epoch = lun.epoch
+    assert len(lun.stack.plan.legs) == 4 and lun.stack.plan.leg_paths[3][0] == ()
+    assert rig.sessions_of(new.number) == []  # an idle member: a record, no session
+    assert any(str(portal_of(new.number)) in c and "new" in c for c in rig.iscsi.calls)
+    looks = []
+    disks_of = rig.keeper.disks_of
+
+    async def counted(sids):
+        looks.append(sids)
+        return await disks_of(sids)
+
+    rig.keeper.disks_of = counted  # type: ignore[method-assign]
+    calls = len(rig.iscsi.calls)
+    volume.move_pages(0.25, to=new.number)
+    lun = rig.reconcile()
+    # Its record was there: the pages waited for one --login; the disk the login's own read saw
+    # was its first look (no sysfs read of its own); the legs were reloaded in place.
+    assert [c for c in rig.iscsi.calls[calls:] if str(portal_of(new.number)) in c and "--login" not in c] == []
+    assert len(rig.sessions_of(new.number)) == 1 and looks == []
+    assert lun.epoch == epoch and lun.stack.plan.leg_paths[3][0] != ()
+    assert rig.system.misrouted_pages(f"switch-{rig.system.wwid}") == 0
+
+
 def test_keeping_sessions_logs_in_without_holding_the_lun(tmp_path):
     rig = make(tmp_path)
     rig.reconcile()
