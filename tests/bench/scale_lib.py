@@ -229,7 +229,8 @@ def build_rows(res: dict) -> list[Row]:
             + f" (no detection delay: reconcile starts at once)"
             + (f"; from the move request {_s(statistics.median(r['request_to_routed_s'] for r in diffs))}"
                if all("request_to_routed_s" in r for r in diffs) else "")
-            + f"; median of {len(diffs)}"))
+            + f"; median of {len(diffs)}"
+            + (f"; limited by {limit}" if t > goal and (limit := move_limit(parts)) else "")))
     if res.get("host_encoder"):
         rows.append(encoder_row(res["host_encoder"]))
     many = res.get("many_luns")
@@ -282,6 +283,25 @@ def floor_steps(runs: list[dict]) -> str:
     names = [k for k in runs[0] if k != "total_s"]
     return "; of it " + ", ".join(f"{k.removesuffix('_s')} {statistics.median(r[k] for r in runs):.3f} s"
                                   for k in names)
+
+
+MOVE_PARTS = {
+    "discover_s": "discover (the multipath map read from sysfs, and the member of any path on a new session)",
+    "fetch_s": "the fetch: one GET PAGE MAP changes-since round trip through the emulator's TCMU handler "
+               "under TCG, and its decode",
+    "kernel_s": "the kernel part: the message ioctl on a worker thread, and the bookkeeping around it",
+}
+
+
+def move_limit(parts: list[dict]) -> str | None:
+    """The largest part of a move's reconcile (medians), said as what it is."""
+    if not parts:
+        return None
+    medians = {k: statistics.median(p[k] for p in parts) for k in MOVE_PARTS if all(k in p for p in parts)}
+    if not medians:
+        return None
+    name = max(medians, key=lambda k: medians[k])
+    return f"{MOVE_PARTS[name]}, {_s(medians[name])} of it"
 
 
 def install_limit(res: dict) -> str | None:

@@ -90,6 +90,12 @@ def test_rows_compare_with_the_fastest_kernel_bound_and_state_goals() -> None:
     assert one.goal == "<= 0.1 s" and one.met == "yes"
     assert "changes since" in one.note and "discover 0.030 s" in one.note
     assert "from the move request 0.130 s" in one.note and "move request" not in thousand.note  # older JSON
+    assert "limited" not in one.note  # met
+    slow = {**SAMPLE, "diff_one_page": [{**SAMPLE["diff_one_page"][0], "change_to_routed_s": 0.12}]}
+    missed = next(r for r in scale_lib.build_rows(slow) if r.what.startswith("diff: 1 page"))
+    assert missed.met == "no" and missed.note.endswith(
+        "limited by discover (the multipath map read from sysfs, and the member of any path on a new session), "
+        "0.030 s of it")
     table = scale_lib.render_table(rows)
     assert table.count("\n") == len(rows) + 1
 
