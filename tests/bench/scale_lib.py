@@ -499,17 +499,17 @@ def reconcile_profile(log_text: str) -> dict:
 def storm_limit(m: dict) -> str | None:
     """What the storm's tail waited on, from the daemon's reconcile profile."""
     p = m.get("reconcile_profile") or {}
-    if not p:
+    if not p or not p["sum_s"]["total"]:
         return None
     med, total = p["median_s"], p["sum_s"]
-    shares = ", ".join(f"{k} {100 * total[k] / total['total']:.0f} %" for k in ("discover", "fetch", "kernel")
-                       if total["total"])
+    shares = ", ".join(f"{k} {100 * total[k] / total['total']:.0f} %"
+                       for k in sorted(("discover", "fetch", "kernel"), key=lambda k: -total[k]))
     return (f"the reconciles themselves: {p['reconciles']} for {p['luns']} LUNs (multipathd adds a LUN's paths "
-            f"one reload at a time, each a reconcile), {total['total']:.0f} s in all (udev waits included; "
-            f"{m.get('max_parallel_luns', '?')} at once); median reconcile {med['total']:.1f} s (discover "
-            f"{med['discover']:.1f}, fetch {med['fetch']:.1f}, kernel {med['kernel']:.1f}); of their sum {shares}: "
-            f"SCSI round trips to the emulated array (one TCMU handler for every path, under TCG) and udev "
-            f"({p['udev_timeouts']} of its 30 s waits ran out)")
+            f"one reload at a time, each a reconcile), {total['total']:.0f} s in all ({m.get('max_parallel_luns', '?')} "
+            f"at once); median reconcile {med['total']:.1f} s (discover {med['discover']:.1f}, fetch "
+            f"{med['fetch']:.1f}, kernel {med['kernel']:.1f}); of their sum {shares}. Discover and fetch are SCSI "
+            f"round trips to the emulated array (one TCMU handler for every path, under TCG); the kernel part is "
+            f"mostly udev's queue: {p['udev_timeouts']} waits of 30 s for a new top device ran out")
 
 
 def storm_rows(m: dict) -> list[Row]:

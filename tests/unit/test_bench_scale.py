@@ -327,6 +327,7 @@ def test_reconcile_profile_from_the_daemons_log_names_the_storms_limit() -> None
     assert tail.met == "no"
     assert ("limited by the reconciles themselves: 3 for 2 LUNs" in tail.note
             and "median reconcile 4.0 s (discover 2.0, fetch 1.0, kernel 1.0)" in tail.note
-            and "of their sum discover 60 %, fetch 22 %, kernel 18 %" in tail.note and "1 of its 30 s waits" in tail.note)
+            and "of their sum discover 60 %, fetch 22 %, kernel 18 %." in tail.note
+            and "1 waits of 30 s for a new top device ran out" in tail.note)
     met = scale_lib.build_rows({"many_luns": {**late, "storm": {**STORM["storm"], "tail_fraction": 0.1}}})[3]
     assert met.met == "yes" and "limited" not in met.note
