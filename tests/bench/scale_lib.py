@@ -361,14 +361,17 @@ def many_rows(m: dict) -> list[Row]:
 
 
 def idle_limit(m: dict) -> str | None:
-    """What the idle profile shows the daemon doing: the poll round's SCSI commands, by py-spy samples."""
+    """What the idle profile shows the daemon doing: the agent's busiest frames on the stack, by py-spy samples."""
     spy = m.get("idle_profile") or {}
-    on_stack = dict(spy.get("on_stack", []))
-    polls = next((n for f, n in on_stack.items() if f.startswith("poll_map_header")), None)
-    if polls is None or not spy.get("samples"):
+    if not spy.get("samples"):
         return None
-    return (f"the polls themselves, one GET PAGE MAP per LUN per interval under TCG: in {polls} of "
-            f"{spy['samples']} py-spy samples of the idle daemon")
+    skip = ("<module>", "main (", "run_daemon (", "Daemon.run (", "_run (")
+    frames = [(f, n) for f, n in spy.get("on_stack", [])
+              if ("agent/" in f or "protocol/" in f) and not f.startswith(skip)][:3]
+    if not frames:
+        return None
+    return (f"what the idle daemon's py-spy samples ({spy['samples']}) hold on the stack: "
+            + ", ".join(f"`{f}` {n}" for f, n in frames))
 
 
 def py_spy() -> str | None:

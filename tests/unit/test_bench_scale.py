@@ -123,10 +123,15 @@ def test_many_lun_rows() -> None:
     assert memory.note.endswith("before any LUN (Python, numpy, the daemon's threads) VmRSS 40.0 MiB with "
                                 "4 threads, 200 threads at the end")
     assert "limited by" not in scale_lib.build_rows({"many_luns": m})[2].note  # no profile, no claim
-    m["idle_profile"] = {"samples": 100, "innermost": [], "on_stack": [["poll_map_header (agent/mapsources/pagemap.py)", 47]]}
+    m["idle_profile"] = {"samples": 100, "innermost": [], "on_stack": [
+        ["<module> (agent/cli.py)", 90], ["run_daemon (agent/cli.py)", 90], ["Metrics.write (agent/metrics.py)", 53],
+        ["generate_latest (prometheus_client/exposition.py)", 50],
+        ["poll_map_header (agent/mapsources/pagemap.py)", 16], ["SessionKeeper.keep (agent/session_keeper.py)", 9],
+        ["Sysfs._stacks (agent/kernel/sysfs.py)", 2]]}
     assert scale_lib.build_rows({"many_luns": m})[2].note.endswith(
-        "limited by the polls themselves, one GET PAGE MAP per LUN per interval under TCG: "
-        "in 47 of 100 py-spy samples of the idle daemon")
+        "limited by what the idle daemon's py-spy samples (100) hold on the stack: "
+        "`Metrics.write (agent/metrics.py)` 53, `poll_map_header (agent/mapsources/pagemap.py)` 16, "
+        "`SessionKeeper.keep (agent/session_keeper.py)` 9")
 
 
 def test_host_renders_saved_json_without_booting(tmp_path, monkeypatch, capsys) -> None:

@@ -299,6 +299,12 @@ def test_manage_sessions_false_leaves_sessions_alone(tmp_path):
     assert lun.sessions is not None and lun.sessions.unmanaged_reason == "manage_sessions = false"
     assert len(rig.iscsi.sessions) == 1
 
+    def walked() -> set[str]:
+        raise AssertionError("every LUN's legs walked for a LUN whose sessions are not managed")
+
+    # Every poll round runs this for every LUN: it must not cost a walk of every leg.
+    assert asyncio.run(rig.orch.sessions.keep(lun, walked)) is False
+
 
 def test_logout_refuses_an_open_device_and_then_removes_routing_sessions_and_records(tmp_path):
     rig = make(tmp_path)
