@@ -281,19 +281,11 @@ class Sysfs:
 
     async def read_int(self, *parts: str) -> int:
         """One attribute holding a decimal integer."""
-        text = await self.read_attr(*parts)
-        try:
-            return int(text.strip(), 10)
-        except ValueError as exc:
-            raise SysfsGarbledError(self.path(*parts), f"expected a decimal integer, got {text!r}") from exc
+        return _parse_int(self.path(*parts), await self.read_attr(*parts))
 
     async def read_devnum(self, *parts: str) -> DevNum:
         """One ``dev`` attribute (``major:minor``)."""
-        text = await self.read_attr(*parts)
-        try:
-            return DevNum.parse(text)
-        except ValueError as exc:
-            raise SysfsGarbledError(self.path(*parts), f"expected major:minor, got {text!r}") from exc
+        return _parse_devnum(self.path(*parts), await self.read_attr(*parts))
 
     async def list_dir(self, *parts: str) -> list[str]:
         """A sysfs directory's entries, sorted."""
@@ -583,15 +575,23 @@ def _read_error(path: str, exc: OSError | UnicodeDecodeError) -> SysfsError:
 
 
 def _int_sync(path: str) -> int:
-    text = _read_sync(path)
+    return _parse_int(path, _read_sync(path))
+
+
+def _devnum_sync(path: str) -> DevNum:
+    return _parse_devnum(path, _read_sync(path))
+
+
+def _parse_int(path: str, text: str) -> int:
+    """A decimal attribute's value (the event loop's and the thread's reads)."""
     try:
         return int(text.strip(), 10)
     except ValueError as exc:
         raise SysfsGarbledError(path, f"expected a decimal integer, got {text!r}") from exc
 
 
-def _devnum_sync(path: str) -> DevNum:
-    text = _read_sync(path)
+def _parse_devnum(path: str, text: str) -> DevNum:
+    """A ``dev`` attribute's ``major:minor`` (the event loop's and the thread's reads)."""
     try:
         return DevNum.parse(text)
     except ValueError as exc:
@@ -611,12 +611,7 @@ def _optional_sync(path: str) -> str | None:
 def _optional_int_sync(path: str) -> int | None:
     """A decimal attribute that may be missing; garbled is still an error."""
     text = _optional_sync(path)
-    if text is None:
-        return None
-    try:
-        return int(text.strip(), 10)
-    except ValueError as exc:
-        raise SysfsGarbledError(path, f"expected a decimal integer, got {text!r}") from exc
+    return None if text is None else _parse_int(path, text)
 
 
 def _list_sync(path: str) -> list[str]:
